@@ -1,0 +1,391 @@
+"""Configuration: one TOML file, environment overrides, validated once into frozen objects.
+
+Owns the whole configuration schema of ``../shared/DESIGN.md``. Sources, lowest
+precedence first: built-in defaults, the TOML file, the ``--env-file`` file, the
+process environment. Every key can be set from the environment as
+``PGROUTE_<SECTION>_<KEY>``; the seed's names (``DATABASE_URL``,
+``MIRROR_DATABASE_URL``, ``AUTO_FAILOVER_ENABLED``, ``HEALTH_CHECK_*``) are accepted as
+written. Unknown keys, wrong types and out-of-range values raise ``ConfigError``
+naming the key; the CLI turns that into exit status 2.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import os
+import tomllib
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal, Mapping
+from urllib.parse import unquote, urlsplit
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+from .errors import ConfigError
+
+@dataclass(frozen=True)
+class Dsn:
+    """A parsed PostgreSQL URL. ``str()`` and ``repr()`` never show the password."""
+
+    url: str
+    host: str
+    port: int
+    user: str
+    dbname: str
+    password: str | None
+
+    @property
+    def masked(self) -> str:
+        return mask_dsn(self.url)
+
+    def libpq_conninfo(self) -> str:
+        """Keyword/value form for CREATE SUBSCRIPTION ... CONNECTION."""
+        parts = {"host": self.host, "port": str(self.port), "user": self.user, "dbname": self.dbname}
+        if self.password:
+            parts["password"] = self.password
+        return " ".join(f"{k}={_quote_conninfo(v)}" for k, v in parts.items())
+
+    def with_dbname(self, dbname: str) -> "Dsn":
+        return parse_dsn(_replace_path(self.url, dbname))
+
+    def __str__(self) -> str:
+        return self.masked
+
+    def __repr__(self) -> str:
+        return f"Dsn({self.masked!r})"
+
+
+def _quote_conninfo(value: str) -> str:
+    escaped = value.replace("\\", "\\\\").replace("'", "\\'")
+    return f"'{escaped}'"
+
+
+def _replace_path(url: str, dbname: str) -> str:
+    parts = urlsplit(url)
+    return parts._replace(path="/" + dbname).geturl()
+
+
+def mask_dsn(text: str) -> str:
+    """Replace the password of every URL-style DSN in ``text`` with ``***``."""
+    import re
+
+    return re.sub(r"(postgres(?:ql)?://[^:/@\s]*:)([^@\s]*)(@)", r"\1***\3", text)
+
+
+def parse_dsn(url: str) -> Dsn:
+    """Parse a ``postgresql://`` URL; raise ValueError with a reason when it is not one."""
+    if not isinstance(url, str) or not url.strip():
+        raise ValueError("empty DSN")
+    parts = urlsplit(url.strip())
+    if parts.scheme not in ("postgresql", "postgres"):
+        raise ValueError("expected a postgresql://user[:password]@host[:port]/dbname URL")
+    try:
+        port = parts.port or 5432
+    except ValueError:
+        raise ValueError("port is not a number between 1 and 65535") from None
+    if not 1 <= port <= 65535:
+        raise ValueError("port is not a number between 1 and 65535")
+    host = parts.hostname
+    if not host:
+        raise ValueError("no host in DSN")
+    dbname = unquote(parts.path.lstrip("/")) or "postgres"
+    user = unquote(parts.username) if parts.username else "postgres"
+    password = unquote(parts.password) if parts.password is not None else None
+    return Dsn(url=url.strip(), host=host, port=port, user=user, dbname=dbname, password=password)
+
+
+def parse_listen(value: str) -> tuple[str, int]:
+    """``host:port`` (IPv6 as ``[::1]:port``) -> (host, port); ValueError when malformed."""
+    if not isinstance(value, str) or ":" not in value:
+        raise ValueError("expected host:port")
+    host, _, port_text = value.rpartition(":")
+    host = host.strip("[]")
+    if not host:
+        raise ValueError("expected host:port")
+    try:
+        port = int(port_text)
+    except ValueError:
+        raise ValueError(f"port {port_text!r} is not a number") from None
+    if not 0 <= port <= 65535:
+        raise ValueError(f"port {port} is out of range 0-65535")
+    return host, port
+
+
+def is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True, strict=False)
+
+
+class ProxyConfig(_Section):
+    listen: str = "127.0.0.1:6432"
+    max_client_connections: int = Field(1000, gt=0)
+    connect_timeout: float = Field(5.0, gt=0)
+    pause_timeout: float = Field(30.0, gt=0)
+    # How long a silent or slow client may take to send its first packet.
+    startup_timeout: float = Field(10.0, gt=0)
+    # SIGTERM: how long sessions may finish before they are closed.
+    shutdown_timeout: float = Field(10.0, ge=0)
+
+    @field_validator("listen")
+    @classmethod
+    def _listen(cls, v: str) -> str:
+        parse_listen(v)
+        return v
+
+    @property
+    def host(self) -> str:
+        return parse_listen(self.listen)[0]
+
+    @property
+    def port(self) -> int:
+        return parse_listen(self.listen)[1]
+
+
+class NodeConfig(_Section):
+    dsn: str
+
+    @field_validator("dsn")
+    @classmethod
+    def _dsn(cls, v: str) -> str:
+        try:
+            parse_dsn(v)
+        except ValueError as exc:
+            # The message must never echo the password back.
+            raise ValueError(f"unparseable DSN {mask_dsn(v)!r}: {exc}") from None
+        return v
+
+    @property
+    def parsed(self) -> Dsn:
+        return parse_dsn(self.dsn)
+
+
+class ReplicationConfig(_Section):
+    publication: str = Field("chrispar_pub", pattern=r"^[a-z_][a-z0-9_]{0,62}$")
+    subscription: str = Field("chrispar_sub", pattern=r"^[a-z_][a-z0-9_]{0,62}$")
+    synchronous: Literal["off", "on", "strict"] = "off"
+    sequence_gap: int = Field(1000, ge=0)
+
+
+class HealthConfig(_Section):
+    auto_failover: bool = True
+    interval: float = Field(30.0, gt=0)
+    max_retries: int = Field(3, ge=0)
+    timeout: float = Field(5.0, gt=0)
+    retry_interval: float = Field(1.0, gt=0)
+    auto_failback: bool = False
+    # Extension: how long the returned primary must stay healthy and caught up
+    # before an automatic failback starts.
+    failback_delay: float = Field(60.0, ge=0)
+    max_lag_bytes: int = Field(16 * 1024 * 1024, ge=0)
+
+    @property
+    def detection_bound(self) -> float:
+        """Worst case from a crash to 'down': one interval to the next probe, that
+        probe's timeout, then max_retries confirming probes each bounded by timeout
+        and spaced retry_interval."""
+        return self.interval + self.timeout + self.max_retries * (self.retry_interval + self.timeout)
+
+
+class ApiConfig(_Section):
+    listen: str = "127.0.0.1:5000"
+    token: str = ""
+
+    @field_validator("listen")
+    @classmethod
+    def _listen(cls, v: str) -> str:
+        parse_listen(v)
+        return v
+
+    @property
+    def host(self) -> str:
+        return parse_listen(self.listen)[0]
+
+    @property
+    def port(self) -> int:
+        return parse_listen(self.listen)[1]
+
+
+class StateConfig(_Section):
+    path: str = "pgroute-state.json"
+    # Extension: where rejoin writes recovery files of divergent commits.
+    recovery_dir: str = "pgroute-recovery"
+
+
+class AlertsConfig(_Section):
+    webhook_urls: tuple[str, ...] = ()
+    command: str = ""
+    email_to: tuple[str, ...] = ()
+    email_from: str = "pgroute@localhost"
+    smtp_url: str = ""
+    timeout: float = Field(5.0, gt=0)
+    retries: int = Field(3, ge=0)
+
+    @field_validator("webhook_urls")
+    @classmethod
+    def _urls(cls, v: tuple[str, ...]) -> tuple[str, ...]:
+        for url in v:
+            if not url.startswith(("http://", "https://")):
+                raise ValueError(f"webhook URL must start with http:// or https://: {url!r}")
+        return v
+
+
+class LogConfig(_Section):
+    level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
+    format: Literal["text", "json"] = "text"
+
+    @field_validator("level", mode="before")
+    @classmethod
+    def _upper(cls, v: Any) -> Any:
+        return v.upper() if isinstance(v, str) else v
+
+
+class Config(_Section):
+    proxy: ProxyConfig = ProxyConfig()
+    primary: NodeConfig
+    mirror: NodeConfig
+    replication: ReplicationConfig = ReplicationConfig()
+    health: HealthConfig = HealthConfig()
+    api: ApiConfig = ApiConfig()
+    state: StateConfig = StateConfig()
+    alerts: AlertsConfig = AlertsConfig()
+    log: LogConfig = LogConfig()
+
+    def node_dsn(self, name: str) -> Dsn:
+        return (self.primary if name == "primary" else self.mirror).parsed
+
+
+# Seed variable name -> (section, key). Process environment beats the env file.
+SEED_ENV = {
+    "DATABASE_URL": ("primary", "dsn"),
+    "MIRROR_DATABASE_URL": ("mirror", "dsn"),
+    "AUTO_FAILOVER_ENABLED": ("health", "auto_failover"),
+    "HEALTH_CHECK_INTERVAL": ("health", "interval"),
+    "HEALTH_CHECK_MAX_RETRIES": ("health", "max_retries"),
+    "HEALTH_CHECK_TIMEOUT": ("health", "timeout"),
+}
+LIST_KEYS = {("alerts", "webhook_urls"), ("alerts", "email_to")}
+
+
+def read_env_file(path: str | os.PathLike[str]) -> dict[str, str]:
+    """Parse a dotenv file: KEY=VALUE lines, # comments, optional quotes, optional 'export'."""
+    values: dict[str, str] = {}
+    try:
+        text = Path(path).read_text(encoding="utf-8")
+    except OSError as exc:
+        raise ConfigError("--env-file", f"cannot read {path}: {exc.strerror}") from None
+    for lineno, raw in enumerate(text.splitlines(), 1):
+        line = raw.strip()
+        if not line or line.startswith("#"):
+            continue
+        if line.startswith("export "):
+            line = line[7:].lstrip()
+        if "=" not in line:
+            raise ConfigError(f"--env-file line {lineno}", "expected KEY=VALUE")
+        key, _, value = line.partition("=")
+        value = value.strip()
+        if value[:1] in ("'", '"') and value[-1:] == value[:1] and len(value) >= 2:
+            value = value[1:-1]
+        elif " #" in value:
+            value = value.split(" #", 1)[0].rstrip()
+        values[key.strip()] = value
+    return values
+
+
+def _env_overrides(env: Mapping[str, str]) -> dict[tuple[str, str], tuple[str, str]]:
+    """(section, key) -> (env var name, raw value)."""
+    out: dict[tuple[str, str], tuple[str, str]] = {}
+    for name, target in SEED_ENV.items():
+        if env.get(name, "") != "":
+            out[target] = (name, env[name])
+    sections = {name: model for name, model in Config.model_fields.items()}
+    for name, value in env.items():
+        if not name.startswith("PGROUTE_") or name == "PGROUTE_API_URL":
+            continue
+        rest = name[len("PGROUTE_"):].lower()
+        for section, field in sections.items():
+            prefix = section + "_"
+            if rest.startswith(prefix):
+                key = rest[len(prefix):]
+                if key in field.annotation.model_fields:  # type: ignore[union-attr]
+                    # PGROUTE_* names are more specific than the seed's: they win.
+                    out[(section, key)] = (name, value)
+                break
+    return out
+
+
+def _coerce_env(section: str, key: str, raw: str) -> Any:
+    if (section, key) in LIST_KEYS:
+        return [part.strip() for part in raw.split(",") if part.strip()]
+    return raw
+
+
+def _location(loc: tuple[Any, ...]) -> str:
+    return ".".join(str(p) for p in loc if not isinstance(p, int)) or "config"
+
+
+def load_config(
+    path: str | os.PathLike[str] | None = None,
+    env_file: str | os.PathLike[str] | None = None,
+    environ: Mapping[str, str] | None = None,
+) -> Config:
+    """Load, merge and validate. Raises ConfigError naming the first bad key."""
+    data: dict[str, Any] = {}
+    if path is not None:
+        try:
+            with open(path, "rb") as fh:
+                data = tomllib.load(fh)
+        except OSError as exc:
+            raise ConfigError("--config", f"cannot read {path}: {exc.strerror}") from None
+        except tomllib.TOMLDecodeError as exc:
+            raise ConfigError("--config", f"{path} is not valid TOML: {exc}") from None
+    for section, value in data.items():
+        if section not in Config.model_fields:
+            raise ConfigError(section, "unknown section")
+        if not isinstance(value, dict):
+            raise ConfigError(section, "must be a table, e.g. [" + section + "]")
+
+    env: dict[str, str] = {}
+    if env_file is not None:
+        env.update(read_env_file(env_file))
+    env.update(os.environ if environ is None else environ)
+    sources: dict[tuple[str, str], str] = {}
+    for (section, key), (var, raw) in _env_overrides(env).items():
+        data.setdefault(section, {})[key] = _coerce_env(section, key, raw)
+        sources[(section, key)] = var
+
+    try:
+        return Config.model_validate(data)
+    except ValidationError as exc:
+        err = exc.errors()[0]
+        loc = tuple(p for p in err["loc"] if not isinstance(p, int))
+        key = _location(loc)
+        var = sources.get(loc[:2]) if len(loc) >= 2 else None
+        if var:
+            key = f"{key} (from {var})"
+        msg = err["msg"]
+        if err["type"] == "extra_forbidden":
+            msg = "unknown key"
+        elif err["type"] == "missing":
+            msg = "required"
+        raise ConfigError(key, mask_dsn(msg)) from None
+
+
+def validate_runtime(config: Config) -> None:
+    """Checks that involve several keys; run by `pgroute run` before starting."""
+    if not is_loopback(config.api.host) and not config.api.token:
+        raise ConfigError(
+            "api.token",
+            f"required when api.listen ({config.api.listen}) is not a loopback address; "
+            "set [api] token or PGROUTE_API_TOKEN",
+        )
+    p, m = config.primary.parsed, config.mirror.parsed
+    if (p.host, p.port, p.dbname) == (m.host, m.port, m.dbname):
+        raise ConfigError("mirror.dsn", "points at the same database as primary.dsn")
