@@ -40,6 +40,10 @@ class HealthSample:
     subscription_lsn: int | None = None  # latest applied/flushed LSN reported by its worker
     publisher_lag_bytes: int | None = None  # lag of the standby's slot as seen on this node
     sync_state: str | None = None  # pg_stat_replication.sync_state of the standby's walsender
+    publisher_lag_seconds: float | None = None  # replay_lag of the standby's walsender
+    # last_value of every sequence ('schema.name' -> value); unowned ones are moved
+    # past these at promotion since logical replication does not carry sequences.
+    sequences: tuple[tuple[str, int], ...] | None = None
 
 
 @dataclass(frozen=True)

@@ -1,0 +1,97 @@
+"""`pgroute run`: wires configuration, Router, proxy, controller, API, metrics and alerts.
+
+Start order: the controller decides where to route (it may fail closed) before the
+proxy accepts a connection; the API comes up last. Stop order is the reverse, on
+SIGTERM or SIGINT: stop accepting, let sessions finish up to
+``proxy.shutdown_timeout``, then close.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import signal
+from dataclasses import dataclass
+
+from .config import Config
+from .proxy.loop import install_event_loop_policy
+from .proxy.router import Route, Router
+from .proxy.server import ProxyServer
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class Running:
+    """A started pgroute, for `run`, the demo and the tests."""
+
+    config: Config
+    router: Router
+    proxy: ProxyServer
+    controller: object
+    api_runner: object
+    alerter: object
+
+    @property
+    def proxy_port(self) -> int:
+        return self.proxy.port
+
+    @property
+    def api_port(self) -> int:
+        from .api.http import bound_port
+
+        return bound_port(self.api_runner)
+
+    async def stop(self) -> None:
+        from .api.http import stop_api
+
+        await self.proxy.close()
+        await self.controller.close()
+        await stop_api(self.api_runner)
+        await self.alerter.close()
+
+
+async def start(config: Config) -> Running:
+    from .alerts import Alerter
+    from .api.http import make_app, start_api
+    from .api.metrics import create_metrics
+    from .control.controller import Controller
+
+    router = Router(Route(None, 0, paused=True, reason="starting"))
+    controller = Controller(config, router)
+    registry, metrics = create_metrics(controller, router)
+    alerter = Alerter(config.alerts, on_failure=metrics.alert_failed)
+    await alerter.start()
+    controller.add_event_listener(alerter.emit)
+    await controller.start()
+    p = config.proxy
+    proxy = ProxyServer(router, p.host, p.port, max_client_connections=p.max_client_connections,
+                        connect_timeout=p.connect_timeout, pause_timeout=p.pause_timeout,
+                        startup_timeout=p.startup_timeout, shutdown_timeout=p.shutdown_timeout)
+    await proxy.start()
+    app = make_app(controller, router, config, registry)
+    api_runner = await start_api(app, config.api.host, config.api.port)
+    log.info("pgroute listening on %s:%d (API %s)", p.host, proxy.port, config.api.listen)
+    return Running(config, router, proxy, controller, api_runner, alerter)
+
+
+async def _main(config: Config) -> int:
+    running = await start(config)
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    await stop.wait()
+    log.info("shutting down")
+    await running.stop()
+    return 0
+
+
+def run(config: Config) -> int:
+    loop_name = install_event_loop_policy()
+    log.info("event loop: %s", loop_name)
+    try:
+        return asyncio.run(_main(config))
+    except OSError as exc:
+        log.error("cannot start: %s", exc)
+        return 1

@@ -1,0 +1,402 @@
+"""The failover state machine: a pure function from (state, observation) to a decision.
+
+No I/O, no clock: time arrives inside observations. ``transition`` returns a
+``Decision`` holding the next state, the actions the controller must run in order,
+and a one-line reason that the controller logs once and the tests assert.
+
+The machine is symmetric: "active" is whichever node takes writes (the configured
+primary or the configured mirror) and "standby" is the other one. A failover promotes
+the standby; a failback is a switchover back to the configured primary.
+
+Invariants:
+- A node is promoted only when it was seen up, is a follower of the active node (it
+  holds a pgroute subscription) and its last known lag passes the lag gate (or the
+  pair runs synchronously, or an operator forces it).
+- A standby that is up, is not a subscriber and is not read-only gets fenced: it could
+  hold or take writes the active node does not have.
+- While an operation runs (failing over, switching, rejoining), probes update
+  knowledge but start nothing new.
+"""
+
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass, replace
+
+from ..model import HealthSample, NodeName
+
+
+class Phase(str, enum.Enum):
+    ACTIVE_HEALTHY = "active_healthy"     # active node answering
+    ACTIVE_SUSPECT = "active_suspect"     # active node failed probes, confirming
+    ACTIVE_DOWN = "active_down"           # active node down, no failover possible/allowed
+    FAILING_OVER = "failing_over"
+    SWITCHING = "switching"               # switchover or failback running
+    NO_ROUTABLE_NODE = "no_routable_node"  # fail closed
+
+
+class Standby(str, enum.Enum):
+    UNKNOWN = "unknown"        # not probed yet
+    FOLLOWING = "following"    # up, subscribed to the active node
+    NOT_FOLLOWING = "not_following"  # up, subscription present but disabled
+    DOWN = "down"
+    UNFENCED = "unfenced"      # up, not a subscriber, writable: must be fenced
+    FENCED = "fenced"          # up, read-only, not a subscriber: waits for rejoin
+    REJOINING = "rejoining"
+
+
+class Act(str, enum.Enum):
+    CONFIRM_PROBE = "confirm_probe"   # probe the active node again after retry_interval
+    FAILOVER = "failover"             # promote the standby (node), fencing the old active first
+    SWITCHOVER = "switchover"         # planned move to node (both up)
+    FAILBACK = "failback"             # rejoin if needed + switchover to the configured primary
+    FENCE = "fence"                   # make node read-only, end its sessions, stamp the epoch
+    UNFENCE = "unfence"               # the active node was left read-only by an interrupted switch
+    REJOIN = "rejoin"                 # recover divergent commits, resubscribe node to the active one
+    PAUSE = "pause"
+    RESUME = "resume"
+    ROUTE = "route"                   # publish the route for node (None: route nowhere)
+    EVENT = "event"                   # record + alert an event of kind `detail`
+    REFUSE = "refuse"                 # refuse the operator's request with the decision's reason
+
+
+@dataclass(frozen=True)
+class Action:
+    kind: Act
+    node: NodeName | None = None
+    force: bool = False
+    manual: bool = False
+    detail: str = ""
+
+
+@dataclass(frozen=True)
+class Policy:
+    auto_failover: bool = True
+    auto_failback: bool = False
+    auto_rejoin: bool = True
+    max_retries: int = 3
+    max_lag_bytes: int = 16 * 1024 * 1024
+    synchronous: str = "off"
+    failback_delay: float = 60.0
+
+
+@dataclass(frozen=True)
+class State:
+    active: NodeName | None
+    epoch: int
+    phase: Phase = Phase.ACTIVE_HEALTHY
+    standby: Standby = Standby.UNKNOWN
+    paused: bool = False               # operator pause (pgroute pause)
+    failures: int = 0                  # consecutive failed probes of the active node
+    active_up: bool | None = None
+    lag_bytes: int | None = None       # standby lag behind the active node, last known
+    sync_standby: bool = False         # last sample: the standby's walsender was 'sync'
+    standby_ready_since: float | None = None  # following and caught up since (auto failback)
+    reason: str = ""
+    policy: Policy = Policy()
+
+    @property
+    def standby_node(self) -> NodeName | None:
+        return self.active.other if self.active else None
+
+    @property
+    def busy(self) -> bool:
+        return self.phase in (Phase.FAILING_OVER, Phase.SWITCHING) or self.standby is Standby.REJOINING
+
+
+# -- observations -------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class Probed:
+    sample: HealthSample
+    now: float
+
+
+@dataclass(frozen=True)
+class Requested:
+    kind: str            # failover | failback | switchover | pause | resume | rejoin
+    now: float
+    force: bool = False
+
+
+@dataclass(frozen=True)
+class Finished:
+    kind: str            # failover | switchover | failback | fence | rejoin
+    ok: bool
+    now: float
+    node: NodeName | None = None   # the node the operation was about
+    active: NodeName | None = None  # active node after the operation
+    epoch: int = 0
+    detail: str = ""
+
+
+Observation = Probed | Requested | Finished
+
+
+@dataclass(frozen=True)
+class Decision:
+    state: State
+    actions: tuple[Action, ...]
+    reason: str
+
+
+def _d(state: State, reason: str, *actions: Action) -> Decision:
+    return Decision(replace(state, reason=reason) if actions or reason else state, tuple(actions), reason)
+
+
+def transition(state: State, obs: Observation) -> Decision:
+    if isinstance(obs, Probed):
+        if state.active is not None and obs.sample.node is state.active:
+            return _active_probed(state, obs)
+        return _standby_probed(state, obs)
+    if isinstance(obs, Requested):
+        return _requested(state, obs)
+    if isinstance(obs, Finished):
+        return _finished(state, obs)
+    raise TypeError(f"unknown observation {obs!r}")
+
+
+# -- probes of the active node ------------------------------------------------------------
+
+def _active_probed(s: State, obs: Probed) -> Decision:
+    sample, p = obs.sample, s.policy
+    name = sample.node.value
+    if sample.ok:
+        lag = sample.publisher_lag_bytes if sample.publisher_lag_bytes is not None else s.lag_bytes
+        new = replace(s, failures=0, active_up=True, lag_bytes=lag,
+                      sync_standby=sample.sync_state == "sync")
+        new = _track_ready(new, obs.now)
+        if sample.read_only and not s.busy and s.phase is not Phase.NO_ROUTABLE_NODE:
+            return _d(replace(new, phase=Phase.ACTIVE_HEALTHY),
+                      f"active node {name} is read-only (left fenced by an interrupted switch): unfencing it",
+                      Action(Act.UNFENCE, sample.node))
+        if s.phase is Phase.NO_ROUTABLE_NODE and not s.busy:
+            # A failover that failed routed nowhere and wrote nothing on the standby:
+            # the active node still holds every commit.
+            return _d(replace(new, phase=Phase.ACTIVE_HEALTHY),
+                      f"{name} answers again; routing to it (the failed failover routed no writes elsewhere)",
+                      Action(Act.EVENT, sample.node, detail="node_up"))
+        if s.phase in (Phase.ACTIVE_SUSPECT, Phase.ACTIVE_DOWN) and not s.busy:
+            was = s.failures
+            new = replace(new, phase=Phase.ACTIVE_HEALTHY)
+            if s.phase is Phase.ACTIVE_DOWN:
+                return _d(new, f"{name} answers again after being declared down",
+                          Action(Act.EVENT, sample.node, detail="node_up"))
+            return _d(new, f"{name} answered again after {was} failed probe(s); no failover")
+        return _maybe_auto_failback(new, obs.now)
+
+    failures = s.failures + 1
+    new = replace(s, failures=failures)
+    if s.busy:
+        return _d(new, "")
+    if s.phase in (Phase.ACTIVE_DOWN, Phase.NO_ROUTABLE_NODE):
+        # Already declared down; a failover may have become possible since.
+        return _try_auto_failover(new, f"{name} still down ({sample.error})", repeat=True)
+    if failures <= p.max_retries:
+        return _d(replace(new, phase=Phase.ACTIVE_SUSPECT),
+                  f"{name} probe failed ({sample.error}); confirming, attempt {failures}/{p.max_retries}",
+                  Action(Act.CONFIRM_PROBE, sample.node))
+    new = replace(new, active_up=False)
+    return _try_auto_failover(new, f"{name} down after {failures} failed probes ({sample.error})")
+
+
+def _try_auto_failover(s: State, why: str, repeat: bool = False) -> Decision:
+    """The active node is declared down: fail over if policy and the standby allow.
+    ``repeat``: it was already declared down; stay quiet unless something changed."""
+    target = s.standby_node
+    assert target is not None
+    if not s.policy.auto_failover:
+        blocked = "automatic failover is disabled (health.auto_failover = false)"
+    else:
+        blocked = _promotion_blocker(s, force=False)
+    down_event = () if repeat else (Action(Act.EVENT, s.active, detail="node_down"),)
+    if blocked:
+        new = replace(s, phase=Phase.ACTIVE_DOWN if s.phase is not Phase.NO_ROUTABLE_NODE else s.phase)
+        if repeat:
+            return Decision(new, (), "")
+        return _d(new, f"{why}; FAILOVER not started: {blocked}", *down_event)
+    return _d(replace(s, phase=Phase.FAILING_OVER), f"{why}; FAILOVER to {target.value}",
+              *down_event, Action(Act.FAILOVER, target))
+
+
+def _promotion_blocker(s: State, force: bool) -> str | None:
+    """Why the standby may not be promoted now, or None."""
+    target = s.standby_node
+    if target is None:
+        return "no active node is known"
+    forceable = (Standby.NOT_FOLLOWING, Standby.FENCED, Standby.UNFENCED)
+    if s.standby is not Standby.FOLLOWING and not (force and s.standby in forceable):
+        return f"{target.value} is {s.standby.value}, not a following standby"
+    synchronous = s.policy.synchronous in ("on", "strict") and s.sync_standby
+    if synchronous or force:
+        return None
+    if s.lag_bytes is None:
+        return f"{target.value} replication lag is unknown"
+    if s.lag_bytes > s.policy.max_lag_bytes:
+        return (f"{target.value} lags {s.lag_bytes} bytes, over health.max_lag_bytes "
+                f"{s.policy.max_lag_bytes}")
+    return None
+
+
+# -- probes of the standby -------------------------------------------------------------------
+
+def _standby_status(sample: HealthSample) -> Standby:
+    if not sample.ok:
+        return Standby.DOWN
+    if sample.subscription is not None:
+        return Standby.FOLLOWING if sample.subscription_enabled else Standby.NOT_FOLLOWING
+    return Standby.FENCED if sample.read_only else Standby.UNFENCED
+
+
+def _standby_probed(s: State, obs: Probed) -> Decision:
+    sample = obs.sample
+    name = sample.node.value
+    if s.active is None:
+        return _d(s, "")
+    status = _standby_status(sample)
+    if s.standby is Standby.REJOINING and status is not Standby.DOWN:
+        return _d(s, "")       # rejoin reports through Finished
+    if s.busy:
+        return _d(replace(s, standby=status) if status is Standby.DOWN else s, "")
+    new = _track_ready(replace(s, standby=status), obs.now)
+    if status is s.standby:
+        if status is Standby.FENCED and _can_rejoin(s):
+            return _d(replace(new, standby=Standby.REJOINING),
+                      f"{name} is fenced and up; rejoining it to {s.active.value}",
+                      Action(Act.REJOIN, sample.node))
+        return _maybe_auto_failback(new, obs.now)
+    if status is Standby.DOWN:
+        return _d(new, f"standby {name} down ({sample.error})",
+                  Action(Act.EVENT, sample.node, detail="node_down"))
+    if status is Standby.UNFENCED:
+        return _d(new, f"{name} is up, writable and not following {s.active.value}: fencing it",
+                  Action(Act.FENCE, sample.node))
+    if status is Standby.FENCED and _can_rejoin(s):
+        return _d(replace(new, standby=Standby.REJOINING),
+                  f"{name} is fenced and up; rejoining it to {s.active.value}",
+                  Action(Act.REJOIN, sample.node))
+    event = () if s.standby is Standby.UNKNOWN else (Action(Act.EVENT, sample.node, detail="node_up"),)
+    return _d(new, f"standby {name} is {status.value}", *event)
+
+
+def _can_rejoin(s: State) -> bool:
+    return s.policy.auto_rejoin and s.phase is Phase.ACTIVE_HEALTHY and bool(s.active_up)
+
+
+def _track_ready(s: State, now: float) -> State:
+    ready = (s.standby is Standby.FOLLOWING and s.active_up and s.lag_bytes is not None
+             and s.lag_bytes <= s.policy.max_lag_bytes)
+    if not ready:
+        return replace(s, standby_ready_since=None)
+    return s if s.standby_ready_since is not None else replace(s, standby_ready_since=now)
+
+
+def _maybe_auto_failback(s: State, now: float) -> Decision:
+    p = s.policy
+    if (p.auto_failback and s.active is NodeName.MIRROR and not s.busy and not s.paused
+            and s.phase is Phase.ACTIVE_HEALTHY and s.standby_ready_since is not None
+            and now - s.standby_ready_since >= p.failback_delay):
+        return _d(replace(s, phase=Phase.SWITCHING),
+                  f"FAILBACK: primary healthy and caught up for {now - s.standby_ready_since:.0f}s "
+                  f"(health.auto_failback)",
+                  Action(Act.FAILBACK, NodeName.PRIMARY))
+    return _d(s, "")
+
+
+# -- operator requests ---------------------------------------------------------------------------
+
+def _refuse(s: State, reason: str) -> Decision:
+    return Decision(s, (Action(Act.REFUSE, detail=reason),), reason)
+
+
+def _requested(s: State, obs: Requested) -> Decision:
+    kind = obs.kind
+    if kind == "pause":
+        if s.paused:
+            return _d(s, "already paused")
+        return _d(replace(s, paused=True), "paused by operator: new connections wait",
+                  Action(Act.PAUSE, detail="operator"))
+    if kind == "resume":
+        if not s.paused:
+            return _d(s, "not paused")
+        return _d(replace(s, paused=False), "resumed by operator", Action(Act.RESUME, detail="operator"))
+    if s.busy:
+        return _refuse(s, f"another operation is running ({s.phase.value}, standby {s.standby.value})")
+    if s.active is None:
+        return _refuse(s, f"no active node is known: {s.reason}")
+    if kind == "failover":
+        blocked = _promotion_blocker(s, force=obs.force)
+        if blocked:
+            return _refuse(s, f"failover refused: {blocked}"
+                           + ("" if obs.force else " (use --force to override the lag gate)"))
+        target = s.standby_node
+        return _d(replace(s, phase=Phase.FAILING_OVER),
+                  f"manual FAILOVER to {target.value} requested"
+                  + (" (forced)" if obs.force else ""),
+                  Action(Act.FAILOVER, target, force=obs.force, manual=True))
+    if kind == "switchover":
+        target = s.standby_node
+        if not s.active_up:
+            return _refuse(s, f"switchover refused: {s.active.value} is not up (use failover)")
+        if s.standby is not Standby.FOLLOWING:
+            return _refuse(s, f"switchover refused: {target.value} is {s.standby.value}, not following")
+        return _d(replace(s, phase=Phase.SWITCHING), f"switchover to {target.value} requested",
+                  Action(Act.SWITCHOVER, target, manual=True))
+    if kind == "failback":
+        if s.active is NodeName.PRIMARY:
+            return _refuse(s, "failback refused: primary is already active")
+        if s.standby in (Standby.DOWN, Standby.UNKNOWN):
+            return _refuse(s, f"failback refused: primary is {s.standby.value}")
+        if s.standby is Standby.UNFENCED:
+            return _refuse(s, "failback refused: primary is not fenced yet; retry in a moment")
+        if not s.active_up:
+            return _refuse(s, "failback refused: mirror is not up")
+        return _d(replace(s, phase=Phase.SWITCHING), "FAILBACK to primary requested",
+                  Action(Act.FAILBACK, NodeName.PRIMARY, force=obs.force, manual=True))
+    if kind == "rejoin":
+        if s.standby not in (Standby.FENCED, Standby.NOT_FOLLOWING):
+            return _refuse(s, f"rejoin refused: {s.standby_node.value} is {s.standby.value}")
+        return _d(replace(s, standby=Standby.REJOINING), f"rejoin of {s.standby_node.value} requested",
+                  Action(Act.REJOIN, s.standby_node, force=obs.force, manual=True))
+    return _refuse(s, f"unknown request {kind!r}")
+
+
+# -- operation results -----------------------------------------------------------------------------
+
+def _finished(s: State, obs: Finished) -> Decision:
+    kind = obs.kind
+    if kind in ("failover", "switchover", "failback"):
+        if obs.ok:
+            new = replace(s, active=obs.active, epoch=obs.epoch, phase=Phase.ACTIVE_HEALTHY,
+                          failures=0, active_up=True, lag_bytes=None, sync_standby=False,
+                          standby_ready_since=None,
+                          standby=Standby.FOLLOWING if kind != "failover" else Standby.UNKNOWN)
+            tag = "FAILBACK" if kind == "failback" else ("FAILOVER" if kind == "failover" else "switchover")
+            return _d(new, f"{tag} to {obs.active.value} completed: {obs.detail}".rstrip(": "))
+        if obs.active is None:
+            # Keep `active` (the node that holds the data) so that it can be routed to
+            # again when it answers, or an operator can retry the failover.
+            return _d(replace(s, phase=Phase.NO_ROUTABLE_NODE, epoch=max(s.epoch, obs.epoch)),
+                      f"{kind} failed, routing to no node (fail closed): {obs.detail}")
+        # The operation failed but left a known-good active node.
+        phase = Phase.ACTIVE_HEALTHY if s.active_up or obs.active != s.active else Phase.ACTIVE_DOWN
+        return _d(replace(s, active=obs.active, epoch=max(s.epoch, obs.epoch), phase=phase),
+                  f"{kind} failed, still routing to {obs.active.value}: {obs.detail}")
+    if kind == "unfence":
+        return _d(s, f"{obs.node.value} unfenced" if obs.ok else f"unfencing {obs.node.value} failed: {obs.detail}")
+    if kind == "fence":
+        if obs.ok:
+            return _d(replace(s, standby=Standby.FENCED), f"{obs.node.value} fenced (read-only)")
+        return _d(s, f"fencing {obs.node.value} failed: {obs.detail}")
+    if kind == "rejoin":
+        if obs.ok:
+            return _d(replace(s, standby=Standby.FOLLOWING, lag_bytes=None),
+                      f"{obs.node.value} rejoined: follows {s.active.value if s.active else '?'} ({obs.detail})")
+        return _d(replace(s, standby=Standby.FENCED if s.policy.auto_rejoin else Standby.UNKNOWN,
+                          policy=replace(s.policy, auto_rejoin=False)),
+                  f"rejoin of {obs.node.value} failed, automatic rejoin stopped: {obs.detail}")
+    if kind == "resolve":
+        return _d(replace(s, active=obs.active, epoch=obs.epoch, phase=Phase.ACTIVE_HEALTHY,
+                          failures=0, standby=Standby.UNKNOWN),
+                  f"operator resolved the active node: {obs.active.value if obs.active else 'none'}")
+    return _d(s, f"unknown result {kind!r}")

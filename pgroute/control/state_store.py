@@ -1,0 +1,128 @@
+"""Persisted routing state (epoch, active node) and how pgroute decides where to route at start.
+
+The state file is written atomically (temp file, fsync, rename, fsync of the
+directory) before the Router is pointed at a new node. The same epoch is stamped on
+the nodes themselves (see replication.write_stamp), so a lost or stale state file
+cannot make pgroute route to a stale node: at start the highest epoch wins, and when
+pgroute cannot tell, it routes to no node and says why (``resolve_start``, pure).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from ..model import NodeName
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class Stored:
+    epoch: int
+    active: NodeName | None
+
+
+class StateFile:
+    def __init__(self, path: str | os.PathLike[str]) -> None:
+        self.path = Path(path)
+
+    def load(self) -> Stored | None:
+        """None when the file does not exist. A corrupt file raises ValueError: that
+        is not a fresh start and must not be treated as one."""
+        try:
+            raw = self.path.read_text(encoding="utf-8")
+        except FileNotFoundError:
+            return None
+        data = json.loads(raw)
+        active = data.get("active")
+        return Stored(epoch=int(data["epoch"]), active=NodeName(active) if active else None)
+
+    def save(self, stored: Stored) -> None:
+        directory = self.path.parent if str(self.path.parent) else Path(".")
+        directory.mkdir(parents=True, exist_ok=True)
+        payload = json.dumps({"epoch": stored.epoch,
+                              "active": stored.active.value if stored.active else None,
+                              "updated_at": time.time()})
+        fd, tmp = tempfile.mkstemp(prefix=".pgroute-state-", dir=directory)
+        try:
+            with os.fdopen(fd, "w", encoding="utf-8") as fh:
+                fh.write(payload)
+                fh.flush()
+                os.fsync(fh.fileno())
+            os.replace(tmp, self.path)
+        except BaseException:
+            try:
+                os.unlink(tmp)
+            except OSError:
+                pass
+            raise
+        dir_fd = os.open(directory, os.O_RDONLY)
+        try:
+            os.fsync(dir_fd)
+        finally:
+            os.close(dir_fd)
+
+
+@dataclass(frozen=True)
+class NodeView:
+    """What pgroute could read from a node at start."""
+
+    reachable: bool
+    epoch: int | None = None          # stamped epoch
+    active: str | None = None         # stamped active node name ('primary', 'mirror', 'none')
+    subscriber: bool = False          # holds a pgroute subscription
+    read_only: bool = False
+
+
+@dataclass(frozen=True)
+class Resolution:
+    active: NodeName | None
+    epoch: int
+    reason: str
+
+
+def resolve_start(stored: Stored | None, views: dict[NodeName, NodeView]) -> Resolution:
+    """Decide the active node at start. Highest epoch wins; fail closed when unsure."""
+    claims: list[tuple[int, str | None, str]] = []
+    if stored is not None:
+        claims.append((stored.epoch, stored.active.value if stored.active else "none", "state file"))
+    for node, view in views.items():
+        if view.reachable and view.epoch is not None:
+            claims.append((view.epoch, view.active, f"stamp on {node.value}"))
+    unreachable = [n.value for n, v in views.items() if not v.reachable]
+
+    if not claims:
+        if unreachable:
+            return Resolution(None, 0, "no state file and no epoch stamp, and "
+                              f"{', '.join(unreachable)} unreachable: cannot tell which node is current")
+        p, m = views[NodeName.PRIMARY], views[NodeName.MIRROR]
+        if p.subscriber or p.read_only:
+            return Resolution(None, 0, "fresh start but primary is a subscriber or read-only: "
+                              "cannot tell which node is current")
+        return Resolution(NodeName.PRIMARY, 0, "fresh start: no state file, no stamps; primary is active")
+
+    top = max(c[0] for c in claims)
+    winners = {c[1] for c in claims if c[0] == top}
+    sources = ", ".join(c[2] for c in claims if c[0] == top)
+    if len(winners) > 1:
+        return Resolution(None, top, f"epoch {top} claims disagree ({sources}): cannot tell which node is current")
+    winner = winners.pop()
+    if winner in (None, "none"):
+        return Resolution(None, top, f"epoch {top} routes to no node ({sources})")
+    node = NodeName(winner)
+    if stored is None and unreachable:
+        # Without the file, a node that was down at the last switch may carry an older
+        # stamp and the reachable one may not have the newest: require both stamps.
+        return Resolution(None, top, "state file missing and "
+                          f"{', '.join(unreachable)} unreachable: cannot tell which node is current")
+    view = views.get(node)
+    if view is not None and view.reachable and view.read_only and not view.subscriber:
+        return Resolution(None, top, f"epoch {top} says {node.value} is active but it is fenced "
+                          "(read-only): cannot tell which node is current")
+    return Resolution(node, top, f"epoch {top}: {node.value} is active ({sources})")

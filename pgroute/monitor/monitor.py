@@ -1,0 +1,68 @@
+"""The monitor: one probing loop per node, feeding samples to a callback.
+
+Each loop probes every ``interval`` seconds. ``probe_soon(node, delay)`` pulls the
+next probe of a node forward: the controller uses it for confirming probes (spaced
+``retry_interval``) and the proxy's passive signal (a failed backend connect) uses it
+to probe the active node at once instead of waiting for the next interval.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from typing import Awaitable, Callable
+
+from ..model import HealthSample, NodeName
+from .probe import Prober
+
+log = logging.getLogger(__name__)
+
+
+class Monitor:
+    def __init__(self, probers: dict[NodeName, Prober], interval: float,
+                 on_sample: Callable[[HealthSample], Awaitable[None]]) -> None:
+        self.probers = probers
+        self.interval = interval
+        self.on_sample = on_sample
+        self._next: dict[NodeName, float] = {}
+        self._wake: dict[NodeName, asyncio.Event] = {n: asyncio.Event() for n in probers}
+        self._tasks: list[asyncio.Task] = []
+
+    def start(self) -> None:
+        for node in self.probers:
+            self._tasks.append(asyncio.create_task(self._loop(node), name=f"monitor-{node.value}"))
+
+    def probe_soon(self, node: NodeName, delay: float = 0.0) -> None:
+        at = asyncio.get_running_loop().time() + delay
+        if at < self._next.get(node, float("inf")):
+            self._next[node] = at
+            self._wake[node].set()
+
+    async def _loop(self, node: NodeName) -> None:
+        loop = asyncio.get_running_loop()
+        prober, wake = self.probers[node], self._wake[node]
+        while True:
+            # While a probe runs, probe_soon() requests land in _next.
+            self._next[node] = float("inf")
+            try:
+                sample = await prober.probe()
+                await self.on_sample(sample)
+            except asyncio.CancelledError:
+                raise
+            except Exception:  # keep the loop alive whatever a consumer does
+                log.exception("monitor loop for %s", node.value)
+            self._next[node] = min(self._next[node], loop.time() + self.interval)
+            while (remaining := self._next[node] - loop.time()) > 0:
+                wake.clear()
+                try:
+                    await asyncio.wait_for(wake.wait(), remaining)
+                except asyncio.TimeoutError:
+                    pass
+
+    async def close(self) -> None:
+        for task in self._tasks:
+            task.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+        self._tasks.clear()
+        for prober in self.probers.values():
+            await prober.close()

@@ -1,0 +1,298 @@
+"""The proxy's listening server: admission, routing and backend connection per client.
+
+For each accepted client a handshake task reads the first packet (within
+``startup_timeout``), admits it against ``max_client_connections``, asks the Router
+for the active node (waiting up to ``pause_timeout`` while paused), connects to it
+(within ``connect_timeout``), forwards the first packet and pairs the two legs; from
+then on the protocols in ``protocols.py`` copy bytes and this module only does the
+bookkeeping when a session ends.
+
+Invariants:
+
+- Every refusal is an ErrorResponse with the SQLSTATE PostgreSQL would use (53300
+  too many clients, 57P03 not accepting connections, 08006 backend unreachable,
+  08P01 bad startup packet), preceded by an ``N`` when the client asked for
+  SSL/GSS encryption, so the driver reads and shows it; every refusal is counted in
+  ``router.stats.rejected`` by reason.
+- pgroute never terminates TLS: an SSLRequest is forwarded and the client and the
+  backend negotiate end to end through the raw pipe.
+- A session is registered with the Router, with the epoch and backend of the route it
+  was connected under, from the moment its pipe exists until either leg closes.
+- A misbehaving client (garbage, a huge announced length, silence, a truncated packet)
+  costs one handshake task and one socket for at most ``startup_timeout``; nothing it
+  does reaches other sessions.
+- CancelRequests are not counted against ``max_client_connections`` (they are
+  short-lived and most needed when the server is overloaded) and go to the active
+  node without waiting on a pause.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+
+from . import startup
+from .protocols import BackendProtocol, ClientGone, ClientProtocol
+from .router import Route, Router
+from .startup import FirstPacket, PacketKind, StartupError
+
+log = logging.getLogger(__name__)
+
+# Rejection reasons (labels of router.stats.rejected).
+REJECT_MAX_CONNECTIONS = "max_connections"
+REJECT_NO_BACKEND = "no_backend"
+REJECT_PAUSE_TIMEOUT = "pause_timeout"
+REJECT_BACKEND_UNREACHABLE = "backend_unreachable"
+REJECT_STARTUP_TIMEOUT = "startup_timeout"
+REJECT_INVALID_STARTUP = "invalid_startup"
+REJECT_SHUTDOWN = "shutdown"
+
+# A connect failure is logged at most this often per backend: when a node dies, every
+# new client fails the same way and the control path already hears each one.
+_FAILURE_LOG_INTERVAL = 5.0
+
+
+class ProxyServer:
+    def __init__(self, router: Router, host: str, port: int, *,
+                 max_client_connections: int = 1000, connect_timeout: float = 5.0,
+                 pause_timeout: float = 30.0, startup_timeout: float = 10.0,
+                 shutdown_timeout: float = 10.0) -> None:
+        self.router = router
+        self.host = host
+        self._requested_port = port
+        self.max_client_connections = max_client_connections
+        self.connect_timeout = connect_timeout
+        self.pause_timeout = pause_timeout
+        self.startup_timeout = startup_timeout
+        self.shutdown_timeout = shutdown_timeout
+        self._server: asyncio.Server | None = None
+        self._clients: set[ClientProtocol] = set()
+        self._admitted = 0
+        self._closing = False
+        self._failure_logged: dict[str, float] = {}
+        self._all_closed: asyncio.Event | None = None
+
+    # -- lifecycle -----------------------------------------------------------------
+    async def start(self) -> None:
+        loop = asyncio.get_running_loop()
+        self._all_closed = asyncio.Event()
+        self._all_closed.set()
+        stats = self.router.stats
+        self._server = await loop.create_server(
+            lambda: ClientProtocol(stats, self._client_made, self._client_lost),
+            self.host, self._requested_port, reuse_address=True,
+            backlog=max(128, min(self.max_client_connections, 4096)))
+        log.info("proxy listening on %s:%d", self.host, self.port)
+
+    @property
+    def port(self) -> int:
+        """The bound port (the real one when 0 was requested)."""
+        if self._server is None or not self._server.sockets:
+            return self._requested_port
+        return self._server.sockets[0].getsockname()[1]
+
+    @property
+    def client_count(self) -> int:
+        """Open client sockets, including those still in their handshake."""
+        return len(self._clients)
+
+    def buffered_bytes(self) -> int:
+        """Bytes waiting in pgroute's write buffers, both legs of every connection."""
+        return sum(c.buffered() for c in self._clients)
+
+    async def close(self) -> None:
+        """Stop accepting, let open sessions finish for up to ``shutdown_timeout``, then
+        drop the rest."""
+        if self._server is None or self._closing:
+            return
+        self._closing = True
+        self._server.close()
+        if self._clients:
+            log.info("proxy closing: waiting up to %.1fs for %d connection(s)",
+                     self.shutdown_timeout, len(self._clients))
+            assert self._all_closed is not None
+            try:
+                await asyncio.wait_for(self._all_closed.wait(), self.shutdown_timeout)
+            except asyncio.TimeoutError:
+                log.info("proxy closing: dropping %d connection(s)", len(self._clients))
+                for client in list(self._clients):
+                    client.close("pgroute shutting down")
+                # Let the aborts run their connection_lost callbacks.
+                await asyncio.sleep(0)
+        await self._server.wait_closed()
+        log.info("proxy closed")
+
+    # -- per-connection bookkeeping (called by ClientProtocol) ---------------------------
+    def _client_made(self, client: ClientProtocol) -> None:
+        self._clients.add(client)
+        assert self._all_closed is not None
+        self._all_closed.clear()
+        client.handshake = asyncio.get_running_loop().create_task(self._handshake(client))
+
+    def _client_lost(self, client: ClientProtocol) -> None:
+        self._clients.discard(client)
+        if client.admitted:
+            client.admitted = False
+            self._admitted -= 1
+            self.router.stats.connections_current -= 1
+            self.router.unregister(client)
+        if not self._clients and self._all_closed is not None:
+            self._all_closed.set()
+
+    # -- handshake -------------------------------------------------------------------------
+    async def _handshake(self, client: ClientProtocol) -> None:
+        try:
+            await self._handshake_steps(client)
+        except ClientGone:
+            client.abort()
+        except asyncio.CancelledError:
+            # connection_lost cancelled us; the client is gone already.
+            client.abort()
+        except Exception:  # a bug here must cost one connection, never the server
+            log.exception("proxy handshake failed")
+            client.abort()
+
+    async def _handshake_steps(self, client: ClientProtocol) -> None:
+        stats = self.router.stats
+        try:
+            async with asyncio.timeout(self.startup_timeout):
+                first = await client.read_packet()
+        except StartupError as e:
+            stats.reject(REJECT_INVALID_STARTUP)
+            log.debug("invalid startup packet: %s", e.message)
+            self._send_error_and_close(client, e.sqlstate, e.message)
+            return
+        except TimeoutError:
+            stats.reject(REJECT_STARTUP_TIMEOUT)
+            self._send_error_and_close(client, "08P01", "timeout expired waiting for the startup packet")
+            return
+
+        if first.kind is PacketKind.CANCEL_REQUEST:
+            await self._forward_cancel(client, first)
+            return
+
+        if self._closing:
+            await self._refuse(client, first, "57P01", "terminating connection: pgroute is shutting down",
+                               REJECT_SHUTDOWN)
+            return
+        if self._admitted >= self.max_client_connections:
+            await self._refuse(client, first, "53300", "sorry, too many clients already",
+                               REJECT_MAX_CONNECTIONS)
+            return
+        client.admitted = True
+        self._admitted += 1
+        stats.connections_current += 1
+        stats.connections_total += 1
+
+        route = self.router.route
+        if not route.routable:
+            was_paused = route.paused
+            route = await self.router.wait_routable(self.pause_timeout)
+            if not route.routable:
+                await self._refuse_unroutable(client, first, route, was_paused)
+                return
+        backend_route = route
+        backend = backend_route.backend
+        assert backend is not None
+
+        transport = await self._connect(client, first, backend_route)
+        if transport is None:
+            return
+        if client.closed:
+            transport.close()
+            return
+        client.attach(transport.get_protocol(), first.raw, backend_route.epoch, backend.name)
+        self.router.register(client)
+        log.debug("session %s@%s -> %s (epoch %d)", first.user or "?", first.database or "?",
+                  backend.name, backend_route.epoch)
+
+    async def _connect(self, client: ClientProtocol, first: FirstPacket,
+                       route: Route) -> asyncio.Transport | None:
+        backend = route.backend
+        assert backend is not None
+        loop = asyncio.get_running_loop()
+        stats = self.router.stats
+        try:
+            async with asyncio.timeout(self.connect_timeout):
+                transport, _ = await loop.create_connection(
+                    lambda: BackendProtocol(client, stats), backend.host, backend.port)
+        except (OSError, TimeoutError) as e:
+            error = str(e) or f"timeout after {self.connect_timeout:g}s"
+            self._note_backend_failure(backend.name, backend.host, backend.port, error)
+            stats.reject(REJECT_BACKEND_UNREACHABLE)
+            if first.kind is not PacketKind.CANCEL_REQUEST:
+                await self._refuse(
+                    client, first, "08006",
+                    f"pgroute could not connect to node \"{backend.name}\" "
+                    f"({backend.host}:{backend.port}): {error}", None)
+            else:
+                client.abort()
+            return None
+        return transport  # type: ignore[return-value]
+
+    def _note_backend_failure(self, name: str, host: str, port: int, error: str) -> None:
+        self.router.report_backend_failure(name, error)
+        now = time.monotonic()
+        if now - self._failure_logged.get(name, -_FAILURE_LOG_INTERVAL) >= _FAILURE_LOG_INTERVAL:
+            self._failure_logged[name] = now
+            log.warning("cannot connect to %s (%s:%d): %s", name, host, port, error)
+
+    async def _forward_cancel(self, client: ClientProtocol, first: FirstPacket) -> None:
+        # The query to cancel runs on the active node; a pause does not move it, so
+        # do not wait. The pipe stays unregistered: the backend reads the request and
+        # closes, which closes the client after it (as a direct cancel would).
+        route = self.router.route
+        if route.backend is None:
+            client.abort()
+            return
+        transport = await self._connect(client, first, route)
+        if transport is None:
+            return
+        if client.closed:
+            transport.close()
+            return
+        client.attach(transport.get_protocol(), first.raw, route.epoch, route.backend.name)
+
+    async def _refuse_unroutable(self, client: ClientProtocol, first: FirstPacket,
+                                 route: Route, was_paused: bool) -> None:
+        if route.paused:
+            detail = f"pause timed out after {self.pause_timeout:g}s"
+            if route.reason:
+                detail += f" ({route.reason})"
+            reason = REJECT_PAUSE_TIMEOUT
+        else:
+            detail = route.reason or "no node is routable"
+            reason = REJECT_NO_BACKEND
+        await self._refuse(client, first, "57P03",
+                           f"the database system is not accepting connections: {detail}", reason)
+
+    async def _refuse(self, client: ClientProtocol, first: FirstPacket, sqlstate: str,
+                      message: str, reason: str | None) -> None:
+        """Send an ErrorResponse the client will actually read, then close.
+
+        A client that asked for SSL/GSS encryption is waiting for one byte: answer
+        ``N`` (no encryption here) and read the StartupMessage it then sends in
+        plaintext, the way a server refusing encryption would; only then is an error
+        where libpq, asyncpg and psycopg look for it. Reading that packet also means
+        no unread client bytes are pending when we close, so the kernel sends a FIN,
+        not a RST that could discard the error before the client reads it."""
+        if reason is not None:
+            self.router.stats.reject(reason)
+        if first.wants_encryption:
+            try:
+                async with asyncio.timeout(self.startup_timeout):
+                    # libpq may try GSS first and then SSL: refuse each in turn.
+                    for _ in range(2):
+                        client.write(startup.ENCRYPTION_REFUSED)
+                        packet = await client.read_packet()
+                        if not packet.wants_encryption:
+                            break
+            except (StartupError, ClientGone, TimeoutError):
+                client.abort()
+                return
+        self._send_error_and_close(client, sqlstate, message)
+
+    def _send_error_and_close(self, client: ClientProtocol, sqlstate: str, message: str) -> None:
+        client.write(startup.error_response(sqlstate, message))
+        client.close_after_flush()

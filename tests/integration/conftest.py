@@ -1,0 +1,140 @@
+"""Fixtures that start real PostgreSQL servers (see pgroute.local).
+
+Every server a fixture starts is destroyed at teardown, even when the test
+fails; `pgroute.local.stop_all` (atexit) and the session teardown kill whatever
+is left, and a SIGTERM to pytest is turned into a KeyboardInterrupt so that
+teardown runs then too. Directories left by a run killed with SIGKILL are
+cleaned at the start of the next one.
+
+Fixtures:
+- ``pg_base_dir`` (session): a directory the ``postgres`` OS user can use.
+- ``local_cluster``: one started standalone server.
+- ``cluster_factory``: ``cluster_factory(name="pg", settings=None, start=True)``.
+- ``pair``: a fresh primary + mirror (``create_pair`` defaults: database
+  ``chrispar``, the DEFAULT_SCHEMA tables, ``chrispar_pub`` / ``chrispar_sub``).
+- ``pair_factory``: ``pair_factory(**create_pair_kwargs)`` for other settings or seeds.
+"""
+
+from __future__ import annotations
+
+import shutil
+import signal
+import threading
+from pathlib import Path
+
+import pytest
+
+from pgroute import local
+
+_HERE = Path(__file__).parent
+_PREFIX = "pgroute-test-"
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    # This hook sees every collected item, not only this directory's.
+    for item in items:
+        if _HERE in item.path.parents:
+            item.add_marker(pytest.mark.integration)
+
+
+def _interrupt_on_sigterm(signum, frame):
+    raise KeyboardInterrupt(f"signal {signum}")
+
+
+@pytest.fixture(scope="session")
+def pg_base_dir():
+    """Session directory for data directories and logs, reachable by the server user."""
+    local.cleanup_abandoned(_PREFIX)
+    base = local.make_base_dir(_PREFIX)
+    previous = None
+    if threading.current_thread() is threading.main_thread():
+        # SIGTERM would otherwise end pytest without teardown or atexit.
+        previous = signal.signal(signal.SIGTERM, _interrupt_on_sigterm)
+    try:
+        yield base
+    finally:
+        if previous is not None:
+            signal.signal(signal.SIGTERM, previous)
+        local.stop_all()
+        shutil.rmtree(base, ignore_errors=True)
+
+
+class ClusterFactory:
+    """Creates started standalone servers; destroys them all at teardown."""
+
+    def __init__(self, base: Path) -> None:
+        self.base = base
+        self.created: list[local.LocalCluster] = []
+
+    def __call__(
+        self, name: str = "pg", settings: dict[str, str] | None = None, start: bool = True
+    ) -> local.LocalCluster:
+        cluster = local.LocalCluster(
+            local.make_base_dir(name + "-", parent=self.base) / "data", name=name, settings=settings
+        )
+        self.created.append(cluster)
+        cluster.init()
+        if start:
+            cluster.start()
+        return cluster
+
+    def destroy(self) -> None:
+        for cluster in self.created:
+            cluster.destroy()
+            shutil.rmtree(cluster.datadir.parent, ignore_errors=True)
+
+
+class PairFactory:
+    """Creates primary + mirror pairs; destroys them all at teardown."""
+
+    def __init__(self, base: Path) -> None:
+        self.base = base
+        self.pairs: list[local.LocalPair] = []
+        self.dirs: list[Path] = []
+
+    @property
+    def created(self) -> list[local.LocalCluster]:
+        return [c for p in self.pairs for c in (p.primary, p.mirror)]
+
+    def __call__(self, **kwargs) -> local.LocalPair:
+        base = local.make_base_dir("pair-", parent=self.base)
+        self.dirs.append(base)
+        pair = local.create_pair(base, **kwargs)  # destroys its servers itself on failure
+        self.pairs.append(pair)
+        return pair
+
+    def destroy(self) -> None:
+        for pair in self.pairs:
+            pair.destroy()
+        for base in self.dirs:
+            shutil.rmtree(base, ignore_errors=True)
+
+
+@pytest.fixture
+def cluster_factory(pg_base_dir):
+    factory = ClusterFactory(pg_base_dir)
+    try:
+        yield factory
+    finally:
+        factory.destroy()
+
+
+@pytest.fixture
+def local_cluster(cluster_factory) -> local.LocalCluster:
+    """A started standalone server, destroyed after the test."""
+    return cluster_factory()
+
+
+@pytest.fixture
+def pair_factory(pg_base_dir):
+    factory = PairFactory(pg_base_dir)
+    try:
+        yield factory
+    finally:
+        factory.destroy()
+
+
+@pytest.fixture
+def pair(pair_factory) -> local.LocalPair:
+    """A fresh primary + mirror, replicating and caught up, destroyed after the test."""
+    return pair_factory()

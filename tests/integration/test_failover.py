@@ -1,0 +1,188 @@
+"""Failover against real PostgreSQL pairs: kill -9, SIGSTOP, flaky probes, restarts,
+manual failover under a writer, lag gate. pgroute runs in the test's event loop."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+
+import asyncpg
+import pytest
+
+from .harness import (Writer, api_async, make_config, missing_rows, proxy_dsn, running_pgroute,
+                      wait_for)
+
+pytestmark = pytest.mark.asyncio
+
+
+def _status(running) -> dict:
+    return running.controller.status()
+
+
+async def _wait_state(running, predicate, timeout=30.0, what="state"):
+    return await wait_for(lambda: predicate(_status(running)), timeout, what=what)
+
+
+async def _wait_following(running, timeout=30.0):
+    """Until the monitor has seen the mirror following and a lag sample of it."""
+    await _wait_state(running, lambda s: s["replication"] == "ok"
+                      and s["nodes"]["mirror"]["lag_bytes"] is not None, timeout, "mirror following")
+
+
+async def test_kill9_primary_under_writer_fails_over_to_mirror(pair, tmp_path, caplog):
+    caplog.set_level(logging.INFO, logger="pgroute")
+    config = make_config(pair, tmp_path)
+    async with running_pgroute(config) as running:
+        await _wait_following(running)
+        writer = Writer(proxy_dsn(running)).start()
+        await writer.wait_acked(20)
+        pair.wait_synced()
+        pair.primary.kill()
+        at_kill = len(writer.acked)
+        await _wait_state(running, lambda s: s["active"] == "mirror", 30, "failover to mirror")
+        await writer.wait_acked(20)       # writes through the same address succeed again
+        await writer.stop()
+
+        status, body = await api_async(running, "/api/health")
+        assert status == 200
+        assert body["database"] == "mirror" and body["status"] == "degraded"
+        # Serial and identity keys both kept working on the mirror (no duplicate key).
+        tables = {t for t, _, _ in writer.acked[-20:]}
+        assert tables == {"usuarios", "empleados"}
+        assert not [e for e in writer.errors if "duplicate key" in e]
+        st = _status(running)
+        assert st["epoch"] == 1
+        ev = [e for e in st["events"] if e["kind"] == "failover"][0]
+        assert ev["result"] == "ok" and set(ev["phases"]) >= {"fence", "promote", "route"}
+    assert any("FAILOVER" in r.getMessage() for r in caplog.records)
+    # Every write acknowledged after the kill is on the mirror. Asynchronous
+    # replication may leave a few commits acknowledged just before the kill on the
+    # dead primary only (recovered at rejoin: see test_failback.py).
+    missing = await missing_rows(pair.mirror_dsn(), writer.acked)
+    assert not [m for m in missing if writer.acked.index(m) >= at_kill], missing
+
+
+async def test_sigstop_primary_is_detected_and_stuck_sessions_closed(pair, tmp_path):
+    config = make_config(pair, tmp_path)
+    async with running_pgroute(config) as running:
+        await _wait_following(running)
+        stuck = await asyncpg.connect(proxy_dsn(running))
+        pair.primary.pause()
+        try:
+            query = asyncio.create_task(stuck.fetchval("SELECT 1"))
+            await _wait_state(running, lambda s: s["active"] == "mirror", 30, "failover after SIGSTOP")
+            # pgroute closed the session stuck on the hung primary: the query fails fast.
+            with pytest.raises((asyncpg.InterfaceError, asyncpg.PostgresError, OSError,
+                                asyncpg.exceptions.ConnectionDoesNotExistError)):
+                await asyncio.wait_for(query, 5)
+            conn = await asyncpg.connect(proxy_dsn(running))
+            assert await conn.fetchval("SELECT count(*) >= 0 FROM usuarios")
+            await conn.close()
+        finally:
+            stuck.terminate()
+            pair.primary.resume()
+
+
+async def test_slow_probe_and_single_failure_do_not_fail_over(pair, tmp_path):
+    config = make_config(pair, tmp_path, health={"interval": 0.3, "timeout": 1.5, "max_retries": 2})
+    async with running_pgroute(config) as running:
+        await _wait_following(running)
+        # Slow: hang the primary for less than the probe timeout.
+        for _ in range(3):
+            pair.primary.pause()
+            await asyncio.sleep(0.6)
+            pair.primary.resume()
+            await asyncio.sleep(0.4)
+        # One failed probe (hung past the timeout once), then success.
+        pair.primary.pause()
+        await wait_for(lambda: running.controller.state.failures >= 1, 10, what="one failed probe")
+        pair.primary.resume()
+        await _wait_state(running, lambda s: s["state"] == "primary_active", 10, "primary healthy again")
+        st = _status(running)
+        assert st["active"] == "primary" and st["epoch"] == 0
+        assert not [e for e in st["events"] if e["kind"] == "failover"]
+
+
+async def test_restarts_never_route_to_stale_primary(pair, tmp_path):
+    config = make_config(pair, tmp_path, health={"auto_failback": False})
+    async with running_pgroute(config) as running:
+        await _wait_following(running)
+        pair.primary.kill()
+        await _wait_state(running, lambda s: s["active"] == "mirror", 30, "failover")
+
+    # pgroute restarted after a failover keeps routing to the mirror.
+    async with running_pgroute(config) as running:
+        assert _status(running)["active"] == "mirror"
+        # The old primary comes back: fenced (read-only), never routed to.
+        pair.primary.start()
+        await wait_for(lambda: pair.primary.sql("SHOW default_transaction_read_only") == "on", 30,
+                       what="old primary fenced")
+        conn = await asyncpg.connect(proxy_dsn(running))
+        assert await conn.fetchval("SELECT current_setting('port')::int") == pair.mirror.port
+        await conn.close()
+        with pytest.raises(asyncpg.ReadOnlySQLTransactionError):
+            direct = await asyncpg.connect(pair.primary_dsn())
+            try:
+                await direct.execute("INSERT INTO usuarios (nombre) VALUES ('bypass')")
+            finally:
+                await direct.close()
+
+    # With the state file deleted, the epoch stamps still win.
+    os.unlink(config.state.path)
+    async with running_pgroute(config) as running:
+        st = _status(running)
+        assert st["active"] == "mirror", st["reason"]
+    # ... and with the state file gone AND the mirror unreachable, route to nobody.
+    os.unlink(config.state.path)
+    pair.mirror.stop()
+    async with running_pgroute(config) as running:
+        st = _status(running)
+        assert st["active"] is None and "cannot tell" in st["reason"]
+        status, body = await api_async(running, "/api/health")
+        assert status == 503 and body["database"] is None
+
+
+async def test_manual_failover_with_primary_up_loses_nothing(pair, tmp_path):
+    config = make_config(pair, tmp_path)
+    async with running_pgroute(config) as running:
+        await _wait_following(running)
+        writer = Writer(proxy_dsn(running), pause=0.0).start()
+        await writer.wait_acked(50)
+        status, body = await api_async(running, "/api/failover", "POST", {})
+        assert status == 200, body
+        assert body["result"] == "ok"
+        assert "catch_up" in body["phases"]
+        await writer.wait_acked(30)
+        await writer.stop()
+        assert _status(running)["active"] == "mirror"
+    assert await missing_rows(pair.mirror_dsn(), writer.acked) == []
+    # The old primary is fenced: nothing can be written there after the switch.
+    assert pair.primary.sql("SHOW default_transaction_read_only") == "on"
+
+
+async def test_lag_gate_refuses_automatic_failover(pair, tmp_path, caplog):
+    caplog.set_level(logging.INFO, logger="pgroute")
+    config = make_config(pair, tmp_path, health={"max_lag_bytes": 64 * 1024})
+    async with running_pgroute(config) as running:
+        await _wait_following(running)
+        # Make the mirror lag with its subscription enabled: a session on the mirror
+        # holds a lock the apply worker needs.
+        blocker = await asyncpg.connect(pair.mirror_dsn())
+        tx = blocker.transaction()
+        await tx.start()
+        await blocker.execute("LOCK TABLE pedidos IN ACCESS EXCLUSIVE MODE")
+        pair.primary.sql("INSERT INTO pedidos (usuario_id, total) "
+                         "SELECT g, g FROM generate_series(1, 20000) g", dbname="chrispar")
+        await _wait_state(running, lambda s: (s["nodes"]["mirror"]["lag_bytes"] or 0) > 64 * 1024,
+                          15, "lag sampled over the limit")
+        # Manual failover is refused with the reason (409), --force would override.
+        status, body = await api_async(running, "/api/failover", "POST", {})
+        assert status == 409 and "max_lag_bytes" in body["error"]
+        pair.primary.kill()
+        await _wait_state(running, lambda s: s["state"] == "primary_down", 30, "primary declared down")
+        st = _status(running)
+        assert st["active"] == "primary"        # no failover to the stale mirror
+        assert "max_lag_bytes" in st["reason"]
+        blocker.terminate()
+    assert any("FAILOVER not started" in r.getMessage() for r in caplog.records)

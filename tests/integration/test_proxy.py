@@ -1,0 +1,441 @@
+"""The proxy data path against a real PostgreSQL server.
+
+Each test runs a ProxyServer on port 0 inside the test's event loop, with a Router
+pointing at the ``local_cluster`` fixture. Clients that block (psql, sync psycopg)
+run in subprocesses or threads so the proxy keeps serving.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import os
+import shutil
+import socket
+import struct
+import subprocess
+import time
+
+import asyncpg
+import psycopg
+import pytest
+from psycopg.conninfo import conninfo_to_dict, make_conninfo
+
+from pgroute.proxy import protocols, startup
+from pgroute.proxy.router import Backend, Route, Router
+from pgroute.proxy.server import ProxyServer
+
+pytestmark = [pytest.mark.integration, pytest.mark.timeout(120)]
+
+
+# -- helpers -------------------------------------------------------------------------
+def backend_of(cluster, name: str = "primary") -> Backend:
+    return Backend(name, cluster.host, cluster.port)
+
+
+@pytest.fixture
+async def make_proxy():
+    """Start ProxyServers on port 0 in this test's loop; close them afterwards."""
+    servers: list[ProxyServer] = []
+
+    async def make(router: Router, **kwargs) -> ProxyServer:
+        kwargs.setdefault("shutdown_timeout", 0.5)
+        server = ProxyServer(router, "127.0.0.1", 0, **kwargs)
+        await server.start()
+        servers.append(server)
+        return server
+
+    yield make
+    for server in servers:
+        await server.close()
+
+
+@pytest.fixture
+async def proxy(local_cluster, make_proxy):
+    return await make_proxy(Router(Route(backend_of(local_cluster), 1)))
+
+
+def conninfo(cluster, proxy: ProxyServer | None = None, **extra) -> str:
+    """The cluster's DSN, pointed at the proxy when one is given."""
+    if proxy is not None:
+        extra.update(host="127.0.0.1", port=proxy.port)
+    return make_conninfo(cluster.dsn(), **extra)
+
+
+async def apg_connect(cluster, proxy: ProxyServer, **kwargs) -> asyncpg.Connection:
+    params = conninfo_to_dict(cluster.dsn())
+    return await asyncpg.connect(
+        host="127.0.0.1", port=proxy.port, user=params.get("user"),
+        database=params.get("dbname", "postgres"), password=params.get("password"), **kwargs)
+
+
+async def run(*args: str, env: dict | None = None) -> tuple[int, bytes, bytes]:
+    proc = await asyncio.create_subprocess_exec(
+        *args, stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env)
+    out, err = await proc.communicate()
+    return proc.returncode, out, err
+
+
+async def read_until_closed(reader: asyncio.StreamReader, timeout: float = 5.0) -> bytes:
+    data = b""
+    async with asyncio.timeout(timeout):
+        while chunk := await reader.read(65536):
+            data += chunk
+    return data
+
+
+async def read_message(reader: asyncio.StreamReader) -> tuple[bytes, bytes]:
+    head = await reader.readexactly(5)
+    (length,) = struct.unpack("!I", head[1:])
+    return head[:1], await reader.readexactly(length - 4)
+
+
+async def raw_session(cluster, proxy: ProxyServer):
+    """A hand-driven protocol session through the proxy (trust auth), ready for query."""
+    params = conninfo_to_dict(cluster.dsn())
+    reader, writer = await asyncio.open_connection("127.0.0.1", proxy.port)
+    writer.write(startup.startup_message(
+        {"user": params.get("user", "postgres"), "database": params.get("dbname", "postgres")}))
+    while True:
+        kind, body = await read_message(reader)
+        assert kind != b"E", startup.parse_error_response(kind + struct.pack("!I", len(body) + 4) + body)
+        if kind == b"Z":
+            return reader, writer
+
+
+async def eventually(predicate, timeout: float = 5.0) -> None:
+    """Wait for a condition the proxy reaches asynchronously (e.g. a close it has
+    yet to read)."""
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        assert time.monotonic() < deadline, "condition not reached in time"
+        await asyncio.sleep(0.01)
+
+
+async def assert_serving(cluster, proxy: ProxyServer) -> None:
+    conn = await apg_connect(cluster, proxy)
+    try:
+        assert await conn.fetchval("SELECT 41 + 1") == 42
+    finally:
+        await conn.close()
+
+
+# -- drivers -------------------------------------------------------------------------
+async def test_psql_asyncpg_and_psycopg_through_the_proxy(local_cluster, proxy):
+    rc, out, err = await run("psql", conninfo(local_cluster, proxy), "-Atc",
+                             "SELECT current_database(), 6 * 7")
+    assert rc == 0, err
+    assert out.decode().strip().endswith("|42")
+
+    conn = await apg_connect(local_cluster, proxy)
+    assert await conn.fetchval("SELECT $1::int * 2", 21) == 42
+    assert await conn.fetchval("SELECT inet_server_port()") == local_cluster.port
+    await conn.close()
+
+    async with await psycopg.AsyncConnection.connect(conninfo(local_cluster, proxy)) as aconn:
+        cur = await aconn.execute("SELECT %s::text || 'b'", ["a"])
+        assert await cur.fetchone() == ("ab",)
+
+    def sync_psycopg():
+        with psycopg.connect(conninfo(local_cluster, proxy, sslmode="disable")) as c:
+            return c.execute("SELECT count(*) FROM generate_series(1, 1000)").fetchone()[0]
+    assert await asyncio.to_thread(sync_psycopg) == 1000
+
+    stats = proxy.router.stats
+    await eventually(lambda: stats.connections_current == 0)
+    assert stats.connections_total == 4
+    assert stats.bytes_client_to_server > 0 and stats.bytes_server_to_client > 0
+
+
+async def test_large_copy_is_byte_identical(local_cluster, proxy):
+    query = ("COPY (SELECT i, md5(i::text), now()::date - i FROM generate_series(1, 300000) i) "
+             "TO STDOUT")
+    rc, direct, err = await run("psql", conninfo(local_cluster), "-Atc", query)
+    assert rc == 0, err
+    before = proxy.router.stats.bytes_server_to_client
+    rc, proxied, err = await run("psql", conninfo(local_cluster, proxy), "-Atc", query)
+    assert rc == 0, err
+    assert direct.count(b"\n") == 300000
+    assert hashlib.sha256(proxied).hexdigest() == hashlib.sha256(direct).hexdigest()
+    assert proxy.router.stats.bytes_server_to_client - before > len(direct)
+
+
+# -- TLS end to end --------------------------------------------------------------------
+async def test_sslmode_require_is_end_to_end(local_cluster, proxy):
+    datadir = str(local_cluster.datadir)
+    cert, key = os.path.join(datadir, "server.crt"), os.path.join(datadir, "server.key")
+    subprocess.run(
+        ["openssl", "req", "-new", "-x509", "-days", "2", "-nodes", "-subj", "/CN=localhost",
+         "-newkey", "rsa:2048", "-keyout", key, "-out", cert],
+        check=True, capture_output=True)
+    st = os.stat(datadir)
+    for path in (cert, key):
+        os.chown(path, st.st_uid, st.st_gid)
+        os.chmod(path, 0o600)
+    local_cluster.sql("ALTER SYSTEM SET ssl_cert_file = 'server.crt'")
+    local_cluster.sql("ALTER SYSTEM SET ssl_key_file = 'server.key'")
+    local_cluster.sql("ALTER SYSTEM SET ssl = on")
+    local_cluster.sql("SELECT pg_reload_conf()")
+
+    query = "SELECT ssl FROM pg_stat_ssl WHERE pid = pg_backend_pid()"
+    deadline = time.monotonic() + 10
+    while True:  # the reload is asynchronous
+        try:
+            async with await psycopg.AsyncConnection.connect(
+                    conninfo(local_cluster, proxy, sslmode="require")) as conn:
+                row = await (await conn.execute(query)).fetchone()
+                assert conn.pgconn.ssl_in_use
+            break
+        except psycopg.OperationalError:
+            if time.monotonic() > deadline:
+                raise
+            await asyncio.sleep(0.2)
+    assert row == (True,)
+
+    rc, out, err = await run("psql", conninfo(local_cluster, proxy, sslmode="require"),
+                             "-Atc", query)
+    assert rc == 0, err
+    assert out.strip() == b"t"
+
+
+# -- cancel ------------------------------------------------------------------------------
+async def test_cancel_through_the_proxy_psycopg(local_cluster, proxy):
+    async with await psycopg.AsyncConnection.connect(conninfo(local_cluster, proxy)) as conn:
+        started = time.monotonic()
+        query = asyncio.create_task(conn.execute("SELECT pg_sleep(10)"))
+        await asyncio.sleep(0.3)
+        # The legacy PQcancel path: a plaintext CancelRequest on a new connection to
+        # the proxy. It blocks briefly, so off the loop.
+        await asyncio.to_thread(conn.cancel)
+        with pytest.raises(psycopg.errors.QueryCanceled):
+            await query
+        assert time.monotonic() - started < 1.5
+        await conn.rollback()
+        assert await (await conn.execute("SELECT 1")).fetchone() == (1,)
+    # A CancelRequest is not a session: it never counts as a client connection.
+    assert proxy.router.stats.connections_total == 1
+
+
+async def test_cancel_through_the_proxy_asyncpg(local_cluster, proxy):
+    conn = await apg_connect(local_cluster, proxy)
+    started = time.monotonic()
+    with pytest.raises(asyncio.TimeoutError):
+        await conn.fetch("SELECT pg_sleep(10)", timeout=0.3)  # timeout => CancelRequest
+    assert await conn.fetchval("SELECT 7") == 7
+    assert time.monotonic() - started < 1.5
+    await conn.close()
+
+
+# -- misbehaving clients -------------------------------------------------------------------
+async def test_bad_clients_do_not_disturb_others(local_cluster, make_proxy):
+    router = Router(Route(backend_of(local_cluster), 1))
+    proxy = await make_proxy(router, startup_timeout=0.5)
+    healthy = await apg_connect(local_cluster, proxy)
+
+    # Garbage: an HTTP request is an absurd length.
+    r, w = await asyncio.open_connection("127.0.0.1", proxy.port)
+    w.write(b"GET / HTTP/1.1\r\nHost: pgroute\r\n\r\n")
+    reply = await read_until_closed(r)
+    assert startup.parse_error_response(reply)["C"] == "08P01"
+    w.close()
+
+    # A 200 MB announced length is refused on the header, before any body.
+    r, w = await asyncio.open_connection("127.0.0.1", proxy.port)
+    w.write(struct.pack("!II", 200_000_000, startup.PROTOCOL_3_0))
+    reply = await read_until_closed(r)
+    assert "invalid length" in startup.parse_error_response(reply)["M"]
+    w.close()
+
+    # Truncated: half a packet, then EOF.
+    r, w = await asyncio.open_connection("127.0.0.1", proxy.port)
+    w.write(startup.startup_message({"user": "x"})[:9])
+    w.write_eof()
+    assert await read_until_closed(r) == b""
+    w.close()
+
+    # Silent clients: closed after startup_timeout while the healthy one keeps working.
+    silent = [await asyncio.open_connection("127.0.0.1", proxy.port) for _ in range(3)]
+    started = time.monotonic()
+    assert await healthy.fetchval("SELECT 1") == 1
+    await assert_serving(local_cluster, proxy)
+    for r, w in silent:
+        reply = await read_until_closed(r)
+        assert startup.parse_error_response(reply)["C"] == "08P01"
+        w.close()
+    assert 0.4 < time.monotonic() - started < 3
+
+    assert await healthy.fetchval("SELECT 2") == 2
+    await healthy.close()
+    stats = router.stats
+    assert stats.rejected == {"invalid_startup": 2, "startup_timeout": 3}
+    assert proxy.client_count == 0 and stats.connections_current == 0
+
+
+async def test_over_max_client_connections(local_cluster, make_proxy):
+    router = Router(Route(backend_of(local_cluster), 1))
+    proxy = await make_proxy(router, max_client_connections=5)
+
+    # A flood: 12 at once, exactly 5 get in, the rest read 53300.
+    results = await asyncio.gather(
+        *(apg_connect(local_cluster, proxy) for _ in range(12)), return_exceptions=True)
+    conns = [c for c in results if isinstance(c, asyncpg.Connection)]
+    errors = [e for e in results if not isinstance(e, asyncpg.Connection)]
+    assert len(conns) == 5
+    assert all(isinstance(e, asyncpg.TooManyConnectionsError) for e in errors), errors
+    assert all("too many clients" in str(e) for e in errors)
+
+    # libpq, with and without the SSLRequest first.
+    for sslmode in ("prefer", "disable"):
+        with pytest.raises(psycopg.OperationalError, match="too many clients") as e:
+            await psycopg.AsyncConnection.connect(conninfo(local_cluster, proxy, sslmode=sslmode))
+        assert e.value.sqlstate == "53300"
+    rc, _, err = await run("psql", conninfo(local_cluster, proxy), "-c", "SELECT 1")
+    assert rc != 0 and b"sorry, too many clients already" in err
+
+    assert router.stats.rejected["max_connections"] == 7 + 3
+    assert router.stats.connections_current == 5
+    # The admitted sessions work, and a freed slot is reusable.
+    assert [await c.fetchval("SELECT 1") for c in conns] == [1] * 5
+    await conns.pop().close()
+    await asyncio.sleep(0.05)
+    await assert_serving(local_cluster, proxy)
+    for c in conns:
+        await c.close()
+
+
+# -- backpressure -----------------------------------------------------------------------------
+async def test_slow_reader_bounds_proxy_buffers(local_cluster, proxy):
+    reader, writer = await raw_session(local_cluster, proxy)
+    rows, width = 20000, 1000
+    query = f"SELECT repeat('x', {width}) FROM generate_series(1, {rows})".encode()
+    writer.write(b"Q" + struct.pack("!I", len(query) + 5) + query + b"\0")
+
+    # Read 4 KiB every 10 ms (~400 KB/s) for 2 s while the server produces ~20 MB.
+    received = 0
+    peak = 0
+    deadline = time.monotonic() + 2.0
+    while time.monotonic() < deadline:
+        received += len(await reader.read(4096))
+        peak = max(peak, proxy.buffered_bytes())
+        await asyncio.sleep(0.01)
+    # The pipe is under pressure (bytes are waiting) yet bounded by the high-water
+    # mark plus one read chunk per leg.
+    assert peak > protocols.WRITE_BUFFER_LOW
+    assert peak < protocols.WRITE_BUFFER_HIGH + 2 * 256 * 1024, peak
+    assert received < rows * width / 2
+
+    # Then drain quickly: nothing was lost across the pause/resume cycles.
+    tail = await read_until_closed_or(reader, b"Z\0\0\0\x05I")
+    assert b"SELECT 20000\0" in tail
+    # Each DataRow is 1 + 4 + 2 + 4 + width bytes; all of them arrived.
+    assert received + len(tail) > rows * (11 + width)
+    writer.close()
+
+
+async def read_until_closed_or(reader: asyncio.StreamReader, end: bytes) -> bytes:
+    data = bytearray()
+    async with asyncio.timeout(30):
+        while not data.endswith(end):
+            chunk = await reader.read(1 << 20)
+            assert chunk, "connection closed early"
+            data += chunk
+    return bytes(data)
+
+
+# -- routing ------------------------------------------------------------------------------------
+async def test_paused_router_holds_new_connections_until_resume(local_cluster, make_proxy):
+    router = Router(Route(backend_of(local_cluster), 1))
+    proxy = await make_proxy(router)
+    router.pause("switchover in progress")
+    connecting = asyncio.create_task(apg_connect(local_cluster, proxy))
+    await asyncio.sleep(0.5)
+    assert not connecting.done()
+    assert router.stats.waiting == 1
+    router.resume()
+    conn = await asyncio.wait_for(connecting, 5)
+    assert await conn.fetchval("SELECT 1") == 1
+    await conn.close()
+    assert router.stats.waiting == 0
+
+
+async def test_pause_timeout_and_no_backend_refuse_with_57P03(local_cluster, make_proxy):
+    router = Router(Route(backend_of(local_cluster), 1))
+    proxy = await make_proxy(router, pause_timeout=0.3)
+    router.pause("switchover in progress")
+    with pytest.raises(asyncpg.CannotConnectNowError, match="pause timed out"):
+        await apg_connect(local_cluster, proxy)
+
+    router.publish(Route(None, 2, reason="primary down and mirror not confirmed"))
+    with pytest.raises(psycopg.OperationalError, match="primary down and mirror not confirmed") as e:
+        await psycopg.AsyncConnection.connect(conninfo(local_cluster, proxy))
+    assert e.value.sqlstate == "57P03"
+    with pytest.raises(asyncpg.CannotConnectNowError, match="not accepting connections"):
+        await apg_connect(local_cluster, proxy)
+    assert router.stats.rejected == {"pause_timeout": 1, "no_backend": 2}
+    assert router.stats.connections_current == 0
+
+
+async def test_unreachable_backend_reports_08006_and_failure(local_cluster, make_proxy):
+    with socket.socket() as s:  # a port nobody listens on
+        s.bind(("127.0.0.1", 0))
+        dead_port = s.getsockname()[1]
+    router = Router(Route(Backend("mirror", "127.0.0.1", dead_port), 1))
+    failures = []
+    router.add_failure_listener(lambda name, error: failures.append((name, error)))
+    proxy = await make_proxy(router)
+    with pytest.raises(psycopg.OperationalError, match='node "mirror"') as e:
+        await psycopg.AsyncConnection.connect(conninfo(local_cluster, proxy, password="s3cret"))
+    assert e.value.sqlstate == "08006"
+    assert "s3cret" not in str(e.value)
+    assert [name for name, _ in failures] == ["mirror"]
+    assert router.stats.rejected == {"backend_unreachable": 1}
+
+
+async def test_close_sessions_fences_old_epoch(local_cluster, make_proxy):
+    router = Router(Route(backend_of(local_cluster), 1))
+    proxy = await make_proxy(router)
+    old = await apg_connect(local_cluster, proxy)
+    router.publish(Route(backend_of(local_cluster), 2))
+    new = await apg_connect(local_cluster, proxy)
+    assert router.session_count == 2
+
+    assert router.close_sessions(before_epoch=2, reason="failover to mirror") == 1
+    with pytest.raises((asyncpg.ConnectionDoesNotExistError, asyncpg.InterfaceError,
+                        ConnectionError)):
+        await old.fetchval("SELECT 1")
+    assert await new.fetchval("SELECT 2") == 2
+    await asyncio.sleep(0.05)
+    assert router.session_count == 1 and router.stats.connections_current == 1
+    await new.close()
+    old.terminate()
+
+
+async def test_graceful_close(local_cluster, make_proxy):
+    router = Router(Route(backend_of(local_cluster), 1))
+    proxy = await make_proxy(router, shutdown_timeout=0.3)
+    conn = await apg_connect(local_cluster, proxy)
+    port = proxy.port
+    started = time.monotonic()
+    await proxy.close()
+    assert 0.25 < time.monotonic() - started < 2
+    assert conn.is_closed() or not await _still_works(conn)
+    with pytest.raises(OSError):
+        await asyncio.open_connection("127.0.0.1", port)
+    assert router.session_count == 0
+
+
+async def _still_works(conn) -> bool:
+    try:
+        await conn.fetchval("SELECT 1")
+        return True
+    except (asyncpg.PostgresError, asyncpg.InterfaceError, ConnectionError):
+        return False
+
+
+@pytest.mark.skipif(shutil.which("psql") is None, reason="psql not installed")
+async def test_psql_shows_57P03_reason(local_cluster, make_proxy):
+    router = Router(Route(None, 1, reason="no node is routable: both nodes down"))
+    proxy = await make_proxy(router)
+    rc, _, err = await run("psql", conninfo(local_cluster, proxy), "-c", "SELECT 1")
+    assert rc != 0
+    assert b"not accepting connections: no node is routable: both nodes down" in err

@@ -1,0 +1,295 @@
+"""CLI: commands against a real API app (fake control plane) served from a thread."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import sys
+import threading
+import time
+import types
+from collections import namedtuple
+
+import pytest
+from click.testing import CliRunner
+
+from pgroute.api.http import bound_port, make_app, start_api, stop_api
+from pgroute.cli import main, render_status
+from pgroute.config import Config
+from pgroute.model import Event
+
+from .test_api import FakeControl, base_status, make_config, make_router
+from .test_alerts import free_port
+
+CLEAN_ENV = {"PGROUTE_API_URL": None, "PGROUTE_API_TOKEN": None, "PGROUTE_CONFIG": None,
+             "DATABASE_URL": None, "MIRROR_DATABASE_URL": None}
+
+
+class SlowControl(FakeControl):
+    """Walks through phases so the CLI's progress polling has something to print."""
+
+    phase_delay = 0.0
+
+    async def request(self, kind, *, force=False, resync=False):
+        if kind in ("failover", "failback", "switchover") and not self.refuse:
+            for phase in ("fence", "promote", "route"):
+                self.st["operation"] = {"kind": kind, "phase": phase, "started_at": time.time()}
+                await asyncio.sleep(self.phase_delay)
+            self.st["operation"] = None
+        return await super().request(kind, force=force, resync=resync)
+
+
+class Daemon:
+    def __init__(self, token: str = "") -> None:
+        self.fake = SlowControl()
+        self.loop = asyncio.new_event_loop()
+        self.token = token
+        ready = threading.Event()
+
+        def serve() -> None:
+            asyncio.set_event_loop(self.loop)
+
+            async def start() -> None:
+                app = make_app(self.fake, make_router(), make_config(token), None)
+                self.runner = await start_api(app, "127.0.0.1", 0)
+
+            self.loop.run_until_complete(start())
+            ready.set()
+            self.loop.run_forever()
+
+        self.thread = threading.Thread(target=serve, daemon=True)
+        self.thread.start()
+        assert ready.wait(5)
+        self.url = f"http://127.0.0.1:{bound_port(self.runner)}"
+
+    def stop(self) -> None:
+        asyncio.run_coroutine_threadsafe(stop_api(self.runner), self.loop).result(5)
+        self.loop.call_soon_threadsafe(self.loop.stop)
+        self.thread.join(5)
+        self.loop.close()
+
+
+@pytest.fixture
+def daemon():
+    d = Daemon()
+    yield d
+    d.stop()
+
+
+def invoke(args, env=None, input=None):
+    merged = dict(CLEAN_ENV)
+    merged.update(env or {})
+    return CliRunner().invoke(main, args, env=merged, input=input)
+
+
+def test_status_human(daemon):
+    daemon.fake.st["events"] = [Event(3, "failover", "primary down", 100.0, 102.5, "ok").to_json()]
+    res = invoke(["status", "--api", daemon.url])
+    assert res.exit_code == 0, res.output
+    out = res.stdout
+    assert "primary_active" in out and "epoch 3" in out
+    assert "primary" in out and "mirror" in out and "standby" in out
+    assert "128 B" in out                     # mirror lag
+    assert "last event: #3 failover ok in 2.5 s" in out
+    assert max(len(line) for line in out.splitlines()) <= 80
+
+
+def test_status_json(daemon):
+    res = invoke(["status", "--json"], env={"PGROUTE_API_URL": daemon.url})
+    assert res.exit_code == 0
+    assert json.loads(res.stdout) == daemon.fake.st
+
+
+def test_render_status_fits_80_columns_in_a_bad_state():
+    st = base_status()
+    st.update(state="mirror_active_primary_fenced", active="mirror", paused=True,
+              reason="primary fenced after failover; " + "x" * 200,
+              operation={"kind": "failback", "phase": "catch_up", "started_at": time.time() - 3},
+              conflicts=[{"table": "t"}])
+    st["nodes"]["primary"].update(up=False, role="fenced", error="connection refused " * 10,
+                                  last_probe=None, latency_ms=None)
+    st["nodes"]["mirror"].update(lag_bytes=3 * 1024 * 1024 * 1024, host="a-very-long-hostname." * 4)
+    text = render_status(st)
+    assert max(len(line) for line in text.splitlines()) <= 80
+    assert "PAUSED" in text and "CONFLICTS: 1" in text and "catch_up" in text
+
+
+def test_failover_asks_and_aborts(daemon):
+    res = invoke(["failover", "--api", daemon.url], input="n\n")
+    assert res.exit_code == 1
+    assert "Continue?" in res.output and "Aborted" in res.output
+    assert daemon.fake.requests == []
+
+
+def test_failover_confirmed_interactively(daemon):
+    res = invoke(["failover", "--api", daemon.url], input="y\n")
+    assert res.exit_code == 0, res.output
+    assert daemon.fake.requests == [("failover", {"force": False, "resync": False})]
+
+
+def test_failover_yes_shows_progress_and_result(daemon):
+    daemon.fake.phase_delay = 0.35   # longer than the CLI's 0.3 s poll
+    res = invoke(["failover", "--yes", "--force", "--api", daemon.url])
+    assert res.exit_code == 0, res.output
+    assert daemon.fake.requests == [("failover", {"force": True, "resync": False})]
+    out = res.stdout
+    assert "... fence" in out and "... promote" in out
+    assert "FAILOVER ok in 1.50 s" in out
+    assert "promote" in out and "1200.0 ms" in out
+
+
+def test_failback_resync_and_switchover(daemon):
+    assert invoke(["failback", "--resync", "-y", "--api", daemon.url]).exit_code == 0
+    assert daemon.fake.requests[-1] == ("failback", {"force": False, "resync": True})
+    assert invoke(["switchover", "--yes", "--api", daemon.url]).exit_code == 0
+    assert daemon.fake.requests[-1][0] == "switchover"
+
+
+def test_refused_exits_1_with_reason(daemon):
+    daemon.fake.refuse = "mirror is 32 MiB behind"
+    res = invoke(["failover", "--yes", "--api", daemon.url])
+    assert res.exit_code == 1
+    assert "refused: mirror is 32 MiB behind" in res.stderr
+
+
+def test_failed_result_exits_1(daemon):
+    daemon.fake.result = "failed"
+    res = invoke(["switchover", "--yes", "--api", daemon.url])
+    assert res.exit_code == 1
+    assert "switchover failed" in res.stderr
+
+
+def test_pause_resume(daemon):
+    res = invoke(["pause", "--api", daemon.url])
+    assert res.exit_code == 0, res.output
+    assert invoke(["resume", "--api", daemon.url]).exit_code == 0
+    assert [r[0] for r in daemon.fake.requests] == ["pause", "resume"]
+
+
+def test_no_daemon_exits_1():
+    url = f"http://127.0.0.1:{free_port()}"
+    for args in (["status"], ["failover", "--yes"], ["pause"]):
+        res = invoke(args + ["--api", url])
+        assert res.exit_code == 1, args
+        assert "cannot reach the pgroute daemon" in res.stderr
+        assert "Traceback" not in res.output
+
+
+def test_token():
+    d = Daemon(token="t0ken")
+    try:
+        res = invoke(["pause", "--api", d.url])
+        assert res.exit_code == 2 and "PGROUTE_API_TOKEN" in res.stderr
+        res = invoke(["pause", "--api", d.url], env={"PGROUTE_API_TOKEN": "wrong"})
+        assert res.exit_code == 2
+        res = invoke(["pause", "--api", d.url], env={"PGROUTE_API_TOKEN": "t0ken"})
+        assert res.exit_code == 0, res.output
+    finally:
+        d.stop()
+
+
+def test_api_url_from_config_file(daemon, tmp_path):
+    port = daemon.url.rsplit(":", 1)[1]
+    cfg = tmp_path / "pgroute.toml"
+    cfg.write_text(f'[api]\nlisten = "0.0.0.0:{port}"\n')   # no DSNs needed for this
+    res = invoke(["status", "--config", str(cfg)])
+    assert res.exit_code == 0, res.output
+    # --api wins over the file.
+    res = invoke(["status", "--config", str(cfg), "--api", f"http://127.0.0.1:{free_port()}"])
+    assert res.exit_code == 1
+
+
+def test_run_bad_config_exits_2(tmp_path):
+    cfg = tmp_path / "bad.toml"
+    cfg.write_text('[primary]\ndsn = "postgresql://u@h/db"\n[mirror]\ndsn = "postgresql://u@h2/db"\n'
+                   '[health]\nmax_retries = "three"\n')
+    res = invoke(["run", "--config", str(cfg)])
+    assert res.exit_code == 2
+    assert "health.max_retries" in res.stderr
+
+
+def test_run_calls_app_with_overrides(tmp_path, monkeypatch):
+    seen = {}
+    fake_app = types.ModuleType("pgroute.app")
+    fake_app.run = lambda config: seen.setdefault("config", config) and 0  # type: ignore[attr-defined]
+    monkeypatch.setitem(sys.modules, "pgroute.app", fake_app)
+    import pgroute.logs
+    monkeypatch.setattr(pgroute.logs, "setup_logging",
+                        lambda level, fmt: seen.update(level=level, fmt=fmt))
+    env_file = tmp_path / ".env"
+    env_file.write_text("DATABASE_URL=postgresql://u:pw@127.0.0.1:5432/db\n"
+                        "MIRROR_DATABASE_URL=postgresql://u:pw@127.0.0.1:5433/db\n")
+    res = invoke(["run", "--env-file", str(env_file), "--log-level", "debug", "--log-format", "json"])
+    assert res.exit_code == 0, res.output
+    config: Config = seen["config"]
+    assert config.mirror.parsed.port == 5433
+    assert config.log.level == "DEBUG" and config.log.format == "json"
+    assert (seen["level"], seen["fmt"]) == ("DEBUG", "json")
+
+
+CheckItem = namedtuple("CheckItem", "name ok detail fix")
+
+
+def fake_replication(monkeypatch, items, steps=("created publication chrispar_pub",)):
+    calls = {}
+    mod = types.ModuleType("pgroute.control.replication")
+
+    async def check_pair(primary_dsn, mirror_dsn, publication, subscription, timeout):
+        calls["check"] = (primary_dsn, mirror_dsn, publication, subscription, timeout)
+        return items
+
+    def setup_replication(primary_dsn, mirror_dsn, publication, subscription):
+        calls["setup"] = (primary_dsn, mirror_dsn, publication, subscription)
+        return list(steps)
+
+    mod.check_pair = check_pair  # type: ignore[attr-defined]
+    mod.setup_replication = setup_replication  # type: ignore[attr-defined]
+    monkeypatch.setitem(sys.modules, "pgroute.control.replication", mod)
+    return calls
+
+
+ENV = {"DATABASE_URL": "postgresql://u:hunter2@127.0.0.1:5432/db",
+       "MIRROR_DATABASE_URL": "postgresql://u:hunter2@127.0.0.1:5433/db"}
+
+
+def test_check_all_ok(monkeypatch):
+    calls = fake_replication(monkeypatch, [CheckItem("primary reachable", True, "PostgreSQL 15", ""),
+                                           CheckItem("mirror reachable", True, "PostgreSQL 15", "")])
+    res = invoke(["check"], env=ENV)
+    assert res.exit_code == 0, res.output
+    assert "✓ primary reachable" in res.stdout
+    assert calls["check"][2:] == ("chrispar_pub", "chrispar_sub", 5.0)
+
+
+def test_check_failure_shows_fix(monkeypatch):
+    fake_replication(monkeypatch, [
+        CheckItem("primary reachable", True, "", ""),
+        CheckItem("subscription", False, "chrispar_sub missing on postgresql://u:hunter2@h/db",
+                  "pgroute setup-replication")])
+    res = invoke(["check"], env=ENV)
+    assert res.exit_code == 1
+    assert "✗ subscription" in res.stdout and "fix: pgroute setup-replication" in res.stdout
+    assert "hunter2" not in res.output
+
+
+def test_check_bad_config_exits_2(monkeypatch):
+    fake_replication(monkeypatch, [])
+    res = invoke(["check"], env={"DATABASE_URL": "mysql://nope"})
+    assert res.exit_code == 2 and "primary.dsn" in res.stderr
+
+
+def test_setup_replication(monkeypatch):
+    calls = fake_replication(monkeypatch, [])
+    res = invoke(["setup-replication"], env=ENV)
+    assert res.exit_code == 0, res.output
+    assert "✓ created publication chrispar_pub" in res.stdout
+    assert calls["setup"][2:] == ("chrispar_pub", "chrispar_sub")
+
+
+def test_demo_is_lazy(monkeypatch):
+    seen = {}
+    mod = types.ModuleType("pgroute.demo")
+    mod.main = lambda tour=False: seen.setdefault("tour", tour) and 0  # type: ignore[attr-defined]
+    monkeypatch.setitem(sys.modules, "pgroute.demo", mod)
+    assert invoke(["demo", "--tour"]).exit_code == 0
+    assert seen["tour"] is True
