@@ -167,7 +167,7 @@ def _check_http(client: ApiClient, what: str, code: int, body: Any) -> None:
         _fail(f"{what}: {error}", EXIT_USAGE)
     if code == 404:
         _fail(f"{what}: {error} (is {client.base_url} a pgroute API?)")
-    _fail(f"{what} failed: {error}")
+    _fail(error if error.startswith(f"{what} ") else f"{what} failed: {error}")
 
 
 def _get_status(client: ApiClient) -> dict:
@@ -202,7 +202,9 @@ def _fmt_seconds(s: float | None) -> str:
         return f"{s:.1f} s"
     if s < 7200:
         return f"{s / 60:.0f} min"
-    return f"{s / 3600:.1f} h"
+    if s < 172800:
+        return f"{s / 3600:.1f} h"
+    return f"{s / 86400:.0f} d"
 
 
 def _age(iso: str | None) -> str:
@@ -221,7 +223,7 @@ def _age(iso: str | None) -> str:
 def _fmt_epoch_time(ts: float | None) -> str:
     if ts is None:
         return "-"
-    return datetime.fromtimestamp(ts).strftime("%Y-%m-%d %H:%M:%S")
+    return datetime.fromtimestamp(ts).strftime("%m-%d %H:%M:%S")
 
 
 def _clip(text: str, width: int = WIDTH) -> str:
@@ -527,7 +529,8 @@ def check(config_path: str | None, env_file: str | None) -> None:
     try:
         items = _run_maybe_async(check_pair(
             config.primary.dsn, config.mirror.dsn, config.replication.publication,
-            config.replication.subscription, config.health.timeout))
+            config.replication.subscription, config.health.timeout,
+            max_lag_bytes=config.health.max_lag_bytes))
     except Exception as exc:  # check_pair should report, not raise; say what broke anyway
         _fail(f"check could not run: {type(exc).__name__}: {exc}")
     if hasattr(items, "ok"):
@@ -552,6 +555,8 @@ def check(config_path: str | None, env_file: str | None) -> None:
 def setup_replication_cmd(config_path: str | None, env_file: str | None) -> None:
     """Create the publication and subscription if missing."""
     config = _load_config(config_path, env_file)
+    import asyncpg
+
     from .control.replication import setup_replication
     from .errors import PgRouteError
 
@@ -559,7 +564,8 @@ def setup_replication_cmd(config_path: str | None, env_file: str | None) -> None
         steps = _run_maybe_async(setup_replication(
             config.primary.dsn, config.mirror.dsn, config.replication.publication,
             config.replication.subscription))
-    except (PgRouteError, OSError) as exc:
+    except (PgRouteError, OSError, asyncpg.PostgresError, asyncpg.InterfaceError) as exc:
+        # OSError covers TimeoutError (initial copy too slow) and refused connections.
         _fail(f"setup-replication failed: {exc}")
     for step in steps or []:
         click.echo(mask_dsn(f"✓ {step}"))

@@ -14,7 +14,9 @@ Invariants:
   backends of a killed postmaster are re-parented to it and reaped by `kill()`.
 - Every server this process starts is in a registry until it is stopped;
   `stop_all()` (registered with atexit) kills what is left, so an interrupted
-  run leaves no postgres processes behind.
+  run leaves no postgres processes behind. A process killed with SIGKILL runs
+  no atexit: `cleanup_abandoned()` finds its directories (created by
+  `make_base_dir`, which records the creator's pid) and kills their servers.
 - When running as root, initdb and postgres run as the ``postgres`` OS user
   (both refuse root) and the directories they need are chowned to that user.
 """
@@ -464,7 +466,13 @@ class _PortInUse(LocalClusterError):
 
 
 class LocalCluster:
-    """One PostgreSQL server: a data directory, a port, and its postmaster."""
+    """One PostgreSQL server: a data directory, a port, and its postmaster.
+
+    Attributes: name (also the server's cluster_name, shown by `ps`), datadir,
+    port, host ("127.0.0.1", the only address it listens on; no Unix socket),
+    logfile (next to datadir, "<datadir>.log"). Trust authentication for user
+    postgres on loopback, including replication connections.
+    """
 
     host = "127.0.0.1"
 

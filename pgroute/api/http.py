@@ -17,6 +17,7 @@ Invariants:
 
 from __future__ import annotations
 
+import asyncio
 import hmac
 import json
 import logging
@@ -140,6 +141,7 @@ async def _errors(request: web.Request,
             message = f"no such endpoint: {request.path}"
         return _error(exc.status, message, headers)
     except ActionRefused as exc:
+        log.info("API %s %s refused: %s", request.method, request.path, exc)
         return _error(409, str(exc) or "refused")
     except PgRouteError as exc:
         log.error("API %s %s failed: %s", request.method, request.path, exc)
@@ -217,7 +219,10 @@ def _action(kind: str) -> Callable[[web.Request], Awaitable[web.Response]]:
         peer = request.remote or "?"
         log.info("API command %s%s from %s", kind,
                  "".join(f" {k}={v}" for k, v in options.items()), peer)
-        event = await request.app[CONTROL_KEY].request(kind, **options)  # type: ignore[attr-defined]
+        # Shielded: a client that hangs up (Ctrl-C in `pgroute failover`) must not
+        # cancel a switch halfway; the operation finishes and is recorded anyway.
+        control = request.app[CONTROL_KEY]
+        event = await asyncio.shield(control.request(kind, **options))  # type: ignore[attr-defined]
         return _json(event)
 
     handler.__name__ = f"_{kind}"

@@ -169,8 +169,8 @@ async def failover(ctx: Context, op: Op, target: NodeName, epoch: int, *, manual
                     op.details["caught_up_to"] = _lsn(old_lsn)
                 except DB_ERRORS as exc:
                     if not force:
-                        await _abort_to(ctx, old, old_conn, epoch,
-                                        f"{target.value} did not catch up: {_err(exc)}")
+                        epoch = await _abort_to(ctx, old, old_conn, epoch,
+                                                f"{target.value} did not catch up: {_err(exc)}")
                         return OpResult(False, old, epoch,
                                         f"{target.value} did not catch up with {old.value} "
                                         f"({_err(exc)}); {old.value} unfenced and still active")
@@ -181,7 +181,7 @@ async def failover(ctx: Context, op: Op, target: NodeName, epoch: int, *, manual
                 report = await promote_node(ctx, target, new_epoch)
             except DB_ERRORS as exc:
                 if old_conn is not None:
-                    await _abort_to(ctx, old, old_conn, epoch, f"promotion failed: {_err(exc)}")
+                    epoch = await _abort_to(ctx, old, old_conn, epoch, f"promotion failed: {_err(exc)}")
                     return OpResult(False, old, epoch, f"promotion of {target.value} failed "
                                     f"({_err(exc)}); {old.value} unfenced and still active")
                 ctx.route_to(None, epoch, f"FAILOVER to {target.value} failed: {_err(exc)}")
@@ -230,16 +230,25 @@ async def promote_node(ctx: Context, target: NodeName, new_epoch: int) -> dict[s
         await _close(conn)
 
 
-async def _abort_to(ctx: Context, node: NodeName, conn: asyncpg.Connection, epoch: int, why: str) -> None:
-    """Undo the fence of a node that stays active and route back to it."""
+async def _abort_to(ctx: Context, node: NodeName, conn: asyncpg.Connection, epoch: int, why: str) -> int:
+    """Undo the fence of a node that stays active and route back to it.
+
+    The target may already carry the new epoch's stamp: the abort is a decision of
+    its own, with a higher epoch stamped on ``node`` and persisted, so that a restart
+    can never prefer the half-promoted target over the node that kept taking writes.
+    Returns the epoch now in force."""
     log.warning("FAILOVER aborted: %s; routing back to %s", why, node.value)
+    abort_epoch = epoch + 2
     try:
+        await repl.write_stamp(conn, abort_epoch, node.value)
+        ctx.persist(abort_epoch, node)
         await repl.unfence(conn)
     except DB_ERRORS as exc:
-        log.error("FAILOVER abort could not unfence %s: %s", node.value, _err(exc))
+        log.error("FAILOVER abort could not restore %s: %s", node.value, _err(exc))
         ctx.route_to(None, epoch, f"failover aborted and {node.value} could not be unfenced")
-        return
-    ctx.route_to(node, epoch)
+        return epoch
+    ctx.route_to(node, abort_epoch)
+    return abort_epoch
 
 
 # -- fence ------------------------------------------------------------------------------------
@@ -335,7 +344,7 @@ async def rejoin(ctx: Context, op: Op, node: NodeName, epoch: int, active: NodeN
             op.details["mode"] = mode
             log.info("FAILBACK rejoin of %s: %s", node.value, mode)
         with op.phase("catch_up"):
-            await _wait_subscription_ready(node_conn, sub, timeout=max(60.0, cfg.health.timeout))
+            await _wait_subscription_ready(node_conn, sub, timeout=120.0)
             await repl.wait_caught_up(active_conn, sub, await repl.current_lsn(active_conn), timeout=60.0)
             await repl.write_stamp(node_conn, epoch, active.value)
             if cfg.replication.synchronous in ("on", "strict"):
@@ -359,10 +368,14 @@ async def _wait_subscription_ready(conn: asyncpg.Connection, sub: str, timeout: 
     deadline = time.monotonic() + timeout
     while True:
         info = await repl.subscription_info(conn, sub)
-        if info is not None and info.get("all_ready", True):
+        # 's' (synced, the apply worker takes over) is enough: wait_caught_up then
+        # checks that everything up to the publisher's position was applied.
+        if info is not None and all(st in ("s", "r") for st in info.get("tables", {}).values()):
             return
         if time.monotonic() > deadline:
-            raise asyncio.TimeoutError(f"subscription {sub} initial copy not finished in {timeout:g}s")
+            states = info.get("tables") if info else None
+            raise asyncio.TimeoutError(f"subscription {sub} initial copy not finished in {timeout:g}s "
+                                       f"(table states: {states})")
         await asyncio.sleep(0.1)
 
 
@@ -414,14 +427,14 @@ async def switchover(ctx: Context, op: Op, target: NodeName, epoch: int) -> OpRe
             try:
                 await repl.wait_caught_up(old_conn, ctx.sub(target), lsn, timeout=10.0)
             except DB_ERRORS as exc:
-                await _abort_to(ctx, old, old_conn, epoch, f"{target.value} did not catch up: {_err(exc)}")
+                epoch = await _abort_to(ctx, old, old_conn, epoch, f"{target.value} did not catch up: {_err(exc)}")
                 return OpResult(False, old, epoch, f"{target.value} did not catch up ({_err(exc)}); "
                                 f"{old.value} still active")
         with op.phase("promote"):
             try:
                 op.details.update(await promote_node(ctx, target, new_epoch))
             except DB_ERRORS as exc:
-                await _abort_to(ctx, old, old_conn, epoch, f"promotion failed: {_err(exc)}")
+                epoch = await _abort_to(ctx, old, old_conn, epoch, f"promotion failed: {_err(exc)}")
                 return OpResult(False, old, epoch, f"promotion of {target.value} failed ({_err(exc)}); "
                                 f"{old.value} still active")
         # From here on the target holds every acknowledged commit and is promoted:
@@ -453,7 +466,7 @@ async def switchover(ctx: Context, op: Op, target: NodeName, epoch: int) -> OpRe
     except DB_ERRORS as exc:
         # Before the route phase: old is still the one with every commit.
         if old_conn is not None and not old_conn.is_closed():
-            await _abort_to(ctx, old, old_conn, epoch, _err(exc))
+            epoch = await _abort_to(ctx, old, old_conn, epoch, _err(exc))
             return OpResult(False, old, epoch, f"{op.phase_name}: {_err(exc)}; {old.value} still active")
         ctx.route_to(old, epoch)
         return OpResult(False, old, epoch, f"{op.phase_name}: {_err(exc)}; routing to {old.value}")

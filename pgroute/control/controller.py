@@ -28,7 +28,7 @@ from ..monitor.probe import Prober
 from ..proxy.router import Backend, Route, Router
 from . import actions, replication as repl
 from .state import (Act, Action, Decision, Finished, Observation, Phase, Policy, Probed,
-                    Requested, Standby, State, transition)
+                    Requested, Standby, State, synchronous_standby, transition)
 from .state_store import NodeView, StateFile, resolve_start
 
 log = logging.getLogger(__name__)
@@ -70,6 +70,8 @@ class Controller:
         self.operation: actions.Op | None = None
         self.conflicts: list[dict] = []
         self._last_passive = 0.0
+        self._sync_task: asyncio.Task | None = None
+        self._sync_applied: tuple[NodeName | None, str | None] | None = None
         self.ctx = actions.Context(config, router, self.state_file, self.backends,
                                    is_paused=lambda: self.state.paused, sequences=self._sequences)
         probers = {
@@ -184,6 +186,7 @@ class Controller:
                     self._execute(action, decision.reason)
             if not self.state.busy:
                 self._sync_route()
+                self._sync_replication_mode()
             return decision
 
     def _sync_route(self) -> None:
@@ -196,6 +199,36 @@ class Controller:
                           reason="paused by operator" if s.paused else "")
         if route != self.router.route:
             self.router.publish(route)
+
+    def _sync_replication_mode(self) -> None:
+        """Keep synchronous_standby_names on the active node as the policy wants it."""
+        if self.config.replication.synchronous == "off" or self._sync_task is not None:
+            return
+        active = self.state.active
+        standby = synchronous_standby(self.state)
+        wanted = (active, self.ctx.sub(standby) if standby else None)
+        if active is None or wanted == self._sync_applied:
+            return
+
+        async def apply() -> None:
+            try:
+                conn = await self.ctx.connect(active)
+                try:
+                    await repl.set_synchronous(conn, wanted[1])
+                finally:
+                    await actions._close(conn)
+                self._sync_applied = wanted
+                log.info("synchronous replication on %s: %s", active.value,
+                         f"waits for {wanted[1]}" if wanted[1] else "asynchronous (standby away)")
+            except actions.DB_ERRORS as exc:
+                log.warning("could not set synchronous_standby_names on %s: %s", active.value,
+                            actions._err(exc))
+            finally:
+                self._sync_task = None
+
+        self._sync_task = asyncio.create_task(apply())
+        self._tasks.add(self._sync_task)
+        self._sync_task.add_done_callback(self._tasks.discard)
 
     def _execute(self, action: Action, reason: str) -> None:
         if action.kind is Act.CONFIRM_PROBE:

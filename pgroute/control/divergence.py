@@ -601,6 +601,12 @@ class _Unappliable(Exception):
     """A change that cannot be applied; the message becomes the conflict reason."""
 
 
+# Matches the row fetch_row locked, from its "tableoid:ctid" locator in $n.
+_LOCATOR_CONDITION = (
+    "tableoid = split_part(${n}::text, ':', 1)::oid"
+    " AND ctid = split_part(${n}::text, ':', 2)::tid"
+)
+
 _DELETED = object()  # expected-state marker: the divergent history deleted the row
 
 
@@ -609,8 +615,9 @@ class _Applier:
     divergent history's view of each row it touched (``expected``), which is
     the before-image for later changes to the same row."""
 
-    def __init__(self, conn: asyncpg.Connection) -> None:
+    def __init__(self, conn: asyncpg.Connection, relations: Mapping[int, Relation]) -> None:
         self.conn = conn
+        self.relations = relations
         self.tables: dict[tuple[str, str], _ActiveTable | None] = {}
         # (schema, table, key values) -> normalized row texts, or _DELETED
         self.expected: dict[tuple, object] = {}
@@ -686,7 +693,11 @@ class _Applier:
     async def fetch_row(
         self, tbl: _ActiveTable, names: Sequence[str], cond: Sequence[tuple[str, Value]]
     ) -> tuple[str, list[str | None]] | None:
-        """(ctid, column texts) of the first active row matching ``cond``, locked."""
+        """(row locator, column texts) of the first active row matching
+        ``cond``, locked FOR UPDATE so it stays put until the change is done.
+
+        The locator is "tableoid:ctid": ctid alone is only unique within one
+        partition, and a partitioned root can be published."""
         args: list = []
         parts = []
         for name, value in cond:
@@ -697,7 +708,7 @@ class _Applier:
                 parts.append(f"{quote_ident(name)} = ${len(args)}::text::{tbl.types[name]}")
         cols = ", ".join(f"{quote_ident(n)}::text" for n in names)
         row = await self.conn.fetchrow(
-            f"SELECT ctid::text, {cols} FROM {tbl.qualified}"
+            f"SELECT tableoid::oid::text || ':' || ctid::text, {cols} FROM {tbl.qualified}"
             f" WHERE {' AND '.join(parts) or 'true'} LIMIT 1 FOR UPDATE",
             *args,
         )
@@ -717,9 +728,11 @@ class _Applier:
             self.partial.append(tx.xid)
 
     async def apply_change(self, tx: Transaction, change: Change) -> None:
-        rel = change.relation
+        rel = change.relation or self.relations.get(change.relation_oid)
         if change.kind is ChangeKind.TRUNCATE:
-            rels = change.truncate_relations or ((rel,) if rel else ())
+            rels = change.truncate_relations or tuple(
+                r for r in (self.relations.get(o) for o in change.truncate_oids) if r is not None
+            )
             self.conflict(
                 tx,
                 rels[0] if rels else None,
@@ -839,7 +852,11 @@ class _Applier:
         self.applied += 1
         self.touched[tbl.oid] = tbl.qualified
 
-    async def _row_by_constraint(self, tbl, names, values, constraint) -> dict | None:
+    async def _row_by_constraint(
+        self, tbl: _ActiveTable, names: Sequence[str], values: Sequence[Value], constraint: str | None
+    ) -> dict | None:
+        """The active row holding the divergent row's values of a violated
+        unique constraint (or unique index), when its columns are plain."""
         if not constraint:
             return None
         cols = await self.conn.fetchval(
@@ -862,7 +879,7 @@ class _Applier:
         tbl = await self.table(rel)
         names = rel.column_names
         new = await self.normalize(tbl, names, change.new)
-        where = [(rel.columns[i].name, v) for i, v in _where_values(rel, change)]
+        where = self._target(tbl, rel, change)
         old_key = self._expect_key(rel, change.old if change.old is not None else change.new)
         new_key = self._expect_key(rel, change.new)
         before = self.expected.get(old_key)
@@ -881,7 +898,7 @@ class _Applier:
                 if moved is not None and _same(moved[1], new):
                     self.identical += 1
                     return
-            raise _Unappliable("the row to update does not exist on the active node")
+            raise _Unappliable(_missing_reason(rel, tbl, "update"))
         ctid, active = found
         if _same(active, new):
             self.identical += 1
@@ -903,7 +920,8 @@ class _Applier:
                 for n, i in enumerate(sets)
             )
             status = await self.conn.execute(
-                f"UPDATE {tbl.qualified} SET {assignments} WHERE ctid = ${len(args)}::text::tid", *args
+                f"UPDATE {tbl.qualified} SET {assignments} WHERE {_LOCATOR_CONDITION.format(n=len(args))}",
+                *args,
             )
             if status != "UPDATE 1":
                 raise _Unappliable(f"update touched no row ({status})")
@@ -921,13 +939,16 @@ class _Applier:
         assert change.old is not None
         tbl = await self.table(rel)
         names = rel.column_names
-        where = [(rel.columns[i].name, v) for i, v in _where_values(rel, change)]
+        where = self._target(tbl, rel, change)
         key = self._expect_key(rel, change.old)
         before = self.expected.get(key)
         if before is None and change.old_kind == "O":
             before = await self.normalize(tbl, names, change.old)
         self.expected[key] = _DELETED
         found = await self.fetch_row(tbl, names, where)
+        if found is None and rel.replica_identity == "f" and not tbl.primary_key:
+            # Matched on the whole old row: "absent" may be "changed".
+            raise _Unappliable(_missing_reason(rel, tbl, "delete"))
         if found is None:
             # Already absent: deleted on the active node too, or applied by an
             # earlier run. Either way the row is gone, which is what the
@@ -945,7 +966,9 @@ class _Applier:
                 "the row differs on the active node from the divergent history's before-image",
                 dict(zip(names, active)),
             )
-        await self.conn.execute(f"DELETE FROM {tbl.qualified} WHERE ctid = $1::text::tid", ctid)
+        await self.conn.execute(
+            f"DELETE FROM {tbl.qualified} WHERE {_LOCATOR_CONDITION.format(n=1)}", ctid
+        )
         if before is None:
             self.replaced.append(
                 Replaced(
@@ -954,6 +977,19 @@ class _Applier:
                 )
             )
         self.applied += 1
+
+    def _target(self, tbl: _ActiveTable, rel: Relation, change: Change) -> list[tuple[str, Value]]:
+        """Column/value conditions finding the row an update or delete targets.
+
+        Under REPLICA IDENTITY FULL the identity is the whole old row, which
+        would make a row changed on the active node look missing; when the
+        active table has a primary key, find the row by it instead and let the
+        before-image comparison tell "changed" from "missing"."""
+        if rel.replica_identity == "f" and change.old is not None and tbl.primary_key:
+            index = {c.name: i for i, c in enumerate(rel.columns)}
+            if all(n in index and change.old[index[n]] is not UNCHANGED_TOAST for n in tbl.primary_key):
+                return [(n, change.old[index[n]]) for n in tbl.primary_key]
+        return [(rel.columns[i].name, v) for i, v in _where_values(rel, change)]
 
     # -- sequences
 
@@ -998,6 +1034,15 @@ class _ConflictWithRow(_Unappliable):
         self.active = active
 
 
+def _missing_reason(rel: Relation, tbl: _ActiveTable, kind: str) -> str:
+    if rel.replica_identity == "f" and not tbl.primary_key:
+        return (
+            f"no row on the active node equals the old row the {kind} targets"
+            " (REPLICA IDENTITY FULL without a primary key: a changed row looks missing)"
+        )
+    return f"the row to {kind} does not exist on the active node"
+
+
 def _same(active: Sequence[str | None], divergent: Sequence[object]) -> bool:
     """Equal on every column the divergent side knows (unchanged TOAST is unknown)."""
     return all(d is UNCHANGED_TOAST or a == d for a, d in zip(active, divergent))
@@ -1027,7 +1072,7 @@ async def apply_divergent(active_conn: asyncpg.Connection, divset: DivergentSet)
     is missing or changed differently, a delete of a changed row, any error
     the change raises, and every TRUNCATE. Afterwards each sequence owned by a
     column of a table that received rows is moved to at least max(column)."""
-    applier = _Applier(active_conn)
+    applier = _Applier(active_conn, divset.relations)
     for tx in divset.transactions:
         await applier.apply_transaction(tx)
     sequences = await applier.advance_sequences()

@@ -166,7 +166,7 @@ def _active_probed(s: State, obs: Probed) -> Decision:
         new = replace(s, failures=0, active_up=True, lag_bytes=lag,
                       sync_standby=sample.sync_state == "sync")
         new = _track_ready(new, obs.now)
-        if sample.read_only and not s.busy and s.phase is not Phase.NO_ROUTABLE_NODE:
+        if sample.read_only and not s.busy:
             return _d(replace(new, phase=Phase.ACTIVE_HEALTHY),
                       f"active node {name} is read-only (left fenced by an interrupted switch): unfencing it",
                       Action(Act.UNFENCE, sample.node))
@@ -196,7 +196,7 @@ def _active_probed(s: State, obs: Probed) -> Decision:
         return _d(replace(new, phase=Phase.ACTIVE_SUSPECT),
                   f"{name} probe failed ({sample.error}); confirming, attempt {failures}/{p.max_retries}",
                   Action(Act.CONFIRM_PROBE, sample.node))
-    new = replace(new, active_up=False)
+    new = replace(new, active_up=False, standby_ready_since=None)
     return _try_auto_failover(new, f"{name} down after {failures} failed probes ({sample.error})")
 
 
@@ -254,8 +254,8 @@ def _standby_probed(s: State, obs: Probed) -> Decision:
     if s.active is None:
         return _d(s, "")
     status = _standby_status(sample)
-    if s.standby is Standby.REJOINING and status is not Standby.DOWN:
-        return _d(s, "")       # rejoin reports through Finished
+    if s.standby is Standby.REJOINING:
+        return _d(s, "")       # the rejoin reports through Finished, whatever the probes say
     if s.busy:
         return _d(replace(s, standby=status) if status is Standby.DOWN else s, "")
     new = _track_ready(replace(s, standby=status), obs.now)
@@ -275,7 +275,7 @@ def _standby_probed(s: State, obs: Probed) -> Decision:
         return _d(replace(new, standby=Standby.REJOINING),
                   f"{name} is fenced and up; rejoining it to {s.active.value}",
                   Action(Act.REJOIN, sample.node))
-    event = () if s.standby is Standby.UNKNOWN else (Action(Act.EVENT, sample.node, detail="node_up"),)
+    event = (Action(Act.EVENT, sample.node, detail="node_up"),) if s.standby is Standby.DOWN else ()
     return _d(new, f"standby {name} is {status.value}", *event)
 
 
@@ -387,7 +387,8 @@ def _finished(s: State, obs: Finished) -> Decision:
     if kind == "fence":
         if obs.ok:
             return _d(replace(s, standby=Standby.FENCED), f"{obs.node.value} fenced (read-only)")
-        return _d(s, f"fencing {obs.node.value} failed: {obs.detail}")
+        # Forget the status so the next probe of the node decides (and fences) again.
+        return _d(replace(s, standby=Standby.UNKNOWN), f"fencing {obs.node.value} failed: {obs.detail}")
     if kind == "rejoin":
         if obs.ok:
             return _d(replace(s, standby=Standby.FOLLOWING, lag_bytes=None),
@@ -400,3 +401,19 @@ def _finished(s: State, obs: Finished) -> Decision:
                           failures=0, standby=Standby.UNKNOWN),
                   f"operator resolved the active node: {obs.active.value if obs.active else 'none'}")
     return _d(s, f"unknown result {kind!r}")
+
+
+def synchronous_standby(s: State) -> NodeName | None:
+    """The standby the active node must wait for before acknowledging commits.
+
+    ``on``: the standby while it follows and is caught up (lag within the gate);
+    back to asynchronous while it is down or behind, so writes keep flowing.
+    ``strict``: always the standby, whatever its state (writes block while it is away).
+    """
+    mode = s.policy.synchronous
+    if s.active is None or mode == "off":
+        return None
+    if mode == "strict":
+        return s.standby_node
+    caught_up = s.lag_bytes is not None and s.lag_bytes <= s.policy.max_lag_bytes
+    return s.standby_node if s.standby is Standby.FOLLOWING and caught_up else None

@@ -39,9 +39,12 @@ class StateFile:
             raw = self.path.read_text(encoding="utf-8")
         except FileNotFoundError:
             return None
-        data = json.loads(raw)
-        active = data.get("active")
-        return Stored(epoch=int(data["epoch"]), active=NodeName(active) if active else None)
+        try:
+            data = json.loads(raw)
+            active = data.get("active")
+            return Stored(epoch=int(data["epoch"]), active=NodeName(active) if active else None)
+        except (AttributeError, KeyError, TypeError) as exc:
+            raise ValueError(f"corrupt state file {self.path}: {exc!r}") from exc
 
     def save(self, stored: Stored) -> None:
         directory = self.path.parent if str(self.path.parent) else Path(".")

@@ -5,7 +5,6 @@ colliding row, written to recovery files, and replayed on a scratch database."""
 
 from __future__ import annotations
 
-import asyncio
 import json
 import time
 
@@ -189,11 +188,82 @@ async def test_no_divergence_after_a_clean_sync(pair) -> None:
     pair.primary.sql(BASE_ROWS, pair.dbname)
     pair.wait_synced()
     pair.mirror.sql(f"ALTER SUBSCRIPTION {SLOT} DISABLE", pair.dbname)
+    # Peeking needs the slot released by the (now stopping) walsender.
+    _wait(pair.primary, f"SELECT NOT active FROM pg_replication_slots WHERE slot_name = '{SLOT}'", pair.dbname)
     conn = await asyncpg.connect(pair.primary_dsn())
     try:
-        await asyncio.sleep(0)  # the slot may still be active for a moment; wait below
-        _wait(pair.primary, f"SELECT NOT active FROM pg_replication_slots WHERE slot_name = '{SLOT}'", pair.dbname)
         divset = await read_divergent(conn, SLOT, PUB)
     finally:
         await conn.close()
     assert divset.slot_found and divset.empty and divset.change_count == 0
+
+
+MATRIX_SCHEMA = DEFAULT_SCHEMA + """
+CREATE TABLE notas (id int PRIMARY KEY, txt text);
+ALTER TABLE notas REPLICA IDENTITY FULL;
+"""
+
+
+async def test_apply_outcomes(local_cluster) -> None:
+    """Every apply outcome, on one server: database ``src`` holds the slot and
+    the divergent commits, database ``dst`` plays the active node."""
+    pg = local_cluster
+    for db in ("src", "dst"):
+        pg.sql(f"CREATE DATABASE {db}")
+        pg.sql(MATRIX_SCHEMA, db)
+    pg.sql(BASE_ROWS + "INSERT INTO notas VALUES (1, 'a'), (2, 'b');", "src")
+    pg.sql(
+        "CREATE PUBLICATION p FOR ALL TABLES;"
+        "SELECT pg_create_logical_replication_slot('s', 'pgoutput');",
+        "src",
+    )
+    pg.sql(
+        # id 1 missing, id 2 already deleted, id 12 and email dup@x taken by other rows
+        "INSERT INTO usuarios VALUES (3, 'Carla', 'carla@x'), (12, 'X', 'x@x'), (20, 'Other', 'dup@x');"
+        "INSERT INTO notas VALUES (1, 'changed'), (2, 'b');",
+        "dst",
+    )
+    for tx in [
+        "INSERT INTO usuarios VALUES (10, 'Dup', 'dup@x');",                       # other unique key
+        "UPDATE usuarios SET nombre = 'U1' WHERE id = 1;",                          # target missing
+        "INSERT INTO usuarios VALUES (11, 'New', 'new@x');"
+        " UPDATE usuarios SET nombre = 'New2' WHERE id = 11;",                      # applied twice
+        "INSERT INTO usuarios VALUES (12, 'C', 'c@x');"
+        " UPDATE usuarios SET nombre = 'C2' WHERE id = 12;",                        # conflict, then its update
+        "DELETE FROM usuarios WHERE id = 2;",                                       # already absent
+        "UPDATE notas SET txt = 'a2' WHERE id = 1; DELETE FROM notas WHERE id = 2;",  # FULL identity
+        "TRUNCATE pedidos;",
+    ]:
+        pg.sql(f"BEGIN; {tx} COMMIT;", "src")
+
+    src = await asyncpg.connect(pg.dsn("src"))
+    dst = await asyncpg.connect(pg.dsn("dst"))
+    try:
+        divset = await read_divergent(src, "s", "p")
+        assert len(divset.transactions) == 7
+        report = await apply_divergent(dst, divset)
+        outcomes = {(c.table, c.kind, tuple(c.key.values())[:1]): c for c in report.conflicts}
+        assert set(outcomes) == {
+            ("public.usuarios", "insert", ("10",)),
+            ("public.usuarios", "update", ("1",)),
+            ("public.usuarios", "insert", ("12",)),
+            ("public.usuarios", "update", ("12",)),
+            ("public.notas", "update", ("1",)),
+            ("public.pedidos", "truncate", ()),
+        }
+        dup = outcomes[("public.usuarios", "insert", ("10",))]
+        assert "usuarios_email_key" in dup.reason
+        assert dup.active == {"id": "20", "nombre": "Other", "email": "dup@x"}
+        assert "does not exist" in outcomes[("public.usuarios", "update", ("1",))].reason
+        assert outcomes[("public.usuarios", "update", ("12",))].active["nombre"] == "X"
+        assert outcomes[("public.notas", "update", ("1",))].active == {"id": "1", "txt": "changed"}
+        # insert 11, update 11 (before-image known: no replaced row), delete notas 2
+        assert report.applied == 3 and report.replaced == ()
+        assert report.skipped_identical == 1  # delete of the absent id 2
+        rows = await dst.fetch("SELECT id, nombre FROM usuarios ORDER BY id")
+        assert [tuple(r) for r in rows] == [(3, "Carla"), (11, "New2"), (12, "X"), (20, "Other")]
+        assert [tuple(r) for r in await dst.fetch("SELECT * FROM notas")] == [(1, "changed")]
+        assert await dst.fetchval("SELECT last_value FROM usuarios_id_seq") == 20
+    finally:
+        await src.close()
+        await dst.close()

@@ -234,8 +234,9 @@ def fake_replication(monkeypatch, items, steps=("created publication chrispar_pu
     calls = {}
     mod = types.ModuleType("pgroute.control.replication")
 
-    async def check_pair(primary_dsn, mirror_dsn, publication, subscription, timeout):
+    async def check_pair(primary_dsn, mirror_dsn, publication, subscription, timeout, **kw):
         calls["check"] = (primary_dsn, mirror_dsn, publication, subscription, timeout)
+        calls["check_kw"] = kw
         return items
 
     def setup_replication(primary_dsn, mirror_dsn, publication, subscription):
@@ -259,6 +260,7 @@ def test_check_all_ok(monkeypatch):
     assert res.exit_code == 0, res.output
     assert "✓ primary reachable" in res.stdout
     assert calls["check"][2:] == ("chrispar_pub", "chrispar_sub", 5.0)
+    assert calls["check_kw"] == {"max_lag_bytes": 16 * 1024 * 1024}
 
 
 def test_check_failure_shows_fix(monkeypatch):
@@ -293,3 +295,63 @@ def test_demo_is_lazy(monkeypatch):
     monkeypatch.setitem(sys.modules, "pgroute.demo", mod)
     assert invoke(["demo", "--tour"]).exit_code == 0
     assert seen["tour"] is True
+
+
+# -- logging (pgroute/logs.py, set up by `pgroute run`) -------------------------------------
+@pytest.fixture
+def restore_root_logger():
+    import logging
+
+    root = logging.getLogger()
+    handlers, level = list(root.handlers), root.level
+    yield
+    for h in list(root.handlers):
+        if h not in handlers:
+            root.removeHandler(h)
+    root.setLevel(level)
+
+
+@pytest.mark.parametrize("fmt", ["text", "json"])
+def test_logging_one_line_and_masked(fmt, restore_root_logger):
+    import io
+    import logging
+    import re
+
+    from pgroute.logs import setup_logging
+
+    stream = io.StringIO()
+    setup_logging("info", fmt, stream=stream)
+    log = logging.getLogger("pgroute.control.controller")
+    log.info("FAILOVER to mirror: primary %s unreachable", "postgresql://u:hunter2@h/db")
+    log.debug("not shown at INFO")
+    try:
+        raise OSError("connect postgresql://u:hunter2@h/db failed")
+    except OSError:
+        log.exception("FAILBACK failed")
+    lines = stream.getvalue().splitlines()
+    assert len(lines) == 2
+    assert "hunter2" not in stream.getvalue()
+    if fmt == "text":
+        assert re.match(r"^\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3}Z INFO "
+                        r"pgroute\.control\.controller FAILOVER to mirror", lines[0])
+        assert "ERROR pgroute.control.controller FAILBACK failed\\nTraceback" in lines[1]
+    else:
+        first, second = (json.loads(line) for line in lines)
+        assert first["level"] == "INFO" and first["logger"] == "pgroute.control.controller"
+        assert first["message"].startswith("FAILOVER to mirror") and first["ts"].endswith("Z")
+        assert "OSError" in second["exception"] and "u:***@h" in second["exception"]
+    # Calling it again replaces the handler instead of doubling every line.
+    setup_logging("info", fmt, stream=stream)
+    before = len(stream.getvalue().splitlines())
+    log.warning("once")
+    assert len(stream.getvalue().splitlines()) == before + 1
+
+
+def test_daemon_error_exits_1_masked(daemon):
+    from pgroute.errors import PgRouteError
+
+    daemon.fake.raise_error = PgRouteError("failover failed: cannot promote postgresql://u:hunter2@h/db")
+    res = invoke(["failover", "--yes", "--api", daemon.url])
+    assert res.exit_code == 1
+    assert "pgroute: failover failed: cannot promote" in res.stderr
+    assert "hunter2" not in res.output and "Traceback" not in res.output

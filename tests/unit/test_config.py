@@ -211,3 +211,35 @@ def test_mask_dsn_password_with_at_sign():
 def test_mask_dsn_other_password_forms():
     assert "sec" not in mask_dsn("postgresql://u@h/db?password=sec")
     assert "sec" not in mask_dsn("host='h' user='u' password='sec'")
+
+
+def test_example_config_loads_and_sets_every_key():
+    import tomllib
+    from pathlib import Path
+
+    from pgroute.config import Config
+
+    path = Path(__file__).resolve().parents[2] / "config" / "pgroute.example.toml"
+    config = load_config(path, environ={})
+    validate_runtime(config)
+    data = tomllib.loads(path.read_text())
+    for section, field in Config.model_fields.items():
+        keys = set(field.annotation.model_fields)  # type: ignore[union-attr]
+        assert set(data.get(section, {})) == keys, section
+    # Every value in the example is the default (the file documents the defaults).
+    for section, values in data.items():
+        if section in ("primary", "mirror"):
+            continue
+        defaults = Config.model_fields[section].default
+        for key, value in values.items():
+            expected = getattr(defaults, key)
+            assert (list(expected) if isinstance(expected, tuple) else expected) == value, (section, key)
+
+
+def test_example_env_file_loads():
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[2] / "config" / "example.env"
+    config = load_config(None, path, environ={})
+    assert config.health.interval == 30 and config.health.max_retries == 3
+    assert config.mirror.parsed.port == 5433

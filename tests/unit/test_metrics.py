@@ -143,3 +143,20 @@ def test_listeners_never_raise():
     _, metrics = create_metrics(fake, router)
     metrics.on_sample(object())  # type: ignore[arg-type]
     metrics.on_event(object())  # type: ignore[arg-type]
+
+
+def test_shipped_rules_and_dashboard_use_real_metric_names():
+    """config/prometheus-alerts.yml and config/grafana-dashboard.json must not drift."""
+    import re
+    from pathlib import Path
+
+    fake, router = FakeControl(), make_router()
+    router.stats.reject("too_many_connections")
+    registry, metrics = create_metrics(fake, router)
+    fake.event_listeners[0](Event(1, "failover", "x", 1.0, 2.0, "ok", (("promote", 0.5),)))
+    exposed = set(re.findall(r"^(pgroute_[a-z_]+)", generate_latest(registry).decode(), re.M))
+    root = Path(__file__).resolve().parents[2] / "config"
+    for name in ("prometheus-alerts.yml", "grafana-dashboard.json"):
+        used = set(re.findall(r"\b(pgroute_[a-z_]+)", (root / name).read_text()))
+        assert used, name
+        assert used <= exposed, (name, sorted(used - exposed))
