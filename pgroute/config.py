@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import ipaddress
 import os
+import re
 import tomllib
 from dataclasses import dataclass
 from pathlib import Path
@@ -65,11 +66,18 @@ def _replace_path(url: str, dbname: str) -> str:
     return parts._replace(path="/" + dbname).geturl()
 
 
-def mask_dsn(text: str) -> str:
-    """Replace the password of every URL-style DSN in ``text`` with ``***``."""
-    import re
+_URL_USERINFO = re.compile(r"([a-zA-Z][a-zA-Z0-9+.-]*://[^:/@\s]*:)([^\s/]*)(@[^@/\s]*)")
+_QUERY_PASSWORD = re.compile(r"([?&]password=)[^&\s]*", re.IGNORECASE)
+_KEYWORD_PASSWORD = re.compile(r"(\bpassword\s*=\s*)('(?:[^'\\]|\\.)*'|\S+)", re.IGNORECASE)
 
-    return re.sub(r"(postgres(?:ql)?://[^:/@\s]*:)([^@\s]*)(@)", r"\1***\3", text)
+
+def mask_dsn(text: str) -> str:
+    """Hide passwords in ``text``: URL user-info of any scheme (up to the last '@'
+    before the host, since libpq accepts an unencoded '@' in a password), the
+    ``?password=`` URI parameter and the keyword form ``password=...``."""
+    text = _URL_USERINFO.sub(r"\1***\3", text)
+    text = _QUERY_PASSWORD.sub(r"\1***", text)
+    return _KEYWORD_PASSWORD.sub(r"\1***", text)
 
 
 def parse_dsn(url: str) -> Dsn:
@@ -78,7 +86,8 @@ def parse_dsn(url: str) -> Dsn:
         raise ValueError("empty DSN")
     parts = urlsplit(url.strip())
     if parts.scheme not in ("postgresql", "postgres"):
-        raise ValueError("expected a postgresql://user[:password]@host[:port]/dbname URL")
+        raise ValueError("expected postgresql://user@host:port/dbname (a password goes after the user, "
+                         "separated by a colon)")
     try:
         port = parts.port or 5432
     except ValueError:
@@ -121,7 +130,9 @@ def is_loopback(host: str) -> bool:
 
 
 class _Section(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True, strict=False)
+    # Strict: a TOML string is not a number and 1 is not true. Environment values are
+    # strings; _coerce_env converts them to the field's type first.
+    model_config = ConfigDict(extra="forbid", frozen=True, strict=True)
 
 
 class ProxyConfig(_Section):
@@ -159,7 +170,7 @@ class NodeConfig(_Section):
             parse_dsn(v)
         except ValueError as exc:
             # The message must never echo the password back.
-            raise ValueError(f"unparseable DSN {mask_dsn(v)!r}: {exc}") from None
+            raise ValueError(f"unparseable DSN {mask_dsn(v)!r}: {exc}") from None  # masked: any scheme
         return v
 
     @property
@@ -220,9 +231,9 @@ class StateConfig(_Section):
 
 
 class AlertsConfig(_Section):
-    webhook_urls: tuple[str, ...] = ()
+    webhook_urls: tuple[str, ...] = Field((), strict=False)   # TOML arrays are lists
     command: str = ""
-    email_to: tuple[str, ...] = ()
+    email_to: tuple[str, ...] = Field((), strict=False)
     email_from: str = "pgroute@localhost"
     smtp_url: str = ""
     timeout: float = Field(5.0, gt=0)
@@ -307,24 +318,54 @@ def _env_overrides(env: Mapping[str, str]) -> dict[tuple[str, str], tuple[str, s
             out[target] = (name, env[name])
     sections = {name: model for name, model in Config.model_fields.items()}
     for name, value in env.items():
-        if not name.startswith("PGROUTE_") or name == "PGROUTE_API_URL":
+        if not name.startswith("PGROUTE_") or name in NON_CONFIG_ENV:
             continue
         rest = name[len("PGROUTE_"):].lower()
         for section, field in sections.items():
             prefix = section + "_"
             if rest.startswith(prefix):
                 key = rest[len(prefix):]
-                if key in field.annotation.model_fields:  # type: ignore[union-attr]
-                    # PGROUTE_* names are more specific than the seed's: they win.
-                    out[(section, key)] = (name, value)
+                if key not in field.annotation.model_fields:  # type: ignore[union-attr]
+                    raise ConfigError(name, f"unknown key {key!r} in section [{section}]")
+                # PGROUTE_* names are more specific than the seed's: they win.
+                out[(section, key)] = (name, value)
                 break
     return out
 
 
+_TRUE = {"1", "true", "yes", "on"}
+_FALSE = {"0", "false", "no", "off"}
+
+
 def _coerce_env(section: str, key: str, raw: str) -> Any:
+    """Environment values are strings: convert to the field's type (strict validation
+    then still rejects what does not convert)."""
     if (section, key) in LIST_KEYS:
         return [part.strip() for part in raw.split(",") if part.strip()]
+    field = Config.model_fields[section].annotation.model_fields[key]  # type: ignore[union-attr]
+    kind = field.annotation
+    text = raw.strip()
+    if kind is bool:
+        if text.lower() in _TRUE:
+            return True
+        if text.lower() in _FALSE:
+            return False
+        return raw
+    if kind is int:
+        try:
+            return int(text)
+        except ValueError:
+            return raw
+    if kind is float:
+        try:
+            return float(text)
+        except ValueError:
+            return raw
     return raw
+
+
+# PGROUTE_* variables that are not configuration keys.
+NON_CONFIG_ENV = {"PGROUTE_API_URL", "PGROUTE_CONFIG"}
 
 
 def _location(loc: tuple[Any, ...]) -> str:

@@ -212,6 +212,7 @@ async def promote_node(ctx: Context, target: NodeName, new_epoch: int) -> dict[s
     conn = await ctx.connect(target)
     try:
         await repl.write_stamp(conn, new_epoch, target.value)
+        await _record_applied_lsn(conn, ctx.sub(target))
         report = await repl.promote(conn, ctx.sub(target), cfg.replication.sequence_gap, ctx.sequences())
         await repl.ensure_publication(conn, cfg.replication.publication)
         slot = ctx.sub(target.other)
@@ -228,6 +229,44 @@ async def promote_node(ctx: Context, target: NodeName, new_epoch: int) -> dict[s
         }
     finally:
         await _close(conn)
+
+
+APPLIED_LSN_SETTING = "pgroute.applied_lsn"
+
+_ORIGIN_LSN_SQL = """
+SELECT (s.remote_lsn - '0/0'::pg_lsn)::bigint
+  FROM pg_replication_origin_status s
+  JOIN pg_subscription sub ON s.external_id = 'pg_' || sub.oid
+ WHERE sub.subname = $1
+"""
+
+
+async def _record_applied_lsn(conn: asyncpg.Connection, sub: str) -> None:
+    """Keep, on the node being promoted, the last publisher LSN it applied.
+
+    The publisher's slot position (confirmed_flush_lsn) is only written to disk at
+    checkpoints: after a crash the old primary's slot may point before commits the
+    mirror did apply. The mirror's replication origin is WAL-logged with each commit,
+    so it is exact; rejoin uses it to tell divergent commits from applied ones. Read
+    before the subscription (and its origin) is dropped; a re-run after the drop
+    finds no origin and keeps the value already stored."""
+    lsn = await conn.fetchval(_ORIGIN_LSN_SQL, sub)
+    if lsn is None:
+        return
+    db = await conn.fetchval("SELECT current_database()")
+    ident = '"' + db.replace('"', '""') + '"'
+    await conn.execute(f"ALTER DATABASE {ident} SET {APPLIED_LSN_SETTING} = '{_lsn(lsn)}'")
+
+
+async def read_applied_lsn(conn: asyncpg.Connection) -> str | None:
+    row = await conn.fetchval(
+        "SELECT s.setconfig FROM pg_db_role_setting s JOIN pg_database d ON d.oid = s.setdatabase "
+        "WHERE s.setrole = 0 AND d.datname = current_database()")
+    for item in row or ():
+        key, _, value = item.partition("=")
+        if key == APPLIED_LSN_SETTING:
+            return value
+    return None
 
 
 async def _abort_to(ctx: Context, node: NodeName, conn: asyncpg.Connection, epoch: int, why: str) -> int:
@@ -294,7 +333,10 @@ async def rejoin(ctx: Context, op: Op, node: NodeName, epoch: int, active: NodeN
         active_conn = await ctx.connect(active)
         old_slot = ctx.sub(active)          # active's old subscription slot on node
         with op.phase("divergence"):
-            divset = await divergence.read_divergent(node_conn, old_slot, cfg.replication.publication)
+            applied = await read_applied_lsn(active_conn)
+            divset = await divergence.read_divergent(node_conn, old_slot, cfg.replication.publication,
+                                                     applied_lsn=applied)
+            op.details["applied_lsn"] = applied or "unknown"
             diverged = not divset.empty
             op.details["orphaned_slot"] = "found" if divset.slot_found else "absent"
             op.details["divergent_transactions"] = str(len(divset.transactions))

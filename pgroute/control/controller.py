@@ -212,6 +212,8 @@ class Controller:
 
         async def apply() -> None:
             try:
+                if wanted[1]:
+                    await self._subscription_commits_synchronously(standby, wanted[1])
                 conn = await self.ctx.connect(active)
                 try:
                     await repl.set_synchronous(conn, wanted[1])
@@ -229,6 +231,18 @@ class Controller:
         self._sync_task = asyncio.create_task(apply())
         self._tasks.add(self._sync_task)
         self._sync_task.add_done_callback(self._tasks.discard)
+
+    async def _subscription_commits_synchronously(self, node: NodeName, sub: str) -> None:
+        """With synchronous_commit = off on the subscription (PostgreSQL's default),
+        every commit on the publisher waits for the subscriber's WAL writer (~200 ms)."""
+        conn = await self.ctx.connect(node)
+        try:
+            info = await repl.subscription_info(conn, sub)
+            if info is not None and info.get("synchronous_commit") != "on":
+                await conn.execute(f'ALTER SUBSCRIPTION "{sub}" SET (synchronous_commit = on)')
+                log.info("subscription %s on %s: synchronous_commit set to on", sub, node.value)
+        finally:
+            await actions._close(conn)
 
     def _execute(self, action: Action, reason: str) -> None:
         if action.kind is Act.CONFIRM_PROBE:

@@ -68,6 +68,7 @@ __all__ = [
     "DivergentSet",
     "Replaced",
     "apply_divergent",
+    "change_to_sql",
     "quote_ident",
     "quote_literal",
     "read_divergent",

@@ -35,7 +35,7 @@ import os
 import re
 import shutil
 from dataclasses import dataclass
-from typing import Iterable, Sequence
+from typing import Sequence
 
 import asyncpg
 
@@ -50,9 +50,6 @@ CONTROL_APPLICATION_NAME = "pgroute"
 
 #: Sampling interval of the polling waits (wait_caught_up, drop_slot, setup).
 POLL_INTERVAL = 0.02
-
-_SYSTEM_SCHEMAS = ("pg_catalog", "information_schema", "pg_toast")
-
 
 class ReplicationSetupError(PgRouteError):
     """setup_replication cannot proceed; the message says what the operator must do."""
@@ -209,7 +206,6 @@ async def reload_conf(conn: asyncpg.Connection, timeout: float = 5.0) -> None:
             log.warning("configuration reload not confirmed within %.1fs", timeout)
             return
         await asyncio.sleep(0.005)
-
 
 
 async def terminate_clients(conn: asyncpg.Connection, *, wait: float = 5.0) -> int:
@@ -729,7 +725,9 @@ async def list_inactive_slots(conn: asyncpg.Connection) -> list[str]:
 # ------------------------------------------------------------------- lag, catch-up
 
 
-async def confirmed_lsn(publisher_conn: asyncpg.Connection, subscription: str, *, applied: bool = False) -> int | None:
+async def confirmed_lsn(
+    publisher_conn: asyncpg.Connection, subscription: str, *, applied: bool = False
+) -> int | None:
     """How far the subscriber has confirmed, seen from the publisher: the furthest of
     its walsender's reported position (flush, or replay = applied when ``applied``)
     and its slot's confirmed_flush_lsn. None when neither exists."""
@@ -917,7 +915,8 @@ async def _run(argv: list[str], env: dict[str, str], stdin: bytes | None, timeou
     except asyncio.TimeoutError:
         proc.kill()
         await proc.wait()
-        raise ReplicationSetupError(f"{os.path.basename(argv[0])} did not finish within {timeout:g}s") from None
+        tool = os.path.basename(argv[0])
+        raise ReplicationSetupError(f"{tool} did not finish within {timeout:g}s") from None
     if proc.returncode != 0:
         message = mask_conninfo(err.decode(errors="replace").strip()) or f"exit status {proc.returncode}"
         raise ReplicationSetupError(f"{os.path.basename(argv[0])} failed: {message}")
@@ -1007,16 +1006,16 @@ async def setup_replication(
     pconn = await connect(primary, 10.0)
     mconn = None
     try:
+        level = await _setting(pconn, "wal_level")
+        if level != "logical":
+            raise ReplicationSetupError(
+                f"wal_level on the primary ({primary.masked}) is {level!r}: set wal_level = logical "
+                "in its postgresql.conf (or ALTER SYSTEM SET wal_level = logical) and restart it"
+            )
+        steps.append("primary: wal_level = logical")
         if await _ensure_database(mirror):
             steps.append(f"mirror: database {mirror.dbname} created")
         mconn = await connect(mirror, 10.0)
-        if await _setting(pconn, "wal_level") != "logical":
-            raise ReplicationSetupError(
-                f"wal_level on the primary ({primary.masked}) is "
-                f"{await _setting(pconn, 'wal_level')!r}: set wal_level = logical in its "
-                "postgresql.conf (or ALTER SYSTEM SET wal_level = logical) and restart it"
-            )
-        steps.append("primary: wal_level = logical")
         if await _setting(mconn, "wal_level") != "logical":
             steps.append(
                 "mirror: wal_level is not logical (fine for now; set it and restart the mirror "
@@ -1091,7 +1090,8 @@ async def check_pair(
     pconn, pdetail = await _try_connect(primary, timeout)
     mconn, mdetail = await _try_connect(mirror, timeout)
     try:
-        for label, dsn, conn, detail in (("primary", primary, pconn, pdetail), ("mirror", mirror, mconn, mdetail)):
+        nodes = (("primary", primary, pconn, pdetail), ("mirror", mirror, mconn, mdetail))
+        for label, dsn, conn, detail in nodes:
             items.append(CheckItem(
                 f"{label} reachable", conn is not None,
                 f"{dsn.masked}: {detail}" if conn is not None else detail,
@@ -1114,7 +1114,8 @@ async def check_pair(
             try:
                 items.extend(await check)
             except (asyncpg.PostgresError, asyncpg.InterfaceError, OSError, asyncio.TimeoutError) as exc:
-                items.append(CheckItem(check.__name__, False, f"check failed: {mask_conninfo(str(exc))}", None))
+                name = check.__name__.lstrip("_").replace("check_", "").replace("_", " ")
+                items.append(CheckItem(name, False, f"check failed: {mask_conninfo(str(exc))}", None))
     finally:
         for conn in (pconn, mconn):
             if conn is not None:
@@ -1127,7 +1128,8 @@ async def _check_wal_level(label: str, conn: asyncpg.Connection) -> list[CheckIt
     why = "to publish" if label == "primary" else "so that a promoted mirror can publish (failback)"
     return [CheckItem(
         f"{label} wal_level", level == "logical", f"wal_level = {level}",
-        None if level == "logical" else f"ALTER SYSTEM SET wal_level = logical on the {label} and restart it ({why})",
+        None if level == "logical"
+        else f"ALTER SYSTEM SET wal_level = logical on the {label} and restart it ({why})",
     )]
 
 
@@ -1151,7 +1153,9 @@ async def _check_capacity(label: str, conn: asyncpg.Connection) -> list[CheckIte
     )]
 
 
-async def _check_inactive_slots(label: str, conn: asyncpg.Connection, expected: set[str]) -> list[CheckItem]:
+async def _check_inactive_slots(
+    label: str, conn: asyncpg.Connection, expected: set[str]
+) -> list[CheckItem]:
     rows = await conn.fetch(
         """
         SELECT slot_name, pg_wal_lsn_diff(pg_current_wal_lsn(), restart_lsn)::bigint AS retained
@@ -1189,7 +1193,9 @@ async def _check_publication(conn: asyncpg.Connection, publication: str) -> list
     return [CheckItem("publication", True, f"publication {publication} covers {scope}", None)]
 
 
-async def _check_subscription(conn: asyncpg.Connection, subscription: str, publication: str) -> list[CheckItem]:
+async def _check_subscription(
+    conn: asyncpg.Connection, subscription: str, publication: str
+) -> list[CheckItem]:
     info = await subscription_info(conn, subscription)
     if info is None:
         return [CheckItem(
@@ -1202,7 +1208,9 @@ async def _check_subscription(conn: asyncpg.Connection, subscription: str, publi
         problems.append("disabled")
         fix = f"ALTER SUBSCRIPTION {subscription} ENABLE on the mirror"
     elif not info["worker_pid"]:
-        problems.append("no apply worker running (publisher unreachable or apply errors: see the mirror's log)")
+        problems.append(
+            "no apply worker running (publisher unreachable or apply errors: see the mirror's log)"
+        )
         fix = "check the mirror's log for the apply worker's error"
     if publication not in info["publications"]:
         problems.append(f"subscribes to {info['publications']}, not {publication}")
@@ -1215,7 +1223,9 @@ async def _check_subscription(conn: asyncpg.Connection, subscription: str, publi
         problems.append("no tables subscribed")
         fix = fix or f"ALTER SUBSCRIPTION {subscription} REFRESH PUBLICATION"
     if info["apply_error_count"] or info["sync_error_count"]:
-        problems.append(f"{info['apply_error_count']} apply / {info['sync_error_count']} sync error(s) so far")
+        problems.append(
+            f"{info['apply_error_count']} apply / {info['sync_error_count']} sync error(s) so far"
+        )
     if problems:
         return [CheckItem("subscription", False, f"{subscription}: " + "; ".join(problems), fix)]
     return [CheckItem(
@@ -1224,7 +1234,9 @@ async def _check_subscription(conn: asyncpg.Connection, subscription: str, publi
     )]
 
 
-async def _check_lag(conn: asyncpg.Connection, subscription: str, max_lag: int | None) -> list[CheckItem]:
+async def _check_lag(
+    conn: asyncpg.Connection, subscription: str, max_lag: int | None
+) -> list[CheckItem]:
     lag = await lag_bytes(conn, subscription)
     if lag is None:
         return [CheckItem(
@@ -1248,7 +1260,7 @@ async def _check_lag(conn: asyncpg.Connection, subscription: str, max_lag: int |
     )]
 
 
-__all__: Iterable[str] = [
+__all__ = [
     "CheckItem", "ReplicationSetupError", "subscription_name", "connect", "current_lsn",
     "terminate_clients", "fence", "unfence", "is_fenced", "write_stamp", "read_stamp",
     "sample_sequences", "promote", "ensure_publication", "ensure_slot", "slot_info", "drop_slot",

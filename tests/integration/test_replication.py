@@ -247,7 +247,8 @@ async def test_lag_wait_caught_up_and_synchronous(pair):
             await r.wait_caught_up(p, SUB, await r.current_lsn(p), 0.2)
         await m.execute(f"ALTER SUBSCRIPTION {SUB} ENABLE")
         await r.wait_caught_up(p, SUB, await r.current_lsn(p), 15)
-        assert await p.fetchval("SELECT count(*) FROM pedidos") == await m.fetchval("SELECT count(*) FROM pedidos")
+        count = "SELECT count(*) FROM pedidos"
+        assert await p.fetchval(count) == await m.fetchval(count)
 
         # Synchronous replication to the subscription.
         assert await r.sync_state(p, SUB) == "async"

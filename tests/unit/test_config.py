@@ -72,11 +72,6 @@ def test_unparseable_dsn_names_key_without_password(tmp_path, dsn):
     assert "hunter2" not in res.output
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "BUG in pgroute/config.py: NodeConfig._dsn masks with mask_dsn(), which only matches "
-    "postgres(ql):// URLs, so a DSN with another scheme (mysql://u:hunter2@h/db) or a typo "
-    "(postgresql//...) is echoed with its password in the ConfigError. Also the hint "
-    "'postgresql://user[:password]@host' is itself mangled by mask_dsn into 'user[:***@host'."))
 def test_wrong_scheme_dsn_does_not_echo_password(tmp_path):
     toml = '[primary]\ndsn = "mysql://u:hunter2@h/db"\n[mirror]\ndsn = "postgresql://u@h/db"\n'
     res = run_cli(["run", "--config", write(tmp_path, toml)])
@@ -196,18 +191,10 @@ def test_mask_dsn():
     assert mask_dsn("postgresql://u@h/db") == "postgresql://u@h/db"
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "BUG in pgroute/config.py: mask_dsn stops at the first '@', so a password containing "
-    "an unencoded '@' (which parse_dsn accepts: 'postgresql://u:p@ss@h/db' -> password 'p@ss') "
-    "is only partly masked ('u:***@ss@h')."))
 def test_mask_dsn_password_with_at_sign():
     assert "ss@h" not in mask_dsn("postgresql://u:p@ss@h/db")
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "BUG in pgroute/config.py: mask_dsn ignores libpq's other password spellings: the URI "
-    "query parameter (?password=...) and the keyword form (password=... as produced by "
-    "Dsn.libpq_conninfo for CREATE SUBSCRIPTION), so they reach logs and API output."))
 def test_mask_dsn_other_password_forms():
     assert "sec" not in mask_dsn("postgresql://u@h/db?password=sec")
     assert "sec" not in mask_dsn("host='h' user='u' password='sec'")
