@@ -399,6 +399,7 @@ _PROMPTS = {
     "failover": "FAILOVER: route new connections to the mirror and promote it",
     "failback": "FAILBACK: route new connections back to the primary and restore replication",
     "switchover": "SWITCHOVER: move the active role to the other node without losing a commit",
+    "rejoin": "REJOIN: recover the standby's divergent commits and make it follow the active node",
 }
 
 
@@ -478,6 +479,37 @@ def failback(resync: bool, yes: bool, api_url: str | None, config_path: str | No
 def switchover(yes: bool, api_url: str | None, config_path: str | None) -> None:
     """Planned, zero-loss move of the active role."""
     _operation("switchover", {}, yes, api_url, config_path)
+
+
+@main.command()
+@click.option("--resync", is_flag=True, help="full resynchronisation (pg_dump of the node first)")
+@click.option("--yes", "-y", is_flag=True, help="do not ask for confirmation")
+@_daemon_options
+def rejoin(resync: bool, yes: bool, api_url: str | None, config_path: str | None) -> None:
+    """Make the fenced standby follow the active node again (divergent commits recovered)."""
+    _operation("rejoin", {"resync": resync}, yes, api_url, config_path)
+
+
+@main.command()
+@click.option("--active", "active", type=click.Choice(["primary", "mirror"]), required=True,
+              help="the node that holds the current data")
+@click.option("--yes", "-y", is_flag=True, help="do not ask for confirmation")
+@_daemon_options
+def resolve(active: str, yes: bool, api_url: str | None, config_path: str | None) -> None:
+    """When pgroute fails closed (cannot tell which node is current): declare the active node."""
+    client = _client(api_url, config_path)
+    st = _get_status(client)
+    if not yes:
+        click.confirm(f"Declare {active} the active node (now: {st.get('state', '?')}: "
+                      f"{st.get('reason', '')})? Routing to a stale node loses data. Continue?",
+                      abort=True, err=True)
+    try:
+        code, body = client.post("/api/resolve", {"active": active}, timeout=60.0)
+    except DaemonUnreachable as exc:
+        _unreachable(client, str(exc))
+    _check_http(client, "resolve", code, body)
+    for line in render_event(body):
+        click.echo(line)
 
 
 def _simple(kind: str, api_url: str | None, config_path: str | None) -> None:

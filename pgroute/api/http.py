@@ -35,7 +35,7 @@ from ..proxy.router import Router
 
 log = logging.getLogger(__name__)
 
-ACTIONS = ("failover", "failback", "switchover", "pause", "resume")
+ACTIONS = ("failover", "failback", "switchover", "pause", "resume", "rejoin")
 # Which boolean options each command accepts (body or query string).
 ACTION_OPTIONS: dict[str, tuple[str, ...]] = {
     "failover": ("force",),
@@ -43,6 +43,7 @@ ACTION_OPTIONS: dict[str, tuple[str, ...]] = {
     "switchover": (),
     "pause": (),
     "resume": (),
+    "rejoin": ("resync",),
 }
 MAX_EVENTS = 1000
 _TRUE = {"1", "true", "yes", "on"}
@@ -229,6 +230,26 @@ def _action(kind: str) -> Callable[[web.Request], Awaitable[web.Response]]:
     return handler
 
 
+async def _resolve(request: web.Request) -> web.Response:
+    """Operator override when pgroute failed closed: declare which node is active."""
+    if not _authorized(request):
+        raise web.HTTPUnauthorized(reason="missing or wrong bearer token",
+                                   headers={"WWW-Authenticate": 'Bearer realm="pgroute"'})
+    try:
+        body = json.loads(await request.read() or b"{}")
+    except ValueError:
+        raise web.HTTPBadRequest(reason="body must be a JSON object") from None
+    active = body.get("active") if isinstance(body, dict) else None
+    if active not in ("primary", "mirror"):
+        raise web.HTTPBadRequest(reason='body must be {"active": "primary"|"mirror"}')
+    log.info("API command resolve active=%s from %s", active, request.remote or "?")
+    from ..model import NodeName
+
+    control = request.app[CONTROL_KEY]
+    event = await asyncio.shield(control.resolve(NodeName(active)))  # type: ignore[attr-defined]
+    return _json(event)
+
+
 def make_app(control: ControlPlane, router: Router, config: Config,
              registry: CollectorRegistry | None = None) -> web.Application:
     """Build the aiohttp application. Pass the registry from ``create_metrics``; when
@@ -248,6 +269,7 @@ def make_app(control: ControlPlane, router: Router, config: Config,
     app.router.add_get("/metrics", _metrics)
     for kind in ACTIONS:
         app.router.add_post(f"/api/{kind}", _action(kind))
+    app.router.add_post("/api/resolve", _resolve)
     return app
 
 

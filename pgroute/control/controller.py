@@ -347,6 +347,9 @@ class Controller:
         async with self._lock:
             if self.state.busy:
                 raise ActionRefused("an operation is running")
+            if self.state.phase is not Phase.NO_ROUTABLE_NODE:
+                raise ActionRefused(f"pgroute routes to {self.state.active.value if self.state.active else 'none'} "
+                                    "and is not failing closed; use switchover or failover")
             epoch = self.state.epoch + 1
             self.state_file.save(actions.Stored(epoch, active))
         for node in NodeName:
@@ -358,6 +361,9 @@ class Controller:
                 log.warning("resolve: could not stamp %s: %s", node.value, actions._err(exc))
             finally:
                 await actions._close(conn)
+        self.state = replace(self.state, epoch=epoch)
+        if active is not None:
+            await self._finish_interrupted_promotion(active)
         await self._feed(Finished("resolve", True, time.time(), active=active, epoch=epoch))
         ev = self._begin_event("resolve", f"operator declared {active.value if active else 'no node'} active, epoch {epoch}")
         return self._end_event(ev, "ok").to_json()

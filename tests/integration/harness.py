@@ -136,7 +136,9 @@ class Writer:
                         "INSERT INTO empleados (nombre) VALUES ($1) RETURNING id", name, timeout=5)
                     self.acked.append(("empleados", rid, name))
                 self.last_ok = time.monotonic()
-            except (OSError, asyncio.TimeoutError, asyncpg.PostgresError, asyncpg.InterfaceError) as exc:
+            except Exception as exc:  # noqa: BLE001 - any failed write: record, reconnect, go on
+                # (asyncpg raises InternalClientError, not an InterfaceError, when a
+                # connection dies in the middle of a protocol state change)
                 self.errors.append(f"{type(exc).__name__}: {exc}")
                 if conn is not None:
                     conn.terminate()

@@ -141,6 +141,14 @@ async def test_restarts_never_route_to_stale_primary(pair, tmp_path):
         assert st["active"] is None and "cannot tell" in st["reason"]
         status, body = await api_async(running, "/api/health")
         assert status == 503 and body["database"] is None
+        # The operator resolves it (`pgroute resolve --active mirror`).
+        pair.mirror.start()
+        status, body = await api_async(running, "/api/resolve", "POST", {"active": "mirror"})
+        assert status == 200, body
+        assert _status(running)["active"] == "mirror"
+        conn = await asyncpg.connect(proxy_dsn(running))
+        assert await conn.fetchval("SELECT current_setting('port')::int") == pair.mirror.port
+        await conn.close()
 
 
 async def test_manual_failover_with_primary_up_loses_nothing(pair, tmp_path):
