@@ -135,15 +135,10 @@ class _Section(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True, strict=True)
 
 
-class ProxyConfig(_Section):
-    listen: str = "127.0.0.1:6432"
-    max_client_connections: int = Field(1000, gt=0)
-    connect_timeout: float = Field(5.0, gt=0)
-    pause_timeout: float = Field(30.0, gt=0)
-    # How long a silent or slow client may take to send its first packet.
-    startup_timeout: float = Field(10.0, gt=0)
-    # SIGTERM: how long sessions may finish before they are closed.
-    shutdown_timeout: float = Field(10.0, ge=0)
+class _Listener(_Section):
+    """A section with a ``listen = "host:port"`` key."""
+
+    listen: str
 
     @field_validator("listen")
     @classmethod
@@ -158,6 +153,17 @@ class ProxyConfig(_Section):
     @property
     def port(self) -> int:
         return parse_listen(self.listen)[1]
+
+
+class ProxyConfig(_Listener):
+    listen: str = "127.0.0.1:6432"
+    max_client_connections: int = Field(1000, gt=0)
+    connect_timeout: float = Field(5.0, gt=0)
+    pause_timeout: float = Field(30.0, gt=0)
+    # How long a silent or slow client may take to send its first packet.
+    startup_timeout: float = Field(10.0, gt=0)
+    # SIGTERM: how long sessions may finish before they are closed.
+    shutdown_timeout: float = Field(10.0, ge=0)
 
 
 class NodeConfig(_Section):
@@ -205,23 +211,9 @@ class HealthConfig(_Section):
         return self.interval + self.timeout + self.max_retries * (self.retry_interval + self.timeout)
 
 
-class ApiConfig(_Section):
+class ApiConfig(_Listener):
     listen: str = "127.0.0.1:5000"
     token: str = ""
-
-    @field_validator("listen")
-    @classmethod
-    def _listen(cls, v: str) -> str:
-        parse_listen(v)
-        return v
-
-    @property
-    def host(self) -> str:
-        return parse_listen(self.listen)[0]
-
-    @property
-    def port(self) -> int:
-        return parse_listen(self.listen)[1]
 
 
 class StateConfig(_Section):

@@ -144,8 +144,11 @@ async def failover(ctx: Context, op: Op, target: NodeName, epoch: int, *, manual
             ctx.hold(epoch, f"FAILOVER to {target.value} in progress")
             closed = ctx.router.close_sessions(backend=old.value, reason="FAILOVER: old active node fenced")
             op.details["sessions_closed"] = str(closed)
-            # A hung or dead node is not waited for long: it is down, that is why we are here.
-            old_conn = await _try_connect(ctx, old, min(cfg.health.timeout, 2.0))
+            # Automatic: the node was just declared down (a hung one accepts TCP and
+            # never answers), so one short attempt, not a full probe timeout, on the
+            # critical path. Manual: the node is expected up and must be fenced.
+            fence_timeout = cfg.health.timeout if manual else min(cfg.health.timeout, 0.5)
+            old_conn = await _try_connect(ctx, old, fence_timeout)
             old_lsn = None
             if old_conn is not None:
                 try:
