@@ -206,9 +206,10 @@ class HealthConfig(_Section):
     @property
     def detection_bound(self) -> float:
         """Worst case from a crash to 'down': one interval to the next probe, that
-        probe's timeout, then max_retries confirming probes each bounded by timeout
-        and spaced retry_interval."""
-        return self.interval + self.timeout + self.max_retries * (self.retry_interval + self.timeout)
+        probe's timeout, then max_retries confirming probes started retry_interval
+        apart, the last one bounded by the timeout."""
+        confirm = self.max_retries * self.retry_interval + self.timeout if self.max_retries else 0.0
+        return self.interval + self.timeout + confirm
 
 
 class ApiConfig(_Listener):

@@ -33,6 +33,7 @@ import signal
 import socket
 import sys
 import tempfile
+import textwrap
 import threading
 import time
 from dataclasses import dataclass, field
@@ -83,7 +84,8 @@ def _pgroute_command() -> str:
         on_path = shutil.which("pgroute")
         if on_path and Path(on_path).resolve() == Path(argv0).resolve():
             return "pgroute"
-        return shlex.quote(os.path.relpath(argv0) if not argv0.startswith("..") else argv0)
+        rel = os.path.relpath(argv0)
+        return shlex.quote(os.path.abspath(argv0) if rel.startswith("..") else rel)
     on_path = shutil.which("pgroute")
     if on_path:
         return "pgroute"
@@ -322,7 +324,11 @@ async def _interactive(demo: Demo) -> int:
     from .app import start
 
     pair = demo.pair
-    running = await start(demo.config)
+    try:
+        running = await start(demo.config)
+    except OSError as exc:  # a port taken between the check and the bind
+        _say(f"pgroute demo: cannot start pgroute: {exc}", err=True)
+        return 1
     stop = asyncio.Event()
     restart = asyncio.Event()
     loop = asyncio.get_running_loop()
@@ -331,10 +337,22 @@ async def _interactive(demo: Demo) -> int:
     loop.add_signal_handler(signal.SIGUSR1, restart.set)
     stdin_watched = False
     if sys.stdin is not None and sys.stdin.isatty():
+
+        def on_stdin() -> None:
+            if sys.stdin.readline():
+                restart.set()
+            else:  # Ctrl-D: stop listening (EOF would fire forever)
+                loop.remove_reader(sys.stdin.fileno())
+
         with contextlib.suppress(OSError, ValueError, NotImplementedError):
-            loop.add_reader(sys.stdin.fileno(), lambda: (sys.stdin.readline(), restart.set()))
+            loop.add_reader(sys.stdin.fileno(), on_stdin)
             stdin_watched = True
     try:
+        try:
+            await _wait_following(running.controller)
+        except TimeoutError:
+            _say("pgroute demo: pgroute has not seen the mirror following yet; "
+                 "an automatic failover waits for that (see `status`)", err=True)
         _print_welcome(demo, stdin_watched)
         pids = {c.name: c.postmaster_pid() for c in (pair.primary, pair.mirror)}
         while not stop.is_set():
@@ -409,7 +427,19 @@ def _start_with_retries(cluster: local.LocalCluster, attempts: int = 5) -> None:
 def _print_welcome(demo: Demo, stdin_watched: bool) -> None:
     pair, cfg, cmd, api = demo.pair, demo.config, demo.pgroute, demo.api_url
     primary_pid, mirror_pid = pair.primary.postmaster_pid(), pair.mirror.postmaster_pid()
-    restart_how = "press Enter, or run " if stdin_watched else ""
+    enter = " (or press Enter here)" if stdin_watched else ""
+    tries = [
+        ("where pgroute routes, node health, lag, connections", f"{cmd} status --api {api}"),
+        ("manual switch to the mirror (the seed's failover_to_mirror.ps1)",
+         f"{cmd} failover --yes --api {api}"),
+        ("crash the primary: pgroute fails over to the mirror by itself", f"kill -9 {primary_pid}"),
+        (f"start a killed server again{enter}: pgroute fences it and makes it follow",
+         f"kill -USR1 {os.getpid()}"),
+        ("back to the primary, replication restored (the seed's failback_to_primary.ps1)",
+         f"{cmd} failback --yes --api {api}"),
+        ("planned move of the active role, no commit lost", f"{cmd} switchover --yes --api {api}"),
+        ("the seed's health check, same answer", f"curl -s {api}/api/health"),
+    ]
     _say(f"""
 pgroute demo is running (Ctrl-C stops it and removes everything).
 
@@ -424,15 +454,10 @@ Point your application at pgroute:
   primary  {pair.primary.host}:{pair.primary.port} (pid {primary_pid})
   mirror   {pair.mirror.host}:{pair.mirror.port} (pid {mirror_pid}), subscription {pair.subscription}
 
-Things to try, in another terminal:
-  {cmd} status --api {api}
-  {cmd} failover --yes --api {api}      # manual switch to the mirror
-  kill -9 {primary_pid}                              # crash the primary: automatic FAILOVER
-  {restart_how}kill -USR1 {os.getpid()}               # start the killed server again: it rejoins
-  {cmd} failback --yes --api {api}      # back to the primary, replication restored
-  {cmd} switchover --yes --api {api}    # planned move, no commit lost
-  curl -s {api}/api/health
-""")
+Things to try, in another terminal:""")
+    for comment, command in tries:
+        _say(f"  # {comment}\n  {command}")
+    _say()
 
 
 # --------------------------------------------------------------------------- tour
@@ -545,10 +570,19 @@ class _Clock:
         _say(f"[{time.monotonic() - self.t0:6.1f} s] {text}")
 
 
-def _indent(lines: list[str] | str, prefix: str = "           ") -> str:
+def _indent(lines: list[str] | str, prefix: str = "           ", width: int = 80) -> str:
+    """Indent (and wrap to ``width``) lines printed under a tour step."""
     if isinstance(lines, str):
         lines = lines.splitlines()
-    return "\n".join(prefix + line if line else "" for line in lines)
+    out = []
+    for line in lines:
+        if len(prefix + line) <= width:
+            out.append(prefix + line if line else "")
+            continue
+        lead = line[: len(line) - len(line.lstrip())]
+        out.append(textwrap.fill(line.strip(), width, initial_indent=prefix + lead,
+                                 subsequent_indent=prefix + lead + "  ", break_on_hyphens=False))
+    return "\n".join(out)
 
 
 async def _tour(demo: Demo) -> int:
@@ -571,7 +605,7 @@ async def _tour(demo: Demo) -> int:
         if running is not None:
             from .cli import render_status
 
-            _say(_indent(render_status(running.controller.status()), "  "), err=True)
+            _say(render_status(running.controller.status()), err=True)
         return 1
     finally:
         for sig in (signal.SIGINT, signal.SIGTERM):
@@ -593,9 +627,7 @@ async def _tour_steps(demo: Demo, running) -> int:
     say(f"primary {pair.primary.host}:{pair.primary.port} (pid {pair.primary.postmaster_pid()}) "
         f"-> mirror {pair.mirror.host}:{pair.mirror.port} (subscription {pair.subscription})")
 
-    await _wait_for(lambda: status()["replication"] == "ok"
-                    and status()["nodes"]["mirror"]["lag_bytes"] is not None, 30,
-                    "the mirror to be seen following")
+    await _wait_following(ctl)
     writer = TourWriter(demo.database_url).start()
     say(f"writer: inserting into usuarios (serial) and empleados (identity) through {demo.database_url}")
     try:
@@ -621,7 +653,7 @@ async def _tour_steps(demo: Demo, running) -> int:
             return 1
         await writer.wait_acked(20)
         say("`pgroute status` now:")
-        _say(_indent(render_status(status())))
+        _say(f"\n{render_status(status())}\n")
 
         # -- return ------------------------------------------------------------------------
         say("starting the old primary again ...")
@@ -633,7 +665,7 @@ async def _tour_steps(demo: Demo, running) -> int:
             await _wait_for(lambda: _rejoined(ctl), TOUR_REJOIN_TIMEOUT, "the primary to rejoin", 0.1)
         except TimeoutError:
             say("the primary did not rejoin in time:")
-            _say(_indent(render_status(status())))
+            _say(f"\n{render_status(status())}\n")
             return 1
         rejoin = _ended(ctl, "rejoin")
         say(f"primary rejoined in {time.monotonic() - t_back:.1f} s")
@@ -657,8 +689,13 @@ async def _tour_steps(demo: Demo, running) -> int:
     lost_primary = await missing(pair.primary_dsn(), writer.acked)
     lost_mirror = await missing(pair.mirror_dsn(), writer.acked)
     lost = {(a.table, a.id) for a in lost_primary + lost_mirror}
+    # Show a status probed after the failback, not the samples taken before it.
+    since = time.time()
+    with contextlib.suppress(TimeoutError):
+        await _wait_for(lambda: _probed_since(status(), since), 10, "fresh probes", 0.1)
     st = status()
-    _say(_indent(render_status(st), "  "))
+    say("`pgroute status` at the end:")
+    _say(f"\n{render_status(st)}")
     _say(f"""
 summary
   writes acknowledged: {len(writer.acked)}
@@ -674,9 +711,29 @@ summary
     return 0
 
 
+async def _wait_following(ctl, timeout: float = 30.0) -> None:
+    """Until pgroute has seen the mirror following with a known lag: before that an
+    automatic failover is refused (the mirror's lag is unknown)."""
+    def following() -> bool:
+        st = ctl.status()
+        return st["replication"] == "ok" and st["nodes"]["mirror"]["lag_bytes"] is not None
+
+    await _wait_for(following, timeout, "the mirror to be seen following", 0.1)
+
+
 def _ended(ctl, kind: str) -> dict | None:
     """The newest finished event of ``kind``."""
     return next((e for e in ctl.events(200) if e["kind"] == kind and e["ended_at"]), None)
+
+
+def _probed_since(st: dict, since: float) -> bool:
+    from datetime import datetime
+
+    for info in st["nodes"].values():
+        when = info.get("last_probe")
+        if not when or datetime.fromisoformat(when).timestamp() < since:
+            return False
+    return True
 
 
 def _rejoined(ctl) -> bool:

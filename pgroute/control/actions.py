@@ -444,6 +444,24 @@ async def _dump(ctx: Context, node: NodeName, epoch: int) -> Path:
     return path
 
 
+async def ensure_synchronous_commit(ctx: Context, node: NodeName) -> None:
+    """Make ``node``'s subscription report commits as soon as they are flushed.
+
+    With synchronous_commit = off on a subscription (PostgreSQL's default for
+    subscriptions created by hand), the subscriber confirms a commit only after its
+    WAL writer runs (~200 ms): synchronous commits on the publisher wait that long,
+    and so does a switchover's catch-up."""
+    sub = ctx.sub(node)
+    conn = await ctx.connect(node)
+    try:
+        info = await repl.subscription_info(conn, sub)
+        if info is not None and info.get("synchronous_commit") != "on":
+            await conn.execute(f'ALTER SUBSCRIPTION "{sub}" SET (synchronous_commit = on)')
+            log.info("subscription %s on %s: synchronous_commit set to on", sub, node.value)
+    finally:
+        await _close(conn)
+
+
 # -- switchover and failback -------------------------------------------------------------------
 
 DRAIN_WINDOW = 0.2   # seconds in-flight sessions get before they are closed
@@ -455,15 +473,18 @@ async def switchover(ctx: Context, op: Op, target: NodeName, epoch: int) -> OpRe
     old = target.other
     new_epoch = epoch + 1
     old_conn = None
-    t_hold = time.monotonic()
     try:
+        await ensure_synchronous_commit(ctx, target)   # fast catch-up below
         old_conn = await ctx.connect(old)
+        t_hold = time.monotonic()
         with op.phase("drain"):
             ctx.hold(epoch, f"switchover to {target.value} in progress")
             deadline = time.monotonic() + DRAIN_WINDOW
             while ctx.router.session_count and time.monotonic() < deadline:
                 await asyncio.sleep(0.01)
         with op.phase("fence"):
+            # Writes stop here: open sessions could still commit during the drain.
+            t_stop = time.monotonic()
             op.details["sessions_closed"] = str(
                 ctx.router.close_sessions(backend=old.value, reason=f"{op.tag}: switching to {target.value}"))
             await repl.fence(old_conn)
@@ -488,8 +509,10 @@ async def switchover(ctx: Context, op: Op, target: NodeName, epoch: int) -> OpRe
             ctx.persist(new_epoch, target)
             ctx.route_to(target, new_epoch)
             ctx.router.close_sessions(before_epoch=new_epoch, reason=f"{op.tag}: epoch changed")
-            stall = time.monotonic() - t_hold
+            now = time.monotonic()
+            stall = now - t_stop
             op.details["write_stall_ms"] = f"{stall * 1000:.0f}"
+            op.details["new_connections_held_ms"] = f"{(now - t_hold) * 1000:.0f}"
         with op.phase("resubscribe"):
             try:
                 await repl.write_stamp(old_conn, new_epoch, target.value)

@@ -157,6 +157,8 @@ class Controller:
     # -- observations ---------------------------------------------------------------------------
     async def on_sample(self, sample: HealthSample) -> None:
         self.samples[sample.node] = sample
+        if sample.ok:
+            self.monitor.cancel_confirm(sample.node)
         if sample.ok and sample.sequences is not None:
             self._good_sequences[sample.node] = sample.sequences
         for cb in self._sample_listeners:
@@ -213,7 +215,7 @@ class Controller:
         async def apply() -> None:
             try:
                 if wanted[1]:
-                    await self._subscription_commits_synchronously(standby, wanted[1])
+                    await actions.ensure_synchronous_commit(self.ctx, standby)
                 conn = await self.ctx.connect(active)
                 try:
                     await repl.set_synchronous(conn, wanted[1])
@@ -232,21 +234,10 @@ class Controller:
         self._tasks.add(self._sync_task)
         self._sync_task.add_done_callback(self._tasks.discard)
 
-    async def _subscription_commits_synchronously(self, node: NodeName, sub: str) -> None:
-        """With synchronous_commit = off on the subscription (PostgreSQL's default),
-        every commit on the publisher waits for the subscriber's WAL writer (~200 ms)."""
-        conn = await self.ctx.connect(node)
-        try:
-            info = await repl.subscription_info(conn, sub)
-            if info is not None and info.get("synchronous_commit") != "on":
-                await conn.execute(f'ALTER SUBSCRIPTION "{sub}" SET (synchronous_commit = on)')
-                log.info("subscription %s on %s: synchronous_commit set to on", sub, node.value)
-        finally:
-            await actions._close(conn)
-
     def _execute(self, action: Action, reason: str) -> None:
         if action.kind is Act.CONFIRM_PROBE:
-            self.monitor.probe_soon(action.node, self.config.health.retry_interval)
+            self.monitor.confirm(action.node, int(action.detail or self.config.health.max_retries),
+                                 self.config.health.retry_interval)
         elif action.kind is Act.EVENT:
             ev = self._begin_event(action.detail, reason, node=action.node)
             self._end_event(ev, "ok")

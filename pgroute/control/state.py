@@ -46,7 +46,7 @@ class Standby(str, enum.Enum):
 
 
 class Act(str, enum.Enum):
-    CONFIRM_PROBE = "confirm_probe"   # probe the active node again after retry_interval
+    CONFIRM_PROBE = "confirm_probe"   # run `detail` confirming probes of node, retry_interval apart
     FAILOVER = "failover"             # promote the standby (node), fencing the old active first
     SWITCHOVER = "switchover"         # planned move to node (both up)
     FAILBACK = "failback"             # rejoin if needed + switchover to the configured primary
@@ -193,9 +193,13 @@ def _active_probed(s: State, obs: Probed) -> Decision:
         # Already declared down; a failover may have become possible since.
         return _try_auto_failover(new, f"{name} still down ({sample.error})", repeat=True)
     if failures <= p.max_retries:
+        # The first failure schedules every confirming probe at once (spaced
+        # retry_interval, each bounded by the timeout, overlapping when the node hangs);
+        # later failures only count. A success in between cancels the rest.
+        confirm = (Action(Act.CONFIRM_PROBE, sample.node, detail=str(p.max_retries)),) if failures == 1 else ()
         return _d(replace(new, phase=Phase.ACTIVE_SUSPECT),
                   f"{name} probe failed ({sample.error}); confirming, attempt {failures}/{p.max_retries}",
-                  Action(Act.CONFIRM_PROBE, sample.node))
+                  *confirm)
     new = replace(new, active_up=False, standby_ready_since=None)
     return _try_auto_failover(new, f"{name} down after {failures} failed probes ({sample.error})")
 

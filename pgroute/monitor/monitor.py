@@ -1,9 +1,13 @@
 """The monitor: one probing loop per node, feeding samples to a callback.
 
 Each loop probes every ``interval`` seconds. ``probe_soon(node, delay)`` pulls the
-next probe of a node forward: the controller uses it for confirming probes (spaced
-``retry_interval``) and the proxy's passive signal (a failed backend connect) uses it
-to probe the active node at once instead of waiting for the next interval.
+next probe of a node forward: the proxy's passive signal (a failed backend connect)
+uses it to probe the active node at once instead of waiting for the next interval.
+
+``confirm(node, count, spacing)`` runs the confirming probes after a failure: one-shot
+probes on fresh connections, started ``spacing`` apart and each bounded by the probe
+timeout. They overlap when the node hangs, so confirming a hung node takes
+``count * spacing + timeout`` rather than ``count * (spacing + timeout)``.
 """
 
 from __future__ import annotations
@@ -27,6 +31,7 @@ class Monitor:
         self._next: dict[NodeName, float] = {}
         self._wake: dict[NodeName, asyncio.Event] = {n: asyncio.Event() for n in probers}
         self._tasks: list[asyncio.Task] = []
+        self._confirming: dict[NodeName, list[asyncio.Task]] = {}
 
     def start(self) -> None:
         for node in self.probers:
@@ -59,7 +64,32 @@ class Monitor:
                 except asyncio.TimeoutError:
                     pass
 
+    def confirm(self, node: NodeName, count: int, spacing: float) -> None:
+        self.cancel_confirm(node)
+
+        async def one(k: int) -> None:
+            await asyncio.sleep(k * spacing)
+            prober = self.probers[node].clone()
+            try:
+                sample = await prober.probe()
+            finally:
+                await prober.close()
+            await self.on_sample(sample)
+
+        self._confirming[node] = [asyncio.create_task(one(k), name=f"confirm-{node.value}-{k}")
+                                  for k in range(1, count + 1)]
+
+    def cancel_confirm(self, node: NodeName) -> None:
+        """Cancel outstanding confirming probes (the node answered). The task that
+        delivers the answer is left alone: it is the caller."""
+        current = asyncio.current_task()
+        for task in self._confirming.pop(node, []):
+            if task is not current:
+                task.cancel()
+
     async def close(self) -> None:
+        for node in list(self._confirming):
+            self.cancel_confirm(node)
         for task in self._tasks:
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)

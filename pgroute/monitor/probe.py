@@ -83,6 +83,10 @@ class Prober:
         self.peer_subscription = peer_subscription
         self._conn: asyncpg.Connection | None = None
 
+    def clone(self) -> "Prober":
+        """A prober of the same node with its own connection (for one-shot probes)."""
+        return Prober(self.node, self.dsn, self.timeout, self.own_subscription, self.peer_subscription)
+
     async def probe(self) -> HealthSample:
         start = time.monotonic()
         try:

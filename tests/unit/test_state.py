@@ -186,12 +186,13 @@ ACTIVE_PROBES = [
     case("healthy-ok-sync-walsender", st(), up(lag=0, sync="sync"), [], [], sync_standby=True),
     case("healthy-ok-async-walsender", st(sync_standby=True), up(lag=0, sync="async"), [], [],
          sync_standby=False),
-    case("first-failure-confirms", st(), down(), [A(Act.CONFIRM_PROBE, P)],
+    case("first-failure-confirms", st(), down(), [A(Act.CONFIRM_PROBE, P, detail="3")],
          ["primary probe failed (timeout after 5.0s)", "confirming, attempt 1/3"],
          phase=SUSPECT, failures=1, active_up=True),
-    case("second-failure-confirms", st(phase=SUSPECT, failures=1), down(), [A(Act.CONFIRM_PROBE, P)],
+    # Every confirming probe was scheduled at the first failure: later ones only count.
+    case("second-failure-counts", st(phase=SUSPECT, failures=1), down(), [],
          ["confirming, attempt 2/3"], phase=SUSPECT, failures=2),
-    case("third-failure-confirms", st(phase=SUSPECT, failures=2), down(), [A(Act.CONFIRM_PROBE, P)],
+    case("third-failure-counts", st(phase=SUSPECT, failures=2), down(), [],
          ["confirming, attempt 3/3"], phase=SUSPECT, failures=3),
     case("fourth-failure-fails-over", st(phase=SUSPECT, failures=3, lag_bytes=1000), down(),
          [event(P, "node_down"), A(Act.FAILOVER, M)],
@@ -666,7 +667,8 @@ def test_confirming_probes_then_failover(max_retries):
     s = st(policy=pol(max_retries=max_retries), lag_bytes=123)
     d = run(s, *[down(now=T0 + i) for i in range(max_retries + 1)])
     for attempt, x in enumerate(d[:-1], start=1):
-        assert x.actions == (Action(Act.CONFIRM_PROBE, P),)
+        expected = (Action(Act.CONFIRM_PROBE, P, detail=str(max_retries)),) if attempt == 1 else ()
+        assert x.actions == expected
         assert f"confirming, attempt {attempt}/{max_retries}" in x.reason
         assert x.state.phase is SUSPECT and x.state.failures == attempt
     last = d[-1]
