@@ -101,7 +101,7 @@ def add_client_args(parser, *, clients: int = 1, connect_timeout: float = 1.0,
 def add_common_args(parser) -> None:
     parser.add_argument("--json", metavar="FILE", help="write the results as JSON to FILE")
     parser.add_argument("--log-dir", metavar="DIR",
-                        help="keep pgroute's logs here (default: a new /tmp/pgroute-bench-logs-* directory)")
+                        help="keep pgroute's logs here; empty: a new /tmp/pgroute-bench-logs-* directory")
     parser.add_argument("--tmpdir", metavar="DIR",
                         help="parent of the servers' data directories (default /dev/shm when it has room)")
     parser.add_argument("--fsync", action="store_true",
@@ -116,9 +116,11 @@ def health_from_args(args) -> dict[str, float]:
 
 
 def detection_bound(h: dict[str, float]) -> float:
-    """interval + timeout + max_retries * (retry_interval + timeout): pgroute's worst
-    case from a crash to 'down' (HealthConfig.detection_bound)."""
-    return h["interval"] + h["timeout"] + h["max_retries"] * (h["retry_interval"] + h["timeout"])
+    """pgroute's worst case from a crash to 'down', from HealthConfig itself."""
+    from pgroute.config import HealthConfig
+
+    return HealthConfig(interval=h["interval"], timeout=h["timeout"], max_retries=int(h["max_retries"]),
+                        retry_interval=h["retry_interval"]).detection_bound
 
 
 def setup_logging(verbose: bool) -> None:
@@ -415,6 +417,7 @@ class Writer:
     errors: collections.Counter = field(default_factory=collections.Counter)
     error_log: collections.deque = field(default_factory=lambda: collections.deque(maxlen=200))
     _times: list[float] = field(default_factory=list)
+    _wtimes: dict[int, list[float]] = field(default_factory=dict)
     _tasks: list[asyncio.Task] = field(default_factory=list)
     _stopping: bool = False
 
@@ -445,6 +448,7 @@ class Writer:
                     t = time.monotonic()
                     self.acks.append(Ack(t, w, seq, row[0], row[1]))
                     self._times.append(t)
+                    self._wtimes.setdefault(w, []).append(t)
                 except asyncio.CancelledError:
                     raise
                 except Exception as exc:  # noqa: BLE001 - a bench client survives anything, counts it
@@ -487,19 +491,35 @@ class Writer:
             await asyncio.sleep(0.01)
 
     def max_gap(self, t0: float, t1: float) -> tuple[float, float, float]:
-        """Longest interval with no acknowledged commit that overlaps [t0, t1]:
-        (seconds, gap start, gap end). Needs a commit after t1 to be meaningful."""
-        times = self._times
-        lo = max(bisect.bisect_right(times, t0) - 1, 0)
-        hi = min(bisect.bisect_right(times, t1) + 1, len(times))
-        best = (0.0, t0, t0)
-        for a, b in zip(times[lo:hi - 1], times[lo + 1:hi]):
-            if b - a > best[0]:
-                best = (b - a, a, b)
-        return best
+        """Longest interval with no acknowledged commit (from any client) that overlaps
+        [t0, t1]: (seconds, gap start, gap end). Needs a commit after t1 to be meaningful."""
+        return _max_gap(self._times, t0, t1)
+
+    def max_client_gap(self, t0: float, t1: float) -> float:
+        """The longest any one client went without an acknowledged commit, overlapping
+        [t0, t1]: what a single application session experienced."""
+        return max((_max_gap(ts, t0, t1)[0] for ts in self._wtimes.values()), default=0.0)
 
     def errors_between(self, t0: float, t1: float) -> int:
         return sum(1 for t, _, _ in self.error_log if t0 <= t <= t1)
+
+
+def error_samples(writer: Writer) -> dict[str, str]:
+    """The first message seen of each error type (for the JSON results)."""
+    out: dict[str, str] = {}
+    for _, _, msg in writer.error_log:
+        out.setdefault(msg.split(":", 1)[0], msg)
+    return out
+
+
+def _max_gap(times: list[float], t0: float, t1: float) -> tuple[float, float, float]:
+    lo = max(bisect.bisect_right(times, t0) - 1, 0)
+    hi = min(bisect.bisect_right(times, t1) + 1, len(times))
+    best = (0.0, t0, t0)
+    for a, b in zip(times[lo:hi - 1], times[lo + 1:hi]):
+        if b - a > best[0]:
+            best = (b - a, a, b)
+    return best
 
 
 async def missing_acks(dsn: str, acks: Iterable[Ack]) -> tuple[list[Ack], list[Ack]]:

@@ -91,14 +91,19 @@ async def one_run(args, base: Path, logs: Path, scenario: str, index: int) -> di
         await writer.wait_count(20, 30)
         await writer.stop()
         result["writer_errors"] = dict(writer.errors)
+        result["writer_error_samples"] = common.error_samples(writer)
         after = [a for a in writer.acks[acked_before:] if a.t > t0]
-        result["acked_on_primary_after_signal"] = sum(1 for a in after if a.port == primary_port)
+        # The signal call takes a few ms (kill(): SIGSTOP the postmaster, list its
+        # children, SIGKILL them all), during which backends still commit.
+        result["acked_on_primary_during_signal"] = sum(1 for a in after if a.port == primary_port)
         missing, changed = await common.missing_acks(pair.mirror_dsn(), writer.acks)
-        missing_after = [a for a in missing if a.t > t0]
-        result["missing_on_mirror_before_signal"] = len(missing) - len(missing_after)
-        result["missing_on_mirror_after_signal"] = len(missing_after)
+        # Asynchronous replication: commits the primary acknowledged may be missing
+        # on the mirror (recovered when the old primary rejoins; see bench/switch.py).
+        # A commit the mirror acknowledged must be there.
+        result["missing_primary_acks"] = sum(1 for a in missing if a.port == primary_port)
+        result["missing_mirror_acks"] = sum(1 for a in missing if a.port != primary_port)
         result["id_changed"] = len(changed)
-        if missing_after or changed:
+        if result["missing_mirror_acks"] or changed:
             anomaly = True
         progress("%s: first mirror commit %.3fs after the signal (detection %s s, failover op %s s, "
                  "client %s s); %d writer errors", stem, result["recovery_s"],
@@ -167,8 +172,8 @@ async def main(args) -> int:
     print(common.table(["scenario", "runs ok", "median", "max", "min", "detect med", "failover op med",
                         "client med", "target (median)", "verdict"], rows))
     print()
-    print(f"detection bound from the settings: interval + timeout + max_retries*(retry_interval+timeout) "
-          f"= {args.interval:g} + {args.timeout:g} + {args.max_retries}*({args.retry_interval:g}+{args.timeout:g})"
+    print(f"detection bound from the settings: interval + timeout + max_retries*retry_interval + timeout "
+          f"= {args.interval:g} + {args.timeout:g} + {args.max_retries}*{args.retry_interval:g} + {args.timeout:g}"
           f" = {bound:.2f} s")
     print("detect = signal -> failover event started; failover op = event duration; "
           "client = route switched -> first commit on the mirror")
@@ -179,14 +184,17 @@ async def main(args) -> int:
                         common.fmt_s(r.get("detection_s"), 3), common.fmt_s(r.get("operation_s"), 3),
                         " ".join(f"{k}={v:.3f}" for k, v in r.get("phases", {}).items()) or "-",
                         sum((r.get("writer_errors") or {}).values()),
-                        r.get("missing_on_mirror_before_signal", "-"),
-                        r.get("missing_on_mirror_after_signal", "-"),
+                        r.get("acked_on_primary_during_signal", "-"),
+                        r.get("missing_primary_acks", "-"),
+                        r.get("missing_mirror_acks", "-"),
                         r.get("error", "ok")[:70]])
     print(common.table(["scenario", "run", "total s", "detect s", "op s", "phases (s)", "client errors",
-                        "lost<sig", "lost>sig", "result"], per_run))
+                        "primary acks in signal", "missing P-acks", "missing M-acks", "result"], per_run))
     print()
-    print("lost<sig: commits acknowledged by the primary before the signal and absent from the mirror "
-          "(asynchronous replication; recovered at rejoin). lost>sig must be 0.")
+    print("primary acks in signal: commits the primary acknowledged while the kill/pause call ran (backends")
+    print("run until they get the signal). missing P-acks: commits acknowledged by the primary, absent from")
+    print("the mirror (asynchronous replication; recovered when the old primary rejoins). missing M-acks:")
+    print("commits acknowledged by the mirror, absent from it: must be 0.")
     print(f"pgroute logs: {logs}")
     common.write_json(args.json, {
         "benchmark": "failover", "started_at": started, "health": health, "detection_bound_s": bound,
@@ -195,7 +203,7 @@ async def main(args) -> int:
                    "query_timeout": args.query_timeout},
         "summary": summary, "runs": results, "logs": str(logs)})
     bad = any(summary[s]["verdict"] != "PASS" for s in scenarios)
-    lost = any(r.get("missing_on_mirror_after_signal") or r.get("id_changed") for r in results)
+    lost = any(r.get("missing_mirror_acks") or r.get("id_changed") for r in results)
     return 1 if bad or lost else 0
 
 
