@@ -581,6 +581,25 @@ def check(config_path: str | None, env_file: str | None) -> None:
     sys.exit(EXIT_OK if all_ok else EXIT_FAILED)
 
 
+async def _managed_by_pgroute(config: Config) -> str | None:
+    """A description of pgroute's epoch stamp when a switch already happened, else None."""
+    from .control import replication as repl
+    from .errors import PgRouteError
+
+    for name in ("primary", "mirror"):
+        try:
+            conn = await repl.connect(config.node_dsn(name), config.health.timeout)
+        except (PgRouteError, OSError):
+            continue
+        try:
+            epoch, active = await repl.read_stamp(conn)
+        finally:
+            await conn.close()
+        if epoch and epoch > 0:
+            return f"epoch {epoch} stamped on {name}, active node {active}"
+    return None
+
+
 @main.command("setup-replication")
 @_config_option("TOML configuration file")
 @_env_file_option()
@@ -592,6 +611,14 @@ def setup_replication_cmd(config_path: str | None, env_file: str | None) -> None
     from .control.replication import setup_replication
     from .errors import PgRouteError
 
+    managed = _run_maybe_async(_managed_by_pgroute(config))
+    if managed:
+        # After a failover the mirror is active and the primary follows it (or is
+        # fenced): recreating the original direction would be wrong. Re-running the
+        # seed's one-shot replication_setup must not fail the stack either.
+        click.echo(f"nothing to do: pgroute manages this pair ({managed}); "
+                   "see `pgroute status`, `pgroute rejoin`, `pgroute failback`")
+        return
     try:
         steps = _run_maybe_async(setup_replication(
             config.primary.dsn, config.mirror.dsn, config.replication.publication,

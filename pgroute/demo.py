@@ -172,7 +172,7 @@ def write_config(path: Path, pair: local.LocalPair, proxy_port: int, api_port: i
         "",
         "[health]",
         "# Much faster than the seed's 30 s x 3 retries: a killed primary is declared",
-        "# down within interval + timeout + max_retries * (retry_interval + timeout).",
+        "# down within interval + timeout + max_retries * retry_interval + timeout.",
         f"interval = {HEALTH['interval']}",
         f"max_retries = {HEALTH['max_retries']}",
         f"retry_interval = {HEALTH['retry_interval']}",
@@ -567,7 +567,9 @@ class _Clock:
         self.t0 = time.monotonic()
 
     def say(self, text: str) -> None:
-        _say(f"[{time.monotonic() - self.t0:6.1f} s] {text}")
+        stamp = f"[{time.monotonic() - self.t0:6.1f} s] "
+        _say(textwrap.fill(text, 80, initial_indent=stamp, subsequent_indent=" " * len(stamp),
+                           break_long_words=False, break_on_hyphens=False))
 
 
 def _indent(lines: list[str] | str, prefix: str = "           ", width: int = 80) -> str:
@@ -581,7 +583,8 @@ def _indent(lines: list[str] | str, prefix: str = "           ", width: int = 80
             continue
         lead = line[: len(line) - len(line.lstrip())]
         out.append(textwrap.fill(line.strip(), width, initial_indent=prefix + lead,
-                                 subsequent_indent=prefix + lead + "  ", break_on_hyphens=False))
+                                 subsequent_indent=prefix + lead + "  ", break_long_words=False,
+                                 break_on_hyphens=False))
     return "\n".join(out)
 
 
@@ -684,7 +687,7 @@ async def _tour_steps(demo: Demo, running) -> int:
     say(f"writer stopped: {len(writer.acked)} writes acknowledged, {writer.errors} errors retried")
 
     # -- verify ----------------------------------------------------------------------------
-    say("checking every acknowledged write on the primary and on the mirror ...")
+    say("checking every acknowledged write on both nodes ...")
     await asyncio.to_thread(pair.wait_synced, 60)
     lost_primary = await missing(pair.primary_dsn(), writer.acked)
     lost_mirror = await missing(pair.mirror_dsn(), writer.acked)

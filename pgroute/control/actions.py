@@ -426,8 +426,6 @@ async def _wait_subscription_ready(conn: asyncpg.Connection, sub: str, timeout: 
 
 async def _dump(ctx: Context, node: NodeName, epoch: int) -> Path:
     """pg_dump of a node before a full resync overwrites it."""
-    from ..local import find_binaries
-
     directory = recovery_dir(ctx.config)
     directory.mkdir(parents=True, exist_ok=True)
     path = directory / f"pg_dump-{node.value}-epoch{epoch}-{int(time.time())}.sql"
@@ -435,7 +433,7 @@ async def _dump(ctx: Context, node: NodeName, epoch: int) -> Path:
     env = {"PGPASSWORD": dsn.password} if dsn.password else {}
     import os
     proc = await asyncio.create_subprocess_exec(
-        str(find_binaries().tool("pg_dump")), "-h", dsn.host, "-p", str(dsn.port), "-U", dsn.user,
+        repl._pg_binary("pg_dump"), "-h", dsn.host, "-p", str(dsn.port), "-U", dsn.user,
         "-d", dsn.dbname, "-f", str(path), "--no-password",
         env={**os.environ, **env}, stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.PIPE)
     _, err = await proc.communicate()

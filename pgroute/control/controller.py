@@ -274,11 +274,14 @@ class Controller:
         level = logging.INFO if result.ok else logging.ERROR
         log.log(level, "%s %s %s: %s (%s)", op.tag, op.kind, "completed" if result.ok else "failed",
                 result.detail, ", ".join(f"{n} {t:.3f}s" for n, t in op.phases))
+        await self._feed(Finished(op.kind, result.ok, time.time(), node=action.node,
+                                  active=result.active, epoch=result.epoch, detail=result.detail))
+        # After the state took the result, so the event carries the new epoch.
         event = self._end_event(event, "ok" if result.ok else "failed", op=op, detail=result.detail)
         if self.operation is op:
             self.operation = None
-        await self._feed(Finished(op.kind, result.ok, time.time(), node=action.node,
-                                  active=result.active, epoch=result.epoch, detail=result.detail))
+        for node in NodeName:        # samples from before the switch are stale now
+            self.monitor.probe_soon(node, 0.0)
         if fut is not None and not fut.done():
             fut.set_result(event)
 
@@ -406,7 +409,10 @@ class Controller:
         return {
             "state": self._state_name(),
             "reason": mask_dsn(s.reason),
-            "active": route.backend.name if route.backend else None,
+            # During a switch new connections wait (not refused): report the node
+            # holding the role until the switch routes elsewhere.
+            "active": (route.backend.name if route.backend
+                       else s.active.value if s.busy and s.active and route.paused else None),
             "epoch": s.epoch,
             "paused": route.paused,
             "auto_failover": self.policy.auto_failover,

@@ -230,9 +230,24 @@ def test_run_calls_app_with_overrides(tmp_path, monkeypatch):
 CheckItem = namedtuple("CheckItem", "name ok detail fix")
 
 
-def fake_replication(monkeypatch, items, steps=("created publication chrispar_pub",)):
+def fake_replication(monkeypatch, items, steps=("created publication chrispar_pub",), stamp=None):
     calls = {}
     mod = types.ModuleType("pgroute.control.replication")
+
+    class FakeConn:
+        async def close(self):
+            pass
+
+    async def connect(dsn, timeout):
+        if stamp is None:
+            raise OSError("no server in a unit test")
+        return FakeConn()
+
+    async def read_stamp(conn):
+        return stamp
+
+    mod.connect = connect  # type: ignore[attr-defined]
+    mod.read_stamp = read_stamp  # type: ignore[attr-defined]
 
     async def check_pair(primary_dsn, mirror_dsn, publication, subscription, timeout, **kw):
         calls["check"] = (primary_dsn, mirror_dsn, publication, subscription, timeout)
@@ -286,6 +301,16 @@ def test_setup_replication(monkeypatch):
     assert res.exit_code == 0, res.output
     assert "✓ created publication chrispar_pub" in res.stdout
     assert calls["setup"][2:] == ("chrispar_pub", "chrispar_sub")
+
+
+def test_setup_replication_after_a_failover_is_a_no_op(monkeypatch):
+    # Re-running the seed's one-shot replication_setup after a switch must neither
+    # recreate the original direction nor fail.
+    calls = fake_replication(monkeypatch, [], stamp=(1, "mirror"))
+    res = invoke(["setup-replication"], env=ENV)
+    assert res.exit_code == 0, res.output
+    assert "nothing to do: pgroute manages this pair" in res.stdout
+    assert "setup" not in calls
 
 
 def test_demo_is_lazy(monkeypatch):

@@ -1,0 +1,177 @@
+"""`pgroute demo` as a user runs it: a subprocess, real servers, real signals.
+
+The scripted tour must lose no acknowledged write; the interactive demo must route a
+client through its DATABASE_URL and, on Ctrl-C (SIGINT), stop pgroute, destroy both
+servers and remove its directory."""
+
+from __future__ import annotations
+
+import os
+import queue
+import re
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import psycopg
+import pytest
+
+from pgroute import demo, local
+from pgroute.config import HealthConfig
+from pgroute.errors import LocalClusterError
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def _env() -> dict[str, str]:
+    # The demo must not depend on (or be redirected by) the caller's PG settings.
+    env = {k: v for k, v in os.environ.items()
+           if not k.startswith(("PG", "PGROUTE_")) and k not in ("DATABASE_URL", "MIRROR_DATABASE_URL")}
+    env["PYTHONPATH"] = str(ROOT) + os.pathsep + env.get("PYTHONPATH", "")
+    env["PYTHONUNBUFFERED"] = "1"
+    return env
+
+
+def _argv(*args: str) -> list[str]:
+    return [sys.executable, "-m", "pgroute.cli", "demo", *args]
+
+
+def _alive(pid: int) -> bool:
+    """Exists and is not a zombie."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rpartition(")")[2].split()[0] not in ("Z", "X")
+    except FileNotFoundError:
+        return False
+
+
+@pytest.fixture
+def workdir(pg_base_dir):
+    """An empty current directory the postgres OS user can reach (the demo puts its
+    servers in ./.pgroute-demo); whatever a failed run leaves there is killed."""
+    path = local.make_base_dir("demo-cwd-", parent=pg_base_dir)
+    try:
+        yield path
+    finally:
+        leftovers = path / demo.DEMO_DIR
+        if leftovers.exists():
+            local.cleanup_abandoned(demo.RUN_PREFIX, leftovers)
+
+
+def test_tour_loses_no_acknowledged_write(workdir):
+    res = subprocess.run(_argv("--tour"), cwd=workdir, env=_env(), capture_output=True,
+                         text=True, timeout=240)
+    print(res.stdout)
+    assert res.returncode == 0, res.stdout + res.stderr
+    out = res.stdout
+    assert re.search(r"^  lost: 0 ", out, re.M), out
+    acked = int(re.search(r"writes acknowledged: (\d+)", out).group(1))
+    assert acked > demo.TOUR_WRITES_BEFORE_KILL
+    failover = float(re.search(r"failover time \(kill -9 to first acknowledged write\): ([\d.]+) s", out).group(1))
+    # Detection is bounded by the demo's health settings; the switch and the client's
+    # reconnect take well under the margin.
+    assert 0 < failover < HealthConfig(**demo.HEALTH).detection_bound + 5
+    assert re.search(r"failback write stall: \d+ ms", out)
+    assert "FAILOVER ok" in out and "FAILBACK ok" in out
+    assert "active node: primary" in out
+    assert "Traceback" not in res.stderr
+    # Everything it created is gone.
+    assert not (workdir / demo.DEMO_DIR).exists()
+
+
+class _Lines:
+    """Reads a process's stdout in a thread, so waits can time out."""
+
+    def __init__(self, stream) -> None:
+        self.lines: list[str] = []
+        self._q: queue.Queue[str | None] = queue.Queue()
+        threading.Thread(target=self._read, args=(stream,), daemon=True).start()
+
+    def _read(self, stream) -> None:
+        for line in stream:
+            self._q.put(line)
+        self._q.put(None)
+
+    def wait_for(self, pattern: str, timeout: float) -> re.Match:
+        deadline = time.monotonic() + timeout
+        for line in self.lines:
+            if m := re.search(pattern, line):
+                return m
+        while True:
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                raise AssertionError(f"no line matching {pattern!r} in:\n{''.join(self.lines)}")
+            try:
+                line = self._q.get(timeout=remaining)
+            except queue.Empty:
+                continue
+            if line is None:
+                raise AssertionError(f"output ended before {pattern!r}:\n{''.join(self.lines)}")
+            self.lines.append(line)
+            if m := re.search(pattern, line):
+                return m
+
+    def rest(self, timeout: float = 10) -> str:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            try:
+                line = self._q.get(timeout=0.1)
+            except queue.Empty:
+                continue
+            if line is None:
+                break
+            self.lines.append(line)
+        return "".join(self.lines)
+
+
+def test_interactive_demo_routes_writes_and_cleans_up_on_sigint(workdir):
+    proc = subprocess.Popen(_argv(), cwd=workdir, env=_env(), stdin=subprocess.DEVNULL,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    err_lines: list[str] = []
+    threading.Thread(target=lambda: err_lines.extend(proc.stderr), daemon=True).start()
+    out = _Lines(proc.stdout)
+    try:
+        url = out.wait_for(r"DATABASE_URL=(postgresql://\S+)", 120).group(1)
+        primary_pid = int(out.wait_for(r"^  primary .*\(pid (\d+)\)", 10).group(1))
+        mirror_pid = int(out.wait_for(r"^  mirror .*\(pid (\d+)\)", 10).group(1))
+        config = Path(out.wait_for(r"^  config\s+(\S+)", 10).group(1))
+        out.wait_for(r"status --api http://127\.0\.0\.1:\d+", 10)
+        assert config.is_file()
+        assert _alive(primary_pid) and _alive(mirror_pid)
+
+        with psycopg.connect(url, autocommit=True, connect_timeout=10) as conn:
+            row = conn.execute("INSERT INTO usuarios (nombre, email) VALUES ('demo-test', 'dt@x') "
+                               "RETURNING id").fetchone()
+            assert row[0] > 0
+            seeded = conn.execute("SELECT count(*) FROM usuarios").fetchone()[0]
+            assert seeded >= 4  # the seed rows plus ours
+            assert conn.execute("SELECT inet_server_port()").fetchone()[0] != int(url.split(":")[-1].split("/")[0])
+
+        proc.send_signal(signal.SIGINT)
+        assert proc.wait(timeout=60) == 0, "".join(err_lines)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    text = out.rest()
+    assert "removed" in text, text
+    assert not _alive(primary_pid) and not _alive(mirror_pid)
+    assert not config.exists()
+    assert not (workdir / demo.DEMO_DIR).exists()
+    assert "Traceback" not in "".join(err_lines)
+
+
+def test_without_postgresql_binaries_prints_the_install_hint(monkeypatch, tmp_path, capsys):
+    def missing():
+        raise LocalClusterError(f"PostgreSQL server binaries (initdb, pg_ctl, postgres) not found; "
+                                f"{local.INSTALL_HINT}")
+
+    monkeypatch.setattr(local, "find_binaries", missing)
+    monkeypatch.chdir(tmp_path)
+    assert demo.main(tour=True) == 1
+    err = capsys.readouterr().err
+    assert "apt-get install postgresql" in err and "pip install pgserver" in err
+    assert not (tmp_path / demo.DEMO_DIR).exists()
