@@ -187,25 +187,25 @@ class ProxyServer:
 
         route = self.router.route
         if not route.routable:
-            was_paused = route.paused
             route = await self.router.wait_routable(self.pause_timeout)
             if not route.routable:
-                await self._refuse_unroutable(client, first, route, was_paused)
+                await self._refuse_unroutable(client, first, route)
                 return
-        backend_route = route
-        backend = backend_route.backend
+        backend = route.backend
         assert backend is not None
 
-        transport = await self._connect(client, first, backend_route)
+        transport = await self._connect(client, first, route)
         if transport is None:
             return
         if client.closed:
             transport.close()
             return
-        client.attach(transport.get_protocol(), first.raw, backend_route.epoch, backend.name)
+        client.attach(transport.get_protocol(), first.raw, route.epoch, backend.name)
         self.router.register(client)
-        log.debug("session %s@%s -> %s (epoch %d)", first.user or "?", first.database or "?",
-                  backend.name, backend_route.epoch)
+        if log.isEnabledFor(logging.DEBUG):
+            who = (f"{first.user}@{first.database}" if first.kind is PacketKind.STARTUP
+                   else first.kind.value)   # encrypted: the proxy never sees who
+            log.debug("session %s -> %s (epoch %d)", who, backend.name, route.epoch)
 
     async def _connect(self, client: ClientProtocol, first: FirstPacket,
                        route: Route) -> asyncio.Transport | None:
@@ -255,8 +255,8 @@ class ProxyServer:
         client.attach(transport.get_protocol(), first.raw, route.epoch, route.backend.name)
 
     async def _refuse_unroutable(self, client: ClientProtocol, first: FirstPacket,
-                                 route: Route, was_paused: bool) -> None:
-        if route.paused:
+                                 route: Route) -> None:
+        if route.paused:   # still paused after pause_timeout
             detail = f"pause timed out after {self.pause_timeout:g}s"
             if route.reason:
                 detail += f" ({route.reason})"
