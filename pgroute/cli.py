@@ -583,16 +583,16 @@ def check(config_path: str | None, env_file: str | None) -> None:
 
 async def _managed_by_pgroute(config: Config) -> str | None:
     """A description of pgroute's epoch stamp when a switch already happened, else None."""
-    from .control import replication as repl
+    from .control.replication import connect, read_stamp
     from .errors import PgRouteError
 
     for name in ("primary", "mirror"):
         try:
-            conn = await repl.connect(config.node_dsn(name), config.health.timeout)
+            conn = await connect(config.node_dsn(name), config.health.timeout)
         except (PgRouteError, OSError):
             continue
         try:
-            epoch, active = await repl.read_stamp(conn)
+            epoch, active = await read_stamp(conn)
         finally:
             await conn.close()
         if epoch and epoch > 0:
