@@ -290,8 +290,8 @@ async def main(args) -> int:
                      common.fmt_s(s["baseline_gap"]["median"], 3), common.fmt_s(s["duration"]["median"], 3),
                      f"<= {TARGET_STALL_S:g}", s["verdict"]])
     print("write stall = longest interval without an acknowledged commit (any client) overlapping the switch;")
-    print("per-client = longest wait of one client; pgroute stall = details.write_stall_ms (hold -> route,")
-    print("includes the drain window during which open sessions keep committing); baseline = longest gap")
+    print("per-client = longest wait of one client; pgroute stall = details.write_stall_ms (sessions")
+    print("closed and old node fenced -> new route published); baseline = longest gap")
     print("in the second before the switch; request = POST round trip. Seconds.")
     print(common.table(["switch", "ok", "stall med", "stall max", "stall min", "per-client med",
                         "pgroute stall med",
