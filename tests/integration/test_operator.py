@@ -350,6 +350,18 @@ async def test_passwords_never_appear_in_outputs_or_logs(pair, tmp_path, caplog)
 # -- 4: webhook of a real failover ----------------------------------------------------------------
 async def test_webhook_of_kill9_failover_not_delayed_by_dead_webhook(pair, tmp_path, caplog):
     caplog.set_level(logging.INFO, logger="pgroute")
+    import threading, sys as _sys
+    _loop = asyncio.get_running_loop()
+    _done = threading.Event()
+    def _dump():
+        with open("/tmp/hangdump.txt", "a") as f:
+            for t in asyncio.all_tasks(_loop):
+                t.print_stack(limit=30, file=f)
+            f.write("=====\n")
+    def _watch():
+        if not _done.wait(25):
+            _loop.call_soon_threadsafe(_dump)
+    threading.Thread(target=_watch, daemon=True).start()
     received: list[tuple[float, dict]] = []
 
     async def hook(request: web.Request) -> web.Response:
