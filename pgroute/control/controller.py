@@ -29,7 +29,7 @@ from ..proxy.router import Backend, Route, Router
 from . import actions, replication as repl
 from .state import (Act, Action, Decision, Finished, Observation, Phase, Policy, Probed,
                     Requested, Standby, State, synchronous_standby, transition)
-from .state_store import NodeView, StateFile, resolve_start
+from .state_store import NodeView, Resolution, StateFile, resolve_start
 
 log = logging.getLogger(__name__)
 
@@ -95,11 +95,12 @@ class Controller:
         self._sync_route()
         self.monitor.start()
 
-    async def _resolve(self):
+    async def _resolve(self) -> Resolution:
         try:
             stored = self.state_file.load()
-        except (ValueError, KeyError, OSError) as exc:
-            return resolve_start_failed(f"state file {self.state_file.path} unreadable: {exc}")
+        except (ValueError, OSError) as exc:
+            # A corrupt file is not a fresh start: fail closed until an operator resolves.
+            return Resolution(None, 0, f"state file {self.state_file.path} unreadable: {exc}")
         views = {}
         for node in NodeName:
             views[node] = await self._view(node)
@@ -344,7 +345,9 @@ class Controller:
             if self.state.phase is not Phase.NO_ROUTABLE_NODE:
                 raise ActionRefused(f"pgroute routes to {self.state.active.value if self.state.active else 'none'} "
                                     "and is not failing closed; use switchover or failover")
-            epoch = self.state.epoch + 1
+            views = [await self._view(node) for node in NodeName]
+            # Above every epoch known anywhere, so this decision wins at the next start.
+            epoch = max([self.state.epoch] + [v.epoch for v in views if v.epoch is not None]) + 1
             self.state_file.save(actions.Stored(epoch, active))
         for node in NodeName:
             conn = None
@@ -496,11 +499,6 @@ class Controller:
             "subscription": ({"name": sample.subscription, "enabled": bool(sample.subscription_enabled)}
                              if sample and sample.subscription else None),
         }
-
-
-def resolve_start_failed(reason: str):
-    from .state_store import Resolution
-    return Resolution(None, 0, reason)
 
 
 def _safe(cb: Callable, arg) -> None:
