@@ -153,7 +153,11 @@ class Controller:
         await self.monitor.close()
         for task in list(self._tasks):
             task.cancel()
-        await asyncio.gather(*self._tasks, return_exceptions=True)
+        if self._tasks:
+            # Bounded: shutdown must not hang on a task stuck in a driver call.
+            _, pending = await asyncio.wait(list(self._tasks), timeout=5.0)
+            for task in pending:
+                log.warning("task %s did not stop in time", task.get_name())
 
     # -- observations ---------------------------------------------------------------------------
     async def on_sample(self, sample: HealthSample) -> None:
@@ -388,6 +392,8 @@ class Controller:
         if detail:
             details["result"] = mask_dsn(detail)
         details["epoch"] = str(self.state.epoch)
+        if self.state.active is not None:
+            details["active"] = self.state.active.value
         done = replace(ev, ended_at=time.time(), result=result,
                        phases=tuple(op.phases) if op else ev.phases,
                        details=tuple((k, mask_dsn(str(v))) for k, v in details.items()))

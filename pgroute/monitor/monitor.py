@@ -32,6 +32,7 @@ class Monitor:
         self._wake: dict[NodeName, asyncio.Event] = {n: asyncio.Event() for n in probers}
         self._tasks: list[asyncio.Task] = []
         self._confirming: dict[NodeName, list[asyncio.Task]] = {}
+        self._closed = False
 
     def start(self) -> None:
         for node in self.probers:
@@ -46,7 +47,7 @@ class Monitor:
     async def _loop(self, node: NodeName) -> None:
         loop = asyncio.get_running_loop()
         prober, wake = self.probers[node], self._wake[node]
-        while True:
+        while not self._closed:
             # While a probe runs, probe_soon() requests land in _next.
             self._next[node] = float("inf")
             try:
@@ -57,11 +58,15 @@ class Monitor:
             except Exception:  # keep the loop alive whatever a consumer does
                 log.exception("monitor loop for %s", node.value)
             self._next[node] = min(self._next[node], loop.time() + self.interval)
-            while (remaining := self._next[node] - loop.time()) > 0:
+            while not self._closed and (remaining := self._next[node] - loop.time()) > 0:
                 wake.clear()
+                # asyncio.timeout, not wait_for: on 3.11 wait_for can swallow a
+                # cancel that lands as the inner wait finishes (CPython gh-86296),
+                # and close() would then wait for this loop forever.
                 try:
-                    await asyncio.wait_for(wake.wait(), remaining)
-                except asyncio.TimeoutError:
+                    async with asyncio.timeout(remaining):
+                        await wake.wait()
+                except TimeoutError:
                     pass
 
     def confirm(self, node: NodeName, count: int, spacing: float) -> None:
@@ -88,11 +93,18 @@ class Monitor:
                 task.cancel()
 
     async def close(self) -> None:
+        self._closed = True
         for node in list(self._confirming):
             self.cancel_confirm(node)
         for task in self._tasks:
             task.cancel()
-        await asyncio.gather(*self._tasks, return_exceptions=True)
+        for wake in self._wake.values():
+            wake.set()
+        if self._tasks:
+            # Bounded: a probe stuck in a driver call must not hold up shutdown.
+            _, pending = await asyncio.wait(self._tasks, timeout=5.0)
+            for task in pending:
+                log.warning("monitor task %s did not stop in time", task.get_name())
         self._tasks.clear()
         for prober in self.probers.values():
             await prober.close()

@@ -90,8 +90,10 @@ class Prober:
     async def probe(self) -> HealthSample:
         start = time.monotonic()
         try:
-            sample = await asyncio.wait_for(self._probe(start), self.timeout)
-        except asyncio.TimeoutError:
+            # asyncio.timeout rather than wait_for: see Monitor._loop (gh-86296).
+            async with asyncio.timeout(self.timeout):
+                sample = await self._probe(start)
+        except TimeoutError:
             self._drop()
             return self._failed(start, f"no answer within {self.timeout:g}s")
         except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError) as exc:

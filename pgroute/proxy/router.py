@@ -96,8 +96,9 @@ class Router:
                 if remaining <= 0:
                     break
                 try:
-                    await asyncio.wait_for(self._changed.wait(), remaining)
-                except asyncio.TimeoutError:
+                    async with asyncio.timeout(remaining):   # not wait_for: gh-86296
+                        await self._changed.wait()
+                except TimeoutError:
                     pass
                 route = self._route
         finally:

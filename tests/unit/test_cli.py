@@ -26,15 +26,31 @@ CLEAN_ENV = {"PGROUTE_API_URL": None, "PGROUTE_API_TOKEN": None, "PGROUTE_CONFIG
 
 
 class SlowControl(FakeControl):
-    """Walks through phases so the CLI's progress polling has something to print."""
+    """Walks through phases so the CLI's progress polling has something to print.
+
+    With ``phase_delay`` set, each phase lasts at least that long AND until a status
+    read has seen it (up to 10 s), so the test does not depend on the machine's load."""
 
     phase_delay = 0.0
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.seen: set[str] = set()
+
+    def status(self) -> dict:
+        op = self.st.get("operation")
+        if op:
+            self.seen.add(op["phase"])
+        return super().status()
 
     async def request(self, kind, *, force=False, resync=False):
         if kind in ("failover", "failback", "switchover") and not self.refuse:
             for phase in ("fence", "promote", "route"):
                 self.st["operation"] = {"kind": kind, "phase": phase, "started_at": time.time()}
                 await asyncio.sleep(self.phase_delay)
+                deadline = time.monotonic() + 10
+                while self.phase_delay and phase not in self.seen and time.monotonic() < deadline:
+                    await asyncio.sleep(0.02)
             self.st["operation"] = None
         return await super().request(kind, force=force, resync=resync)
 
@@ -128,7 +144,7 @@ def test_failover_confirmed_interactively(daemon):
 
 
 def test_failover_yes_shows_progress_and_result(daemon):
-    daemon.fake.phase_delay = 0.35   # longer than the CLI's 0.3 s poll
+    daemon.fake.phase_delay = 0.05   # each phase also waits until a status poll saw it
     res = invoke(["failover", "--yes", "--force", "--api", daemon.url])
     assert res.exit_code == 0, res.output
     assert daemon.fake.requests == [("failover", {"force": True, "resync": False})]
