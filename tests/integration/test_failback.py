@@ -4,6 +4,7 @@ recording every acknowledged commit: nothing acknowledged may be lost."""
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import json
 import logging
 import time
@@ -233,3 +234,67 @@ async def test_synchronous_mirror_down(pair, tmp_path, mode):
         await wait_for(lambda: pair.primary.sql(
             "SELECT sync_state FROM pg_stat_replication WHERE application_name = 'chrispar_sub'") == "sync",
             30, what="synchronous standby restored")
+
+
+async def test_auto_failback_after_primary_returns(pair, tmp_path, caplog):
+    caplog.set_level(logging.INFO, logger="pgroute")
+    config = make_config(pair, tmp_path, health={"auto_failback": True, "failback_delay": 1.0})
+    async with running_pgroute(config) as running:
+        await _following(running)
+        writer = Writer(proxy_dsn(running)).start()
+        await writer.wait_acked(10)
+        pair.primary.kill()
+        await _wait(running, lambda s: s["active"] == "mirror", 30, "failover")
+        await writer.wait_acked(10)
+        pair.primary.start()
+        # Fenced, rejoined, caught up for failback_delay: pgroute fails back by itself.
+        await _wait(running, lambda s: s["active"] == "primary" and s["epoch"] >= 2
+                    and s["replication"] == "ok", 90, "automatic failback")
+        await writer.wait_acked(10)
+        await writer.stop()
+        events = _st(running)["events"]
+        assert [e for e in events if e["kind"] == "failback" and e["result"] == "ok"]
+    assert await missing_rows(pair.primary_dsn(), writer.acked) == []
+    assert any("FAILBACK" in r.getMessage() and "auto_failback" in r.getMessage() for r in caplog.records)
+
+
+@pytest.mark.parametrize("victim,when", [("primary", "divergence"), ("mirror", "promote"),
+                                         ("primary", "promote")])
+async def test_node_killed_mid_failback_never_routes_to_stale(pair, tmp_path, victim, when):
+    config = make_config(pair, tmp_path, health={"max_lag_bytes": 1 << 30})
+    async with running_pgroute(config) as running:
+        await _following(running)
+        # No automatic rejoin, so the failback runs rejoin + switchover itself.
+        ctl = running.controller
+        ctl.state = dataclasses.replace(ctl.state, policy=dataclasses.replace(ctl.state.policy,
+                                                                              auto_rejoin=False))
+        writer = Writer(proxy_dsn(running)).start()
+        await writer.wait_acked(10)
+        await _diverge_then_kill(pair, writer, 5)
+        await _wait(running, lambda s: s["active"] == "mirror", 30, "failover")
+        after_failover = len(writer.acked)
+        await writer.wait_acked(10)
+        pair.primary.start()
+        await _wait(running, lambda s: s["nodes"]["primary"]["role"] == "fenced", 30, "primary fenced")
+        node = pair.primary if victim == "primary" else pair.mirror
+
+        def on_phase(op):
+            if op.phase_name == when and node.is_running():
+                node.kill()
+        running.controller._on_phase = on_phase
+        status, body = await api_async(running, "/api/failback", "POST", {})
+        running.controller._on_phase = lambda op: None
+        assert status in (200, 409, 500), body
+        await writer.stop()
+        acked = writer.acked[after_failover:]     # acknowledged by the mirror
+        st = _st(running)
+        active = st["active"]
+        if active is None:
+            assert st["reason"]
+            return
+        cluster = pair.primary if active == "primary" else pair.mirror
+        if cluster.is_running():
+            # The routed node holds every commit the mirror acknowledged (commits only
+            # the old primary acknowledged may sit there until a rejoin succeeds).
+            assert await missing_rows(pair.primary_dsn() if active == "primary" else pair.mirror_dsn(),
+                                      acked) == []
