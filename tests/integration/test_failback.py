@@ -53,12 +53,13 @@ def _slots(cluster) -> list[str]:
 
 async def _diverge_then_kill(pair, writer: Writer, n: int = 10) -> list:
     """Disable the mirror's subscription, let the writer commit n rows on the primary
-    only, re-enable and kill -9 the primary at once: those commits are divergent."""
+    only, kill -9 the primary, then re-enable the subscription (its worker cannot reach
+    the dead primary): those commits are divergent, deterministically."""
     pair.mirror.sql("ALTER SUBSCRIPTION chrispar_sub DISABLE", dbname="chrispar")
     start = len(writer.acked)
     await writer.wait_acked(n)
-    pair.mirror.sql("ALTER SUBSCRIPTION chrispar_sub ENABLE", dbname="chrispar")
     pair.primary.kill()
+    pair.mirror.sql("ALTER SUBSCRIPTION chrispar_sub ENABLE", dbname="chrispar")
     return writer.acked[start:]
 
 
@@ -113,8 +114,8 @@ async def test_colliding_divergent_insert_is_a_conflict_and_both_versions_kept(p
         pair.mirror.sql("ALTER SUBSCRIPTION chrispar_sub DISABLE", dbname="chrispar")
         pair.primary.sql("INSERT INTO usuarios (id, nombre, email) VALUES (424242, 'primary-version', 'p@x')",
                          dbname="chrispar")
-        pair.mirror.sql("ALTER SUBSCRIPTION chrispar_sub ENABLE", dbname="chrispar")
         pair.primary.kill()
+        pair.mirror.sql("ALTER SUBSCRIPTION chrispar_sub ENABLE", dbname="chrispar")
         await _wait(running, lambda s: s["active"] == "mirror", 30, "failover")
         conn = await asyncpg.connect(proxy_dsn(running))
         await conn.execute("INSERT INTO usuarios (id, nombre, email) VALUES (424242, 'mirror-version', 'm@x')")
