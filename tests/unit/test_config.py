@@ -1,8 +1,5 @@
-"""Configuration: errors name the key (CLI exit 2), env overrides, runtime checks.
-
-Tests marked ``xfail(strict=True)`` with a "BUG in pgroute/config.py" reason document
-defects found in config.py (owned by the lead); remove the marker once fixed.
-"""
+"""Configuration: errors name the key (CLI exit 2), env overrides, runtime checks,
+and password masking of every DSN form."""
 
 from __future__ import annotations
 
