@@ -57,7 +57,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
-sys.path[:0] = [str(Path(__file__).resolve().parent.parent)]
+# The pgroute tree to import: this checkout, or in a --serve process started for
+# --baseline, the baseline's tree (named by --src before anything imports pgroute).
+_SRC = sys.argv[sys.argv.index("--src") + 1] if "--serve" in sys.argv and "--src" in sys.argv else None
+sys.path[:0] = [_SRC or str(Path(__file__).resolve().parent.parent)]
 
 from pgroute import local  # noqa: E402
 
@@ -121,16 +124,24 @@ class Target:
         return self.proc.pid if self.proc is not None else None
 
 
-def start_pgroute(cluster: local.LocalCluster, loop_name: str) -> Target:
+def start_pgroute(cluster: local.LocalCluster, loop_name: str, src: str | None = None) -> Target:
+    """pgroute in its own process; ``src``: another source tree (the baseline)."""
     proc = subprocess.Popen(
         [sys.executable, __file__, "--serve", "--backend-port", str(cluster.port),
-         "--backend-host", cluster.host, "--loop", loop_name],
-        stdout=subprocess.PIPE, text=True)
+         "--backend-host", cluster.host, "--loop", loop_name, *(["--src", src] if src else [])],
+        # Its own session, like HAProxy and PgBouncer below: with the kernel's
+        # autogroup scheduling (sched_autogroup_enabled, on by default) a session
+        # is a scheduling group, and a proxy left in the benchmark's session
+        # competes with pgbench inside one group (measured: 0.48 instead of 0.33
+        # involuntary context switches per transaction, about 4% fewer TPS).
+        stdout=subprocess.PIPE, text=True, start_new_session=True)
     assert proc.stdout is not None
     line = proc.stdout.readline().split()
     if len(line) != 4 or line[0] != "PORT":
         proc.kill()
         raise RuntimeError(f"pgroute did not start: {line!r}")
+    if src:
+        return Target("baseline", int(line[1]), proc, f"from {src}, uvloop={line[3] == 'uvloop'}")
     return Target("pgroute", int(line[1]), proc, f"uvloop={line[3] == 'uvloop'}")
 
 
@@ -391,7 +402,7 @@ def build_table(res: Results, names: list[str], args: argparse.Namespace,
         ok = None
         if "pgroute" in ratios:
             ok = ratios["pgroute"] >= GOAL_TPS_RATIO and all(
-                ratios["pgroute"] >= v for n, v in ratios.items() if n != "pgroute")
+                ratios["pgroute"] >= v for n, v in ratios.items() if n in ("haproxy", "pgbouncer"))
         verdicts["tps"] = verdict(ok)
         rows.append(
             f"| TPS `pgbench -S -c {args.clients} -j {args.threads}` | {d:,.0f} tps | "
@@ -463,12 +474,17 @@ def main() -> int:
                         help="pgbouncer executable (default: from PATH or /usr/sbin)")
     parser.add_argument("--loop", choices=("uvloop", "asyncio"), default="uvloop",
                         help="event loop of the pgroute process (default %(default)s)")
+    parser.add_argument("--baseline", metavar="DIR",
+                        help="also measure the pgroute package of another source tree (e.g. "
+                        "`git archive HEAD | tar -x -C DIR`) as target 'baseline', in the same "
+                        "alternating rounds: a before/after comparison in one run")
     parser.add_argument("--out", help="write the table (Markdown) to this file")
     parser.add_argument("--json", help="also write every run's numbers to this file")
     # Internal: the proxy process.
     parser.add_argument("--serve", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--backend-host", default="127.0.0.1", help=argparse.SUPPRESS)
     parser.add_argument("--backend-port", type=int, help=argparse.SUPPRESS)
+    parser.add_argument("--src", help=argparse.SUPPRESS)
     args = parser.parse_args()
 
     if args.serve:
@@ -485,6 +501,10 @@ def main() -> int:
     for t in wanted:
         if t not in TARGETS:
             parser.error(f"unknown target {t!r}")
+    if args.baseline and not (Path(args.baseline) / "pgroute" / "proxy" / "server.py").is_file():
+        parser.error(f"--baseline {args.baseline}: no pgroute/proxy/server.py there")
+    if args.baseline:
+        args.baseline = str(Path(args.baseline).resolve())
     if "direct" not in wanted:
         wanted.insert(0, "direct")
     for name in ("haproxy", "pgbouncer"):
@@ -518,6 +538,8 @@ def main() -> int:
         targets.append(Target("direct", cluster.port, None, "PostgreSQL"))
         if "pgroute" in wanted:
             targets.append(start_pgroute(cluster, args.loop))
+        if args.baseline:
+            targets.append(start_pgroute(cluster, args.loop, src=args.baseline))
         if "haproxy" in wanted:
             targets.append(start_haproxy(args.haproxy, cluster, work))
         if "pgbouncer" in wanted:
@@ -557,9 +579,10 @@ def main() -> int:
             for t in targets:
                 if t.name == "direct":
                     continue
-                if t.name == "pgroute":
+                if t.name in ("pgroute", "baseline"):
                     # A fresh process: what earlier runs allocated must not hide the cost.
-                    fresh = start_pgroute(cluster, args.loop)
+                    fresh = start_pgroute(cluster, args.loop,
+                                          src=args.baseline if t.name == "baseline" else None)
                     try:
                         kib = memory_per_connection(fresh.proc.pid, fresh.port, args.idle)
                     finally:
@@ -569,6 +592,9 @@ def main() -> int:
                 results.add("memory", t.name, kib)
                 print(f"  memory   {t.name:10} {kib:8.1f} KiB per connection", flush=True)
 
+        for t in targets:   # now, so that their exit messages come before the table
+            if t.proc is not None:
+                stop_process(t.proc)
         names = [t.name for t in targets]
         table, verdicts = build_table(results, names, args, copy_mb)
         header = (f"Command: `{command}`  \n"

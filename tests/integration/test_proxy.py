@@ -148,6 +148,47 @@ async def test_psql_asyncpg_and_psycopg_through_the_proxy(local_cluster, proxy):
     assert stats.bytes_client_to_server > 0 and stats.bytes_server_to_client > 0
 
 
+async def check_leg_socket_options(cluster, proxy: ProxyServer) -> None:
+    """TCP_NODELAY comes from the event loop and SO_KEEPALIVE on the client leg from
+    the listening socket: nothing sets them per connection, so check the sockets."""
+    conn = await apg_connect(cluster, proxy)
+    try:
+        [client] = list(proxy._clients)
+        for leg in (client, client.peer):
+            sock = leg.transport.get_extra_info("socket")
+            assert sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY) != 0
+            assert sock.getsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE) != 0
+            assert leg.transport.get_write_buffer_limits() == (
+                protocols.WRITE_BUFFER_LOW, protocols.WRITE_BUFFER_HIGH)
+        # The finished handshake task is not kept for the whole session.
+        assert client.handshake is None
+        assert await conn.fetchval("SELECT 1") == 1
+    finally:
+        await conn.close()
+
+
+async def test_both_legs_are_nodelay_and_keepalive(local_cluster, proxy):
+    await check_leg_socket_options(local_cluster, proxy)
+
+
+def test_both_legs_are_nodelay_and_keepalive_on_uvloop(local_cluster):
+    # The benchmark and `pgroute run` use uvloop; the rest of this module runs on
+    # the asyncio loop.
+    uvloop = pytest.importorskip("uvloop")
+
+    async def main() -> None:
+        server = ProxyServer(Router(Route(backend_of(local_cluster), 1)), "127.0.0.1", 0,
+                             shutdown_timeout=0.5)
+        await server.start()
+        try:
+            await check_leg_socket_options(local_cluster, server)
+        finally:
+            await server.close()
+
+    with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
+        runner.run(main())
+
+
 async def test_large_copy_is_byte_identical(local_cluster, proxy):
     query = ("COPY (SELECT i, md5(i::text), now()::date - i FROM generate_series(1, 300000) i) "
              "TO STDOUT")
@@ -420,6 +461,56 @@ async def test_unreachable_backend_reports_08006_and_failure(local_cluster, make
     assert e.value.sqlstate == "08006"
     assert [name for name, _ in failures] == ["mirror", "mirror"]
     assert router.stats.rejected == {"backend_unreachable": 2}
+
+
+@pytest.fixture
+def silent_backend():
+    """A port whose connects hang: a listener with a full accept queue drops SYNs."""
+    full = socket.socket()
+    full.bind(("127.0.0.1", 0))
+    full.listen(0)
+    port = full.getsockname()[1]
+    fillers = []
+    for _ in range(4):
+        s = socket.socket()
+        s.setblocking(False)
+        s.connect_ex(("127.0.0.1", port))
+        fillers.append(s)
+    time.sleep(0.05)
+    yield Backend("mirror", "127.0.0.1", port)
+    for s in fillers:
+        s.close()
+    full.close()
+
+
+async def test_connect_timeout_reports_08006(local_cluster, make_proxy, silent_backend):
+    router = Router(Route(silent_backend, 1))
+    failures = []
+    router.add_failure_listener(lambda name, error: failures.append((name, error)))
+    proxy = await make_proxy(router, connect_timeout=0.3)
+    started = time.monotonic()
+    with pytest.raises(asyncpg.ConnectionFailureError, match="timeout after 0.3s") as e:
+        await apg_connect(local_cluster, proxy)
+    assert 0.25 < time.monotonic() - started < 3
+    assert e.value.sqlstate == "08006"
+    assert failures == [("mirror", "timeout after 0.3s")]
+    assert router.stats.rejected == {"backend_unreachable": 1}
+    await eventually(lambda: proxy.client_count == 0 and router.stats.connections_current == 0)
+
+
+async def test_client_leaving_during_connect_is_not_a_timeout(local_cluster, make_proxy,
+                                                             silent_backend):
+    # The handshake task is cancelled by connection_lost while the connect hangs: that
+    # cancellation must end the handshake, not be taken for the connect timeout.
+    router = Router(Route(silent_backend, 1))
+    proxy = await make_proxy(router, connect_timeout=1.0)
+    r, w = await asyncio.open_connection("127.0.0.1", proxy.port)
+    w.write(startup.startup_message({"user": "postgres"}))
+    await eventually(lambda: router.stats.connections_current == 1)
+    w.close()
+    await eventually(lambda: proxy.client_count == 0 and router.stats.connections_current == 0)
+    await asyncio.sleep(1.2)   # past the connect timeout: nothing fires any more
+    assert router.stats.rejected == {}
 
 
 async def test_close_sessions_fences_old_epoch(local_cluster, make_proxy):

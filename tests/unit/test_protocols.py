@@ -1,6 +1,7 @@
 """Flow control and close propagation of the byte pipe, with fake transports."""
 
 import asyncio
+import socket
 
 import pytest
 
@@ -231,3 +232,38 @@ def test_backend_closes_itself_if_client_left_during_connect():
     bt = FakeTransport()
     backend.connection_made(bt)
     assert bt.closing
+
+
+def test_listening_socket_gets_keepalive_for_every_accepted_client():
+    set_options = []
+
+    class FakeSocket:
+        def setsockopt(self, level, option, value):
+            set_options.append((level, option, value))
+
+    protocols.tune_listening_socket(FakeSocket())
+    assert set_options == [(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)]
+
+
+def test_pairing_binds_the_peer_write_once():
+    _, client, ct, backend, bt, _ = make_pipe()
+    client.attach(backend, b"F", 1, "primary")
+    # Each leg writes through the bound method it looked up when paired.
+    assert client._peer_write == bt.write and backend._peer_write == ct.write
+    client.data_received(b"Q1")
+    backend.data_received(b"Z1")
+    assert bytes(bt.written) == b"FQ1" and bytes(ct.written) == b"Z1"
+
+
+async def test_read_packet_timeout_covers_the_whole_packet():
+    _, client, _, _, _, _ = make_pipe()
+    raw = startup.startup_message({"user": "app"})
+    task = asyncio.ensure_future(client.read_packet(timeout=0.2))
+    await asyncio.sleep(0.1)
+    client.data_received(raw[:5])     # progress does not restart the clock
+    with pytest.raises(TimeoutError):
+        await task
+    assert client._waiter is None
+    # A packet already complete is returned without waiting, whatever the timeout.
+    client.data_received(raw[5:])
+    assert (await client.read_packet(timeout=0.0)).user == "app"
