@@ -22,18 +22,22 @@ server), in alternating rounds whose target order rotates every round:
                pgroute gets a fresh process for it.
 
 It prints one table (ratios to direct, a verdict per target) and ``--out FILE``
-writes it as Markdown. Not a test: run on demand (``make bench``).
+writes it as Markdown. ``--baseline DIR`` adds the pgroute package of another source
+tree as one more target in the same rounds (before/after). Not a test: run on demand
+(``make bench``); bench/README.md has results and how to read them.
 
 Why separate processes: pgbench and the proxies must not share an event loop or a
-GIL with each other, and production runs the proxy on its own. Why alternating
-rounds: the machine is shared (2 cores), so drift in background load hits every
-target alike; the median of several rounds discards the outliers.
+GIL with each other, and production runs the proxy on its own. Each proxy also gets
+its own session: with autogroup scheduling a session is a scheduling group, and a
+proxy sharing the benchmark's group competes with pgbench inside it. Why
+alternating rounds: the machine is shared (2 cores), so drift in background load
+hits every target alike; the median of several rounds discards the outliers.
 
 Invariants: the server and every proxy process are stopped on normal exit, on an
 exception and on Ctrl-C; the data directory and the generated configurations are
 removed.
 
-    .venv/bin/python bench/proxy.py --seconds 10 --rounds 5 --out bench/results.md
+    .venv/bin/python bench/proxy.py --seconds 10 --rounds 5 --out results.md
 """
 
 from __future__ import annotations
