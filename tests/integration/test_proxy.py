@@ -554,7 +554,6 @@ async def _still_works(conn) -> bool:
         return False
 
 
-@pytest.mark.skipif(shutil.which("psql") is None, reason="psql not installed")
 async def test_psql_shows_57P03_reason(local_cluster, make_proxy):
     router = Router(Route(None, 1, reason="no node is routable: both nodes down"))
     proxy = await make_proxy(router)
