@@ -3,7 +3,8 @@
 Owns: one local PostgreSQL server (pgroute.local, initialised once with
 ``pgbench -i -s SCALE``) and up to three proxies in front of it, each in its own
 process on a free port: pgroute (``--serve`` mode of this script: a ProxyServer on
-uvloop), HAProxy (``mode tcp``) and PgBouncer (``pool_mode = session``,
+uvloop, with kernel splicing when the kernel allows it), pgroute-pipe (the same with
+``splice="off"``: every byte through the event loop), HAProxy (``mode tcp``) and PgBouncer (``pool_mode = session``,
 ``auth_type = trust``). HAProxy and PgBouncer are used when their programs are on
 PATH; this script installs nothing (``apt-get install haproxy pgbouncer``).
 
@@ -44,6 +45,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import inspect
 import json
 import logging
 import os
@@ -75,7 +77,7 @@ _TPS = re.compile(
 _LATENCY = re.compile(r"^latency average = ([0-9.]+) ms", re.M)
 
 MEASURES = ("tps", "latency", "connect", "copy", "memory")
-TARGETS = ("direct", "pgroute", "haproxy", "pgbouncer")
+TARGETS = ("direct", "pgroute", "pgroute-pipe", "haproxy", "pgbouncer")
 
 # Targets of the issue "Proxy speed: beat HAProxy and PgBouncer on the same machine".
 GOAL_TPS_RATIO = 0.80
@@ -89,7 +91,7 @@ INSTALL_HINT = ("HAProxy and PgBouncer are compared when installed "
 
 
 # --------------------------------------------------------------------------- pgroute process
-def serve(backend_host: str, backend_port: int, loop_name: str) -> None:
+def serve(backend_host: str, backend_port: int, loop_name: str, splice: str = "auto") -> None:
     """Run a ProxyServer until SIGTERM/SIGINT; print ``PORT <n> LOOP <name>`` once ready."""
     from pgroute.proxy.loop import install_event_loop_policy
     from pgroute.proxy.router import Backend, Route, Router
@@ -99,13 +101,15 @@ def serve(backend_host: str, backend_port: int, loop_name: str) -> None:
 
     async def main() -> None:
         router = Router(Route(Backend("primary", backend_host, backend_port), 1))
-        server = ProxyServer(router, "127.0.0.1", 0, shutdown_timeout=1.0)
+        kwargs = {"splice": splice} if "splice" in inspect.signature(ProxyServer).parameters else {}
+        server = ProxyServer(router, "127.0.0.1", 0, shutdown_timeout=1.0, **kwargs)
         await server.start()
         stop = asyncio.Event()
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, stop.set)
-        print(f"PORT {server.port} LOOP {used}", flush=True)
+        spliced = "yes" if getattr(server, "splicing", False) else "no"
+        print(f"PORT {server.port} LOOP {used} SPLICE {spliced}", flush=True)
         await stop.wait()
         await server.close()
         s = router.stats
@@ -128,11 +132,14 @@ class Target:
         return self.proc.pid if self.proc is not None else None
 
 
-def start_pgroute(cluster: local.LocalCluster, loop_name: str, src: str | None = None) -> Target:
-    """pgroute in its own process; ``src``: another source tree (the baseline)."""
+def start_pgroute(cluster: local.LocalCluster, loop_name: str, src: str | None = None,
+                  splice: str = "auto") -> Target:
+    """pgroute in its own process; ``src``: another source tree (the baseline);
+    ``splice``: proxy.splice (``off`` is the user-space pipe, target "pgroute-pipe")."""
     proc = subprocess.Popen(
         [sys.executable, __file__, "--serve", "--backend-port", str(cluster.port),
-         "--backend-host", cluster.host, "--loop", loop_name, *(["--src", src] if src else [])],
+         "--backend-host", cluster.host, "--loop", loop_name, "--splice", splice,
+         *(["--src", src] if src else [])],
         # Its own session, like HAProxy and PgBouncer below: with the kernel's
         # autogroup scheduling (sched_autogroup_enabled, on by default) a session
         # is a scheduling group, and a proxy left in the benchmark's session
@@ -141,12 +148,13 @@ def start_pgroute(cluster: local.LocalCluster, loop_name: str, src: str | None =
         stdout=subprocess.PIPE, text=True, start_new_session=True)
     assert proc.stdout is not None
     line = proc.stdout.readline().split()
-    if len(line) != 4 or line[0] != "PORT":
+    if len(line) != 6 or line[0] != "PORT":
         proc.kill()
         raise RuntimeError(f"pgroute did not start: {line!r}")
+    note = f"uvloop={line[3] == 'uvloop'}, kernel splicing={line[5]}"
     if src:
-        return Target("baseline", int(line[1]), proc, f"from {src}, uvloop={line[3] == 'uvloop'}")
-    return Target("pgroute", int(line[1]), proc, f"uvloop={line[3] == 'uvloop'}")
+        return Target("baseline", int(line[1]), proc, f"from {src}, {note}")
+    return Target("pgroute-pipe" if splice == "off" else "pgroute", int(line[1]), proc, note)
 
 
 def _wait_listening(proc: subprocess.Popen, port: int, what: str, errfile: Path,
@@ -489,11 +497,13 @@ def main() -> int:
     parser.add_argument("--backend-host", default="127.0.0.1", help=argparse.SUPPRESS)
     parser.add_argument("--backend-port", type=int, help=argparse.SUPPRESS)
     parser.add_argument("--src", help=argparse.SUPPRESS)
+    parser.add_argument("--splice", choices=("auto", "on", "off"), default="auto",
+                        help=argparse.SUPPRESS)
     args = parser.parse_args()
 
     if args.serve:
         logging.basicConfig(level=logging.WARNING, stream=sys.stderr)
-        serve(args.backend_host, args.backend_port, args.loop)
+        serve(args.backend_host, args.backend_port, args.loop, args.splice)
         return 0
 
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
@@ -542,6 +552,8 @@ def main() -> int:
         targets.append(Target("direct", cluster.port, None, "PostgreSQL"))
         if "pgroute" in wanted:
             targets.append(start_pgroute(cluster, args.loop))
+        if "pgroute-pipe" in wanted:
+            targets.append(start_pgroute(cluster, args.loop, splice="off"))
         if args.baseline:
             targets.append(start_pgroute(cluster, args.loop, src=args.baseline))
         if "haproxy" in wanted:
@@ -583,10 +595,11 @@ def main() -> int:
             for t in targets:
                 if t.name == "direct":
                     continue
-                if t.name in ("pgroute", "baseline"):
+                if t.name in ("pgroute", "pgroute-pipe", "baseline"):
                     # A fresh process: what earlier runs allocated must not hide the cost.
                     fresh = start_pgroute(cluster, args.loop,
-                                          src=args.baseline if t.name == "baseline" else None)
+                                          src=args.baseline if t.name == "baseline" else None,
+                                          splice="off" if t.name == "pgroute-pipe" else "auto")
                     try:
                         kib = memory_per_connection(fresh.proc.pid, fresh.port, args.idle)
                     finally:

@@ -67,7 +67,8 @@ async def start(config: Config) -> Running:
     p = config.proxy
     proxy = ProxyServer(router, p.host, p.port, max_client_connections=p.max_client_connections,
                         connect_timeout=p.connect_timeout, pause_timeout=p.pause_timeout,
-                        startup_timeout=p.startup_timeout, shutdown_timeout=p.shutdown_timeout)
+                        startup_timeout=p.startup_timeout, shutdown_timeout=p.shutdown_timeout,
+                        splice=p.splice)
     await proxy.start()
     app = make_app(controller, router, config, registry)
     api_runner = await start_api(app, config.api.host, config.api.port)

@@ -164,6 +164,9 @@ class ProxyConfig(_Listener):
     startup_timeout: float = Field(10.0, gt=0)
     # SIGTERM: how long sessions may finish before they are closed.
     shutdown_timeout: float = Field(10.0, ge=0)
+    # Kernel splicing (BPF sockhash): "auto" uses it when the kernel allows, "on"
+    # refuses to start without it, "off" always pipes bytes through pgroute.
+    splice: Literal["auto", "on", "off"] = "auto"
 
 
 class NodeConfig(_Section):

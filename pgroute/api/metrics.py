@@ -79,9 +79,15 @@ class _SnapshotCollector:
         yield rejected
         proxied = CounterMetricFamily("pgroute_proxied_bytes", "Bytes piped by the proxy.",
                                       labels=["direction"])
-        proxied.add_metric(["client_to_server"], stats.bytes_client_to_server)
-        proxied.add_metric(["server_to_client"], stats.bytes_server_to_client)
+        c2s, s2c = stats.bytes_proxied()
+        proxied.add_metric(["client_to_server"], c2s)
+        proxied.add_metric(["server_to_client"], s2c)
         yield proxied
+        spliced = CounterMetricFamily(
+            "pgroute_spliced_sessions",
+            "Client sessions handed to the kernel (BPF sockhash splicing) since start.")
+        spliced.add_metric([], stats.spliced_total)
+        yield spliced
 
         try:
             status = self._control.status()

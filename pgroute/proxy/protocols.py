@@ -35,8 +35,12 @@ Invariants:
 from __future__ import annotations
 
 import asyncio
+import fcntl
 import logging
+import os
 import socket
+import struct
+import termios
 from typing import TYPE_CHECKING, Callable
 
 from . import startup
@@ -323,6 +327,46 @@ class ClientProtocol(_Leg):
     @property
     def piping(self) -> bool:
         return self._piping
+
+    # -- kernel splicing (spliced.py) --------------------------------------------------
+    def take_socket(self) -> socket.socket | None:
+        """A duplicate of the client's TCP socket for the kernel to splice, with this
+        transport's reading paused; None when the client cannot be spliced safely.
+
+        Not when it sent anything after its first packet (a pipelining driver, or bytes
+        still unread in the kernel): those bytes must precede everything the kernel
+        will forward, and only the user-space pipe can put them first. Call
+        ``release`` once the socket is spliced, ``keep`` if it is not."""
+        t = self.transport
+        if t is None or self.closed or self._eof or self._buf or t.is_closing():
+            return None
+        raw = t.get_extra_info("socket")
+        if raw is None or raw.family not in (socket.AF_INET, socket.AF_INET6):
+            return None
+        t.pause_reading()
+        fd = raw.fileno()
+        try:
+            pending = struct.unpack("i", fcntl.ioctl(fd, termios.FIONREAD, b"\0\0\0\0"))[0]
+            if pending:
+                t.resume_reading()
+                return None
+            return socket.socket(raw.family, socket.SOCK_STREAM, 0, os.dup(fd))
+        except OSError:
+            t.resume_reading()
+            return None
+
+    def keep(self) -> None:
+        """Splicing did not happen: the transport reads again (the pipe follows)."""
+        self._resume_reading()
+
+    def release(self) -> None:
+        """The duplicate from ``take_socket`` is spliced: close this transport without
+        touching the connection (the duplicate keeps it open) and without the
+        session-ending side effects of a close."""
+        self._piping = True      # connection_lost must not cancel the handshake
+        self.closed = True
+        if self.transport is not None:
+            self.transport.abort()
 
     # -- session (router) ------------------------------------------------------------
     def close(self, reason: str) -> None:

@@ -58,12 +58,25 @@ class ProxyStats:
     connections_current: int = 0
     connections_total: int = 0
     rejected: dict[str, int] = field(default_factory=dict)
+    # Bytes of piped sessions as they flow, of spliced sessions when they end.
     bytes_client_to_server: int = 0
     bytes_server_to_client: int = 0
     waiting: int = 0   # connections waiting on a paused router
+    spliced_total: int = 0   # sessions handed to the kernel (proxy/spliced.py)
+    # The open spliced sessions' bytes, read from the kernel on demand.
+    live_bytes: Callable[[], tuple[int, int]] | None = None
 
     def reject(self, reason: str) -> None:
         self.rejected[reason] = self.rejected.get(reason, 0) + 1
+
+    def bytes_proxied(self) -> tuple[int, int]:
+        """(client to server, server to client) bytes so far, open sessions included."""
+        c2s, s2c = self.bytes_client_to_server, self.bytes_server_to_client
+        if self.live_bytes is not None:
+            live_c2s, live_s2c = self.live_bytes()
+            c2s += live_c2s
+            s2c += live_s2c
+        return c2s, s2c
 
 
 class Router:

@@ -29,12 +29,17 @@ Invariants:
 from __future__ import annotations
 
 import asyncio
+import ipaddress
 import logging
+import socket
 import time
 
 from . import startup
-from .protocols import BackendProtocol, ClientGone, ClientProtocol, tune_listening_socket
+from .protocols import (CLOSE_FLUSH_TIMEOUT, BackendProtocol, ClientGone, ClientProtocol,
+                        tune_listening_socket)
 from .router import Route, Router
+from .sockmap import Splicer, SpliceUnavailable
+from .spliced import SplicedSession, SpliceWatcher, inq
 from .startup import FirstPacket, PacketKind, StartupError
 
 log = logging.getLogger(__name__)
@@ -53,6 +58,33 @@ REJECT_SHUTDOWN = "shutdown"
 _FAILURE_LOG_INTERVAL = 5.0
 
 
+async def _open_socket(loop: asyncio.AbstractEventLoop, host: str, port: int) -> socket.socket:
+    """A connected non-blocking TCP socket (TCP_NODELAY, SO_KEEPALIVE) to host:port,
+    trying each address of a name in turn."""
+    try:
+        ip = ipaddress.ip_address(host)
+        addrs = [(socket.AF_INET6 if ip.version == 6 else socket.AF_INET, (host, port))]
+    except ValueError:
+        infos = await loop.getaddrinfo(host, port, type=socket.SOCK_STREAM)
+        addrs = [(family, addr) for family, _, _, _, addr in infos]
+    error: OSError | None = None
+    for family, addr in addrs:
+        sock = socket.socket(family, socket.SOCK_STREAM)
+        try:
+            sock.setblocking(False)
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
+            await loop.sock_connect(sock, addr)
+            return sock
+        except OSError as e:
+            sock.close()
+            error = e
+        except BaseException:
+            sock.close()
+            raise
+    raise error or OSError(f"no address for {host}")
+
+
 def _cancel_on_timeout(task: asyncio.Task, expired: list[bool]) -> None:
     expired.append(True)
     task.cancel()
@@ -62,7 +94,9 @@ class ProxyServer:
     def __init__(self, router: Router, host: str, port: int, *,
                  max_client_connections: int = 1000, connect_timeout: float = 5.0,
                  pause_timeout: float = 30.0, startup_timeout: float = 10.0,
-                 shutdown_timeout: float = 10.0) -> None:
+                 shutdown_timeout: float = 10.0, splice: str = "auto") -> None:
+        if splice not in ("auto", "on", "off"):
+            raise ValueError(f"splice must be auto, on or off, not {splice!r}")
         self.router = router
         self.host = host
         self._requested_port = port
@@ -77,6 +111,9 @@ class ProxyServer:
         self._closing = False
         self._failure_logged: dict[str, float] = {}
         self._all_closed: asyncio.Event | None = None
+        self.splice_mode = splice
+        self._splicer: Splicer | None = None
+        self._spliced: SpliceWatcher | None = None
 
     # -- lifecycle -----------------------------------------------------------------
     async def start(self) -> None:
@@ -84,6 +121,7 @@ class ProxyServer:
         self._all_closed = asyncio.Event()
         self._all_closed.set()
         stats = self.router.stats
+        self._start_splicing(loop)
         self._server = await loop.create_server(
             lambda: ClientProtocol(stats, self._client_made, self._client_lost),
             self.host, self._requested_port, reuse_address=True,
@@ -93,6 +131,28 @@ class ProxyServer:
             tune_listening_socket(sock)
         await self._server.start_serving()
         log.info("proxy listening on %s:%d", self.host, self.port)
+
+    def _start_splicing(self, loop: asyncio.AbstractEventLoop) -> None:
+        """Load the kernel splice (``splice`` auto/on); ``on`` fails without it."""
+        if self.splice_mode == "off":
+            log.info("kernel splicing off: sessions use the user-space pipe")
+            return
+        try:
+            self._splicer = Splicer.create(self.max_client_connections)
+        except SpliceUnavailable as e:
+            if self.splice_mode == "on":
+                raise
+            log.info("kernel splicing unavailable (%s): sessions use the user-space pipe", e.strerror)
+            return
+        self._spliced = SpliceWatcher(self.router.stats, self._spliced_closed, CLOSE_FLUSH_TIMEOUT)
+        self._spliced.start(loop)
+        self.router.stats.live_bytes = self._spliced.live_bytes
+        log.info("kernel splicing on: sessions are forwarded by a BPF sockhash")
+
+    @property
+    def splicing(self) -> bool:
+        """True when new sessions are handed to the kernel."""
+        return self._spliced is not None
 
     @property
     def port(self) -> int:
@@ -104,11 +164,18 @@ class ProxyServer:
     @property
     def client_count(self) -> int:
         """Open client sockets, including those still in their handshake."""
-        return len(self._clients)
+        return len(self._clients) + self.spliced_count
+
+    @property
+    def spliced_count(self) -> int:
+        """Open sessions whose bytes the kernel forwards."""
+        return len(self._spliced.sessions) if self._spliced is not None else 0
 
     def buffered_bytes(self) -> int:
-        """Bytes waiting in pgroute's write buffers, both legs of every connection."""
-        return sum(c.buffered() for c in self._clients)
+        """Bytes waiting in pgroute's write buffers, both legs of every connection, and
+        the kernel's memory for the spliced sessions."""
+        piped = sum(c.buffered() for c in self._clients)
+        return piped + (self._spliced.kernel_buffered() if self._spliced is not None else 0)
 
     async def close(self) -> None:
         """Stop accepting, let open sessions finish for up to ``shutdown_timeout``, then
@@ -117,19 +184,28 @@ class ProxyServer:
             return
         self._closing = True
         self._server.close()
-        if self._clients:
+        if self.client_count:
             log.info("proxy closing: waiting up to %.1fs for %d connection(s)",
-                     self.shutdown_timeout, len(self._clients))
+                     self.shutdown_timeout, self.client_count)
             assert self._all_closed is not None
             try:
-                await asyncio.wait_for(self._all_closed.wait(), self.shutdown_timeout)
-            except asyncio.TimeoutError:
-                log.info("proxy closing: dropping %d connection(s)", len(self._clients))
+                async with asyncio.timeout(self.shutdown_timeout):   # not wait_for: gh-86296
+                    await self._all_closed.wait()
+            except TimeoutError:
+                log.info("proxy closing: dropping %d connection(s)", self.client_count)
                 for client in list(self._clients):
                     client.close("pgroute shutting down")
+                if self._spliced is not None:
+                    for session in list(self._spliced.sessions):
+                        session.close("pgroute shutting down")
                 # Let the aborts run their connection_lost callbacks.
                 await asyncio.sleep(0)
         await self._server.wait_closed()
+        if self._spliced is not None:
+            self._spliced.close()
+            self.router.stats.live_bytes = None
+        if self._splicer is not None:
+            self._splicer.close()   # only now: closing the map unsplices every socket in it
         log.info("proxy closed")
 
     # -- per-connection bookkeeping (called by ClientProtocol) ---------------------------
@@ -146,7 +222,16 @@ class ProxyServer:
             self._admitted -= 1
             self.router.stats.connections_current -= 1
             self.router.unregister(client)
-        if not self._clients and self._all_closed is not None:
+        self._maybe_all_closed()
+
+    def _spliced_closed(self, session: SplicedSession) -> None:
+        self._admitted -= 1
+        self.router.stats.connections_current -= 1
+        self.router.unregister(session)
+        self._maybe_all_closed()
+
+    def _maybe_all_closed(self) -> None:
+        if not self._clients and not self.spliced_count and self._all_closed is not None:
             self._all_closed.set()
 
     # -- handshake -------------------------------------------------------------------------
@@ -205,21 +290,85 @@ class ProxyServer:
         backend = route.backend
         assert backend is not None
 
-        transport = await self._connect(client, first, route)
-        if transport is None:
-            return
+        if self._spliced is not None:
+            sock = await self._connect(client, first, route, raw=True)
+            if sock is None:
+                return
+            if client.closed:
+                sock.close()
+                return
+            if await self._splice(client, first, route, sock):
+                return
+            # Not spliced (a pipelining client): the same backend connection, piped.
+            transport, _ = await asyncio.get_running_loop().create_connection(
+                lambda: BackendProtocol(client, stats), sock=sock)
+        else:
+            transport = await self._connect(client, first, route)
+            if transport is None:
+                return
         if client.closed:
             transport.close()
             return
         client.attach(transport.get_protocol(), first.raw, route.epoch, backend.name)
-        self.router.register(client)
+        self._register(client, route)
         if log.isEnabledFor(logging.DEBUG):
             who = (f"{first.user}@{first.database}" if first.kind is PacketKind.STARTUP
                    else first.kind.value)   # encrypted: the proxy never sees who
             log.debug("session %s -> %s (epoch %d)", who, backend.name, route.epoch)
 
-    async def _connect(self, client: ClientProtocol, first: FirstPacket,
-                       route: Route) -> asyncio.Transport | None:
+    def _register(self, session, route: Route) -> None:
+        """Register a session with the Router, unless a newer epoch was published while
+        it was connecting: fencing may already have closed that epoch's sessions."""
+        self.router.register(session)
+        if route.epoch < self.router.route.epoch:
+            session.close(f"epoch changed to {self.router.route.epoch} while connecting")
+
+    async def _splice(self, client: ClientProtocol, first: FirstPacket, route: Route,
+                      backend_sock: socket.socket) -> bool:
+        """Hand the session to the kernel; False (nothing changed) when the client
+        cannot be spliced safely or the kernel refuses the pair."""
+        assert self._splicer is not None and self._spliced is not None and route.backend is not None
+        client_sock = client.take_socket()
+        if client_sock is None:
+            return False
+        try:
+            self._splicer.pair(client_sock, backend_sock)
+        except OSError as e:
+            log.warning("kernel splicing refused a session (%s): piping it", e)
+            client_sock.close()
+            client.keep()
+            return False
+        # The spliced session holds the admission from here on.
+        client.admitted = False
+        self._clients.discard(client)
+        client.release()
+        session = SplicedSession(self._spliced, client_sock, backend_sock, route.epoch,
+                                 route.backend.name)
+        self._spliced.add(session)
+        self.router.stats.spliced_total += 1
+        try:
+            # The first packet goes before anything the kernel forwards: the client
+            # sends nothing more until the server answers it.
+            await asyncio.get_running_loop().sock_sendall(backend_sock, first.raw)
+        except OSError as e:
+            log.debug("backend closed before the startup packet: %s", e)
+            self._spliced.finish(session)
+            return True
+        if inq(client_sock):
+            # Bytes that arrived between take_socket and pair, from a client that did
+            # not wait for the server: the kernel forwards them only when more arrive.
+            # Drop the session rather than let it hang.
+            log.warning("client sent data before the server answered its startup packet; "
+                        "closing the session")
+            self._spliced.finish(session)
+            return True
+        self._register(session, route)
+        return True
+
+    async def _connect(self, client: ClientProtocol, first: FirstPacket, route: Route,
+                       raw: bool = False):
+        """A transport to the route's backend (with ``raw``, a connected non-blocking
+        socket instead), or None after refusing the client."""
         backend = route.backend
         assert backend is not None
         loop = asyncio.get_running_loop()
@@ -234,8 +383,11 @@ class ProxyServer:
         timer = loop.call_later(self.connect_timeout, _cancel_on_timeout, task, expired)
         try:
             try:
-                transport, _ = await loop.create_connection(
-                    lambda: BackendProtocol(client, stats), backend.host, backend.port)
+                if raw:
+                    transport = await _open_socket(loop, backend.host, backend.port)
+                else:
+                    transport, _ = await loop.create_connection(
+                        lambda: BackendProtocol(client, stats), backend.host, backend.port)
             except asyncio.CancelledError:
                 if expired and task.uncancel() <= cancelling:
                     raise TimeoutError() from None

@@ -41,6 +41,7 @@ def run_cli(args, env=None):
     (DSNS + '[proxy]\nlisten = "127.0.0.1:70000"\n', "proxy.listen"),       # port > 65535
     (DSNS + '[api]\nlisten = "0.0.0.0:65536"\n', "api.listen"),
     (DSNS + '[replication]\nsynchronous = "maybe"\n', "replication.synchronous"),
+    (DSNS + '[proxy]\nsplice = "yes"\n', "proxy.splice"),
     (DSNS + '[alerts]\nwebhook_urls = ["ftp://x"]\n', "alerts.webhook_urls"),
     ('[mirror]\ndsn = "postgresql://u@h/db"\n', "primary"),                  # missing DSN
     ("[health\n", "--config"),                                              # not TOML
@@ -147,6 +148,7 @@ def test_pgroute_env_overrides(tmp_path):
         "PGROUTE_PRIMARY_DSN": "postgresql://u@10.0.0.9:5432/db",   # more specific: wins
         "PGROUTE_HEALTH_INTERVAL": "2",
         "PGROUTE_PROXY_LISTEN": "0.0.0.0:6543",
+        "PGROUTE_PROXY_SPLICE": "off",
         "PGROUTE_ALERTS_WEBHOOK_URLS": "https://a.example/x, https://b.example/y",
         "PGROUTE_API_TOKEN": "t0ken",
         "PGROUTE_LOG_LEVEL": "debug",
@@ -156,6 +158,7 @@ def test_pgroute_env_overrides(tmp_path):
     assert config.primary.parsed.host == "10.0.0.9"
     assert config.health.interval == 2
     assert config.proxy.port == 6543
+    assert config.proxy.splice == "off"
     assert config.alerts.webhook_urls == ("https://a.example/x", "https://b.example/y")
     assert config.api.token == "t0ken"
     assert config.log.level == "DEBUG"

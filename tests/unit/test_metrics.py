@@ -34,6 +34,7 @@ EXPECTED_NAMES = [
     "pgroute_client_connections_total", "pgroute_rejected_connections_total",
     "pgroute_proxied_bytes_total", "pgroute_paused", "pgroute_epoch", "pgroute_build_info",
     "pgroute_alerts_failed_total", "pgroute_waiting_connections",
+    "pgroute_spliced_sessions_total",
 ]
 
 
@@ -55,6 +56,9 @@ def test_values_follow_router_and_status():
     stats = router.stats
     stats.connections_current, stats.connections_total, stats.waiting = 4, 17, 2
     stats.bytes_client_to_server, stats.bytes_server_to_client = 1000, 5000
+    # Open spliced sessions: their bytes come from the kernel at scrape time.
+    stats.live_bytes = lambda: (20, 300)
+    stats.spliced_total = 9
     stats.reject("too_many_connections")
     stats.reject("too_many_connections")
     stats.reject("no_routable_node")
@@ -62,8 +66,9 @@ def test_values_follow_router_and_status():
     assert value(s, "pgroute_client_connections") == 4
     assert value(s, "pgroute_client_connections_total") == 17
     assert value(s, "pgroute_waiting_connections") == 2
-    assert value(s, "pgroute_proxied_bytes_total", direction="client_to_server") == 1000
-    assert value(s, "pgroute_proxied_bytes_total", direction="server_to_client") == 5000
+    assert value(s, "pgroute_proxied_bytes_total", direction="client_to_server") == 1020
+    assert value(s, "pgroute_proxied_bytes_total", direction="server_to_client") == 5300
+    assert value(s, "pgroute_spliced_sessions_total") == 9
     assert value(s, "pgroute_rejected_connections_total", reason="too_many_connections") == 2
     assert value(s, "pgroute_rejected_connections_total", reason="no_routable_node") == 1
     assert value(s, "pgroute_active_node", node="primary") == 1
