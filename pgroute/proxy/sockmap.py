@@ -92,6 +92,9 @@ def _program(map_fd: int) -> bytes:
 
 
 _libc = ctypes.CDLL(None, use_errno=True) if sys.platform == "linux" else None
+_SYS_BPF_L = ctypes.c_long(_SYS_BPF or 0)
+_UPDATE_L = ctypes.c_long(_BPF_MAP_UPDATE_ELEM)
+_ATTR_SIZE_L = ctypes.c_long(_ATTR_SIZE)
 
 
 def _bpf(cmd: int, attr: bytes) -> int:
@@ -116,6 +119,13 @@ class Splicer:
         self._map_fd = map_fd
         self._prog_fd = prog_fd
         self.capacity = capacity
+        # Reused for every update (the event loop is single-threaded): a session's
+        # two updates then cost the system calls, not ctypes allocations.
+        self._key = ctypes.create_string_buffer(8)
+        self._value = ctypes.create_string_buffer(4)
+        self._attr = ctypes.create_string_buffer(_ATTR_SIZE)
+        struct.pack_into("<IIQQQ", self._attr, 0, map_fd, 0, ctypes.addressof(self._key),
+                         ctypes.addressof(self._value), _BPF_ANY)
 
     @classmethod
     def create(cls, max_sessions: int) -> Splicer:
@@ -155,10 +165,12 @@ class Splicer:
 
     # -- pairs -------------------------------------------------------------------
     def _update(self, key: int, fd: int) -> None:
-        k = ctypes.create_string_buffer(struct.pack("<Q", key), 8)
-        v = ctypes.create_string_buffer(struct.pack("<I", fd), 4)
-        _bpf(_BPF_MAP_UPDATE_ELEM, struct.pack(
-            "<IIQQQ", self._map_fd, 0, ctypes.addressof(k), ctypes.addressof(v), _BPF_ANY))
+        struct.pack_into("<Q", self._key, 0, key)
+        struct.pack_into("<I", self._value, 0, fd)
+        rc = _libc.syscall(_SYS_BPF_L, _UPDATE_L, self._attr, _ATTR_SIZE_L)  # type: ignore[union-attr]
+        if rc < 0:
+            err = ctypes.get_errno()
+            raise OSError(err, f"BPF map update: {os.strerror(err)}")
 
     def _delete(self, key: int) -> None:
         k = ctypes.create_string_buffer(struct.pack("<Q", key), 8)
