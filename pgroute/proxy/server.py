@@ -3,9 +3,12 @@
 For each accepted client a handshake task reads the first packet (within
 ``startup_timeout``), admits it against ``max_client_connections``, asks the Router
 for the active node (waiting up to ``pause_timeout`` while paused), connects to it
-(within ``connect_timeout``), forwards the first packet and pairs the two legs; from
-then on the protocols in ``protocols.py`` copy bytes and this module only does the
-bookkeeping when a session ends.
+(within ``connect_timeout``), forwards the first packet and pairs the two legs. With
+kernel splicing (``splice`` auto/on, ``sockmap.py``) the pair is the two sockets in
+the kernel's sockhash and ``spliced.py`` watches for its end; otherwise (``splice``
+off, a kernel that refuses, a client that pipelined past its first packet, a
+CancelRequest) the protocols in ``protocols.py`` copy the bytes. Either way this
+module then only does the bookkeeping when a session ends.
 
 Invariants:
 
@@ -17,7 +20,12 @@ Invariants:
 - pgroute never terminates TLS: an SSLRequest is forwarded and the client and the
   backend negotiate end to end through the raw pipe.
 - A session is registered with the Router, with the epoch and backend of the route it
-  was connected under, from the moment its pipe exists until either leg closes.
+  was connected under, from the moment its pipe exists until either leg closes; one
+  that finds a newer epoch published when it registers is closed at once (fencing
+  may have run while it was connecting).
+- A spliced session's first packet is written by pgroute before the client can send
+  anything else, so nothing the kernel forwards can overtake it; a client that has
+  already sent more is piped instead.
 - A misbehaving client (garbage, a huge announced length, silence, a truncated packet)
   costs one handshake task and one socket for at most ``startup_timeout``; nothing it
   does reaches other sessions.
