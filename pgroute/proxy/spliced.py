@@ -125,9 +125,16 @@ class SpliceWatcher:
     def _ready(self) -> None:
         for fd, _events in self._epoll.poll(0):
             session = self._by_fd.get(fd)
-            if session is not None and not session.closing:
+            if session is None or session.closing:
+                continue
+            try:
                 ended = session.client if fd == session.client.fileno() else session.backend
                 self._begin_close(session, ended)
+            except Exception:
+                # The events are level-triggered: a session left watched would spin
+                # the loop. A bug here costs that one session.
+                log.exception("spliced session end failed; closing it")
+                self.finish(session)
 
     def _unwatch(self, session: SplicedSession) -> None:
         for sock in (session.client, session.backend):
