@@ -556,6 +556,10 @@ def check(config_path: str | None, env_file: str | None) -> None:
     except ConfigError as exc:
         config_ok = False
         click.echo(mask_dsn(f"✗ configuration: {exc}"))
+    splice_ok, splice_line, splice_fix = _check_splice(config.proxy.splice)
+    click.echo(f"{'✓' if splice_ok else '✗'} {splice_line}")
+    if splice_fix:
+        click.echo(f"    fix: {splice_fix}")
     from .control.replication import check_pair
 
     try:
@@ -567,7 +571,7 @@ def check(config_path: str | None, env_file: str | None) -> None:
         _fail(f"check could not run: {type(exc).__name__}: {exc}")
     if hasattr(items, "ok"):
         items = [items]
-    all_ok = config_ok
+    all_ok = config_ok and splice_ok
     for item in items:
         mark = "✓" if item.ok else "✗"
         detail = f": {item.detail}" if getattr(item, "detail", "") else ""
@@ -579,6 +583,23 @@ def check(config_path: str | None, env_file: str | None) -> None:
     if not config_ok:
         sys.exit(EXIT_USAGE)
     sys.exit(EXIT_OK if all_ok else EXIT_FAILED)
+
+
+def _check_splice(mode: str) -> tuple[bool, str, str]:
+    """(ok, line, fix) for proxy.splice: can this machine load the kernel splice?"""
+    if mode == "off":
+        return True, "kernel splicing: off (proxy.splice), sessions are piped by pgroute", ""
+    from .proxy.sockmap import Splicer, SpliceUnavailable
+
+    try:
+        Splicer.create(1).close()
+    except SpliceUnavailable as exc:
+        if mode == "on":
+            return (False, f"kernel splicing: unavailable ({exc.strerror}) and proxy.splice is \"on\"",
+                    "run pgroute as root or with CAP_BPF and CAP_NET_ADMIN, or set proxy.splice = \"auto\"")
+        return (True, f"kernel splicing: unavailable ({exc.strerror}); sessions will be piped by "
+                      "pgroute (slower under load; root or CAP_BPF + CAP_NET_ADMIN enable it)", "")
+    return True, "kernel splicing: available, sessions will be forwarded by the kernel", ""
 
 
 async def _managed_by_pgroute(config: Config) -> str | None:

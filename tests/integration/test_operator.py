@@ -443,8 +443,10 @@ def test_check_reports_each_broken_setup(pair, cluster_factory, tmp_path):
     items = _check_lines(result.output)
     assert result.exit_code == 0, result.output
     assert {"primary reachable", "mirror reachable", "publication", "subscription",
-            "primary wal_level", "replication lag"} <= set(items), result.output
+            "primary wal_level", "replication lag", "kernel splicing"} <= set(items), result.output
     assert all(v.startswith("✓") for v in items.values()), result.output
+    # The suite runs as root (CI): the kernel takes the BPF program.
+    assert "available, sessions will be forwarded by the kernel" in items["kernel splicing"]
 
     # (c) disabled subscription
     pair.mirror.sql("ALTER SUBSCRIPTION chrispar_sub DISABLE", dbname="chrispar")
