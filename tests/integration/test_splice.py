@@ -262,3 +262,58 @@ def test_splicer_pairs_and_unpairs_plain_sockets():
     finally:
         listener.close()
         splicer.close()
+
+
+async def test_server_killed_ends_the_spliced_session(cluster_factory):
+    """kill -9 of the server: the client sees its connection end at once (no hang on a
+    socket pair nobody watches), and the session's accounting is released."""
+    cluster = cluster_factory("splicekill")
+    router = Router(Route(Backend("primary", cluster.host, cluster.port), 1))
+    proxy = ProxyServer(router, "127.0.0.1", 0, shutdown_timeout=0.5, splice="on")
+    await proxy.start()
+    try:
+        reader, writer = await ready_session(cluster, proxy)
+        assert proxy.spliced_count == 1
+        await asyncio.to_thread(cluster.kill)
+        assert await read_all(reader, timeout=10) == b""
+        for _ in range(100):
+            if proxy.spliced_count == 0:
+                break
+            await asyncio.sleep(0.02)
+        assert proxy.spliced_count == 0 and router.stats.connections_current == 0
+        assert router.session_count == 0
+        writer.close()
+    finally:
+        await proxy.close()
+
+
+async def test_client_reset_ends_the_spliced_session(local_cluster, spliced_proxy):
+    """A client that vanishes with a RST (SO_LINGER 0): the server's backend is released
+    (its connection closed) and so is the session."""
+    sock = socket.socket()
+    sock.connect(("127.0.0.1", spliced_proxy.port))
+    reader, writer = await asyncio.open_connection(sock=sock)
+    writer.write(startup.startup_message(user_db(local_cluster)))
+    data = b""
+    while not data.endswith(b"Z\0\0\0\x05I"):
+        data += await reader.read(4096)
+    writer.write(query("SELECT pg_backend_pid()"))
+    reply = b""
+    while not reply.endswith(b"Z\0\0\0\x05I"):
+        reply += await reader.read(4096)
+    pid = int(next(body for kind, body in messages(reply) if kind == b"D")[6:])
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+    writer.transport.abort()   # close with SO_LINGER 0: a RST, no FIN
+    direct = await asyncpg.connect(host=local_cluster.host, port=local_cluster.port,
+                                   **user_db(local_cluster))
+    try:
+        for _ in range(200):
+            if not await direct.fetchval("SELECT count(*) FROM pg_stat_activity WHERE pid = $1", pid):
+                break
+            await asyncio.sleep(0.05)
+        else:
+            pytest.fail("the server's backend outlived the client")
+    finally:
+        await direct.close()
+    assert spliced_proxy.spliced_count == 0
+    assert spliced_proxy.router.stats.connections_current == 0
