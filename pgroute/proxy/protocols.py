@@ -1,5 +1,10 @@
 """The byte pipe: one asyncio Protocol per leg of a proxied connection.
 
+With kernel splicing (``sockmap.py``, ``spliced.py``) a session uses this pipe only
+for its handshake: ``take_socket`` hands the client's socket over once the backend is
+connected. Sessions that cannot be spliced (``splice`` off, a kernel that refuses, a
+pipelining client, CancelRequests) are piped here for their whole life.
+
 ``ClientProtocol`` owns the client's socket. Until it is paired with a backend it
 collects the first packet for the server's handshake (``read_packet``); once
 ``attach`` pairs it with a ``BackendProtocol`` both legs only copy bytes: each chunk
