@@ -589,8 +589,12 @@ def _check_splice(mode: str) -> tuple[bool, str, str]:
     """(ok, line, fix) for proxy.splice: can this machine load the kernel splice?"""
     if mode == "off":
         return True, "kernel splicing: off (proxy.splice), sessions are piped by pgroute", ""
-    from .proxy.sockmap import Splicer, SpliceUnavailable
+    from .proxy.sockmap import TRUSTED_KERNEL, Splicer, SpliceUnavailable, trusted_kernel
 
+    if mode == "auto" and not trusted_kernel():
+        return (True, "kernel splicing: not used on this kernel (auto needs Linux "
+                      f"{TRUSTED_KERNEL[0]}.{TRUSTED_KERNEL[1]} or newer); sessions will be piped "
+                      "by pgroute", "")
     try:
         Splicer.create(1).close()
     except SpliceUnavailable as exc:

@@ -41,6 +41,7 @@ import errno
 import ipaddress
 import logging
 import os
+import platform
 import socket
 import time
 
@@ -48,7 +49,7 @@ from . import startup
 from .protocols import (CLOSE_FLUSH_TIMEOUT, BackendProtocol, ClientGone, ClientProtocol,
                         tune_listening_socket)
 from .router import Route, Router
-from .sockmap import Splicer, SpliceUnavailable
+from .sockmap import TRUSTED_KERNEL, Splicer, SpliceUnavailable, trusted_kernel
 from .spliced import SplicedSession, SpliceWatcher, inq
 from .startup import FirstPacket, PacketKind, StartupError
 
@@ -186,6 +187,11 @@ class ProxyServer:
         """Load the kernel splice (``splice`` auto/on); ``on`` fails without it."""
         if self.splice_mode == "off":
             log.info("kernel splicing off: sessions use the user-space pipe")
+            return
+        if self.splice_mode == "auto" and not trusted_kernel():
+            log.info("kernel splicing not used on Linux %s (auto needs %d.%d or newer; "
+                     "splice = \"on\" forces it): sessions use the user-space pipe",
+                     platform.release(), *TRUSTED_KERNEL)
             return
         try:
             self._splicer = Splicer.create(self.max_client_connections)

@@ -41,6 +41,7 @@ import ctypes
 import logging
 import os
 import platform
+import re
 import socket
 import struct
 import sys
@@ -70,6 +71,25 @@ _LOG_SIZE = 1 << 16
 
 class SpliceUnavailable(OSError):
     """The kernel refused (no BPF, no privilege, an old kernel): use the user-space pipe."""
+
+
+# ``splice = "auto"`` trusts the kernel's sockmap from this release on. Fail closed:
+# the verdict-only receive path (tcp_read_skb) arrived in 6.0 and a series of sockmap
+# fixes (skb ownership, copied_seq accounting, receive stalls) landed up to 6.5; 6.6
+# is the first long-term release after them. Older kernels pipe unless
+# ``splice = "on"`` insists. Verified here on 6.18 only.
+TRUSTED_KERNEL = (6, 6)
+
+
+def kernel_release(release: str | None = None) -> tuple[int, int] | None:
+    """(major, minor) of a Linux release string such as "6.18.44-fc-v595"."""
+    match = re.match(r"(\d+)\.(\d+)", release if release is not None else platform.release())
+    return (int(match[1]), int(match[2])) if match else None
+
+
+def trusted_kernel(release: str | None = None) -> bool:
+    version = kernel_release(release)
+    return sys.platform == "linux" and version is not None and version >= TRUSTED_KERNEL
 
 
 def _insn(code: int, dst: int = 0, src: int = 0, off: int = 0, imm: int = 0) -> bytes:

@@ -30,3 +30,26 @@ def test_on_without_the_kernel_fails_with_a_fix(kernel_refuses):
     ok, line, fix = cli._check_splice("on")
     assert not ok and "unavailable" in line
     assert "CAP_BPF" in fix and 'proxy.splice = "auto"' in fix
+
+
+@pytest.mark.parametrize("release, trusted", [
+    ("6.18.44-fc-v595", True), ("6.6.0", True), ("6.5.13-generic", False),
+    ("5.15.0-91-generic", False), ("7.0", True), ("garbage", False), ("6.10rc1", True),
+])
+def test_auto_trusts_kernels_from_6_6(release, trusted, monkeypatch):
+    from pgroute.proxy import sockmap
+
+    assert sockmap.trusted_kernel(release) is trusted
+    monkeypatch.setattr(sockmap.platform, "release", lambda: release)
+    ok, line, _ = cli._check_splice("auto")
+    assert ok
+    if not trusted:
+        assert "not used on this kernel" in line
+
+
+def test_kernel_release_parsing():
+    from pgroute.proxy.sockmap import kernel_release
+
+    assert kernel_release("6.10rc1") == (6, 10)
+    assert kernel_release("6.18.44-fc-v595") == (6, 18)
+    assert kernel_release("garbage") is None
