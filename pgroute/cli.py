@@ -596,7 +596,11 @@ def _check_splice(mode: str) -> tuple[bool, str, str]:
                       f"{TRUSTED_KERNEL[0]}.{TRUSTED_KERNEL[1]} or newer); sessions will be piped "
                       "by pgroute", "")
     try:
-        Splicer.create(1).close()
+        splicer = Splicer.create(1)
+        try:
+            splicer.self_test()
+        finally:
+            splicer.close()
     except SpliceUnavailable as exc:
         if mode == "on":
             return (False, f"kernel splicing: unavailable ({exc.strerror}) and proxy.splice is \"on\"",

@@ -194,7 +194,13 @@ class ProxyServer:
                      platform.release(), *TRUSTED_KERNEL)
             return
         try:
-            self._splicer = Splicer.create(self.max_client_connections)
+            splicer = Splicer.create(self.max_client_connections)
+            try:
+                splicer.self_test()
+            except SpliceUnavailable:
+                splicer.close()
+                raise
+            self._splicer = splicer
         except SpliceUnavailable as e:
             if self.splice_mode == "on":
                 raise

@@ -209,12 +209,21 @@ async def test_session_registered_after_an_epoch_change_is_closed(local_cluster,
         await proxy.close()
 
 
+@pytest.mark.parametrize("failing", ["load", "self_test"])
 async def test_splice_on_fails_and_auto_falls_back_when_the_kernel_refuses(local_cluster,
-                                                                          monkeypatch):
-    def refuse(cls, max_sessions):
-        raise SpliceUnavailable(1, "the kernel refused the sk_skb program: Operation not permitted")
+                                                                          monkeypatch, failing):
+    """The kernel refuses the program, or takes it but does not forward correctly
+    (the start-up self-test): ``on`` does not start, ``auto`` pipes."""
+    if failing == "load":
+        def refuse(cls, max_sessions):
+            raise SpliceUnavailable(1, "the kernel refused the sk_skb program: Operation not permitted")
 
-    monkeypatch.setattr(Splicer, "create", classmethod(refuse))
+        monkeypatch.setattr(Splicer, "create", classmethod(refuse))
+    else:
+        def corrupt(self, timeout=2.0):
+            raise SpliceUnavailable(0, "self-test: 0 of 16384 bytes arrived intact (refused)")
+
+        monkeypatch.setattr(Splicer, "self_test", corrupt)
     router = Router(Route(Backend("primary", local_cluster.host, local_cluster.port), 1))
     strict = ProxyServer(router, "127.0.0.1", 0, splice="on")
     with pytest.raises(SpliceUnavailable, match="refused"):
@@ -230,6 +239,14 @@ async def test_splice_on_fails_and_auto_falls_back_when_the_kernel_refuses(local
         assert router.stats.spliced_total == 0
     finally:
         await auto.close()
+
+
+def test_splicer_self_test_passes_here():
+    splicer = Splicer.create(4)
+    try:
+        splicer.self_test()
+    finally:
+        splicer.close()
 
 
 def test_splicer_pairs_and_unpairs_plain_sockets():
