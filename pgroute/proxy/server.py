@@ -173,10 +173,14 @@ class ProxyServer:
         self._all_closed.set()
         stats = self.router.stats
         self._start_splicing(loop)
-        self._server = await loop.create_server(
-            lambda: ClientProtocol(stats, self._client_made, self._client_lost),
-            self.host, self._requested_port, reuse_address=True,
-            backlog=max(128, min(self.max_client_connections, 4096)), start_serving=False)
+        try:
+            self._server = await loop.create_server(
+                lambda: ClientProtocol(stats, self._client_made, self._client_lost),
+                self.host, self._requested_port, reuse_address=True,
+                backlog=max(128, min(self.max_client_connections, 4096)), start_serving=False)
+        except BaseException:
+            self._stop_splicing()   # e.g. the port is taken: release the BPF objects
+            raise
         # Before the first accept: accepted sockets inherit the listener's options.
         for sock in self._server.sockets:
             tune_listening_socket(sock)
@@ -263,12 +267,17 @@ class ProxyServer:
                 # Let the aborts run their connection_lost callbacks.
                 await asyncio.sleep(0)
         await self._server.wait_closed()
+        self._stop_splicing()
+        log.info("proxy closed")
+
+    def _stop_splicing(self) -> None:
         if self._spliced is not None:
             self._spliced.close()
+            self._spliced = None
             self.router.stats.live_bytes = None
         if self._splicer is not None:
             self._splicer.close()   # only now: closing the map unsplices every socket in it
-        log.info("proxy closed")
+            self._splicer = None
 
     # -- per-connection bookkeeping (called by ClientProtocol) ---------------------------
     def _client_made(self, client: ClientProtocol) -> None:
@@ -417,7 +426,7 @@ class ProxyServer:
                 await asyncio.get_running_loop().sock_sendall(backend_sock, first.raw[sent:])
         except OSError as e:
             log.debug("backend closed before the startup packet: %s", e)
-            self._spliced.finish(session)
+            session.close("backend closed before the startup packet")
             return True
         if inq(client_sock):
             # Bytes that arrived between take_socket and pair, from a client that did
@@ -425,7 +434,7 @@ class ProxyServer:
             # Drop the session rather than let it hang.
             log.warning("client sent data before the server answered its startup packet; "
                         "closing the session")
-            self._spliced.finish(session)
+            session.close("client did not wait for the server")
             return True
         self._register(session, route)
         return True

@@ -402,3 +402,21 @@ async def test_many_sessions_with_aborts_keep_every_byte_and_leak_nothing(local_
         assert left == 0, f"{left} server backend(s) outlived their clients"
     finally:
         await direct.close()
+
+
+async def test_a_taken_port_releases_the_kernel_objects(local_cluster):
+    """start() failing after the splice was loaded (the port is in use) leaves no BPF
+    map, program or epoll behind: the fd count is back where it was."""
+    blocker = socket.create_server(("127.0.0.1", 0))
+    router = Router(Route(Backend("primary", local_cluster.host, local_cluster.port), 1))
+    import os
+    before = len(os.listdir("/proc/self/fd"))
+    try:
+        for _ in range(3):
+            proxy = ProxyServer(router, "127.0.0.1", blocker.getsockname()[1], splice="on")
+            with pytest.raises(OSError):
+                await proxy.start()
+            assert not proxy.splicing
+        assert len(os.listdir("/proc/self/fd")) == before
+    finally:
+        blocker.close()
