@@ -31,10 +31,16 @@ class Running:
     controller: object
     api_runner: object
     alerter: object
+    # proxy.listen_piped: the same Router (fencing, counters), sessions never spliced.
+    piped_proxy: ProxyServer | None = None
 
     @property
     def proxy_port(self) -> int:
         return self.proxy.port
+
+    @property
+    def piped_port(self) -> int | None:
+        return self.piped_proxy.port if self.piped_proxy is not None else None
 
     @property
     def api_port(self) -> int:
@@ -45,7 +51,8 @@ class Running:
     async def stop(self) -> None:
         from .api.http import stop_api
 
-        await self.proxy.close()
+        # Both listeners drain at once: shutdown_timeout bounds the whole stop.
+        await asyncio.gather(*(p.close() for p in (self.proxy, self.piped_proxy) if p is not None))
         await self.controller.close()
         await stop_api(self.api_runner)
         await self.alerter.close()
@@ -65,15 +72,28 @@ async def start(config: Config) -> Running:
     controller.add_event_listener(alerter.emit)
     await controller.start()
     p = config.proxy
-    proxy = ProxyServer(router, p.host, p.port, max_client_connections=p.max_client_connections,
-                        connect_timeout=p.connect_timeout, pause_timeout=p.pause_timeout,
-                        startup_timeout=p.startup_timeout, shutdown_timeout=p.shutdown_timeout,
-                        splice=p.splice)
+
+    def proxy_server(host: str, port: int, splice: str) -> ProxyServer:
+        return ProxyServer(router, host, port, max_client_connections=p.max_client_connections,
+                           connect_timeout=p.connect_timeout, pause_timeout=p.pause_timeout,
+                           startup_timeout=p.startup_timeout, shutdown_timeout=p.shutdown_timeout,
+                           splice=splice)
+
+    proxy = proxy_server(p.host, p.port, p.splice)
     await proxy.start()
+    piped = None
+    if p.listen_piped:
+        piped = proxy_server(p.piped_host, p.piped_port, "off")
+        try:
+            await piped.start()
+        except BaseException:
+            await proxy.close()
+            raise
+        log.info("piped listener (proxy.listen_piped) on %s:%d", p.piped_host, piped.port)
     app = make_app(controller, router, config, registry)
     api_runner = await start_api(app, config.api.host, config.api.port)
     log.info("pgroute listening on %s:%d (API %s)", p.host, proxy.port, config.api.listen)
-    return Running(config, router, proxy, controller, api_runner, alerter)
+    return Running(config, router, proxy, controller, api_runner, alerter, piped)
 
 
 async def _main(config: Config) -> int:

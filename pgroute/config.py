@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Any, Literal, Mapping
 from urllib.parse import unquote, urlsplit
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from .errors import ConfigError
 
@@ -167,6 +167,31 @@ class ProxyConfig(_Listener):
     # Kernel splicing (BPF sockhash): "auto" uses it when the kernel allows, "on"
     # refuses to start without it, "off" always pipes bytes through pgroute.
     splice: Literal["auto", "on", "off"] = "auto"
+    # A second listener whose sessions are always piped (never spliced): for bulk
+    # transfers (pg_dump, COPY-heavy jobs), which the pipe moves faster. "" = none.
+    listen_piped: str = ""
+
+    @field_validator("listen_piped")
+    @classmethod
+    def _listen_piped(cls, v: str) -> str:
+        if v:
+            parse_listen(v)
+        return v
+
+    @model_validator(mode="after")
+    def _distinct_listeners(self) -> "ProxyConfig":
+        if self.listen_piped and self.piped_port != 0 and self.piped_port == self.port \
+                and self.piped_host == self.host:
+            raise ValueError("listen_piped must differ from listen")
+        return self
+
+    @property
+    def piped_host(self) -> str:
+        return parse_listen(self.listen_piped)[0]
+
+    @property
+    def piped_port(self) -> int:
+        return parse_listen(self.listen_piped)[1]
 
 
 class NodeConfig(_Section):
