@@ -10,11 +10,12 @@ Invariants:
 - A ``SplicedSession`` is the Router's session (``epoch``, ``backend_name``,
   ``close(reason)``); ``close`` closes both sockets at once, which discards anything
   the kernel still held for them (fencing).
-- When one side ends (EOF, reset), the other side is closed only once the kernel has
+- When one side sends its FIN, the other side is closed only once the kernel has
   written to it everything the ending side sent (a client's last ``Terminate``, a
-  server's last ``ErrorResponse``): bytes received on the ending socket equal bytes
-  written to its peer (``tcpi_bytes_acked`` + ``SIOCOUTQ``). A peer that does not
-  read is closed anyway after ``close_flush_timeout``.
+  server's last ``ErrorResponse``): bytes received on the ending socket (less one
+  for the FIN) equal bytes written to its peer (``tcpi_bytes_acked`` +
+  ``SIOCOUTQ``). A peer that does not read is closed anyway after
+  ``close_flush_timeout``; a side that was reset ends the session at once.
 - Bytes: a session's counts are the bytes each socket received (``tcpi_bytes_received``),
   added to the stats when it ends; ``live_bytes`` reads the open sessions' counts for
   a scrape.
