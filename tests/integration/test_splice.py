@@ -62,6 +62,19 @@ async def read_all(reader: asyncio.StreamReader, timeout: float = 20.0) -> bytes
     return bytes(data)
 
 
+async def wait_backend_gone(cluster, pid: int, failure: str, timeout: float = 10.0) -> None:
+    """Wait until the server process ``pid`` has exited (asked over a direct connection)."""
+    direct = await asyncpg.connect(host=cluster.host, port=cluster.port, **user_db(cluster))
+    try:
+        for _ in range(int(timeout / 0.05)):
+            if not await direct.fetchval("SELECT count(*) FROM pg_stat_activity WHERE pid = $1", pid):
+                return
+            await asyncio.sleep(0.05)
+        pytest.fail(failure)
+    finally:
+        await direct.close()
+
+
 async def ready_session(cluster, proxy: ProxyServer, rcvbuf: int | None = None):
     sock = socket.socket()
     if rcvbuf is not None:
@@ -97,17 +110,8 @@ async def test_server_goodbye_after_a_backlog_reaches_a_slow_client(local_cluste
                        "SELECT pg_terminate_backend(pg_backend_pid())"))
     # Not reading: wait until the server process is gone, i.e. it wrote everything
     # into the kernel's buffers and exited.
-    direct = await asyncpg.connect(host=local_cluster.host, port=local_cluster.port,
-                                   **{k: v for k, v in user_db(local_cluster).items()})
-    try:
-        for _ in range(200):
-            if not await direct.fetchval("SELECT count(*) FROM pg_stat_activity WHERE pid = $1", pid):
-                break
-            await asyncio.sleep(0.05)
-        else:
-            pytest.fail("the backend did not finish writing into the kernel's buffers")
-    finally:
-        await direct.close()
+    await wait_backend_gone(local_cluster, pid,
+                            "the backend did not finish writing into the kernel's buffers")
 
     data = await read_all(reader)
     got = messages(data)
@@ -321,17 +325,7 @@ async def test_client_reset_ends_the_spliced_session(local_cluster, spliced_prox
     pid = int(next(body for kind, body in messages(reply) if kind == b"D")[6:])
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
     writer.transport.abort()   # close with SO_LINGER 0: a RST, no FIN
-    direct = await asyncpg.connect(host=local_cluster.host, port=local_cluster.port,
-                                   **user_db(local_cluster))
-    try:
-        for _ in range(200):
-            if not await direct.fetchval("SELECT count(*) FROM pg_stat_activity WHERE pid = $1", pid):
-                break
-            await asyncio.sleep(0.05)
-        else:
-            pytest.fail("the server's backend outlived the client")
-    finally:
-        await direct.close()
+    await wait_backend_gone(local_cluster, pid, "the server's backend outlived the client")
     assert spliced_proxy.spliced_count == 0
     assert spliced_proxy.router.stats.connections_current == 0
 
