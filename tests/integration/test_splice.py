@@ -194,7 +194,7 @@ async def test_session_registered_after_an_epoch_change_is_closed(local_cluster,
     router = Router(Route(Backend("primary", local_cluster.host, local_cluster.port), 1))
     proxy = ProxyServer(router, "127.0.0.1", 0, shutdown_timeout=0.5, splice="on")
     await proxy.start()
-    real_open = server_module._open_socket
+    real_open = server_module.open_socket
 
     async def open_during_failover(loop, host, port):
         sock = await real_open(loop, host, port)
@@ -202,7 +202,7 @@ async def test_session_registered_after_an_epoch_change_is_closed(local_cluster,
         router.close_sessions(before_epoch=2)
         return sock
 
-    monkeypatch.setattr(server_module, "_open_socket", open_during_failover)
+    monkeypatch.setattr(server_module, "open_socket", open_during_failover)
     try:
         with pytest.raises((asyncpg.InterfaceError, asyncpg.PostgresError, OSError)):
             await asyncpg.connect(host="127.0.0.1", port=proxy.port, timeout=5,
