@@ -40,16 +40,14 @@ Invariants:
 from __future__ import annotations
 
 import asyncio
-import fcntl
 import logging
 import os
 import socket
-import struct
-import termios
 from typing import TYPE_CHECKING, Callable
 
 from . import startup
 from .router import ProxyStats
+from .spliced import inq
 
 if TYPE_CHECKING:
     from .startup import FirstPacket
@@ -351,8 +349,7 @@ class ClientProtocol(_Leg):
         t.pause_reading()
         fd = raw.fileno()
         try:
-            pending = struct.unpack("i", fcntl.ioctl(fd, termios.FIONREAD, b"\0\0\0\0"))[0]
-            if pending:
+            if inq(fd):   # bytes still unread in the kernel: this client pipelined
                 t.resume_reading()
                 return None
             return socket.socket(raw.family, socket.SOCK_STREAM, 0, os.dup(fd))

@@ -8,7 +8,8 @@ Invariants:
 - ``None`` backend means fail closed: no node is routable, clients get 57P03 with
   ``route.reason``.
 - Sessions remember the epoch they were routed under; ``close_sessions`` ends every
-  session of older epochs (fencing at failover).
+  session of older epochs (fencing at failover), and ``register`` closes one that
+  arrives with an older epoch than the current route's.
 
 The data path never imports the control path: the controller calls ``publish`` and
 ``close_sessions``, and listens to backend connect failures through
@@ -119,8 +120,15 @@ class Router:
         return route
 
     # -- sessions ----------------------------------------------------------------
-    def register(self, session: Session) -> None:
+    def register(self, session: Session) -> bool:
+        """Track a session for fencing. A session routed under an epoch older than the
+        current route's is closed instead (it was connecting while a switch fenced
+        that epoch, so ``close_sessions`` could not see it); returns False then."""
+        if session.epoch < self._route.epoch:
+            session.close(f"epoch changed to {self._route.epoch} while connecting")
+            return False
         self._sessions.add(session)
+        return True
 
     def unregister(self, session: Session) -> None:
         self._sessions.discard(session)

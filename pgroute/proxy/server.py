@@ -312,18 +312,11 @@ class ProxyServer:
             transport.close()
             return
         client.attach(transport.get_protocol(), first.raw, route.epoch, backend.name)
-        self._register(client, route)
+        self.router.register(client)
         if log.isEnabledFor(logging.DEBUG):
             who = (f"{first.user}@{first.database}" if first.kind is PacketKind.STARTUP
                    else first.kind.value)   # encrypted: the proxy never sees who
             log.debug("session %s -> %s (epoch %d)", who, backend.name, route.epoch)
-
-    def _register(self, session, route: Route) -> None:
-        """Register a session with the Router, unless a newer epoch was published while
-        it was connecting: fencing may already have closed that epoch's sessions."""
-        self.router.register(session)
-        if route.epoch < self.router.route.epoch:
-            session.close(f"epoch changed to {self.router.route.epoch} while connecting")
 
     async def _splice(self, client: ClientProtocol, first: FirstPacket, route: Route,
                       backend_sock: socket.socket) -> bool:
@@ -359,7 +352,7 @@ class ProxyServer:
             log.debug("backend closed before the startup packet: %s", e)
             session.close("backend closed before the startup packet")
             return True
-        if inq(client_sock):
+        if inq(client_sock.fileno()):
             # Bytes that arrived between take_socket and pair, from a client that did
             # not wait for the server: the kernel forwards them only when more arrive.
             # Drop the session rather than let it hang.
@@ -367,7 +360,7 @@ class ProxyServer:
                         "closing the session")
             session.close("client did not wait for the server")
             return True
-        self._register(session, route)
+        self.router.register(session)
         return True
 
     async def _connect(self, client: ClientProtocol, first: FirstPacket, route: Route,

@@ -50,15 +50,20 @@ _FLUSH_POLL_MAX = 0.05
 
 
 def _tcp_info(sock: socket.socket) -> tuple[int, int, int]:
-    """(state, bytes_acked, bytes_received) of a TCP socket; (0, 0, 0) once it is gone."""
+    """(state, bytes_acked, data bytes received) of a TCP socket; (0, 0, 0) once it is
+    gone. ``tcpi_bytes_received`` counts a received FIN's sequence number: it is taken
+    off here, so the third value is what the peer sent."""
     try:
         raw = sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_INFO, _TCP_INFO_LEN)
     except OSError:
         return 0, 0, 0
     if len(raw) < _TCP_INFO_LEN:
         return raw[0] if raw else 0, 0, 0
-    return (raw[_TCPI_STATE], struct.unpack_from("<Q", raw, _TCPI_BYTES_ACKED)[0],
-            struct.unpack_from("<Q", raw, _TCPI_BYTES_RECEIVED)[0])
+    state = raw[_TCPI_STATE]
+    received = struct.unpack_from("<Q", raw, _TCPI_BYTES_RECEIVED)[0]
+    if state == _TCP_CLOSE_WAIT and received:
+        received -= 1
+    return state, struct.unpack_from("<Q", raw, _TCPI_BYTES_ACKED)[0], received
 
 
 def _outq(sock: socket.socket) -> int:
@@ -69,10 +74,10 @@ def _outq(sock: socket.socket) -> int:
         return 0
 
 
-def inq(sock: socket.socket) -> int:
+def inq(fd: int) -> int:
     """Bytes received on a socket and not yet read (SIOCINQ)."""
     try:
-        return struct.unpack("i", fcntl.ioctl(sock.fileno(), termios.FIONREAD, b"\0\0\0\0"))[0]
+        return struct.unpack("i", fcntl.ioctl(fd, termios.FIONREAD, b"\0\0\0\0"))[0]
     except OSError:
         return 0
 
@@ -151,33 +156,48 @@ class SpliceWatcher:
         session.closing = True
         self._unwatch(session)
         other = session.backend if ended is session.client else session.client
-        if _flushed(ended, other):
-            self.finish(session)
-            return
-        assert self._loop is not None
-        deadline = self._loop.time() + self._close_flush_timeout
-        self._loop.call_later(_FLUSH_POLL_FIRST, self._wait_flush, session, ended, other,
-                              deadline, _FLUSH_POLL_FIRST)
+        if not self._finish_if_flushed(session, ended, other):
+            assert self._loop is not None
+            deadline = self._loop.time() + self._close_flush_timeout
+            self._loop.call_later(_FLUSH_POLL_FIRST, self._wait_flush, session, ended, other,
+                                  deadline, _FLUSH_POLL_FIRST)
 
     def _wait_flush(self, session: SplicedSession, ended: socket.socket, other: socket.socket,
                     deadline: float, delay: float) -> None:
         if session.closed:   # finished meanwhile (fenced, shut down)
             return
         assert self._loop is not None
-        if _flushed(ended, other) or self._loop.time() >= deadline:
+        if self._finish_if_flushed(session, ended, other):
+            return
+        if self._loop.time() >= deadline:
             self.finish(session)
             return
         delay = min(delay * 2, _FLUSH_POLL_MAX)
         self._loop.call_later(delay, self._wait_flush, session, ended, other, deadline, delay)
 
-    def finish(self, session: SplicedSession) -> None:
-        """Account and close both sockets now; idempotent."""
+    def _finish_if_flushed(self, session: SplicedSession, ended: socket.socket,
+                           other: socket.socket) -> bool:
+        """Finish the session if the kernel has written to ``other`` every byte
+        ``ended`` received; the readings taken for that also give the byte counts."""
+        ended_info, other_info = _tcp_info(ended), _tcp_info(other)
+        if not _flushed(ended_info, other_info, other):
+            return False
+        client_info, backend_info = ((ended_info, other_info) if ended is session.client
+                                     else (other_info, ended_info))
+        self.finish(session, (client_info[2], backend_info[2]))
+        return True
+
+    def finish(self, session: SplicedSession, received: tuple[int, int] | None = None) -> None:
+        """Account and close both sockets now; idempotent. ``received``: the client's
+        and the backend's data bytes received, when the caller just read them."""
         if session.closed:
             return
         session.closing = session.closed = True
         self._unwatch(session)
-        self._stats.bytes_client_to_server += _data_received(session.client)
-        self._stats.bytes_server_to_client += _data_received(session.backend)
+        if received is None:
+            received = (_tcp_info(session.client)[2], _tcp_info(session.backend)[2])
+        self._stats.bytes_client_to_server += received[0]
+        self._stats.bytes_server_to_client += received[1]
         session.client.close()
         session.backend.close()
         self.sessions.discard(session)
@@ -188,8 +208,8 @@ class SpliceWatcher:
         """(client to server, server to client) bytes of the sessions still open."""
         c2s = s2c = 0
         for s in self.sessions:
-            c2s += _data_received(s.client)
-            s2c += _data_received(s.backend)
+            c2s += _tcp_info(s.client)[2]
+            s2c += _tcp_info(s.backend)[2]
         return c2s, s2c
 
     def kernel_buffered(self) -> int:
@@ -218,21 +238,15 @@ class SpliceWatcher:
         self._epoll.close()
 
 
-def _data_received(sock: socket.socket) -> int:
-    """Data bytes a socket received (without the FIN's sequence number)."""
-    state, _, received = _tcp_info(sock)
-    return received - 1 if state == _TCP_CLOSE_WAIT and received else received
-
-
-def _flushed(ended: socket.socket, other: socket.socket) -> bool:
-    """Has the kernel written to ``other`` every byte ``ended`` received?"""
-    ended_state, _, received = _tcp_info(ended)
+def _flushed(ended_info: tuple[int, int, int], other_info: tuple[int, int, int],
+             other: socket.socket) -> bool:
+    """Has the kernel written to ``other`` every byte the ended side received?"""
+    ended_state, _, received = ended_info
     if ended_state != _TCP_CLOSE_WAIT:
         # Reset (or an error) rather than a FIN: the conversation was aborted, its
         # last bytes answer nobody.
         return True
-    state, acked, _ = _tcp_info(other)
+    state, acked, _ = other_info
     if state not in (_TCP_ESTABLISHED, _TCP_CLOSE_WAIT):
         return True   # the other side is gone too: nothing more can be delivered
-    # The FIN takes one sequence number and tcpi_bytes_received counts it.
-    return acked + _outq(other) >= received - 1
+    return acked + _outq(other) >= received
