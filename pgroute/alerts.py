@@ -37,7 +37,8 @@ from urllib.parse import unquote, urlsplit
 
 import aiohttp
 
-from .config import AlertsConfig, mask_dsn
+from .config import AlertsConfig
+from .pg.dsn import mask_dsn
 from .model import Event
 
 log = logging.getLogger(__name__)

@@ -30,7 +30,8 @@ from typing import Any, Callable, NoReturn
 import click
 
 from . import __version__
-from .config import Config, ConfigError, load_config, mask_dsn, parse_listen, validate_runtime
+from .config import Config, ConfigError, load_config, parse_listen, validate_runtime
+from .pg.dsn import mask_dsn
 
 DEFAULT_API_URL = "http://127.0.0.1:5000"
 POLL_INTERVAL = 0.3

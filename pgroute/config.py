@@ -13,95 +13,14 @@ from __future__ import annotations
 
 import ipaddress
 import os
-import re
 import tomllib
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal, Mapping
-from urllib.parse import unquote, urlsplit
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from .errors import ConfigError
-
-@dataclass(frozen=True)
-class Dsn:
-    """A parsed PostgreSQL URL. ``str()`` and ``repr()`` never show the password."""
-
-    url: str
-    host: str
-    port: int
-    user: str
-    dbname: str
-    password: str | None
-
-    @property
-    def masked(self) -> str:
-        return mask_dsn(self.url)
-
-    def libpq_conninfo(self) -> str:
-        """Keyword/value form for CREATE SUBSCRIPTION ... CONNECTION."""
-        parts = {"host": self.host, "port": str(self.port), "user": self.user, "dbname": self.dbname}
-        if self.password:
-            parts["password"] = self.password
-        return " ".join(f"{k}={_quote_conninfo(v)}" for k, v in parts.items())
-
-    def with_dbname(self, dbname: str) -> "Dsn":
-        return parse_dsn(_replace_path(self.url, dbname))
-
-    def __str__(self) -> str:
-        return self.masked
-
-    def __repr__(self) -> str:
-        return f"Dsn({self.masked!r})"
-
-
-def _quote_conninfo(value: str) -> str:
-    escaped = value.replace("\\", "\\\\").replace("'", "\\'")
-    return f"'{escaped}'"
-
-
-def _replace_path(url: str, dbname: str) -> str:
-    parts = urlsplit(url)
-    return parts._replace(path="/" + dbname).geturl()
-
-
-_URL_USERINFO = re.compile(r"([a-zA-Z][a-zA-Z0-9+.-]*://[^:/@\s]*:)([^\s/]*)(@[^@/\s]*)")
-_QUERY_PASSWORD = re.compile(r"([?&]password=)[^&\s]*", re.IGNORECASE)
-_KEYWORD_PASSWORD = re.compile(r"(\bpassword\s*=\s*)('(?:[^'\\]|\\.)*'|\S+)", re.IGNORECASE)
-
-
-def mask_dsn(text: str) -> str:
-    """Hide passwords in ``text``: URL user-info of any scheme (up to the last '@'
-    before the host, since libpq accepts an unencoded '@' in a password), the
-    ``?password=`` URI parameter and the keyword form ``password=...``."""
-    text = _URL_USERINFO.sub(r"\1***\3", text)
-    text = _QUERY_PASSWORD.sub(r"\1***", text)
-    return _KEYWORD_PASSWORD.sub(r"\1***", text)
-
-
-def parse_dsn(url: str) -> Dsn:
-    """Parse a ``postgresql://`` URL; raise ValueError with a reason when it is not one."""
-    if not isinstance(url, str) or not url.strip():
-        raise ValueError("empty DSN")
-    parts = urlsplit(url.strip())
-    if parts.scheme not in ("postgresql", "postgres"):
-        raise ValueError("expected postgresql://user@host:port/dbname (a password goes after the user, "
-                         "separated by a colon)")
-    try:
-        port = parts.port or 5432
-    except ValueError:
-        raise ValueError("port is not a number between 1 and 65535") from None
-    if not 1 <= port <= 65535:
-        raise ValueError("port is not a number between 1 and 65535")
-    host = parts.hostname
-    if not host:
-        raise ValueError("no host in DSN")
-    dbname = unquote(parts.path.lstrip("/")) or "postgres"
-    user = unquote(parts.username) if parts.username else "postgres"
-    password = unquote(parts.password) if parts.password is not None else None
-    return Dsn(url=url.strip(), host=host, port=port, user=user, dbname=dbname, password=password)
-
+from .pg.dsn import Dsn, mask_dsn, parse_dsn
 
 def parse_listen(value: str) -> tuple[str, int]:
     """``host:port`` (IPv6 as ``[::1]:port``) -> (host, port); ValueError when malformed."""

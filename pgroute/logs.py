@@ -18,7 +18,7 @@ import sys
 import time
 from typing import IO
 
-from .config import mask_dsn
+from .pg.dsn import mask_dsn
 
 _HANDLER_NAME = "pgroute"
 

@@ -28,7 +28,8 @@ from aiohttp import web
 from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.exposition import CONTENT_TYPE_PLAIN_0_0_4
 
-from ..config import Config, mask_dsn
+from ..config import Config
+from ..pg.dsn import mask_dsn
 from ..errors import ActionRefused, PgRouteError
 from ..model import Event, HealthSample
 from ..proxy.router import Router

@@ -27,7 +27,8 @@ from typing import Callable, Iterator
 
 import asyncpg
 
-from ..config import Config, Dsn, mask_dsn
+from ..config import Config
+from ..pg.dsn import Dsn, mask_dsn
 from ..errors import NodeUnavailable, PgRouteError
 from ..model import NodeName
 from ..proxy.router import Backend, Route, Router

@@ -20,7 +20,8 @@ from dataclasses import replace
 from datetime import datetime, timezone
 from typing import Awaitable, Callable
 
-from ..config import Config, mask_dsn
+from ..config import Config
+from ..pg.dsn import mask_dsn
 from ..errors import ActionRefused, PgRouteError
 from ..model import Event, HealthSample, NodeName
 from ..monitor.monitor import Monitor

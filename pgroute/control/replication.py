@@ -39,7 +39,7 @@ from typing import Sequence
 
 import asyncpg
 
-from ..config import Dsn, mask_dsn, parse_dsn
+from ..pg.dsn import Dsn, mask_dsn, parse_dsn
 from ..errors import NodeUnavailable, PgRouteError
 
 log = logging.getLogger(__name__)

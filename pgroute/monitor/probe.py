@@ -19,7 +19,7 @@ import time
 
 import asyncpg
 
-from ..config import Dsn, mask_dsn
+from ..pg.dsn import Dsn, mask_dsn
 from ..model import HealthSample, NodeName
 
 log = logging.getLogger(__name__)

@@ -7,7 +7,8 @@ import pytest
 from click.testing import CliRunner
 
 from pgroute.cli import main
-from pgroute.config import ConfigError, load_config, mask_dsn, validate_runtime
+from pgroute.config import ConfigError, load_config, validate_runtime
+from pgroute.pg.dsn import mask_dsn
 
 DSNS = ('[primary]\ndsn = "postgresql://postgres@127.0.0.1:5432/chrispar"\n'
         '[mirror]\ndsn = "postgresql://postgres@127.0.0.1:5433/chrispar"\n')
