@@ -561,7 +561,7 @@ def check(config_path: str | None, env_file: str | None) -> None:
     click.echo(f"{'✓' if splice_ok else '✗'} {splice_line}")
     if splice_fix:
         click.echo(f"    fix: {splice_fix}")
-    from .control.replication import check_pair
+    from .tools.check import check_pair
 
     try:
         items = _run_maybe_async(check_pair(
@@ -613,7 +613,8 @@ def _check_splice(mode: str) -> tuple[bool, str, str]:
 
 async def _managed_by_pgroute(config: Config) -> str | None:
     """A description of pgroute's epoch stamp when a switch already happened, else None."""
-    from .control.replication import connect, read_stamp
+    from .pg.catalog import read_stamp
+    from .pg.connect import connect
     from .errors import PgRouteError
 
     for name in ("primary", "mirror"):
@@ -638,7 +639,7 @@ def setup_replication_cmd(config_path: str | None, env_file: str | None) -> None
     config = _load_config(config_path, env_file)
     import asyncpg
 
-    from .control.replication import setup_replication
+    from .tools.setup import setup_replication
     from .errors import PgRouteError
 
     managed = _run_maybe_async(_managed_by_pgroute(config))

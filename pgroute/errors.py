@@ -18,10 +18,6 @@ class NodeUnavailable(PgRouteError):
     """A node could not be reached or did not answer in time."""
 
 
-class PromotionFailed(PgRouteError):
-    """The mirror could not be promoted; routing stays closed or unchanged."""
-
-
 class ActionRefused(PgRouteError):
     """A requested switch was refused; the message says why (HTTP 409, CLI exit 1)."""
 

@@ -6,7 +6,7 @@ Nothing here does I/O. Every value is frozen: shared state is replaced, never mu
 from __future__ import annotations
 
 import enum
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 
 class NodeName(str, enum.Enum):
@@ -21,6 +21,36 @@ class NodeName(str, enum.Enum):
         return NodeName.MIRROR if self is NodeName.PRIMARY else NodeName.PRIMARY
 
 
+class Operation(str, enum.Enum):
+    """What an operator can ask for and what the controller runs: one name for each,
+    shared by the state machine, the procedures, the API and the CLI."""
+
+    FAILOVER = "failover"      # promote the standby, fencing the old active node first
+    SWITCHOVER = "switchover"  # planned, zero-loss move of the active role (both up)
+    FAILBACK = "failback"      # rejoin the configured primary if needed, then switch over to it
+    REJOIN = "rejoin"          # recover divergent commits, resubscribe the standby
+    FENCE = "fence"            # make a returned node read-only, end its sessions, stamp the epoch
+    UNFENCE = "unfence"        # the active node was left read-only by an interrupted switch
+    PROMOTE = "promote"        # finish a promotion interrupted by a pgroute restart
+    PAUSE = "pause"            # hold new connections
+    RESUME = "resume"          # release them
+    RESOLVE = "resolve"        # operator declares the active node after a fail-closed start
+
+    @property
+    def moves_role(self) -> bool:
+        """Whether it moves the active role (routes elsewhere while it runs)."""
+        return self in (Operation.FAILOVER, Operation.SWITCHOVER, Operation.FAILBACK)
+
+    @property
+    def tag(self) -> str:
+        """The word its log lines carry (the seed's operators grep for them)."""
+        if self in (Operation.FAILBACK, Operation.REJOIN):
+            return "FAILBACK"
+        if self is Operation.SWITCHOVER:
+            return "SWITCHOVER"
+        return "FAILOVER"
+
+
 @dataclass(frozen=True)
 class HealthSample:
     """One probe of one node. A probe never raises: failures are samples with ok=False."""
@@ -30,32 +60,16 @@ class HealthSample:
     at: float                      # time.time() when the probe finished
     latency: float                 # seconds the probe took
     error: str | None = None       # short, password-free reason when not ok
-    in_recovery: bool | None = None
     read_only: bool | None = None  # default_transaction_read_only = on (fenced)
     wal_lsn: int | None = None     # pg_current_wal_lsn() as an integer
-    epoch_stamp: int | None = None  # pgroute epoch stamped on the node, if any
-    active_stamp: str | None = None  # node name stamped as active with that epoch
     subscription: str | None = None  # name of a pgroute subscription on this node
     subscription_enabled: bool | None = None
-    subscription_lsn: int | None = None  # latest applied/flushed LSN reported by its worker
     publisher_lag_bytes: int | None = None  # lag of the standby's slot as seen on this node
     sync_state: str | None = None  # pg_stat_replication.sync_state of the standby's walsender
     publisher_lag_seconds: float | None = None  # replay_lag of the standby's walsender
-    # last_value of every sequence ('schema.name' -> value); unowned ones are moved
+    # last_value of every sequence (naming.qualified name -> value); unowned ones are moved
     # past these at promotion since logical replication does not carry sequences.
     sequences: tuple[tuple[str, int], ...] | None = None
-
-
-@dataclass(frozen=True)
-class NodeHealth:
-    """What the monitor believes about a node: last sample plus confirmation counters."""
-
-    node: NodeName
-    up: bool | None = None          # None until the first probe
-    last: HealthSample | None = None
-    consecutive_failures: int = 0
-    lag_bytes: int | None = None    # standby lag behind the active node, last known
-    lag_at: float | None = None
 
 
 @dataclass(frozen=True)
@@ -82,14 +96,3 @@ class Event:
             "phases": {name: round(sec, 4) for name, sec in self.phases},
             "details": dict(self.details),
         }
-
-
-@dataclass(frozen=True)
-class PersistedState:
-    """What survives a pgroute restart (state file and node stamps)."""
-
-    epoch: int = 0
-    active: NodeName | None = NodeName.PRIMARY
-    # The node that must never be routed to until it is rejoined (None: none fenced).
-    fenced: NodeName | None = None
-    extra: tuple[tuple[str, str], ...] = field(default=())

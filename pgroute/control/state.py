@@ -23,7 +23,7 @@ from __future__ import annotations
 import enum
 from dataclasses import dataclass, replace
 
-from ..model import HealthSample, NodeName
+from ..model import HealthSample, NodeName, Operation
 
 
 class Phase(str, enum.Enum):
@@ -46,18 +46,34 @@ class Standby(str, enum.Enum):
 
 
 class Act(str, enum.Enum):
+    """What a decision asks the controller to do. The members named like an
+    ``Operation`` run that operation's procedure on ``Action.node``."""
+
     CONFIRM_PROBE = "confirm_probe"   # run `detail` confirming probes of node, retry_interval apart
-    FAILOVER = "failover"             # promote the standby (node), fencing the old active first
-    SWITCHOVER = "switchover"         # planned move to node (both up)
-    FAILBACK = "failback"             # rejoin if needed + switchover to the configured primary
-    FENCE = "fence"                   # make node read-only, end its sessions, stamp the epoch
-    UNFENCE = "unfence"               # the active node was left read-only by an interrupted switch
-    REJOIN = "rejoin"                 # recover divergent commits, resubscribe node to the active one
-    PAUSE = "pause"
-    RESUME = "resume"
-    ROUTE = "route"                   # publish the route for node (None: route nowhere)
+    FAILOVER = Operation.FAILOVER.value      # promote the standby (node), fencing the old active first
+    SWITCHOVER = Operation.SWITCHOVER.value  # planned move to node (both up)
+    FAILBACK = Operation.FAILBACK.value      # rejoin if needed + switchover to the configured primary
+    FENCE = Operation.FENCE.value            # make node read-only, end its sessions, stamp the epoch
+    UNFENCE = Operation.UNFENCE.value        # the active node was left read-only by an interrupted switch
+    REJOIN = Operation.REJOIN.value          # recover divergent commits, resubscribe node to the active one
+    PROMOTE = Operation.PROMOTE.value        # finish a promotion a restart interrupted (node)
+    STAMP = "stamp"                   # write the state's epoch and active node on node (never stamped)
+    PAUSE = Operation.PAUSE.value
+    RESUME = Operation.RESUME.value
     EVENT = "event"                   # record + alert an event of kind `detail`
     REFUSE = "refuse"                 # refuse the operator's request with the decision's reason
+
+    @property
+    def operation(self) -> Operation | None:
+        """The procedure this action runs, or None."""
+        if self in _RUNS:
+            return Operation(self.value)
+        return None
+
+
+_RUNS = frozenset({Act.FAILOVER, Act.SWITCHOVER, Act.FAILBACK, Act.FENCE, Act.UNFENCE, Act.REJOIN, Act.PROMOTE})
+# Actions about one node: they cannot be built without it.
+_NEEDS_NODE = _RUNS | {Act.CONFIRM_PROBE, Act.STAMP}
 
 
 @dataclass(frozen=True)
@@ -67,6 +83,16 @@ class Action:
     force: bool = False
     manual: bool = False
     detail: str = ""
+
+    def __post_init__(self) -> None:
+        if self.kind in _NEEDS_NODE and self.node is None:
+            raise ValueError(f"action {self.kind.value} needs a node")
+
+    @property
+    def target(self) -> NodeName:
+        """The node of an action that needs one (checked at construction)."""
+        assert self.node is not None, self
+        return self.node
 
 
 @dataclass(frozen=True)
@@ -114,14 +140,31 @@ class Probed:
 
 @dataclass(frozen=True)
 class Requested:
-    kind: str            # failover | failback | switchover | pause | resume | rejoin
+    kind: Operation      # failover | failback | switchover | pause | resume | rejoin | resolve
     now: float
     force: bool = False
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "kind", Operation(self.kind))  # a plain "failover" is accepted
+
+
+@dataclass(frozen=True)
+class Started:
+    """The active node and epoch were decided from stored evidence: at start
+    (``state_store.resolve_start``), or by an operator (``resolve``)."""
+
+    active: NodeName | None
+    epoch: int
+    reason: str
+    now: float
+    unfinished_promotion: bool = False  # the active node still holds its subscription
+    unstamped: bool = False             # the active node carries no epoch stamp yet
+    by_operator: bool = False
 
 
 @dataclass(frozen=True)
 class Finished:
-    kind: str            # failover | switchover | failback | fence | rejoin
+    kind: Operation      # failover | switchover | failback | fence | unfence | rejoin | promote
     ok: bool
     now: float
     node: NodeName | None = None   # the node the operation was about
@@ -129,8 +172,11 @@ class Finished:
     epoch: int = 0
     detail: str = ""
 
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "kind", Operation(self.kind))
 
-Observation = Probed | Requested | Finished
+
+Observation = Probed | Requested | Finished | Started
 
 
 @dataclass(frozen=True)
@@ -153,6 +199,8 @@ def transition(state: State, obs: Observation) -> Decision:
         return _requested(state, obs)
     if isinstance(obs, Finished):
         return _finished(state, obs)
+    if isinstance(obs, Started):
+        return _started(state, obs)
     raise TypeError(f"unknown observation {obs!r}")
 
 
@@ -315,20 +363,28 @@ def _refuse(s: State, reason: str) -> Decision:
 
 def _requested(s: State, obs: Requested) -> Decision:
     kind = obs.kind
-    if kind == "pause":
+    if kind is Operation.PAUSE:
         if s.paused:
             return _d(s, "already paused")
         return _d(replace(s, paused=True), "paused by operator: new connections wait",
                   Action(Act.PAUSE, detail="operator"))
-    if kind == "resume":
+    if kind is Operation.RESUME:
         if not s.paused:
             return _d(s, "not paused")
         return _d(replace(s, paused=False), "resumed by operator", Action(Act.RESUME, detail="operator"))
+    if kind is Operation.RESOLVE:
+        # The controller reads the nodes' stamps and reports back with Started.
+        if s.busy:
+            return _refuse(s, "an operation is running")
+        if s.phase is not Phase.NO_ROUTABLE_NODE:
+            return _refuse(s, f"pgroute routes to {s.active.value if s.active else 'none'} "
+                           "and is not failing closed; use switchover or failover")
+        return _d(s, "operator resolving the active node")
     if s.busy:
         return _refuse(s, f"another operation is running ({s.phase.value}, standby {s.standby.value})")
     if s.active is None:
         return _refuse(s, f"no active node is known: {s.reason}")
-    if kind == "failover":
+    if kind is Operation.FAILOVER:
         blocked = _promotion_blocker(s, force=obs.force)
         if blocked:
             return _refuse(s, f"failover refused: {blocked}"
@@ -338,7 +394,7 @@ def _requested(s: State, obs: Requested) -> Decision:
                   f"manual FAILOVER to {target.value} requested"
                   + (" (forced)" if obs.force else ""),
                   Action(Act.FAILOVER, target, force=obs.force, manual=True))
-    if kind == "switchover":
+    if kind is Operation.SWITCHOVER:
         target = s.standby_node
         if not s.active_up:
             return _refuse(s, f"switchover refused: {s.active.value} is not up (use failover)")
@@ -346,7 +402,7 @@ def _requested(s: State, obs: Requested) -> Decision:
             return _refuse(s, f"switchover refused: {target.value} is {s.standby.value}, not following")
         return _d(replace(s, phase=Phase.SWITCHING), f"switchover to {target.value} requested",
                   Action(Act.SWITCHOVER, target, manual=True))
-    if kind == "failback":
+    if kind is Operation.FAILBACK:
         if s.active is NodeName.PRIMARY:
             return _refuse(s, "failback refused: primary is already active")
         if s.standby in (Standby.DOWN, Standby.UNKNOWN):
@@ -357,54 +413,74 @@ def _requested(s: State, obs: Requested) -> Decision:
             return _refuse(s, "failback refused: mirror is not up")
         return _d(replace(s, phase=Phase.SWITCHING), "FAILBACK to primary requested",
                   Action(Act.FAILBACK, NodeName.PRIMARY, force=obs.force, manual=True))
-    if kind == "rejoin":
+    if kind is Operation.REJOIN:
         if s.standby not in (Standby.FENCED, Standby.NOT_FOLLOWING):
             return _refuse(s, f"rejoin refused: {s.standby_node.value} is {s.standby.value}")
         return _d(replace(s, standby=Standby.REJOINING), f"rejoin of {s.standby_node.value} requested",
                   Action(Act.REJOIN, s.standby_node, force=obs.force, manual=True))
-    return _refuse(s, f"unknown request {kind!r}")
+    return _refuse(s, f"{kind.value} is not something an operator can request here")
 
 
 # -- operation results -----------------------------------------------------------------------------
 
 def _finished(s: State, obs: Finished) -> Decision:
     kind = obs.kind
-    if kind in ("failover", "switchover", "failback"):
+    if kind.moves_role:
         if obs.ok:
             new = replace(s, active=obs.active, epoch=obs.epoch, phase=Phase.ACTIVE_HEALTHY,
                           failures=0, active_up=True, lag_bytes=None, sync_standby=False,
                           standby_ready_since=None,
                           standby=Standby.FOLLOWING if kind != "failover" else Standby.UNKNOWN)
-            tag = "FAILBACK" if kind == "failback" else ("FAILOVER" if kind == "failover" else "switchover")
+            tag = "FAILBACK" if kind is Operation.FAILBACK else ("FAILOVER" if kind is Operation.FAILOVER else "switchover")
             return _d(new, f"{tag} to {obs.active.value} completed: {obs.detail}".rstrip(": "))
         if obs.active is None:
             # Keep `active` (the node that holds the data) so that it can be routed to
             # again when it answers, or an operator can retry the failover.
             return _d(replace(s, phase=Phase.NO_ROUTABLE_NODE, epoch=max(s.epoch, obs.epoch)),
-                      f"{kind} failed, routing to no node (fail closed): {obs.detail}")
+                      f"{kind.value} failed, routing to no node (fail closed): {obs.detail}")
         # The operation failed but left a known-good active node.
         phase = Phase.ACTIVE_HEALTHY if s.active_up or obs.active != s.active else Phase.ACTIVE_DOWN
         return _d(replace(s, active=obs.active, epoch=max(s.epoch, obs.epoch), phase=phase),
-                  f"{kind} failed, still routing to {obs.active.value}: {obs.detail}")
-    if kind == "unfence":
-        return _d(s, f"{obs.node.value} unfenced" if obs.ok else f"unfencing {obs.node.value} failed: {obs.detail}")
-    if kind == "fence":
+                  f"{kind.value} failed, still routing to {obs.active.value}: {obs.detail}")
+    node = obs.node.value if obs.node else "?"
+    if kind is Operation.UNFENCE:
+        return _d(s, f"{node} unfenced" if obs.ok else f"unfencing {node} failed: {obs.detail}")
+    if kind is Operation.FENCE:
         if obs.ok:
-            return _d(replace(s, standby=Standby.FENCED), f"{obs.node.value} fenced (read-only)")
+            return _d(replace(s, standby=Standby.FENCED), f"{node} fenced (read-only)")
         # Forget the status so the next probe of the node decides (and fences) again.
-        return _d(replace(s, standby=Standby.UNKNOWN), f"fencing {obs.node.value} failed: {obs.detail}")
-    if kind == "rejoin":
+        return _d(replace(s, standby=Standby.UNKNOWN), f"fencing {node} failed: {obs.detail}")
+    if kind is Operation.REJOIN:
         if obs.ok:
             return _d(replace(s, standby=Standby.FOLLOWING, lag_bytes=None),
-                      f"{obs.node.value} rejoined: follows {s.active.value if s.active else '?'} ({obs.detail})")
+                      f"{node} rejoined: follows {s.active.value if s.active else '?'} ({obs.detail})")
         return _d(replace(s, standby=Standby.FENCED if s.policy.auto_rejoin else Standby.UNKNOWN,
                           policy=replace(s.policy, auto_rejoin=False)),
-                  f"rejoin of {obs.node.value} failed, automatic rejoin stopped: {obs.detail}")
-    if kind == "resolve":
-        return _d(replace(s, active=obs.active, epoch=obs.epoch, phase=Phase.ACTIVE_HEALTHY,
-                          failures=0, standby=Standby.UNKNOWN),
-                  f"operator resolved the active node: {obs.active.value if obs.active else 'none'}")
-    return _d(s, f"unknown result {kind!r}")
+                  f"rejoin of {node} failed, automatic rejoin stopped: {obs.detail}")
+    if kind is Operation.PROMOTE:
+        if obs.ok:
+            return _d(replace(s, phase=Phase.ACTIVE_HEALTHY),
+                      f"FAILOVER: promotion of {node} finished; routing to it")
+        return _d(replace(s, phase=Phase.NO_ROUTABLE_NODE),
+                  f"could not finish promoting {node}: {obs.detail}")
+    return _d(s, f"unknown result {kind.value!r}")
+
+
+# -- start-up and operator resolution --------------------------------------------------------------
+
+def _started(s: State, obs: Started) -> Decision:
+    new = replace(s, active=obs.active, epoch=obs.epoch, failures=0, active_up=None,
+                  standby=Standby.UNKNOWN, lag_bytes=None, sync_standby=False, standby_ready_since=None)
+    why = (f"operator resolved the active node: {obs.active.value if obs.active else 'none'} (epoch {obs.epoch})"
+           if obs.by_operator else obs.reason)
+    if obs.active is None:
+        return _d(replace(new, phase=Phase.NO_ROUTABLE_NODE), why)
+    if obs.unfinished_promotion:
+        return _d(replace(new, phase=Phase.FAILING_OVER),
+                  f"{why}; FAILOVER: {obs.active.value} is stamped active but still subscribed: "
+                  "finishing its promotion", Action(Act.PROMOTE, obs.active))
+    stamp = (Action(Act.STAMP, obs.active),) if obs.unstamped else ()
+    return _d(replace(new, phase=Phase.ACTIVE_HEALTHY), why, *stamp)
 
 
 def synchronous_standby(s: State) -> NodeName | None:

@@ -104,7 +104,7 @@ def resolve_start(stored: Stored | None, views: dict[NodeName, NodeView]) -> Res
         if unreachable:
             return Resolution(None, 0, "no state file and no epoch stamp, and "
                               f"{', '.join(unreachable)} unreachable: cannot tell which node is current")
-        p, m = views[NodeName.PRIMARY], views[NodeName.MIRROR]
+        p = views[NodeName.PRIMARY]
         if p.subscriber or p.read_only:
             return Resolution(None, 0, "fresh start but primary is a subscriber or read-only: "
                               "cannot tell which node is current")

@@ -5,9 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
-import json
 import logging
-import time
 from pathlib import Path
 
 import asyncpg
@@ -172,10 +170,9 @@ async def test_node_killed_mid_switchover_never_routes_to_stale(pair, tmp_path, 
         def on_phase(op):
             if op.phase_name == when:
                 node.kill()
-        running.controller._on_phase = on_phase
-        running.controller.ctx  # noqa: B018 - the hook is read per operation
+        running.controller.add_phase_listener(on_phase)
         status, body = await api_async(running, "/api/switchover", "POST", {})
-        running.controller._on_phase = lambda op: None
+        running.controller.remove_phase_listener(on_phase)
         st = _st(running)
         acked_before = list(writer.acked)
         await writer.stop()
@@ -282,9 +279,9 @@ async def test_node_killed_mid_failback_never_routes_to_stale(pair, tmp_path, vi
         def on_phase(op):
             if op.phase_name == when and node.is_running():
                 node.kill()
-        running.controller._on_phase = on_phase
+        running.controller.add_phase_listener(on_phase)
         status, body = await api_async(running, "/api/failback", "POST", {})
-        running.controller._on_phase = lambda op: None
+        running.controller.remove_phase_listener(on_phase)
         assert status in (200, 409, 500), body
         await writer.stop()
         acked = writer.acked[after_failover:]     # acknowledged by the mirror

@@ -12,7 +12,11 @@ import asyncpg
 import pytest
 
 from pgroute import local
+from pgroute.control import fencing
 from pgroute.control import replication as r
+from pgroute.pg import catalog, naming
+from pgroute.pg import connect as pgconn
+from pgroute.tools import check, setup
 from pgroute.errors import NodeUnavailable
 
 SUB = "chrispar_sub"
@@ -27,7 +31,7 @@ SELECT nextval('folio_seq') FROM generate_series(1, 7);
 
 @contextlib.asynccontextmanager
 async def control(dsn: str):
-    conn = await r.connect(dsn, 5.0)
+    conn = await pgconn.connect(dsn, 5.0)
     try:
         yield conn
     finally:
@@ -51,19 +55,19 @@ async def eventually(predicate, timeout: float = 10.0, what: str = "condition"):
 
 
 def test_subscription_name():
-    assert r.subscription_name("chrispar_sub", "mirror") == "chrispar_sub"
-    assert r.subscription_name("chrispar_sub", "primary") == "chrispar_sub_rev"
+    assert naming.subscription_name("chrispar_sub", "mirror") == "chrispar_sub"
+    assert naming.subscription_name("chrispar_sub", "primary") == "chrispar_sub_rev"
     with pytest.raises(ValueError):
-        r.subscription_name("chrispar_sub", "other")
+        naming.subscription_name("chrispar_sub", "other")
 
 
 async def test_promote_with_primary_killed(pair):
     pair.primary.sql(SEED, pair.dbname)
     async with control(pair.primary_dsn()) as p:
-        sampled = await r.sample_sequences(p)
-        assert sampled["public.folio_seq"] == 7
-        assert sampled["public.usuarios_id_seq"] == 5
-        await r.wait_caught_up(p, SUB, await r.current_lsn(p), 10)
+        sampled = await catalog.sample_sequences(p)
+        assert sampled[naming.qualified("public", "folio_seq")] == 7
+        assert sampled[naming.qualified("public", "usuarios_id_seq")] == 5
+        await r.wait_caught_up(p, SUB, await catalog.current_lsn(p), 10)
     pair.primary.kill()
 
     async with control(pair.mirror_dsn()) as m:
@@ -71,10 +75,10 @@ async def test_promote_with_primary_killed(pair):
         assert report["subscription_dropped"] is True
         assert await r.subscription_info(m, SUB) is None
         assert report["sequences"] == {
-            "public.usuarios_id_seq": 1005,
-            "public.empleados_id_seq": 1003,  # identity column
-            "public.pedidos_id_seq": 1004,
-            "public.folio_seq": 1007,  # owned by no column: sample + gap
+            naming.qualified("public", "usuarios_id_seq"): 1005,
+            naming.qualified("public", "empleados_id_seq"): 1003,  # identity column
+            naming.qualified("public", "pedidos_id_seq"): 1004,
+            naming.qualified("public", "folio_seq"): 1007,  # owned by no column: sample + gap
         }
         # Re-running right away changes nothing.
         again = await r.promote(m, SUB, 1000, sampled)
@@ -97,13 +101,13 @@ async def test_promote_with_primary_killed(pair):
 
 async def test_fence_subscriber_and_stamps(pair):
     async with control(pair.primary_dsn()) as p, control(pair.mirror_dsn()) as m:
-        other_control = await r.connect(pair.mirror_dsn(), 5.0, application_name="pgroute-monitor")
+        other_control = await pgconn.connect(pair.mirror_dsn(), 5.0, application_name="pgroute-monitor")
         victim = await client(pair.mirror_dsn())
         await victim.execute("BEGIN; INSERT INTO usuarios (nombre) VALUES ('local')")
-        assert not await r.is_fenced(m)
+        assert not await fencing.is_fenced(m)
 
-        await r.fence(m)
-        assert await r.is_fenced(m)
+        await fencing.fence(m)
+        assert await fencing.is_fenced(m)
         assert victim.is_closed() or await _is_dead(victim)
         assert await other_control.fetchval("SELECT 1") == 1  # pgroute sessions survive
 
@@ -117,22 +121,22 @@ async def test_fence_subscriber_and_stamps(pair):
 
         # The fenced subscriber still applies the primary's changes.
         await p.execute("INSERT INTO usuarios (nombre) VALUES ('replicated')")
-        await r.wait_caught_up(p, SUB, await r.current_lsn(p), 10)
+        await r.wait_caught_up(p, SUB, await catalog.current_lsn(p), 10)
         assert await m.fetchval("SELECT count(*) FROM usuarios WHERE nombre = 'replicated'") == 1
 
         # Stamps: per node, survive replication untouched, writable when fenced.
-        assert await r.read_stamp(m) == (None, None)
-        await r.write_stamp(p, 7, "primary")
-        await r.write_stamp(m, 6, None)
+        assert await catalog.read_stamp(m) == (None, None)
+        await catalog.write_stamp(p, 7, "primary")
+        await catalog.write_stamp(m, 6, None)
         await p.execute("INSERT INTO usuarios (nombre) VALUES ('after stamp')")
-        await r.wait_caught_up(p, SUB, await r.current_lsn(p), 10)
-        assert await r.read_stamp(p) == (7, "primary")
-        assert await r.read_stamp(m) == (6, None)
-        await r.write_stamp(p, 8, "mirror")
-        assert await r.read_stamp(p) == (8, "mirror")
+        await r.wait_caught_up(p, SUB, await catalog.current_lsn(p), 10)
+        assert await catalog.read_stamp(p) == (7, "primary")
+        assert await catalog.read_stamp(m) == (6, None)
+        await catalog.write_stamp(p, 8, "mirror")
+        assert await catalog.read_stamp(p) == (8, "mirror")
 
-        await r.unfence(m)
-        assert not await r.is_fenced(m)
+        await fencing.unfence(m)
+        assert not await fencing.is_fenced(m)
         fresh = await client(pair.mirror_dsn())
         try:
             assert await fresh.fetchval("SHOW default_transaction_read_only") == "off"
@@ -154,10 +158,10 @@ async def test_failover_slot_then_reverse_subscription(pair):
     publication and a slot before any write, write, then let the old primary
     subscribe to that slot without a copy: it receives exactly the new writes."""
     pair.primary.sql(SEED, pair.dbname)
-    rev = r.subscription_name(SUB, "primary")
+    rev = naming.subscription_name(SUB, "primary")
     async with control(pair.primary_dsn()) as p, control(pair.mirror_dsn()) as m:
-        await r.wait_caught_up(p, SUB, await r.current_lsn(p), 10)
-        await r.promote(m, SUB, 1000, await r.sample_sequences(p))
+        await r.wait_caught_up(p, SUB, await catalog.current_lsn(p), 10)
+        await r.promote(m, SUB, 1000, await catalog.sample_sequences(p))
         assert await r.ensure_publication(m, PUB) is True
         assert await r.ensure_slot(m, rev) is True
         assert await r.ensure_publication(m, PUB) is False
@@ -172,13 +176,13 @@ async def test_failover_slot_then_reverse_subscription(pair):
         assert SUB in await r.list_inactive_slots(p)
         assert await r.drop_slot(p, SUB) is True
         assert await r.drop_slot(p, SUB) is False
-        await r.fence(p)  # the returning node follows the mirror while fenced
+        await fencing.fence(p)  # the returning node follows the mirror while fenced
         # Trust authentication ignores the password: it is there to be masked.
         mirror_dsn = pair.mirror.dsn(pair.dbname, password="s3cret")
         created = await r.subscribe(p, rev, mirror_dsn, PUB, copy_data=False, create_slot=False)
         assert created is True
         assert await r.subscribe(p, rev, mirror_dsn, PUB, copy_data=False, create_slot=False) is False
-        await r.wait_caught_up(m, rev, await r.current_lsn(m), 10)
+        await r.wait_caught_up(m, rev, await catalog.current_lsn(m), 10)
         assert await p.fetchval("SELECT id FROM usuarios WHERE nombre = 'on mirror'") == 1006
         assert await p.fetchval("SELECT nombre FROM usuarios WHERE id = 1") == "changed"
         assert await p.fetchval("SELECT count(*) FROM usuarios") == 6  # no copy: no duplicates
@@ -199,7 +203,7 @@ async def test_failover_slot_then_reverse_subscription(pair):
         assert await p.fetchval("SELECT count(*) FROM usuarios") == 0
         assert await r.subscribe(p, rev, mirror_dsn, PUB, copy_data=True, create_slot=True)
         await eventually(lambda: _all_ready(p, rev), what="initial copy")
-        await r.wait_caught_up(m, rev, await r.current_lsn(m), 10)
+        await r.wait_caught_up(m, rev, await catalog.current_lsn(m), 10)
         for table in ("usuarios", "empleados", "pedidos"):
             query = f"SELECT count(*) FROM {table}"
             assert await p.fetchval(query) == await m.fetchval(query) > 0
@@ -227,7 +231,7 @@ async def test_lag_wait_caught_up_and_synchronous(pair):
         async def converge(**kw) -> float:
             await p.execute("INSERT INTO pedidos (total) VALUES (1)")
             started = time.perf_counter()
-            await r.wait_caught_up(p, SUB, await r.current_lsn(p), 10, **kw)
+            await r.wait_caught_up(p, SUB, await catalog.current_lsn(p), 10, **kw)
             return time.perf_counter() - started
 
         assert min([await converge(applied=True) for _ in range(3)]) < 0.1
@@ -244,9 +248,9 @@ async def test_lag_wait_caught_up_and_synchronous(pair):
         second = await r.lag_bytes(p, SUB)
         assert 0 < first < second
         with pytest.raises(asyncio.TimeoutError):
-            await r.wait_caught_up(p, SUB, await r.current_lsn(p), 0.2)
+            await r.wait_caught_up(p, SUB, await catalog.current_lsn(p), 0.2)
         await m.execute(f"ALTER SUBSCRIPTION {SUB} ENABLE")
-        await r.wait_caught_up(p, SUB, await r.current_lsn(p), 15)
+        await r.wait_caught_up(p, SUB, await catalog.current_lsn(p), 15)
         count = "SELECT count(*) FROM pedidos"
         assert await p.fetchval(count) == await m.fetchval(count)
 
@@ -274,7 +278,7 @@ async def test_setup_replication_and_check_pair(cluster_factory):
     src.sql(local.DEFAULT_SCHEMA + SEED, "chrispar")
     primary, mirror = src.dsn("chrispar"), dst.dsn("chrispar")
 
-    steps = await r.setup_replication(primary, mirror, PUB, SUB, timeout=60)
+    steps = await setup.setup_replication(primary, mirror, PUB, SUB, timeout=60)
     assert "mirror: database chrispar created" in steps
     assert any("publication chrispar_pub created" in s for s in steps)
     assert any("schema copied" in s for s in steps)
@@ -282,49 +286,49 @@ async def test_setup_replication_and_check_pair(cluster_factory):
     assert dst.sql("SELECT count(*) FROM usuarios", "chrispar") == "5"
     src.sql("INSERT INTO usuarios (nombre) VALUES ('new')", "chrispar")
     async with control(primary) as p:
-        await r.wait_caught_up(p, SUB, await r.current_lsn(p), 10)
+        await r.wait_caught_up(p, SUB, await catalog.current_lsn(p), 10)
     assert dst.sql("SELECT count(*) FROM usuarios", "chrispar") == "6"
 
-    again = await r.setup_replication(primary, mirror, PUB, SUB, timeout=60)
+    again = await setup.setup_replication(primary, mirror, PUB, SUB, timeout=60)
     assert any("already exists" in s for s in again) and not any("created" in s for s in again)
 
-    items = await r.check_pair(primary, mirror, PUB, SUB, 5.0)
+    items = await check.check_pair(primary, mirror, PUB, SUB, 5.0)
     assert all(i.ok for i in items), [i for i in items if not i.ok]
 
     def failing(items):
         return {i.name: i for i in items if not i.ok}
 
     dst.sql(f"ALTER SUBSCRIPTION {SUB} DISABLE", "chrispar")
-    bad = failing(await r.check_pair(primary, mirror, PUB, SUB, 5.0))
+    bad = failing(await check.check_pair(primary, mirror, PUB, SUB, 5.0))
     assert "disabled" in bad["subscription"].detail and "ENABLE" in bad["subscription"].fix
     # Disabled for long enough, its slot shows as inactive and holding WAL.
     await _wait_inactive(primary)
-    bad = failing(await r.check_pair(primary, mirror, PUB, SUB, 5.0))
+    bad = failing(await check.check_pair(primary, mirror, PUB, SUB, 5.0))
     assert SUB in bad["primary inactive slots"].detail
     assert "do not drop" in bad["primary inactive slots"].fix  # the mirror's own slot
     dst.sql(f"ALTER SUBSCRIPTION {SUB} ENABLE", "chrispar")
 
     src.sql(f"DROP PUBLICATION {PUB}", "chrispar")
-    bad = failing(await r.check_pair(primary, mirror, PUB, SUB, 5.0))
+    bad = failing(await check.check_pair(primary, mirror, PUB, SUB, 5.0))
     assert "does not exist" in bad["publication"].detail
 
     dst.stop()
-    bad = failing(await r.check_pair(primary, mirror, PUB, SUB, 2.0))
+    bad = failing(await check.check_pair(primary, mirror, PUB, SUB, 2.0))
     assert set(bad) >= {"mirror reachable", "publication"}
     assert bad["mirror reachable"].fix
 
     # Connection failures name the node with its password masked.
     secret = dst.dsn("chrispar", password="s3cret")
     with pytest.raises(NodeUnavailable) as excinfo:
-        await r.connect(secret, 2.0)
+        await pgconn.connect(secret, 2.0)
     assert "s3cret" not in str(excinfo.value) and "***" in str(excinfo.value)
 
     # A would-be primary without wal_level = logical: setup says what to do.
     dst.set_settings(wal_level="replica")
     dst.start()
-    with pytest.raises(r.ReplicationSetupError, match="wal_level = logical.*restart"):
-        await r.setup_replication(dst.dsn("chrispar"), primary, PUB, "other_sub")
-    bad = failing(await r.check_pair(dst.dsn("chrispar"), primary, PUB, "other_sub", 5.0))
+    with pytest.raises(setup.ReplicationSetupError, match="wal_level = logical.*restart"):
+        await setup.setup_replication(dst.dsn("chrispar"), primary, PUB, "other_sub")
+    bad = failing(await check.check_pair(dst.dsn("chrispar"), primary, PUB, "other_sub", 5.0))
     assert "ALTER SYSTEM SET wal_level = logical" in bad["primary wal_level"].fix
 
 

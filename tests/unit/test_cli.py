@@ -276,7 +276,8 @@ def fake_replication(monkeypatch, items, steps=("created publication chrispar_pu
 
     mod.check_pair = check_pair  # type: ignore[attr-defined]
     mod.setup_replication = setup_replication  # type: ignore[attr-defined]
-    monkeypatch.setitem(sys.modules, "pgroute.control.replication", mod)
+    for name in ("pgroute.tools.check", "pgroute.tools.setup", "pgroute.pg.catalog", "pgroute.pg.connect"):
+        monkeypatch.setitem(sys.modules, name, mod)
     return calls
 
 

@@ -29,6 +29,7 @@ from pgroute.control.state import (
     Probed,
     Requested,
     Standby,
+    Started,
     State,
     synchronous_standby,
     transition,
@@ -66,13 +67,13 @@ def hs(node: NodeName, ok: bool = True, *, at: float = T0, error: str | None = N
 
 def up(node: NodeName = P, lag: int | None = 0, sync: str | None = None, *, now: float = T0) -> Probed:
     """The active node answers; it reports the standby's slot lag and walsender sync_state."""
-    return Probed(hs(node, at=now, in_recovery=False, read_only=False,
+    return Probed(hs(node, at=now, read_only=False,
                      publisher_lag_bytes=lag, sync_state=sync), now)
 
 
 def up_read_only(node: NodeName = P, lag: int | None = 0, *, now: float = T0) -> Probed:
     """The active node answers but is read-only (left fenced by an interrupted switch)."""
-    return Probed(hs(node, at=now, in_recovery=False, read_only=True, publisher_lag_bytes=lag), now)
+    return Probed(hs(node, at=now, read_only=True, publisher_lag_bytes=lag), now)
 
 
 def down(node: NodeName = P, *, now: float = T0, error: str = "timeout after 5.0s") -> Probed:
@@ -467,7 +468,8 @@ REQUESTS = [
     case("rejoin-down-refused", st(standby=Standby.DOWN), req("rejoin"), [REFUSE()], ["rejoin refused: mirror is down"]),
     case("rejoin-unfenced-refused", st(standby=Standby.UNFENCED), req("rejoin"), [REFUSE()],
          ["rejoin refused: mirror is unfenced"]),
-    case("unknown-request-refused", st(), req("reboot"), [REFUSE()], ["unknown request 'reboot'"]),
+    case("internal-operation-request-refused", st(), req("fence"), [REFUSE()],
+         ["fence is not something an operator can request here"]),
 ]
 
 # Any operation requested while another one runs is refused, whatever it is.
@@ -542,11 +544,60 @@ FINISHED = [
          fin("rejoin", False, node=M, active=P, detail="slot missing"),
          [], ["rejoin of mirror failed, automatic rejoin stopped: slot missing"],
          standby=Standby.FENCED, policy=pol(auto_rejoin=False)),
-    case("resolve", st(active=None, phase=Phase.NO_ROUTABLE_NODE, standby=Standby.UNKNOWN),
-         fin("resolve", True, active=M, epoch=5), [], ["operator resolved the active node: mirror"],
-         active=M, epoch=5, phase=HEALTHY),
-    case("unknown-result", st(), fin("reboot", True), [], ["unknown result 'reboot'"]),
+    case("promotion-finished", st(active=M, phase=Phase.FAILING_OVER, standby=Standby.UNKNOWN),
+         fin("promote", True, node=M, active=M, epoch=4), [], ["promotion of mirror finished"], phase=HEALTHY),
+    case("promotion-not-finished-fails-closed", st(active=M, phase=Phase.FAILING_OVER, standby=Standby.UNKNOWN),
+         fin("promote", False, node=M, epoch=4, detail="connection refused"), [],
+         ["could not finish promoting mirror: connection refused"], phase=Phase.NO_ROUTABLE_NODE, active=M),
 ]
+
+
+def test_unknown_result_or_request_cannot_be_observed():
+    with pytest.raises(ValueError):
+        fin("reboot", True)
+    with pytest.raises(ValueError):
+        req("reboot")
+
+
+def test_operation_actions_need_a_node():
+    with pytest.raises(ValueError, match="needs a node"):
+        Action(Act.FAILOVER)
+    with pytest.raises(ValueError, match="needs a node"):
+        Action(Act.CONFIRM_PROBE, detail="3")
+    assert Action(Act.REFUSE, detail="no").node is None
+
+
+NOT_ROUTING = dict(active=None, phase=Phase.NO_ROUTABLE_NODE, standby=Standby.UNKNOWN, active_up=None)
+
+STARTED = [
+    case("start-routes-to-the-winner", st(**NOT_ROUTING), Started(P, 3, "epoch 3: primary is active", T0), [],
+         ["epoch 3: primary is active"], active=P, epoch=3, phase=HEALTHY, standby=Standby.UNKNOWN),
+    case("start-fails-closed", st(**NOT_ROUTING),
+         Started(None, 3, "epoch 3 claims disagree: cannot tell which node is current", T0), [],
+         ["cannot tell"], epoch=3),
+    case("start-finishes-an-interrupted-promotion", st(**NOT_ROUTING),
+         Started(M, 4, "epoch 4: mirror is active", T0, unfinished_promotion=True), [A(Act.PROMOTE, M)],
+         ["mirror is stamped active but still subscribed", "FAILOVER"], active=M, epoch=4,
+         phase=Phase.FAILING_OVER),
+    case("start-stamps-an-unstamped-winner", st(**NOT_ROUTING),
+         Started(P, 0, "fresh start: no state file, no stamps; primary is active", T0, unstamped=True),
+         [A(Act.STAMP, P)], ["fresh start"], active=P, phase=HEALTHY),
+    case("resolve", st(**NOT_ROUTING), Started(M, 5, "operator resolved", T0, by_operator=True), [],
+         ["operator resolved the active node: mirror"], active=M, epoch=5, phase=HEALTHY),
+    case("resolve-none", st(**NOT_ROUTING), Started(None, 6, "operator resolved", T0, by_operator=True), [],
+         ["operator resolved the active node: none"], epoch=6),
+    case("resolve-requested-while-failing-closed", st(**NOT_ROUTING), req("resolve"), [],
+         ["operator resolving the active node"]),
+    case("resolve-refused-while-routing", st(), req("resolve"), [REFUSE()],
+         ["pgroute routes to primary and is not failing closed"]),
+    case("resolve-refused-while-busy", st(phase=Phase.FAILING_OVER), req("resolve"), [REFUSE()],
+         ["an operation is running"]),
+]
+
+
+@pytest.mark.parametrize("state, obs, actions, reason, after", STARTED)
+def test_started(state, obs, actions, reason, after):
+    check(state, transition(state, obs), actions, reason, after)
 
 
 @pytest.mark.parametrize("state, obs, actions, reason, after", FINISHED)

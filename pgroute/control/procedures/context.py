@@ -1,0 +1,116 @@
+"""What every procedure shares: the running operation (``Op``, timed phase by phase),
+its result (``OpResult``), and the controller's side of things it may touch
+(``Context``: node connections, the Router, the state file).
+
+Procedures never raise for node failures: they return an ``OpResult`` saying which
+node is safe to route to (None: none, fail closed) and what they did.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import asyncpg
+
+from ...config import Config
+from ...model import NodeName, Operation
+from ...pg.connect import DB_ERRORS, connect, describe
+from ...pg.dsn import Dsn
+from ...pg.naming import subscription_name
+from ...proxy.router import Backend, Route, Router
+from ..state_store import StateFile, Stored
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class Op:
+    """A running operation: its kind, current phase and the phase timings."""
+
+    kind: Operation
+    started_at: float = field(default_factory=time.time)
+    phase_name: str = "starting"
+    phases: list[tuple[str, float]] = field(default_factory=list)
+    details: dict[str, str] = field(default_factory=dict)
+    # Called as each phase starts (progress listeners; tests kill nodes at a phase).
+    on_phase: Callable[["Op"], None] | None = None
+
+    @property
+    def tag(self) -> str:
+        """FAILOVER or FAILBACK (log grep), or SWITCHOVER."""
+        return self.kind.tag
+
+    @contextlib.contextmanager
+    def phase(self, name: str) -> Iterator[None]:
+        self.phase_name = name
+        if self.on_phase is not None:
+            self.on_phase(self)
+        log.info("%s phase %s started", self.tag, name)
+        t0 = time.monotonic()
+        try:
+            yield
+        finally:
+            took = time.monotonic() - t0
+            self.phases.append((name, took))
+            log.info("%s phase %s took %.3fs", self.tag, name, took)
+
+
+@dataclass(frozen=True)
+class OpResult:
+    ok: bool
+    active: NodeName | None     # where it is safe to route now
+    epoch: int
+    detail: str
+
+
+class Context:
+    """What the procedures need from the controller."""
+
+    def __init__(self, config: Config, router: Router, state_file: StateFile,
+                 backends: dict[NodeName, Backend], is_paused: Callable[[], bool],
+                 sequences: Callable[[], dict[str, int] | None]) -> None:
+        self.config = config
+        self.router = router
+        self.state_file = state_file
+        self.backends = backends
+        self.is_paused = is_paused
+        self.sequences = sequences
+
+    def dsn(self, node: NodeName) -> Dsn:
+        return self.config.node_dsn(node.value)
+
+    def sub(self, subscriber: NodeName) -> str:
+        """Name of the subscription held by ``subscriber`` (= its slot on the publisher)."""
+        return subscription_name(self.config.replication.subscription, subscriber)
+
+    async def connect(self, node: NodeName, timeout: float | None = None) -> asyncpg.Connection:
+        return await connect(self.dsn(node), timeout or self.config.health.timeout)
+
+    async def try_connect(self, node: NodeName, timeout: float) -> asyncpg.Connection | None:
+        """A control connection, or None (logged) when the node cannot be reached."""
+        try:
+            return await self.connect(node, timeout)
+        except DB_ERRORS as exc:
+            log.info("%s unreachable: %s", node.value, describe(exc))
+            return None
+
+    def route_to(self, node: NodeName | None, epoch: int, reason: str = "") -> None:
+        backend = self.backends[node] if node else None
+        self.router.publish(Route(backend, epoch, paused=self.is_paused(), reason=reason))
+
+    def hold(self, epoch: int, reason: str) -> None:
+        """New connections wait (paused) and nothing is routed while a switch runs."""
+        self.router.publish(Route(None, epoch, paused=True, reason=reason))
+
+    def persist(self, epoch: int, active: NodeName | None) -> None:
+        self.state_file.save(Stored(epoch, active))
+
+    @property
+    def recovery_dir(self) -> Path:
+        """Where divergent commits and pre-resync dumps are written."""
+        return Path(self.config.state.recovery_dir)

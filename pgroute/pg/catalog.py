@@ -1,0 +1,181 @@
+"""The catalog facts that both the probe and the control plane read, one reader each:
+pgroute's epoch stamp, the applied-LSN record, sequence samples, WAL positions,
+and the one-round-trip snapshot of a node that the probe takes.
+
+Stamps live in ``pg_db_role_setting`` (``ALTER DATABASE … SET pgroute.*``): a shared
+catalog that logical replication never copies, so each node keeps its own stamp and
+nothing pgroute-private is written into replicated tables.
+
+Sequences are named with :func:`naming.qualified` everywhere (samples, moves,
+reports), so a sample always finds the sequence it was taken from.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import asyncpg
+
+from .naming import int_to_lsn, qualified, quote_ident, quote_literal
+
+STAMP_EPOCH = "pgroute.epoch"
+STAMP_ACTIVE = "pgroute.active"
+APPLIED_LSN_SETTING = "pgroute.applied_lsn"
+_ACTIVE_VALUES = {"primary", "mirror", "none"}
+
+# The database-wide settings of the current database (NULL when none were set).
+_DB_SETTINGS_SQL = """
+SELECT s.setconfig FROM pg_db_role_setting s
+  JOIN pg_database d ON d.oid = s.setdatabase
+ WHERE s.setrole = 0 AND d.datname = current_database()
+"""
+
+
+# ----------------------------------------------------------------------- settings
+
+
+def _db_settings(setconfig: list[str] | None) -> dict[str, str]:
+    return dict(item.split("=", 1) for item in (setconfig or ()) if "=" in item)
+
+
+async def setting(conn: asyncpg.Connection, name: str) -> str:
+    """current_setting(name) as this session sees it."""
+    value: str = await conn.fetchval("SELECT current_setting($1)", name)
+    return value
+
+
+async def _set_database_setting(conn: asyncpg.Connection, name: str, value: str) -> None:
+    db = await conn.fetchval("SELECT current_database()")
+    await conn.execute(f"ALTER DATABASE {quote_ident(db)} SET {name} = {quote_literal(value)}")
+
+
+# ------------------------------------------------------------------------- stamps
+
+
+def parse_stamp(setconfig: list[str] | None) -> tuple[int | None, str | None]:
+    """(epoch, active) from a ``pg_db_role_setting.setconfig`` array; active is
+    'primary' or 'mirror', None when the stamp says 'none' or is missing or garbled,
+    epoch None when missing or not an integer."""
+    values = _db_settings(setconfig)
+    try:
+        epoch: int | None = int(values[STAMP_EPOCH])
+    except (KeyError, ValueError):
+        epoch = None
+    active = values.get(STAMP_ACTIVE)
+    return epoch, active if active in ("primary", "mirror") else None
+
+
+async def read_stamp(conn: asyncpg.Connection) -> tuple[int | None, str | None]:
+    """(epoch, active node) stamped on this database; (None, None) when never stamped."""
+    return parse_stamp(await conn.fetchval(_DB_SETTINGS_SQL))
+
+
+async def write_stamp(conn: asyncpg.Connection, epoch: int, active: object) -> None:
+    """Record pgroute's epoch and active node ('primary', 'mirror', a NodeName, or
+    None for no node) on the node itself; both values are set in one transaction."""
+    active_text = "none" if active is None else str(getattr(active, "value", active))
+    if active_text not in _ACTIVE_VALUES:
+        raise ValueError(f"active must be 'primary', 'mirror' or None, not {active!r}")
+    async with conn.transaction():
+        await _set_database_setting(conn, STAMP_EPOCH, str(int(epoch)))
+        await _set_database_setting(conn, STAMP_ACTIVE, active_text)
+
+
+# --------------------------------------------------------------------- applied LSN
+
+_ORIGIN_LSN_SQL = """
+SELECT (s.remote_lsn - '0/0'::pg_lsn)::bigint
+  FROM pg_replication_origin_status s
+  JOIN pg_subscription sub ON s.external_id = 'pg_' || sub.oid
+ WHERE sub.subname = $1
+"""
+
+
+async def record_applied_lsn(conn: asyncpg.Connection, subscription: str) -> None:
+    """Keep, on the node being promoted, the last publisher LSN it applied.
+
+    The publisher's slot position (confirmed_flush_lsn) is only written to disk at
+    checkpoints: after a crash the old primary's slot may point before commits the
+    mirror did apply. The mirror's replication origin is WAL-logged with each commit,
+    so it is exact; rejoin uses it to tell divergent commits from applied ones. Read
+    before the subscription (and its origin) is dropped; a re-run after the drop
+    finds no origin and keeps the value already stored."""
+    lsn = await conn.fetchval(_ORIGIN_LSN_SQL, subscription)
+    if lsn is not None:
+        await _set_database_setting(conn, APPLIED_LSN_SETTING, int_to_lsn(lsn))
+
+
+async def read_applied_lsn(conn: asyncpg.Connection) -> str | None:
+    """The LSN recorded by :func:`record_applied_lsn`, as text; None when none."""
+    return _db_settings(await conn.fetchval(_DB_SETTINGS_SQL)).get(APPLIED_LSN_SETTING)
+
+
+# ---------------------------------------------------------------- WAL, sequences
+
+
+async def current_lsn(conn: asyncpg.Connection) -> int:
+    """The node's WAL write position."""
+    value: int = await conn.fetchval("SELECT pg_wal_lsn_diff(pg_current_wal_lsn(), '0/0')::bigint")
+    return value
+
+
+async def sample_sequences(conn: asyncpg.Connection) -> dict[str, int]:
+    """Qualified sequence name -> last value handed out (start - increment when never
+    called), for every sequence in the database."""
+    rows = await conn.fetch(
+        "SELECT schemaname, sequencename, coalesce(last_value, start_value - increment_by)::bigint AS value "
+        "FROM pg_sequences"
+    )
+    return {qualified(r["schemaname"], r["sequencename"]): int(r["value"]) for r in rows}
+
+
+# ------------------------------------------------------------------ node snapshot
+
+# One round trip. $1: this node's own subscription name; $2: the other node's
+# subscription (= its slot and walsender application_name on this node).
+_NODE_FACTS_SQL = f"""
+SELECT current_setting('default_transaction_read_only') = 'on' AS read_only,
+       CASE WHEN pg_is_in_recovery() THEN NULL
+            ELSE (pg_current_wal_lsn() - '0/0'::pg_lsn)::bigint END AS wal_lsn,
+       ({_DB_SETTINGS_SQL}) AS dbconfig,
+       (SELECT subenabled FROM pg_subscription
+         WHERE subname = $1
+           AND subdbid = (SELECT oid FROM pg_database WHERE datname = current_database()))
+           AS sub_enabled,
+       (SELECT (pg_current_wal_lsn() - confirmed_flush_lsn)::bigint
+          FROM pg_replication_slots WHERE slot_name = $2) AS slot_lag,
+       r.sync_state,
+       (pg_current_wal_lsn() - r.flush_lsn)::bigint AS flush_lag,
+       extract(epoch FROM r.replay_lag)::float8 AS replay_lag
+  FROM (SELECT 1) AS one
+  LEFT JOIN LATERAL (SELECT sync_state, flush_lsn, replay_lag FROM pg_stat_replication
+                      WHERE application_name = $2 LIMIT 1) r ON true
+"""
+
+
+@dataclass(frozen=True)
+class NodeFacts:
+    """What one probe reads from a node."""
+
+    read_only: bool                  # new sessions start read-only (fenced)
+    wal_lsn: int | None              # pg_current_wal_lsn() as an integer
+    epoch: int | None                # pgroute epoch stamped on the node
+    active: str | None               # node stamped active with that epoch
+    subscription_enabled: bool | None  # own subscription: None when it does not exist
+    peer_lag_bytes: int | None       # the other node's subscription lag, seen from here
+    peer_sync_state: str | None      # its walsender's sync_state
+    peer_lag_seconds: float | None   # its walsender's replay_lag
+    sequences: dict[str, int]
+
+
+async def read_node_facts(conn: asyncpg.Connection, own_subscription: str, peer_subscription: str) -> NodeFacts:
+    row = await conn.fetchrow(_NODE_FACTS_SQL, own_subscription, peer_subscription)
+    epoch, active = parse_stamp(row["dbconfig"])
+    lag = row["flush_lag"] if row["flush_lag"] is not None else row["slot_lag"]
+    return NodeFacts(
+        read_only=row["read_only"], wal_lsn=row["wal_lsn"], epoch=epoch, active=active,
+        subscription_enabled=row["sub_enabled"],
+        peer_lag_bytes=max(lag, 0) if lag is not None else None,
+        peer_sync_state=row["sync_state"], peer_lag_seconds=row["replay_lag"],
+        sequences=await sample_sequences(conn),
+    )

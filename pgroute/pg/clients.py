@@ -1,0 +1,82 @@
+"""PostgreSQL's client programs (pg_dump, psql) as pgroute runs them: which binary,
+with which environment, bounded in time, with masked errors.
+
+Invariant: a password travels in the child's environment (``PGPASSWORD``), never on
+its command line, and never in an error message (stderr is masked).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import glob
+import os
+import shutil
+from pathlib import Path
+
+from ..errors import PgRouteError
+from .connect import CONTROL_APPLICATION_NAME
+from .dsn import Dsn, mask_conninfo
+
+
+class ClientProgramError(PgRouteError, OSError):
+    """A client program is missing, failed or did not finish in time. An OSError too:
+    to the procedures it is one more way a node step can fail (connect.DB_ERRORS)."""
+
+
+def pg_binary(name: str) -> str:
+    """A PostgreSQL client binary: the newest /usr/lib/postgresql/*/bin one (pg_dump
+    must not be older than the server), else PATH."""
+
+    def version(path: str) -> float:
+        try:
+            return float(path.split("/")[-3])
+        except ValueError:
+            return 0.0
+
+    candidates = sorted(glob.glob(f"/usr/lib/postgresql/*/bin/{name}"), key=version, reverse=True)
+    found = candidates[0] if candidates else shutil.which(name)
+    if not found:
+        raise ClientProgramError(f"{name} not found on PATH or in /usr/lib/postgresql/*/bin")
+    return found
+
+
+def libpq_env(dsn: Dsn) -> dict[str, str]:
+    """Environment for a libpq client: the password goes in PGPASSWORD, never on a
+    command line; PGOPTIONS makes the session writable on a fenced node."""
+    env = dict(os.environ)
+    env.update(
+        PGHOST=dsn.host, PGPORT=str(dsn.port), PGUSER=dsn.user, PGDATABASE=dsn.dbname,
+        PGAPPNAME=CONTROL_APPLICATION_NAME, PGOPTIONS="-c default_transaction_read_only=off",
+        PGCONNECT_TIMEOUT="10",
+    )
+    env.pop("PGPASSWORD", None)
+    if dsn.password:
+        env["PGPASSWORD"] = dsn.password
+    return env
+
+
+async def run(argv: list[str], env: dict[str, str], stdin: bytes | None, timeout: float) -> bytes:
+    """Run a client program; its stdout, or ClientProgramError with its masked stderr."""
+    proc = await asyncio.create_subprocess_exec(
+        *argv, env=env,
+        stdin=asyncio.subprocess.PIPE if stdin is not None else asyncio.subprocess.DEVNULL,
+        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
+    )
+    tool = os.path.basename(argv[0])
+    try:
+        out, err = await asyncio.wait_for(proc.communicate(stdin), timeout)
+    except asyncio.TimeoutError:
+        proc.kill()
+        await proc.wait()
+        raise ClientProgramError(f"{tool} did not finish within {timeout:g}s") from None
+    if proc.returncode != 0:
+        message = mask_conninfo(err.decode(errors="replace").strip()) or f"exit status {proc.returncode}"
+        raise ClientProgramError(f"{tool} failed: {message}")
+    return out
+
+
+async def dump_database(dsn: Dsn, path: Path, *, timeout: float = 600.0) -> Path:
+    """pg_dump of the DSN's database (schema and data) into ``path``."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    await run([pg_binary("pg_dump"), "--no-password", "-f", str(path)], libpq_env(dsn), None, timeout)
+    return path

@@ -1,0 +1,221 @@
+"""``pgroute check``: verify a primary -> mirror pair without a daemon. Every problem
+found is one ``CheckItem`` with ok=False and a fix. An operator tool: it may use the
+control plane's SQL, and nothing in the daemon imports it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from dataclasses import dataclass
+
+import asyncpg
+
+from ..control.replication import lag_bytes, published_tables, subscription_info, user_tables
+from ..errors import NodeUnavailable
+from ..pg.catalog import setting
+from ..pg.connect import as_dsn, connect
+from ..pg.dsn import Dsn, mask_conninfo
+
+
+@dataclass(frozen=True)
+class CheckItem:
+    """One line of ``pgroute check``: what was checked, the verdict, and how to fix it."""
+
+    name: str
+    ok: bool
+    detail: str
+    fix: str | None = None
+
+
+async def _try_connect(dsn: Dsn, timeout: float) -> tuple[asyncpg.Connection | None, str]:
+    try:
+        return await connect(dsn, timeout, statement_timeout=max(timeout, 5.0)), "reachable"
+    except NodeUnavailable as exc:
+        return None, str(exc)
+
+
+async def check_pair(
+    primary_dsn: Dsn | str,
+    mirror_dsn: Dsn | str,
+    publication: str,
+    subscription: str,
+    timeout: float,
+    *,
+    max_lag_bytes: int | None = None,
+) -> list[CheckItem]:
+    """Verify a primary -> mirror pair; every problem found is one CheckItem with
+    ok=False and a fix. Never raises for a node problem."""
+    primary, mirror = as_dsn(primary_dsn), as_dsn(mirror_dsn)
+    items: list[CheckItem] = []
+    pconn, pdetail = await _try_connect(primary, timeout)
+    mconn, mdetail = await _try_connect(mirror, timeout)
+    try:
+        nodes = (("primary", primary, pconn, pdetail), ("mirror", mirror, mconn, mdetail))
+        for label, dsn, conn, detail in nodes:
+            items.append(CheckItem(
+                f"{label} reachable", conn is not None,
+                f"{dsn.masked}: {detail}" if conn is not None else detail,
+                None if conn is not None else f"start the {label} server or fix {label}.dsn",
+            ))
+        checks = []
+        for label, conn in (("primary", pconn), ("mirror", mconn)):
+            if conn is not None:
+                # On the primary, the mirror's own slot is expected: inactive means
+                # the mirror is not consuming, not that the slot is garbage.
+                expected = {subscription} if label == "primary" else set()
+                checks += [_check_wal_level(label, conn), _check_capacity(label, conn),
+                           _check_inactive_slots(label, conn, expected)]
+        if pconn is not None:
+            checks.append(_check_publication(pconn, publication))
+            checks.append(_check_lag(pconn, subscription, max_lag_bytes))
+        if mconn is not None:
+            checks.append(_check_subscription(mconn, subscription, publication))
+        for check in checks:
+            try:
+                items.extend(await check)
+            except (asyncpg.PostgresError, asyncpg.InterfaceError, OSError, asyncio.TimeoutError) as exc:
+                name = check.__name__.lstrip("_").replace("check_", "").replace("_", " ")
+                items.append(CheckItem(name, False, f"check failed: {mask_conninfo(str(exc))}", None))
+    finally:
+        for conn in (pconn, mconn):
+            if conn is not None:
+                await conn.close()
+    return items
+
+
+async def _check_wal_level(label: str, conn: asyncpg.Connection) -> list[CheckItem]:
+    level = await setting(conn, "wal_level")
+    why = "to publish" if label == "primary" else "so that a promoted mirror can publish (failback)"
+    return [CheckItem(
+        f"{label} wal_level", level == "logical", f"wal_level = {level}",
+        None if level == "logical"
+        else f"ALTER SYSTEM SET wal_level = logical on the {label} and restart it ({why})",
+    )]
+
+
+async def _check_capacity(label: str, conn: asyncpg.Connection) -> list[CheckItem]:
+    row = await conn.fetchrow(
+        """
+        SELECT current_setting('max_replication_slots')::int AS max_slots,
+               (SELECT count(*) FROM pg_replication_slots)::int AS slots,
+               current_setting('max_wal_senders')::int AS max_senders,
+               (SELECT count(*) FROM pg_stat_replication)::int AS senders
+        """
+    )
+    # Room for one more slot and sender: the reverse subscription after a failover,
+    # or a table-sync worker's temporary slot during a resync.
+    ok = row["max_slots"] - row["slots"] >= 1 and row["max_senders"] - row["senders"] >= 1 \
+        and row["max_slots"] >= 2 and row["max_senders"] >= 2
+    return [CheckItem(
+        f"{label} replication capacity", ok,
+        f"slots {row['slots']}/{row['max_slots']}, walsenders {row['senders']}/{row['max_senders']}",
+        None if ok else f"raise max_replication_slots / max_wal_senders on the {label} (restart needed)",
+    )]
+
+
+async def _check_inactive_slots(
+    label: str, conn: asyncpg.Connection, expected: set[str]
+) -> list[CheckItem]:
+    rows = await conn.fetch(
+        """
+        SELECT slot_name, pg_wal_lsn_diff(pg_current_wal_lsn(), restart_lsn)::bigint AS retained
+        FROM pg_replication_slots WHERE NOT active ORDER BY slot_name
+        """
+    )
+    if not rows:
+        return [CheckItem(f"{label} inactive slots", True, "none", None)]
+    names = ", ".join(f"{r['slot_name']} ({r['retained'] or 0} bytes of WAL retained)" for r in rows)
+    stale = [r["slot_name"] for r in rows if r["slot_name"] not in expected]
+    if stale:
+        fix = (f"drop the ones nobody will resume: SELECT pg_drop_replication_slot('{stale[0]}') "
+               f"on the {label}")
+    else:
+        fix = ("the mirror is not consuming its slot: start the mirror or enable its subscription; "
+               "do not drop the slot unless the mirror will be fully resynchronised")
+    return [CheckItem(f"{label} inactive slots", False, f"holding WAL: {names}", fix)]
+
+
+async def _check_publication(conn: asyncpg.Connection, publication: str) -> list[CheckItem]:
+    row = await conn.fetchrow("SELECT puballtables FROM pg_publication WHERE pubname = $1", publication)
+    if row is None:
+        return [CheckItem(
+            "publication", False, f"publication {publication} does not exist on the primary",
+            "pgroute setup-replication (or CREATE PUBLICATION ... FOR ALL TABLES on the primary)",
+        )]
+    missing = sorted(set(await user_tables(conn)) - set(await published_tables(conn, publication)))
+    if missing:
+        return [CheckItem(
+            "publication", False,
+            f"publication {publication} does not cover {', '.join(missing)}",
+            f"ALTER PUBLICATION {publication} ADD TABLE ... (or recreate it FOR ALL TABLES)",
+        )]
+    scope = "all tables" if row["puballtables"] else "every table (listed)"
+    return [CheckItem("publication", True, f"publication {publication} covers {scope}", None)]
+
+
+async def _check_subscription(
+    conn: asyncpg.Connection, subscription: str, publication: str
+) -> list[CheckItem]:
+    info = await subscription_info(conn, subscription)
+    if info is None:
+        return [CheckItem(
+            "subscription", False, f"subscription {subscription} does not exist on the mirror",
+            "pgroute setup-replication",
+        )]
+    problems = []
+    fix = None
+    if not info["enabled"]:
+        problems.append("disabled")
+        fix = f"ALTER SUBSCRIPTION {subscription} ENABLE on the mirror"
+    elif not info["worker_pid"]:
+        problems.append(
+            "no apply worker running (publisher unreachable or apply errors: see the mirror's log)"
+        )
+        fix = "check the mirror's log for the apply worker's error"
+    if publication not in info["publications"]:
+        problems.append(f"subscribes to {info['publications']}, not {publication}")
+        fix = fix or f"ALTER SUBSCRIPTION {subscription} SET PUBLICATION {publication}"
+    pending = {t: s for t, s in info["tables"].items() if s != "r"}
+    if pending:
+        problems.append(f"tables not ready: {pending}")
+        fix = fix or "wait for the initial copy; if it does not progress, see the mirror's log"
+    if not info["tables"]:
+        problems.append("no tables subscribed")
+        fix = fix or f"ALTER SUBSCRIPTION {subscription} REFRESH PUBLICATION"
+    if info["apply_error_count"] or info["sync_error_count"]:
+        problems.append(
+            f"{info['apply_error_count']} apply / {info['sync_error_count']} sync error(s) so far"
+        )
+    if problems:
+        return [CheckItem("subscription", False, f"{subscription}: " + "; ".join(problems), fix)]
+    return [CheckItem(
+        "subscription", True,
+        f"{subscription}: enabled, worker {info['worker_pid']}, {len(info['tables'])} table(s) ready", None,
+    )]
+
+
+async def _check_lag(
+    conn: asyncpg.Connection, subscription: str, max_lag: int | None
+) -> list[CheckItem]:
+    lag = await lag_bytes(conn, subscription)
+    if lag is None:
+        return [CheckItem(
+            "replication lag", False,
+            f"the primary has no walsender and no slot named {subscription}",
+            "pgroute setup-replication",
+        )]
+    connected = await conn.fetchval(
+        "SELECT count(*) FROM pg_stat_replication WHERE application_name = $1", subscription
+    )
+    if not connected:
+        return [CheckItem(
+            "replication lag", False,
+            f"mirror not connected; its slot is {lag} bytes behind",
+            "check that the mirror is up and its subscription enabled",
+        )]
+    ok = max_lag is None or lag <= max_lag
+    return [CheckItem(
+        "replication lag", ok, f"{lag} bytes behind",
+        None if ok else "the mirror is too far behind for an automatic failover: see its apply worker",
+    )]
+
