@@ -59,9 +59,9 @@ import struct
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable
 
 # The pgroute tree to import: this checkout, or in a --serve process started for
 # --baseline, the baseline's tree (named by --src before anything imports pgroute).
@@ -170,7 +170,7 @@ def _wait_listening(proc: subprocess.Popen, port: int, what: str, errfile: Path,
         except OSError:
             if time.monotonic() > deadline:
                 stop_process(proc)
-                raise RuntimeError(f"{what} is not listening on {port} after {timeout}s")
+                raise RuntimeError(f"{what} is not listening on {port} after {timeout}s") from None
             time.sleep(0.05)
 
 

@@ -29,17 +29,18 @@ import re
 import signal
 import smtplib
 import ssl
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from email.message import EmailMessage
-from typing import Any, Awaitable, Callable
+from typing import Any
 from urllib.parse import unquote, urlsplit
 
 import aiohttp
 
 from .config import AlertsConfig
-from .pg.dsn import mask_dsn
 from .model import Event
+from .pg.dsn import mask_dsn
 
 log = logging.getLogger(__name__)
 
@@ -78,7 +79,7 @@ def scrub(text: str) -> str:
 def _iso(ts: float | None) -> str | None:
     if ts is None:
         return None
-    return datetime.fromtimestamp(ts, timezone.utc).isoformat(timespec="milliseconds").replace(
+    return datetime.fromtimestamp(ts, UTC).isoformat(timespec="milliseconds").replace(
         "+00:00", "Z")
 
 
@@ -231,7 +232,7 @@ class Alerter:
             try:
                 await asyncio.wait_for(
                     asyncio.gather(*(ch.queue.join() for ch in self._channels)), timeout)
-            except asyncio.TimeoutError:
+            except TimeoutError:
                 left = sum(ch.queue.qsize() for ch in self._channels)
                 log.warning("alerts: closing with %d alert(s) undelivered", left)
             for task in workers:
@@ -265,7 +266,7 @@ class Alerter:
                 return
             except DeliveryError as exc:
                 last = str(exc)
-            except asyncio.TimeoutError:
+            except TimeoutError:
                 last = f"timed out after {self._config.timeout:g} s"
             except (OSError, aiohttp.ClientError, smtplib.SMTPException, ValueError) as exc:
                 last = f"{type(exc).__name__}: {exc}"
@@ -304,7 +305,7 @@ class Alerter:
             start_new_session=True)
         try:
             out, _ = await asyncio.wait_for(proc.communicate(), self._config.timeout)
-        except asyncio.TimeoutError:
+        except TimeoutError:
             try:
                 os.killpg(proc.pid, signal.SIGKILL)
             except ProcessLookupError:

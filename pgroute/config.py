@@ -14,13 +14,15 @@ from __future__ import annotations
 import ipaddress
 import os
 import tomllib
+from collections.abc import Mapping
 from pathlib import Path
-from typing import Any, Literal, Mapping
+from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from .errors import ConfigError
 from .pg.dsn import Dsn, mask_dsn, parse_dsn
+
 
 def parse_listen(value: str) -> tuple[str, int]:
     """``host:port`` (IPv6 as ``[::1]:port``) -> (host, port); ValueError when malformed."""
@@ -98,7 +100,7 @@ class ProxyConfig(_Listener):
         return v
 
     @model_validator(mode="after")
-    def _distinct_listeners(self) -> "ProxyConfig":
+    def _distinct_listeners(self) -> ProxyConfig:
         if self.listen_piped and self.piped_port != 0 and self.piped_port == self.port \
                 and self.piped_host == self.host:
             raise ValueError("listen_piped must differ from listen")
@@ -256,7 +258,7 @@ def _env_overrides(env: Mapping[str, str]) -> dict[tuple[str, str], tuple[str, s
     for name, target in SEED_ENV.items():
         if env.get(name, "") != "":
             out[target] = (name, env[name])
-    sections = {name: model for name, model in Config.model_fields.items()}
+    sections = dict(Config.model_fields.items())
     for name, value in env.items():
         if not name.startswith("PGROUTE_") or name in NON_CONFIG_ENV:
             continue

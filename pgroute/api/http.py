@@ -21,17 +21,18 @@ import asyncio
 import hmac
 import json
 import logging
-from datetime import datetime, timezone
-from typing import Any, Awaitable, Callable, Protocol
+from collections.abc import Awaitable, Callable
+from datetime import UTC, datetime
+from typing import Any, Protocol
 
 from aiohttp import web
 from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.exposition import CONTENT_TYPE_PLAIN_0_0_4
 
 from ..config import Config
-from ..pg.dsn import mask_dsn
 from ..errors import ActionRefused, PgRouteError
 from ..model import Event, HealthSample
+from ..pg.dsn import mask_dsn
 from ..proxy.router import Router
 
 log = logging.getLogger(__name__)
@@ -88,7 +89,7 @@ def _error(status: int, message: str, headers: dict[str, str] | None = None) -> 
 
 
 def _now_iso() -> str:
-    return datetime.now(timezone.utc).isoformat(timespec="milliseconds").replace("+00:00", "Z")
+    return datetime.now(UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
 
 
 def _parse_bool(name: str, value: Any) -> bool:

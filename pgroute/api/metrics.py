@@ -19,7 +19,8 @@ from __future__ import annotations
 
 import logging
 from collections import deque
-from typing import TYPE_CHECKING, Any, Callable, Iterable, Protocol
+from collections.abc import Callable, Iterable
+from typing import TYPE_CHECKING, Any, Protocol
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
@@ -52,7 +53,7 @@ class StatusSource(Protocol):
 class _SnapshotCollector:
     """Reads the router's counters and the controller's snapshot at scrape time."""
 
-    def __init__(self, control: StatusSource, router: "Router") -> None:
+    def __init__(self, control: StatusSource, router: Router) -> None:
         self._control = control
         self._router = router
 
@@ -206,7 +207,7 @@ class Metrics:
             log.exception("metrics: cannot count a failed alert")
 
 
-def create_metrics(control: StatusSource, router: "Router") -> tuple[CollectorRegistry, Metrics]:
+def create_metrics(control: StatusSource, router: Router) -> tuple[CollectorRegistry, Metrics]:
     """Build a private registry, register the scrape-time collector, and subscribe the
     listener-fed metrics to ``control``. Wire ``metrics.alert_failed`` into the
     Alerter's ``on_failure``."""

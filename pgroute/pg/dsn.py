@@ -36,7 +36,7 @@ class Dsn:
             parts["password"] = self.password
         return " ".join(f"{k}={_quote_conninfo(v)}" for k, v in parts.items())
 
-    def with_dbname(self, dbname: str) -> "Dsn":
+    def with_dbname(self, dbname: str) -> Dsn:
         return parse_dsn(_replace_path(self.url, dbname))
 
     def __str__(self) -> str:

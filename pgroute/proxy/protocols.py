@@ -43,7 +43,8 @@ import asyncio
 import logging
 import os
 import socket
-from typing import TYPE_CHECKING, Callable
+from collections.abc import Callable
+from typing import TYPE_CHECKING
 
 from . import startup
 from .router import ProxyStats

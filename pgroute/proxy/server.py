@@ -44,8 +44,7 @@ import time
 
 from . import startup
 from .backend_socket import open_socket
-from .protocols import (CLOSE_FLUSH_TIMEOUT, BackendProtocol, ClientGone, ClientProtocol,
-                        tune_listening_socket)
+from .protocols import CLOSE_FLUSH_TIMEOUT, BackendProtocol, ClientGone, ClientProtocol, tune_listening_socket
 from .router import Route, Router
 from .sockmap import TRUSTED_KERNEL, Splicer, SpliceUnavailable, trusted_kernel
 from .spliced import SplicedSession, SpliceWatcher, inq

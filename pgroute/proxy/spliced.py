@@ -30,7 +30,7 @@ import select
 import socket
 import struct
 import termios
-from typing import Callable
+from collections.abc import Callable
 
 from .router import ProxyStats
 

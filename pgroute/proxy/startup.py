@@ -21,9 +21,9 @@ from __future__ import annotations
 
 import enum
 import struct
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from types import MappingProxyType
-from typing import Mapping
 
 # Request codes live where a StartupMessage has its protocol version (src/include/libpq/pqcomm.h).
 CANCEL_REQUEST_CODE = 80877102    # (1234 << 16) | 5678
@@ -119,7 +119,7 @@ def parse_first_packet(raw: bytes) -> FirstPacket:
     if length != len(raw):
         raise StartupError("incomplete startup packet")
 
-    if code == SSL_REQUEST_CODE or code == GSSENC_REQUEST_CODE:
+    if code in (SSL_REQUEST_CODE, GSSENC_REQUEST_CODE):
         if length != MIN_PACKET_LENGTH:
             raise StartupError("invalid length of encryption request packet")
         kind = PacketKind.SSL_REQUEST if code == SSL_REQUEST_CODE else PacketKind.GSSENC_REQUEST

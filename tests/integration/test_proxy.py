@@ -435,7 +435,7 @@ async def test_paused_router_holds_new_connections_until_resume(local_cluster, m
     assert not connecting.done()
     assert router.stats.waiting == 1
     # A client that gives up while waiting frees its slot and stops waiting.
-    r, w = await asyncio.open_connection("127.0.0.1", proxy.port)
+    _r, w = await asyncio.open_connection("127.0.0.1", proxy.port)
     w.write(startup.startup_message({"user": "postgres"}))
     await eventually(lambda: router.stats.waiting == 2)
     assert router.stats.connections_current == 2
@@ -511,7 +511,7 @@ async def test_connect_timeout_reports_08006(local_cluster, make_proxy, silent_b
     router.add_failure_listener(lambda name, error: failures.append((name, error)))
     proxy = await make_proxy(router, connect_timeout=0.3)
     started = time.monotonic()
-    with pytest.raises(asyncpg.ConnectionFailureError, match="timeout after 0.3s") as e:
+    with pytest.raises(asyncpg.ConnectionFailureError, match=r"timeout after 0\.3s") as e:
         await apg_connect(local_cluster, proxy)
     assert 0.25 < time.monotonic() - started < 3
     assert e.value.sqlstate == "08006"
@@ -526,7 +526,7 @@ async def test_client_leaving_during_connect_is_not_a_timeout(local_cluster, mak
     # cancellation must end the handshake, not be taken for the connect timeout.
     router = Router(Route(silent_backend, 1))
     proxy = await make_proxy(router, connect_timeout=1.0)
-    r, w = await asyncio.open_connection("127.0.0.1", proxy.port)
+    _r, w = await asyncio.open_connection("127.0.0.1", proxy.port)
     w.write(startup.startup_message({"user": "postgres"}))
     await eventually(lambda: router.stats.connections_current == 1)
     w.close()

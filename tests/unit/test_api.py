@@ -4,12 +4,12 @@ from __future__ import annotations
 
 import copy
 import time
-from typing import Callable
+from collections.abc import Callable
 
 import pytest
 from aiohttp.test_utils import TestClient, TestServer
 
-from pgroute.api.http import ControlPlane, make_app, health_of
+from pgroute.api.http import ControlPlane, health_of, make_app
 from pgroute.config import Config
 from pgroute.errors import ActionRefused, PgRouteError
 from pgroute.model import Event, HealthSample

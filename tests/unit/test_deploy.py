@@ -55,10 +55,7 @@ def interpolate(value, env: dict[str, str]):
         name = m.group(1) or m.group(4)
         op, arg = m.group(2), m.group(3)
         current = env.get(name)
-        if op in (":-", ":?"):
-            missing = not current
-        else:
-            missing = current is None
+        missing = not current if op in (":-", ":?") else current is None
         if op in (":?", "?") and missing:
             raise AssertionError(f"compose requires ${name}: {arg}")
         if op in (":-", "-") and missing:
@@ -381,7 +378,7 @@ def test_image_without_token_refuses_to_start():
     env = {**dockerfile_env(),
            "DATABASE_URL": f"postgresql://postgres@127.0.0.1:{closed_port()}/chrispar",
            "MIRROR_DATABASE_URL": f"postgresql://postgres@127.0.0.1:{closed_port()}/chrispar"}
-    with pytest.raises(ConfigError, match="api.token"):
+    with pytest.raises(ConfigError, match=r"api\.token"):
         validate_runtime(load_config(EXAMPLE_CONFIG, environ=env))
     res = subprocess.run([*pgroute_argv(), *dockerfile_json("CMD")[:2], str(EXAMPLE_CONFIG)],
                          capture_output=True, text=True, timeout=60, env=cli_env(env))
@@ -434,9 +431,9 @@ def test_entrypoint_and_cmd_run_and_healthcheck_outside_docker(tmp_path):
     finally:
         proc.send_signal(signal.SIGTERM)
         try:
-            out, err = proc.communicate(timeout=30)
+            _out, err = proc.communicate(timeout=30)
         except subprocess.TimeoutExpired:
             proc.kill()
-            out, err = proc.communicate()
+            _out, err = proc.communicate()
     assert proc.returncode == 0, err
     assert "Traceback" not in err

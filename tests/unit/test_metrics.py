@@ -41,7 +41,7 @@ EXPECTED_NAMES = [
 def test_names_present():
     fake, router = FakeControl(), make_router()
     router.stats.reject("too_many_connections")
-    registry, metrics = create_metrics(fake, router)
+    registry, _metrics = create_metrics(fake, router)
     fake.event_listeners[0](Event(1, "failover", "x", 1.0, 2.0, "ok", (("promote", 0.5),)))
     text = generate_latest(registry).decode()
     for name in EXPECTED_NAMES:
@@ -157,7 +157,7 @@ def test_shipped_rules_and_dashboard_use_real_metric_names():
 
     fake, router = FakeControl(), make_router()
     router.stats.reject("too_many_connections")
-    registry, metrics = create_metrics(fake, router)
+    registry, _metrics = create_metrics(fake, router)
     fake.event_listeners[0](Event(1, "failover", "x", 1.0, 2.0, "ok", (("promote", 0.5),)))
     exposed = set(re.findall(r"^(pgroute_[a-z_]+)", generate_latest(registry).decode(), re.M))
     root = Path(__file__).resolve().parents[2] / "config"

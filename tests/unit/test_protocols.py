@@ -111,7 +111,7 @@ def test_backend_write_pressure_pauses_client_reading():
 
 
 def test_no_pause_on_a_closing_transport():
-    _, client, ct, backend, bt, _ = make_pipe()
+    _, client, _ct, backend, bt, _ = make_pipe()
     client.attach(backend, b"x", 1, "primary")
     bt.closing = True
     client.pause_writing()
@@ -143,7 +143,7 @@ def test_handshake_limit_stays_paused_if_forwarding_fills_the_backend():
 
 
 def test_client_pressure_before_attach_applies_to_new_backend():
-    _, client, ct, backend, bt, _ = make_pipe()
+    _, client, _ct, backend, bt, _ = make_pipe()
     client.pause_writing()
     client.attach(backend, b"F", 1, "primary")
     assert bt.pauses == 1
@@ -164,7 +164,7 @@ async def test_close_propagates_after_flush():
 
 async def test_peer_that_never_reads_is_aborted(monkeypatch):
     monkeypatch.setattr(protocols, "CLOSE_FLUSH_TIMEOUT", 0.01)
-    _, client, ct, backend, bt, _ = make_pipe()
+    _, client, ct, backend, _bt, _ = make_pipe()
     client.attach(backend, b"x", 1, "primary")
     ct.buffer = 1000
     backend.connection_lost(None)
@@ -188,7 +188,7 @@ def test_buffered_sums_both_legs():
 
 
 async def test_read_packet_waits_then_returns_and_keeps_rest():
-    _, client, ct, _, _, _ = make_pipe()
+    _, client, _ct, _, _, _ = make_pipe()
     raw = startup.startup_message({"user": "app"})
     task = asyncio.ensure_future(client.read_packet())
     client.data_received(raw[:5])
