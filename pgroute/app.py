@@ -12,11 +12,20 @@ import asyncio
 import logging
 import signal
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 from .config import Config
 from .proxy.loop import install_event_loop_policy
 from .proxy.router import Route, Router
 from .proxy.server import ProxyServer
+
+if TYPE_CHECKING:
+    # Imported for real inside start(): `pgroute run` loads the control plane, the
+    # API and alerts only when it starts them.
+    from aiohttp.web import AppRunner
+
+    from .alerts import Alerter
+    from .control.controller import Controller
 
 log = logging.getLogger(__name__)
 
@@ -28,9 +37,9 @@ class Running:
     config: Config
     router: Router
     proxy: ProxyServer
-    controller: object
-    api_runner: object
-    alerter: object
+    controller: Controller
+    api_runner: AppRunner
+    alerter: Alerter
     # proxy.listen_piped: the same Router (fencing, counters), sessions never spliced.
     piped_proxy: ProxyServer | None = None
 
