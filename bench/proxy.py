@@ -62,6 +62,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 # The pgroute tree to import: this checkout, or in a --serve process started for
 # --baseline, the baseline's tree (named by --src before anything imports pgroute).
@@ -101,7 +102,8 @@ def serve(backend_host: str, backend_port: int, loop_name: str, splice: str = "a
 
     async def main() -> None:
         router = Router(Route(Backend("primary", backend_host, backend_port), 1))
-        kwargs = {"splice": splice} if "splice" in inspect.signature(ProxyServer).parameters else {}
+        # A --baseline tree may predate proxy.splice.
+        kwargs: dict[str, Any] = {"splice": splice} if "splice" in inspect.signature(ProxyServer).parameters else {}
         server = ProxyServer(router, "127.0.0.1", 0, shutdown_timeout=1.0, **kwargs)
         await server.start()
         stop = asyncio.Event()
@@ -422,8 +424,8 @@ def build_table(res: Results, names: list[str], args: argparse.Namespace,
             + f" | >= {GOAL_TPS_RATIO:.2f}x and >= the others | {verdicts['tps']} |")
     if "latency" in res.runs:
         d = res.median("latency", "direct")   # microseconds
-        added = {n: res.median("latency", n) - d for n in proxies
-                 if d is not None and res.median("latency", n) is not None}
+        medians = {n: res.median("latency", n) for n in proxies}
+        added = {n: m - d for n, m in medians.items() if d is not None and m is not None}
         ok = added["pgroute"] <= GOAL_ADDED_LATENCY_US if "pgroute" in added else None
         verdicts["latency"] = verdict(ok)
         rows.append(
@@ -600,11 +602,13 @@ def main() -> int:
                     fresh = start_pgroute(cluster, args.loop,
                                           src=args.baseline if t.name == "baseline" else None,
                                           splice="off" if t.name == "pgroute-pipe" else "auto")
+                    assert fresh.proc is not None   # start_pgroute always starts a process
                     try:
                         kib = memory_per_connection(fresh.proc.pid, fresh.port, args.idle)
                     finally:
                         stop_process(fresh.proc)
                 else:
+                    assert t.proc is not None   # only "direct" has no process of its own
                     kib = memory_per_connection(t.proc.pid, t.port, args.idle)
                 results.add("memory", t.name, kib)
                 print(f"  memory   {t.name:10} {kib:8.1f} KiB per connection", flush=True)

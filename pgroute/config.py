@@ -267,6 +267,7 @@ def _env_overrides(env: Mapping[str, str]) -> dict[tuple[str, str], tuple[str, s
             prefix = section + "_"
             if rest.startswith(prefix):
                 key = rest[len(prefix):]
+                # Every field of Config is a section model (annotation never None).
                 if key not in field.annotation.model_fields:  # type: ignore[union-attr]
                     raise ConfigError(name, f"unknown key {key!r} in section [{section}]")
                 # PGROUTE_* names are more specific than the seed's: they win.
@@ -284,6 +285,7 @@ def _coerce_env(section: str, key: str, raw: str) -> Any:
     then still rejects what does not convert)."""
     if (section, key) in LIST_KEYS:
         return [part.strip() for part in raw.split(",") if part.strip()]
+    # As in _env_overrides: every field of Config is a section model.
     field = Config.model_fields[section].annotation.model_fields[key]  # type: ignore[union-attr]
     kind = field.annotation
     text = raw.strip()
@@ -350,9 +352,9 @@ def load_config(
         err = exc.errors()[0]
         loc = tuple(p for p in err["loc"] if not isinstance(p, int))
         key = _location(loc)
-        var = sources.get(loc[:2]) if len(loc) >= 2 else None
-        if var:
-            key = f"{key} (from {var})"
+        source = sources.get((loc[0], loc[1])) if len(loc) >= 2 else None
+        if source:
+            key = f"{key} (from {source})"
         msg = err["msg"]
         if err["type"] == "extra_forbidden":
             msg = "unknown key"

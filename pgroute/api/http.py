@@ -31,7 +31,7 @@ from prometheus_client.exposition import CONTENT_TYPE_PLAIN_0_0_4
 
 from ..config import Config
 from ..errors import ActionRefused, PgRouteError
-from ..model import Event, HealthSample
+from ..model import Event, HealthSample, NodeName
 from ..pg.dsn import mask_dsn
 from ..proxy.router import Router
 
@@ -51,7 +51,7 @@ MAX_EVENTS = 1000
 _TRUE = {"1", "true", "yes", "on"}
 _FALSE = {"0", "false", "no", "off", ""}
 
-CONTROL_KEY = web.AppKey("control", object)
+CONTROL_KEY: web.AppKey[ControlPlane] = web.AppKey("control")
 ROUTER_KEY = web.AppKey("router", Router)
 CONFIG_KEY = web.AppKey("config", Config)
 REGISTRY_KEY = web.AppKey("registry", CollectorRegistry)
@@ -68,6 +68,10 @@ class ControlPlane(Protocol):
 
     async def request(self, kind: str, *, force: bool = False, resync: bool = False) -> dict:
         """Run an operator command to completion and return its finished event dict.
+        Raises ActionRefused(reason) when refused."""
+
+    async def resolve(self, active: NodeName | None) -> dict:
+        """Declare the active node after a fail-closed start; the finished event dict.
         Raises ActionRefused(reason) when refused."""
 
     def add_event_listener(self, cb: Callable[[Event], None]) -> None:
@@ -157,13 +161,13 @@ async def _errors(request: web.Request,
 
 # -- handlers ----------------------------------------------------------------------------
 async def _health(request: web.Request) -> web.Response:
-    status = request.app[CONTROL_KEY].status()  # type: ignore[attr-defined]
+    status = request.app[CONTROL_KEY].status()
     code, body = health_of(status, request.app[ROUTER_KEY])
     return _json(body, code, {"Cache-Control": "no-store"})
 
 
 async def _status(request: web.Request) -> web.Response:
-    return _json(request.app[CONTROL_KEY].status(), headers={"Cache-Control": "no-store"})  # type: ignore[attr-defined]
+    return _json(request.app[CONTROL_KEY].status(), headers={"Cache-Control": "no-store"})
 
 
 async def _events(request: web.Request) -> web.Response:
@@ -174,7 +178,7 @@ async def _events(request: web.Request) -> web.Response:
         raise web.HTTPBadRequest(reason="limit must be an integer") from None
     if not 1 <= limit <= MAX_EVENTS:
         raise web.HTTPBadRequest(reason=f"limit must be between 1 and {MAX_EVENTS}")
-    return _json(request.app[CONTROL_KEY].events(limit=limit))  # type: ignore[attr-defined]
+    return _json(request.app[CONTROL_KEY].events(limit=limit))
 
 
 async def _metrics(request: web.Request) -> web.Response:
@@ -225,7 +229,7 @@ def _action(kind: str) -> Callable[[web.Request], Awaitable[web.Response]]:
         # Shielded: a client that hangs up (Ctrl-C in `pgroute failover`) must not
         # cancel a switch halfway; the operation finishes and is recorded anyway.
         control = request.app[CONTROL_KEY]
-        event = await asyncio.shield(control.request(kind, **options))  # type: ignore[attr-defined]
+        event = await asyncio.shield(control.request(kind, **options))
         return _json(event)
 
     handler.__name__ = f"_{kind}"
@@ -245,10 +249,8 @@ async def _resolve(request: web.Request) -> web.Response:
     if active not in ("primary", "mirror"):
         raise web.HTTPBadRequest(reason='body must be {"active": "primary"|"mirror"}')
     log.info("API command resolve active=%s from %s", active, request.remote or "?")
-    from ..model import NodeName
-
     control = request.app[CONTROL_KEY]
-    event = await asyncio.shield(control.resolve(NodeName(active)))  # type: ignore[attr-defined]
+    event = await asyncio.shield(control.resolve(NodeName(active)))
     return _json(event)
 
 

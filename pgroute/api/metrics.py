@@ -213,7 +213,7 @@ def create_metrics(control: StatusSource, router: Router) -> tuple[CollectorRegi
     Alerter's ``on_failure``."""
     registry = CollectorRegistry()
     metrics = Metrics(registry)
-    registry.register(_SnapshotCollector(control, router))  # type: ignore[arg-type]
+    registry.register(_SnapshotCollector(control, router))
     control.add_sample_listener(metrics.on_sample)
     control.add_event_listener(metrics.on_event)
     return registry, metrics

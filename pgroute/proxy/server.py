@@ -41,6 +41,7 @@ import logging
 import platform
 import socket
 import time
+from typing import Literal, cast, overload
 
 from . import startup
 from .backend_socket import open_socket
@@ -291,6 +292,7 @@ class ProxyServer:
         backend = route.backend
         assert backend is not None
 
+        transport: asyncio.Transport | None
         if self._spliced is not None:
             sock = await self._connect(client, first, route, raw=True)
             if sock is None:
@@ -310,7 +312,8 @@ class ProxyServer:
         if client.closed:
             transport.close()
             return
-        client.attach(transport.get_protocol(), first.raw, route.epoch, backend.name)
+        # Both connects above build the transport with a BackendProtocol factory.
+        client.attach(cast(BackendProtocol, transport.get_protocol()), first.raw, route.epoch, backend.name)
         self.router.register(client)
         if log.isEnabledFor(logging.DEBUG):
             who = (f"{first.user}@{first.database}" if first.kind is PacketKind.STARTUP
@@ -362,8 +365,16 @@ class ProxyServer:
         self.router.register(session)
         return True
 
+    @overload
     async def _connect(self, client: ClientProtocol, first: FirstPacket, route: Route,
-                       raw: bool = False):
+                       raw: Literal[False] = False) -> asyncio.Transport | None: ...
+
+    @overload
+    async def _connect(self, client: ClientProtocol, first: FirstPacket, route: Route,
+                       raw: Literal[True]) -> socket.socket | None: ...
+
+    async def _connect(self, client: ClientProtocol, first: FirstPacket, route: Route,
+                       raw: bool = False) -> asyncio.Transport | socket.socket | None:
         """A transport to the route's backend (with ``raw``, a connected non-blocking
         socket instead), or None after refusing the client."""
         backend = route.backend
@@ -380,10 +391,11 @@ class ProxyServer:
         timer = loop.call_later(self.connect_timeout, _cancel_on_timeout, task, expired)
         try:
             try:
+                connected: asyncio.Transport | socket.socket
                 if raw:
-                    transport = await open_socket(loop, backend.host, backend.port)
+                    connected = await open_socket(loop, backend.host, backend.port)
                 else:
-                    transport, _ = await loop.create_connection(
+                    connected, _ = await loop.create_connection(
                         lambda: BackendProtocol(client, stats), backend.host, backend.port)
             except asyncio.CancelledError:
                 if expired and task.uncancel() <= cancelling:
@@ -403,7 +415,7 @@ class ProxyServer:
             else:
                 client.abort()
             return None
-        return transport  # type: ignore[return-value]
+        return connected
 
     def _note_backend_failure(self, name: str, host: str, port: int, error: str) -> None:
         self.router.report_backend_failure(name, error)
@@ -426,7 +438,8 @@ class ProxyServer:
         if client.closed:
             transport.close()
             return
-        client.attach(transport.get_protocol(), first.raw, route.epoch, route.backend.name)
+        client.attach(cast(BackendProtocol, transport.get_protocol()), first.raw, route.epoch,
+                      route.backend.name)
 
     async def _refuse_unroutable(self, client: ClientProtocol, first: FirstPacket,
                                  route: Route) -> None:

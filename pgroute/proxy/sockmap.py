@@ -187,6 +187,7 @@ class Splicer:
     def _update(self, key: int, fd: int) -> None:
         struct.pack_into("<Q", self._key, 0, key)
         struct.pack_into("<I", self._value, 0, fd)
+        # A Splicer exists only where _libc loaded (Linux); no assert on this per-session call.
         rc = _libc.syscall(_SYS_BPF_L, _UPDATE_L, self._attr, _ATTR_SIZE_L)  # type: ignore[union-attr]
         if rc < 0:
             err = ctypes.get_errno()

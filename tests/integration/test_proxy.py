@@ -77,6 +77,7 @@ async def run(*args: str, env: dict | None = None) -> tuple[int, bytes, bytes]:
     proc = await asyncio.create_subprocess_exec(
         *args, stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env)
     out, err = await proc.communicate()
+    assert proc.returncode is not None   # the process has exited
     return proc.returncode, out, err
 
 
@@ -99,7 +100,7 @@ async def raw_session(cluster, proxy: ProxyServer):
     params = conninfo_to_dict(cluster.dsn())
     reader, writer = await asyncio.open_connection("127.0.0.1", proxy.port)
     writer.write(startup.startup_message(
-        {"user": params.get("user", "postgres"), "database": params.get("dbname", "postgres")}))
+        {"user": str(params.get("user", "postgres")), "database": str(params.get("dbname", "postgres"))}))
     while True:
         kind, body = await read_message(reader)
         assert kind != b"E", startup.parse_error_response(kind + struct.pack("!I", len(body) + 4) + body)
@@ -142,7 +143,9 @@ async def test_psql_asyncpg_and_psycopg_through_the_proxy(local_cluster, proxy):
 
     def sync_psycopg():
         with psycopg.connect(conninfo(local_cluster, proxy, sslmode="disable")) as c:
-            return c.execute("SELECT count(*) FROM generate_series(1, 1000)").fetchone()[0]
+            row = c.execute("SELECT count(*) FROM generate_series(1, 1000)").fetchone()
+            assert row is not None
+            return row[0]
     assert await asyncio.to_thread(sync_psycopg) == 1000
 
     stats = proxy.router.stats
@@ -159,6 +162,7 @@ async def check_leg_socket_options(cluster, proxy: ProxyServer) -> None:
     try:
         if proxy.splicing:
             # The kernel forwards: no transports, but the same options on both sockets.
+            assert proxy._spliced is not None
             [session] = list(proxy._spliced.sessions)
             for sock in (session.client, session.backend):
                 assert sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY) != 0
@@ -168,6 +172,7 @@ async def check_leg_socket_options(cluster, proxy: ProxyServer) -> None:
             return
         [client] = list(proxy._clients)
         for leg in (client, client.peer):
+            assert leg is not None and leg.transport is not None
             sock = leg.transport.get_extra_info("socket")
             assert sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY) != 0
             assert sock.getsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE) != 0
@@ -359,7 +364,7 @@ async def test_over_max_client_connections(local_cluster, make_proxy):
     assert all(isinstance(e, asyncpg.TooManyConnectionsError) for e in errors), errors
     assert all("too many clients" in str(e) for e in errors)
 
-    assert all(e.sqlstate == "53300" for e in errors)
+    assert all(isinstance(e, asyncpg.TooManyConnectionsError) and e.sqlstate == "53300" for e in errors)
     # libpq, with and without the SSLRequest first. (psycopg has no sqlstate for
     # errors during connection, not even from a real server: the text is the check.)
     for sslmode in ("prefer", "disable"):

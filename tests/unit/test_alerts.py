@@ -10,6 +10,7 @@ import socket
 import socketserver
 import threading
 import time
+from typing import cast
 
 import pytest
 from aiohttp import web
@@ -141,7 +142,7 @@ async def test_http_error_is_a_failure(receiver):
 async def test_emit_never_raises_even_closed_or_unconfigured():
     Alerter(AlertsConfig()).emit(FAILOVER_DONE)
     alerter = Alerter(AlertsConfig(command="true"))
-    alerter.emit(object())  # type: ignore[arg-type]
+    alerter.emit(object())  # type: ignore[arg-type]  # garbage on purpose
     await alerter.close(0.1)
     alerter.emit(FAILOVER_DONE)
 
@@ -185,6 +186,12 @@ async def test_command_failure_and_timeout_are_counted():
         await alerter.close(0.5)
 
 
+class _SmtpServer(socketserver.ThreadingTCPServer):
+    """Keeps the messages its handlers received."""
+
+    messages: list[str]
+
+
 class _SmtpHandler(socketserver.StreamRequestHandler):
     """Just enough SMTP to accept one message (no STARTTLS, no AUTH)."""
 
@@ -205,7 +212,7 @@ class _SmtpHandler(socketserver.StreamRequestHandler):
                     if not chunk:
                         return
                     data += chunk
-                self.server.messages.append(data.decode())  # type: ignore[attr-defined]
+                cast(_SmtpServer, self.server).messages.append(data.decode())
                 self.wfile.write(b"250 queued\r\n")
             elif cmd.startswith("QUIT"):
                 self.wfile.write(b"221 bye\r\n")
@@ -215,8 +222,8 @@ class _SmtpHandler(socketserver.StreamRequestHandler):
 
 
 async def test_email_via_smtp():
-    server = socketserver.ThreadingTCPServer(("127.0.0.1", 0), _SmtpHandler)
-    server.messages = []  # type: ignore[attr-defined]
+    server = _SmtpServer(("127.0.0.1", 0), _SmtpHandler)
+    server.messages = []
     thread = threading.Thread(target=server.serve_forever, daemon=True)
     thread.start()
     try:
@@ -227,10 +234,10 @@ async def test_email_via_smtp():
         await alerter.start()
         try:
             alerter.emit(FAILOVER_DONE)
-            await wait_for(lambda: server.messages)  # type: ignore[attr-defined]
+            await wait_for(lambda: server.messages)
         finally:
             await alerter.close(1.0)
-        msg = server.messages[0]  # type: ignore[attr-defined]
+        msg = server.messages[0]
         assert "Subject: pgroute FAILOVER completed" in msg
         assert "To: ops@example.com" in msg
         assert failures == []

@@ -12,7 +12,7 @@ from aiohttp.test_utils import TestClient, TestServer
 from pgroute.api.http import ControlPlane, health_of, make_app
 from pgroute.config import Config
 from pgroute.errors import ActionRefused, PgRouteError
-from pgroute.model import Event, HealthSample
+from pgroute.model import Event, HealthSample, NodeName
 from pgroute.proxy.router import Backend, Route, Router
 
 SECRET = "s3cretpw"
@@ -72,6 +72,10 @@ class FakeControl:
         for cb in self.event_listeners:
             cb(ev)
         return ev.to_json()
+
+    async def resolve(self, active: NodeName | None) -> dict:
+        # /api/resolve is tested against the real Controller (integration tests).
+        raise NotImplementedError
 
     def add_event_listener(self, cb: Callable[[Event], None]) -> None:
         self.event_listeners.append(cb)

@@ -7,7 +7,7 @@ import pytest
 from click.testing import CliRunner
 
 from pgroute.cli import main
-from pgroute.config import ConfigError, load_config, validate_runtime
+from pgroute.config import Config, ConfigError, load_config, validate_runtime
 from pgroute.pg.dsn import mask_dsn
 
 DSNS = ('[primary]\ndsn = "postgresql://postgres@127.0.0.1:5432/chrispar"\n'
@@ -126,8 +126,9 @@ def test_env_file_through_cli(tmp_path, monkeypatch):
     import sys
     import types
 
-    seen = {}
+    seen: dict[str, Config] = {}
     fake_app = types.ModuleType("pgroute.app")
+    # A stand-in module made at run time: mypy knows no attributes of a ModuleType.
     fake_app.run = lambda config: seen.setdefault("config", config) and 0  # type: ignore[attr-defined]
     monkeypatch.setitem(sys.modules, "pgroute.app", fake_app)
     import pgroute.logs
@@ -205,14 +206,12 @@ def test_example_config_loads_and_sets_every_key():
     import tomllib
     from pathlib import Path
 
-    from pgroute.config import Config
-
     path = Path(__file__).resolve().parents[2] / "config" / "pgroute.example.toml"
     config = load_config(path, environ={})
     validate_runtime(config)
     data = tomllib.loads(path.read_text())
     for section, field in Config.model_fields.items():
-        keys = set(field.annotation.model_fields)  # type: ignore[union-attr]
+        keys = set(field.annotation.model_fields)  # type: ignore[union-attr]  # every field is a section model
         assert set(data.get(section, {})) == keys, section
     # Every value in the example is the default (the file documents the defaults).
     for section, values in data.items():

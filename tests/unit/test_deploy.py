@@ -201,10 +201,12 @@ def test_compose_references_exist():
     # The image's CMD reads the file the pgroute service mounts.
     cmd = services["pgroute"]["command"]
     config_in_container = cmd[cmd.index("--config") + 1]
-    assert container_path(services["pgroute"], config_in_container).is_file()
+    config_on_host = container_path(services["pgroute"], config_in_container)
+    assert config_on_host is not None and config_on_host.is_file()
     # Prometheus: its rule file sits next to its configuration, as mounted.
     prom = services["prometheus"]
     prom_config = container_path(prom, "/etc/prometheus/prometheus.yml")
+    assert prom_config is not None
     scrape = yaml.safe_load(prom_config.read_text())
     for rule_file in scrape["rule_files"]:
         host = container_path(prom, f"/etc/prometheus/{rule_file}")
@@ -422,7 +424,7 @@ def test_entrypoint_and_cmd_run_and_healthcheck_outside_docker(tmp_path):
             except (urllib.error.URLError, OSError):
                 time.sleep(0.1)
         assert proc.poll() is None, proc.communicate()
-        assert status == 503 and body["status"] == "unhealthy" and body["database"] is None
+        assert status == 503 and body is not None and body["status"] == "unhealthy" and body["database"] is None
         # The image's HEALTHCHECK, pointed at this API port, fails while unhealthy.
         hc = healthcheck_argv()
         code = hc[2].replace("127.0.0.1:5000", f"127.0.0.1:{api_port}")

@@ -94,7 +94,8 @@ def test_max_length_is_accepted():
     body = b"user\0" + b"u" * (startup.MAX_STARTUP_PACKET_LENGTH - 8 - 5 - 2) + b"\0\0"
     raw = struct.pack("!II", 8 + len(body), startup.PROTOCOL_3_0) + body
     assert len(raw) == startup.MAX_STARTUP_PACKET_LENGTH
-    assert startup.take_packet(bytearray(raw)).kind is PacketKind.STARTUP
+    packet = startup.take_packet(bytearray(raw))
+    assert packet is not None and packet.kind is PacketKind.STARTUP
 
 
 def test_error_response_round_trip():
