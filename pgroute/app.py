@@ -83,10 +83,17 @@ async def start(config: Config) -> Running:
     p = config.proxy
 
     def proxy_server(host: str, port: int, splice: str) -> ProxyServer:
-        return ProxyServer(router, host, port, max_client_connections=p.max_client_connections,
-                           connect_timeout=p.connect_timeout, pause_timeout=p.pause_timeout,
-                           startup_timeout=p.startup_timeout, shutdown_timeout=p.shutdown_timeout,
-                           splice=splice)
+        return ProxyServer(
+            router,
+            host,
+            port,
+            max_client_connections=p.max_client_connections,
+            connect_timeout=p.connect_timeout,
+            pause_timeout=p.pause_timeout,
+            startup_timeout=p.startup_timeout,
+            shutdown_timeout=p.shutdown_timeout,
+            splice=splice,
+        )
 
     proxy = proxy_server(p.host, p.port, p.splice)
     await proxy.start()

@@ -101,8 +101,7 @@ class ProxyConfig(_Listener):
 
     @model_validator(mode="after")
     def _distinct_listeners(self) -> ProxyConfig:
-        if self.listen_piped and self.piped_port != 0 and self.piped_port == self.port \
-                and self.piped_host == self.host:
+        if self.listen_piped and self.piped_port != 0 and self.piped_port == self.port and self.piped_host == self.host:
             raise ValueError("listen_piped must differ from listen")
         return self
 
@@ -173,7 +172,7 @@ class StateConfig(_Section):
 
 
 class AlertsConfig(_Section):
-    webhook_urls: tuple[str, ...] = Field((), strict=False)   # TOML arrays are lists
+    webhook_urls: tuple[str, ...] = Field((), strict=False)  # TOML arrays are lists
     command: str = ""
     email_to: tuple[str, ...] = Field((), strict=False)
     email_from: str = "pgroute@localhost"
@@ -262,11 +261,11 @@ def _env_overrides(env: Mapping[str, str]) -> dict[tuple[str, str], tuple[str, s
     for name, value in env.items():
         if not name.startswith("PGROUTE_") or name in NON_CONFIG_ENV:
             continue
-        rest = name[len("PGROUTE_"):].lower()
+        rest = name[len("PGROUTE_") :].lower()
         for section, field in sections.items():
             prefix = section + "_"
             if rest.startswith(prefix):
-                key = rest[len(prefix):]
+                key = rest[len(prefix) :]
                 # Every field of Config is a section model (annotation never None).
                 if key not in field.annotation.model_fields:  # type: ignore[union-attr]
                     raise ConfigError(name, f"unknown key {key!r} in section [{section}]")

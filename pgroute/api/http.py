@@ -84,8 +84,7 @@ class ControlPlane(Protocol):
 # -- helpers -----------------------------------------------------------------------------
 def _json(data: Any, status: int = 200, headers: dict[str, str] | None = None) -> web.Response:
     text = mask_dsn(json.dumps(data, default=str))
-    return web.Response(text=text, status=status, content_type="application/json",
-                        headers=headers)
+    return web.Response(text=text, status=status, content_type="application/json", headers=headers)
 
 
 def _error(status: int, message: str, headers: dict[str, str] | None = None) -> web.Response:
@@ -119,23 +118,24 @@ def health_of(status: dict, router: Router) -> tuple[int, dict]:
     the switch ends (503 during every switchover would make load balancers flap).
     """
     active = status.get("active")
-    routable = (active in ("primary", "mirror")
-                and status.get("state") != "no_routable_node"
-                and router.route.backend is not None)
+    routable = (
+        active in ("primary", "mirror")
+        and status.get("state") != "no_routable_node"
+        and router.route.backend is not None
+    )
     if not routable:
         return 503, {"status": "unhealthy", "database": None, "timestamp": _now_iso()}
     nodes = status.get("nodes") or {}
     both_up = all((nodes.get(n) or {}).get("up") is True for n in ("primary", "mirror"))
     healthy = both_up and status.get("replication") == "ok"
-    return 200, {"status": "healthy" if healthy else "degraded", "database": active,
-                 "timestamp": _now_iso()}
+    return 200, {"status": "healthy" if healthy else "degraded", "database": active, "timestamp": _now_iso()}
 
 
 # -- middleware --------------------------------------------------------------------------
 @web.middleware
-async def _errors(request: web.Request,
-                  handler: Callable[[web.Request], Awaitable[web.StreamResponse]]
-                  ) -> web.StreamResponse:
+async def _errors(
+    request: web.Request, handler: Callable[[web.Request], Awaitable[web.StreamResponse]]
+) -> web.StreamResponse:
     """Turn every failure into a JSON error without internals."""
     try:
         return await handler(request)
@@ -183,8 +183,9 @@ async def _events(request: web.Request) -> web.Response:
 
 async def _metrics(request: web.Request) -> web.Response:
     body = generate_latest(request.app[REGISTRY_KEY])
-    return web.Response(body=mask_dsn(body.decode("utf-8")).encode("utf-8"),
-                        headers={"Content-Type": CONTENT_TYPE_PLAIN_0_0_4})
+    return web.Response(
+        body=mask_dsn(body.decode("utf-8")).encode("utf-8"), headers={"Content-Type": CONTENT_TYPE_PLAIN_0_0_4}
+    )
 
 
 def _authorized(request: web.Request) -> bool:
@@ -220,12 +221,12 @@ async def _options(request: web.Request, allowed: tuple[str, ...]) -> dict[str, 
 def _action(kind: str) -> Callable[[web.Request], Awaitable[web.Response]]:
     async def handler(request: web.Request) -> web.Response:
         if not _authorized(request):
-            raise web.HTTPUnauthorized(reason="missing or wrong bearer token",
-                                       headers={"WWW-Authenticate": 'Bearer realm="pgroute"'})
+            raise web.HTTPUnauthorized(
+                reason="missing or wrong bearer token", headers={"WWW-Authenticate": 'Bearer realm="pgroute"'}
+            )
         options = await _options(request, ACTION_OPTIONS[kind])
         peer = request.remote or "?"
-        log.info("API command %s%s from %s", kind,
-                 "".join(f" {k}={v}" for k, v in options.items()), peer)
+        log.info("API command %s%s from %s", kind, "".join(f" {k}={v}" for k, v in options.items()), peer)
         # Shielded: a client that hangs up (Ctrl-C in `pgroute failover`) must not
         # cancel a switch halfway; the operation finishes and is recorded anyway.
         control = request.app[CONTROL_KEY]
@@ -239,8 +240,9 @@ def _action(kind: str) -> Callable[[web.Request], Awaitable[web.Response]]:
 async def _resolve(request: web.Request) -> web.Response:
     """Operator override when pgroute failed closed: declare which node is active."""
     if not _authorized(request):
-        raise web.HTTPUnauthorized(reason="missing or wrong bearer token",
-                                   headers={"WWW-Authenticate": 'Bearer realm="pgroute"'})
+        raise web.HTTPUnauthorized(
+            reason="missing or wrong bearer token", headers={"WWW-Authenticate": 'Bearer realm="pgroute"'}
+        )
     try:
         body = json.loads(await request.read() or b"{}")
     except ValueError:
@@ -254,8 +256,9 @@ async def _resolve(request: web.Request) -> web.Response:
     return _json(event)
 
 
-def make_app(control: ControlPlane, router: Router, config: Config,
-             registry: CollectorRegistry | None = None) -> web.Application:
+def make_app(
+    control: ControlPlane, router: Router, config: Config, registry: CollectorRegistry | None = None
+) -> web.Application:
     """Build the aiohttp application. Pass the registry from ``create_metrics``; when
     None, one is created here (and the metric listeners subscribed)."""
     if registry is None:

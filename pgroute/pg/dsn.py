@@ -76,8 +76,9 @@ def parse_dsn(url: str) -> Dsn:
         raise ValueError("empty DSN")
     parts = urlsplit(url.strip())
     if parts.scheme not in ("postgresql", "postgres"):
-        raise ValueError("expected postgresql://user@host:port/dbname (a password goes after the user, "
-                         "separated by a colon)")
+        raise ValueError(
+            "expected postgresql://user@host:port/dbname (a password goes after the user, separated by a colon)"
+        )
     try:
         port = parts.port or 5432
     except ValueError:
@@ -91,7 +92,6 @@ def parse_dsn(url: str) -> Dsn:
     user = unquote(parts.username) if parts.username else "postgres"
     password = unquote(parts.password) if parts.password is not None else None
     return Dsn(url=url.strip(), host=host, port=port, user=user, dbname=dbname, password=password)
-
 
 
 def mask_conninfo(text: str | None) -> str | None:

@@ -215,26 +215,38 @@ class ClientProtocol(_Leg):
     ``on_made(client)`` and ``on_lost(client)`` are the server's hooks (start the
     handshake; release the session's accounting)."""
 
-    __slots__ = ("epoch", "backend_name", "admitted", "handshake", "_on_made", "_on_lost",
-                 "_buf", "_waiter", "_eof", "_self_paused", "_piping")
+    __slots__ = (
+        "epoch",
+        "backend_name",
+        "admitted",
+        "handshake",
+        "_on_made",
+        "_on_lost",
+        "_buf",
+        "_waiter",
+        "_eof",
+        "_self_paused",
+        "_piping",
+    )
 
-    def __init__(self, stats: ProxyStats, on_made: Callable[[ClientProtocol], None],
-                 on_lost: Callable[[ClientProtocol], None]) -> None:
+    def __init__(
+        self, stats: ProxyStats, on_made: Callable[[ClientProtocol], None], on_lost: Callable[[ClientProtocol], None]
+    ) -> None:
         super().__init__(stats)
         self.epoch = -1
         self.backend_name = ""
-        self.admitted = False          # counted against max_client_connections
+        self.admitted = False  # counted against max_client_connections
         self.handshake: asyncio.Task[None] | None = None
         self._on_made = on_made
         self._on_lost = on_lost
         self._buf = bytearray()
         self._waiter: asyncio.Future[None] | None = None
         self._eof = False
-        self._self_paused = False      # reading paused by HANDSHAKE_PENDING_LIMIT
+        self._self_paused = False  # reading paused by HANDSHAKE_PENDING_LIMIT
         self._piping = False
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        self.transport = transport = cast(asyncio.Transport, transport)   # see BackendProtocol
+        self.transport = transport = cast(asyncio.Transport, transport)  # see BackendProtocol
         # SO_KEEPALIVE comes from the listening socket (tune_listening_socket),
         # TCP_NODELAY from the event loop.
         transport.set_write_buffer_limits(high=WRITE_BUFFER_HIGH, low=WRITE_BUFFER_LOW)
@@ -355,7 +367,7 @@ class ClientProtocol(_Leg):
         t.pause_reading()
         fd = raw.fileno()
         try:
-            if inq(fd):   # bytes still unread in the kernel: this client pipelined
+            if inq(fd):  # bytes still unread in the kernel: this client pipelined
                 t.resume_reading()
                 return None
             return socket.socket(raw.family, socket.SOCK_STREAM, 0, os.dup(fd))
@@ -371,7 +383,7 @@ class ClientProtocol(_Leg):
         """The duplicate from ``take_socket`` is spliced: close this transport without
         touching the connection (the duplicate keeps it open) and without the
         session-ending side effects of a close."""
-        self._piping = True      # connection_lost must not cancel the handshake
+        self._piping = True  # connection_lost must not cancel the handshake
         self.closed = True
         if self.transport is not None:
             self.transport.abort()

@@ -21,8 +21,16 @@ from pgroute.model import Event
 
 NOW = time.time()
 FAILOVER_START = Event(5, "failover", "primary down after 3 failed probes", NOW - 2)
-FAILOVER_DONE = Event(5, "failover", "primary down after 3 failed probes", NOW - 2, NOW, "ok",
-                      (("fence", 0.01), ("promote", 1.5)), (("epoch", "4"), ("active", "mirror")))
+FAILOVER_DONE = Event(
+    5,
+    "failover",
+    "primary down after 3 failed probes",
+    NOW - 2,
+    NOW,
+    "ok",
+    (("fence", 0.01), ("promote", 1.5)),
+    (("epoch", "4"), ("active", "mirror")),
+)
 FAILBACK_FAILED = Event(6, "failback", "operator asked", NOW - 1, NOW, "failed")
 NODE_DOWN_START = Event(7, "node_down", "primary: connection refused", NOW)
 NODE_DOWN_DONE = Event(7, "node_down", "primary: connection refused", NOW, NOW, "ok")
@@ -87,7 +95,7 @@ async def test_webhook_receives_json(receiver):
     alerter = Alerter(AlertsConfig(webhook_urls=(url,), timeout=2.0), failures.append)
     await alerter.start()
     try:
-        alerter.emit(NODE_DOWN_START)   # non-switch event start: not alerted
+        alerter.emit(NODE_DOWN_START)  # non-switch event start: not alerted
         alerter.emit(FAILOVER_START)
         alerter.emit(FAILOVER_DONE)
         alerter.emit(NODE_DOWN_DONE)
@@ -109,15 +117,14 @@ async def test_webhook_receives_json(receiver):
 async def test_unreachable_webhook_does_not_block_and_counts(caplog):
     url = f"http://127.0.0.1:{free_port()}/services/T/B/topsecret"
     failures: list[str] = []
-    alerter = Alerter(AlertsConfig(webhook_urls=(url,), timeout=1.0, retries=2),
-                      failures.append, backoff=0.01)
+    alerter = Alerter(AlertsConfig(webhook_urls=(url,), timeout=1.0, retries=2), failures.append, backoff=0.01)
     await alerter.start()
     try:
         with caplog.at_level(logging.WARNING, logger="pgroute.alerts"):
             t0 = time.perf_counter()
             for _ in range(20):
                 alerter.emit(FAILOVER_DONE)
-            assert time.perf_counter() - t0 < 0.05   # emit only queues
+            assert time.perf_counter() - t0 < 0.05  # emit only queues
             await wait_for(lambda: len(failures) >= 1)
     finally:
         await alerter.close(0.2)
@@ -128,7 +135,7 @@ async def test_unreachable_webhook_does_not_block_and_counts(caplog):
 
 async def test_http_error_is_a_failure(receiver):
     url, _, _ = receiver
-    bad = url.rsplit("/", 1)[0] + "/wrongtoken"   # 404 on the receiver
+    bad = url.rsplit("/", 1)[0] + "/wrongtoken"  # 404 on the receiver
     failures: list[str] = []
     alerter = Alerter(AlertsConfig(webhook_urls=(bad,), retries=1), failures.append, backoff=0.01)
     await alerter.start()
@@ -229,8 +236,9 @@ async def test_email_via_smtp():
     try:
         port = server.server_address[1]
         failures: list[str] = []
-        alerter = Alerter(AlertsConfig(email_to=("ops@example.com",),
-                                       smtp_url=f"smtp://127.0.0.1:{port}"), failures.append)
+        alerter = Alerter(
+            AlertsConfig(email_to=("ops@example.com",), smtp_url=f"smtp://127.0.0.1:{port}"), failures.append
+        )
         await alerter.start()
         try:
             alerter.emit(FAILOVER_DONE)

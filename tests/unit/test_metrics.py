@@ -28,12 +28,22 @@ def value(samples, name, **labels):
 
 
 EXPECTED_NAMES = [
-    "pgroute_active_node", "pgroute_node_up", "pgroute_probe_duration_seconds_bucket",
-    "pgroute_probe_failures_total", "pgroute_replication_lag_bytes", "pgroute_failovers_total",
-    "pgroute_switch_phase_duration_seconds", "pgroute_client_connections",
-    "pgroute_client_connections_total", "pgroute_rejected_connections_total",
-    "pgroute_proxied_bytes_total", "pgroute_paused", "pgroute_epoch", "pgroute_build_info",
-    "pgroute_alerts_failed_total", "pgroute_waiting_connections",
+    "pgroute_active_node",
+    "pgroute_node_up",
+    "pgroute_probe_duration_seconds_bucket",
+    "pgroute_probe_failures_total",
+    "pgroute_replication_lag_bytes",
+    "pgroute_failovers_total",
+    "pgroute_switch_phase_duration_seconds",
+    "pgroute_client_connections",
+    "pgroute_client_connections_total",
+    "pgroute_rejected_connections_total",
+    "pgroute_proxied_bytes_total",
+    "pgroute_paused",
+    "pgroute_epoch",
+    "pgroute_build_info",
+    "pgroute_alerts_failed_total",
+    "pgroute_waiting_connections",
     "pgroute_spliced_sessions_total",
 ]
 
@@ -82,7 +92,7 @@ def test_values_follow_router_and_status():
     # The collector reads at scrape time: a new snapshot shows up on the next scrape.
     fake.st.update(active="mirror", epoch=4, paused=True)
     fake.st["nodes"]["primary"]["up"] = False
-    fake.st["nodes"]["mirror"]["up"] = None   # unknown: left out, not reported as down
+    fake.st["nodes"]["mirror"]["up"] = None  # unknown: left out, not reported as down
     stats.connections_current = 0
     s = scrape(registry)
     assert value(s, "pgroute_active_node", node="primary") == 0
@@ -102,6 +112,7 @@ def test_values_follow_router_and_status():
 def test_scrape_survives_status_failure():
     fake, router = FakeControl(), make_router()
     registry, _ = create_metrics(fake, router)
+
     def broken_status() -> dict:
         raise ZeroDivisionError("division by zero")
 
@@ -121,12 +132,11 @@ def test_samples_and_events_feed_metrics():
         cb(HealthSample(NodeName.PRIMARY, False, now, 5.0, error="timeout"))
         cb(HealthSample(NodeName.MIRROR, True, now, 0.001))
     running = Event(7, "failover", "primary down", now - 2, None, None)
-    done = Event(7, "failover", "primary down", now - 2, now, "ok",
-                 (("fence", 0.05), ("promote", 1.5)))
+    done = Event(7, "failover", "primary down", now - 2, now, "ok", (("fence", 0.05), ("promote", 1.5)))
     for on_event in fake.event_listeners:
-        on_event(running)   # start: not counted yet
+        on_event(running)  # start: not counted yet
         on_event(done)
-        on_event(done)      # reported twice: counted once
+        on_event(done)  # reported twice: counted once
         on_event(Event(8, "switchover", "planned", now - 1, now, "failed", (("drain", 0.3),)))
         on_event(Event(9, "node_down", "primary down", now, now, "ok"))  # not a switch
     metrics.alert_failed("webhook")

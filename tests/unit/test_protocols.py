@@ -90,13 +90,13 @@ def test_attach_forwards_first_packet_and_pipelined_bytes_and_counts():
 def test_client_write_pressure_pauses_backend_reading_and_alternates():
     _, client, ct, backend, bt, _ = make_pipe()
     client.attach(backend, b"x", 1, "primary")
-    client.pause_writing()          # client is slow: stop reading the backend
+    client.pause_writing()  # client is slow: stop reading the backend
     assert (bt.pauses, bt.resumes, ct.pauses) == (1, 0, 0)
-    client.pause_writing()          # a repeated pause must not pause twice
+    client.pause_writing()  # a repeated pause must not pause twice
     assert bt.pauses == 1
     client.resume_writing()
     assert (bt.pauses, bt.resumes) == (1, 1)
-    client.resume_writing()         # nor resume twice
+    client.resume_writing()  # nor resume twice
     assert bt.resumes == 1
     client.pause_writing()
     assert (bt.pauses, bt.resumes) == (2, 1)
@@ -105,7 +105,7 @@ def test_client_write_pressure_pauses_backend_reading_and_alternates():
 def test_backend_write_pressure_pauses_client_reading():
     _, client, ct, backend, bt, _ = make_pipe()
     client.attach(backend, b"x", 1, "primary")
-    backend.pause_writing()         # e.g. a big COPY FROM faster than the backend takes it
+    backend.pause_writing()  # e.g. a big COPY FROM faster than the backend takes it
     backend.pause_writing()
     assert (ct.pauses, bt.pauses) == (1, 0)
     backend.resume_writing()
@@ -125,7 +125,7 @@ def test_handshake_buffer_limit_pauses_until_attach():
     _, client, ct, backend, bt, _ = make_pipe()
     client.data_received(b"z" * (protocols.HANDSHAKE_PENDING_LIMIT + 1))
     assert ct.pauses == 1
-    client.data_received(b"z")      # already paused: no second pause
+    client.data_received(b"z")  # already paused: no second pause
     assert ct.pauses == 1
     client.attach(backend, b"F", 1, "primary")
     assert ct.resumes == 1
@@ -158,7 +158,7 @@ async def test_close_propagates_after_flush():
     client.attach(backend, b"x", 1, "primary")
     assert backend.eof_received() is False  # the transport closes itself
     backend.connection_lost(None)
-    assert ct.closing and not ct.aborted     # close() flushes, abort() would not
+    assert ct.closing and not ct.aborted  # close() flushes, abort() would not
     client.connection_lost(None)
     assert lost == [client]
     assert not bt.aborted
@@ -205,7 +205,7 @@ async def test_read_packet_waits_then_returns_and_keeps_rest():
 async def test_read_packet_raises_on_eof_and_garbage():
     _, client, _, _, _, _ = make_pipe()
     task = asyncio.ensure_future(client.read_packet())
-    client.data_received(b"\0\0\0\x20\0\3")   # truncated
+    client.data_received(b"\0\0\0\x20\0\3")  # truncated
     await asyncio.sleep(0)
     client.eof_received()
     with pytest.raises(ClientGone):
@@ -262,7 +262,7 @@ async def test_read_packet_timeout_covers_the_whole_packet():
     raw = startup.startup_message({"user": "app"})
     task = asyncio.ensure_future(client.read_packet(timeout=0.2))
     await asyncio.sleep(0.1)
-    client.data_received(raw[:5])     # progress does not restart the clock
+    client.data_received(raw[:5])  # progress does not restart the clock
     with pytest.raises(TimeoutError):
         await task
     assert client._waiter is None
