@@ -5,7 +5,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 PYTEST_ARGS ?=
 
-.PHONY: demo test unit bench bench-failover bench-switch clean
+.PHONY: demo test unit lint bench bench-failover bench-switch clean
 
 $(BIN)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -21,6 +21,13 @@ test: $(BIN)/.installed
 
 unit: $(BIN)/.installed
 	$(BIN)/pytest tests/unit $(PYTEST_ARGS)
+
+# Lint, format and types; .ci/run runs it before the tests. Checks only, fixes nothing:
+# `$(BIN)/ruff check --fix .` and `$(BIN)/ruff format .` make the changes.
+lint: $(BIN)/.installed
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+	$(BIN)/mypy pgroute tests bench
 
 bench: $(BIN)/.installed
 	$(BIN)/python bench/proxy.py

@@ -29,17 +29,18 @@ import re
 import signal
 import smtplib
 import ssl
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from email.message import EmailMessage
-from typing import Any, Awaitable, Callable
+from typing import Any
 from urllib.parse import unquote, urlsplit
 
 import aiohttp
 
 from .config import AlertsConfig
-from .pg.dsn import mask_dsn
 from .model import Event
+from .pg.dsn import mask_dsn
 
 log = logging.getLogger(__name__)
 
@@ -78,16 +79,14 @@ def scrub(text: str) -> str:
 def _iso(ts: float | None) -> str | None:
     if ts is None:
         return None
-    return datetime.fromtimestamp(ts, timezone.utc).isoformat(timespec="milliseconds").replace(
-        "+00:00", "Z")
+    return datetime.fromtimestamp(ts, UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
 
 
 def alert_text(event: Event) -> str:
     """One human line, Slack ``text`` and email subject: ``pgroute FAILOVER completed in
     2.31 s: primary down after 3 failed probes (epoch 4, active mirror)``."""
     kind = event.kind.replace("_", " ").upper()
-    duration = (f" in {event.ended_at - event.started_at:.2f} s"
-                if event.ended_at is not None else "")
+    duration = f" in {event.ended_at - event.started_at:.2f} s" if event.ended_at is not None else ""
     if event.kind in SWITCH_KINDS:
         if event.ended_at is None:
             word = " started"
@@ -97,7 +96,8 @@ def alert_text(event: Event) -> str:
             word = " refused"
         else:
             word = f" {(event.result or 'ended').upper()}" + (
-                f" after {event.ended_at - event.started_at:.2f} s" if event.ended_at else "")
+                f" after {event.ended_at - event.started_at:.2f} s" if event.ended_at else ""
+            )
     else:
         word = "" if event.result in (None, "ok") else f" {event.result.upper()}"
     details = dict(event.details)
@@ -137,8 +137,8 @@ def event_payload(event: Event) -> dict[str, Any]:
 # -- channels ----------------------------------------------------------------------------
 @dataclass
 class _Channel:
-    kind: str        # metric label: webhook | command | email
-    label: str       # what logs may show (no secrets)
+    kind: str  # metric label: webhook | command | email
+    label: str  # what logs may show (no secrets)
     send: Callable[[dict[str, Any]], Awaitable[None]]
     retries: int
     queue: asyncio.Queue = field(default_factory=lambda: asyncio.Queue(QUEUE_SIZE))
@@ -148,8 +148,9 @@ class _Channel:
 class Alerter:
     """Delivers alerts for control-plane events. Wire ``emit`` as an event listener."""
 
-    def __init__(self, config: AlertsConfig, on_failure: Callable[[str], None] | None = None,
-                 *, backoff: float = 0.5) -> None:
+    def __init__(
+        self, config: AlertsConfig, on_failure: Callable[[str], None] | None = None, *, backoff: float = 0.5
+    ) -> None:
         self._config = config
         self._on_failure = on_failure
         self._backoff = backoff
@@ -158,15 +159,12 @@ class Alerter:
         self._closed = False
         self._channels: list[_Channel] = []
         for url in config.webhook_urls:
-            self._channels.append(_Channel("webhook", mask_url(url),
-                                           self._webhook_sender(url), config.retries))
+            self._channels.append(_Channel("webhook", mask_url(url), self._webhook_sender(url), config.retries))
         if config.command:
             self._channels.append(_Channel("command", "command hook", self._run_command, 0))
         if config.email_to:
             smtp = config.smtp_url or "smtp://localhost:25"
-            self._channels.append(_Channel(
-                "email", f"email via {mask_url(smtp)}",
-                self._send_email, config.retries))
+            self._channels.append(_Channel("email", f"email via {mask_url(smtp)}", self._send_email, config.retries))
 
     @property
     def enabled(self) -> bool:
@@ -199,8 +197,7 @@ class Alerter:
             try:
                 ch.queue.put_nowait(payload)
             except asyncio.QueueFull:
-                log.warning("alerts: %s queue full, dropping alert %s %s",
-                            ch.label, payload["kind"], payload["stage"])
+                log.warning("alerts: %s queue full, dropping alert %s %s", ch.label, payload["kind"], payload["stage"])
                 self._failed(ch.kind)
 
     def _failed(self, channel: str) -> None:
@@ -218,7 +215,8 @@ class Alerter:
         self._loop = asyncio.get_running_loop()
         if any(ch.kind == "webhook" for ch in self._channels):
             self._session = aiohttp.ClientSession(
-                headers={"User-Agent": "pgroute-alerts", "Content-Type": "application/json"})
+                headers={"User-Agent": "pgroute-alerts", "Content-Type": "application/json"}
+            )
         for ch in self._channels:
             ch.task = asyncio.create_task(self._worker(ch), name=f"alerts-{ch.kind}")
         log.info("alerts: %s", ", ".join(ch.label for ch in self._channels))
@@ -229,9 +227,8 @@ class Alerter:
         workers = [ch.task for ch in self._channels if ch.task is not None]
         if workers:
             try:
-                await asyncio.wait_for(
-                    asyncio.gather(*(ch.queue.join() for ch in self._channels)), timeout)
-            except asyncio.TimeoutError:
+                await asyncio.wait_for(asyncio.gather(*(ch.queue.join() for ch in self._channels)), timeout)
+            except TimeoutError:
                 left = sum(ch.queue.qsize() for ch in self._channels)
                 log.warning("alerts: closing with %d alert(s) undelivered", left)
             for task in workers:
@@ -265,14 +262,20 @@ class Alerter:
                 return
             except DeliveryError as exc:
                 last = str(exc)
-            except asyncio.TimeoutError:
+            except TimeoutError:
                 last = f"timed out after {self._config.timeout:g} s"
             except (OSError, aiohttp.ClientError, smtplib.SMTPException, ValueError) as exc:
                 last = f"{type(exc).__name__}: {exc}"
             if attempt + 1 < attempts:
-                await asyncio.sleep(min(self._backoff * (2 ** attempt), MAX_BACKOFF))
-        log.warning("alerts: %s failed for %s %s after %d attempt(s): %s", ch.label,
-                    payload["kind"], payload["stage"], attempts, scrub(last))
+                await asyncio.sleep(min(self._backoff * (2**attempt), MAX_BACKOFF))
+        log.warning(
+            "alerts: %s failed for %s %s after %d attempt(s): %s",
+            ch.label,
+            payload["kind"],
+            payload["stage"],
+            attempts,
+            scrub(last),
+        )
         self._failed(ch.kind)
 
     def _webhook_sender(self, url: str) -> Callable[[dict[str, Any]], Awaitable[None]]:
@@ -283,28 +286,36 @@ class Alerter:
                 if resp.status >= 300:
                     # Not raise_for_status(): its message carries the full URL (and token).
                     raise DeliveryError(f"HTTP {resp.status}")
+
         return send
 
     async def _run_command(self, payload: dict[str, Any]) -> None:
         env = dict(os.environ)
-        env.update({
-            "PGROUTE_EVENT_ID": str(payload["id"]),
-            "PGROUTE_EVENT_KIND": payload["kind"],
-            "PGROUTE_EVENT_RESULT": payload["result"] or "",
-            "PGROUTE_EVENT_REASON": payload["reason"],
-            "PGROUTE_EVENT_STAGE": payload["stage"],
-            "PGROUTE_EVENT_TEXT": payload["text"],
-            "PGROUTE_EVENT_JSON": json.dumps(payload),
-        })
+        env.update(
+            {
+                "PGROUTE_EVENT_ID": str(payload["id"]),
+                "PGROUTE_EVENT_KIND": payload["kind"],
+                "PGROUTE_EVENT_RESULT": payload["result"] or "",
+                "PGROUTE_EVENT_REASON": payload["reason"],
+                "PGROUTE_EVENT_STAGE": payload["stage"],
+                "PGROUTE_EVENT_TEXT": payload["text"],
+                "PGROUTE_EVENT_JSON": json.dumps(payload),
+            }
+        )
         proc = await asyncio.create_subprocess_exec(
-            "/bin/sh", "-c", self._config.command, env=env,
-            stdin=asyncio.subprocess.DEVNULL, stdout=asyncio.subprocess.PIPE,
+            "/bin/sh",
+            "-c",
+            self._config.command,
+            env=env,
+            stdin=asyncio.subprocess.DEVNULL,
+            stdout=asyncio.subprocess.PIPE,
             stderr=asyncio.subprocess.STDOUT,
             # Own process group, so a timeout kills the shell's children too.
-            start_new_session=True)
+            start_new_session=True,
+        )
         try:
             out, _ = await asyncio.wait_for(proc.communicate(), self._config.timeout)
-        except asyncio.TimeoutError:
+        except TimeoutError:
             try:
                 os.killpg(proc.pid, signal.SIGKILL)
             except ProcessLookupError:
@@ -313,8 +324,7 @@ class Alerter:
             raise DeliveryError(f"command timed out after {self._config.timeout:g} s") from None
         if proc.returncode != 0:
             tail = out.decode("utf-8", "replace").strip()[-300:]
-            raise DeliveryError(f"command exited with status {proc.returncode}"
-                                + (f": {tail}" if tail else ""))
+            raise DeliveryError(f"command exited with status {proc.returncode}" + (f": {tail}" if tail else ""))
 
     async def _send_email(self, payload: dict[str, Any]) -> None:
         msg = EmailMessage()
@@ -322,8 +332,7 @@ class Alerter:
         msg["From"] = self._config.email_from
         msg["To"] = ", ".join(self._config.email_to)
         msg.set_content(payload["text"] + "\n\n" + json.dumps(payload, indent=2) + "\n")
-        await asyncio.to_thread(send_email, self._config.smtp_url or "smtp://localhost:25",
-                                msg, self._config.timeout)
+        await asyncio.to_thread(send_email, self._config.smtp_url or "smtp://localhost:25", msg, self._config.timeout)
 
 
 def send_email(smtp_url: str, msg: EmailMessage, timeout: float) -> None:

@@ -12,11 +12,20 @@ import asyncio
 import logging
 import signal
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 from .config import Config
 from .proxy.loop import install_event_loop_policy
 from .proxy.router import Route, Router
 from .proxy.server import ProxyServer
+
+if TYPE_CHECKING:
+    # Imported for real inside start(): `pgroute run` loads the control plane, the
+    # API and alerts only when it starts them.
+    from aiohttp.web import AppRunner
+
+    from .alerts import Alerter
+    from .control.controller import Controller
 
 log = logging.getLogger(__name__)
 
@@ -28,9 +37,9 @@ class Running:
     config: Config
     router: Router
     proxy: ProxyServer
-    controller: object
-    api_runner: object
-    alerter: object
+    controller: Controller
+    api_runner: AppRunner
+    alerter: Alerter
     # proxy.listen_piped: the same Router (fencing, counters), sessions never spliced.
     piped_proxy: ProxyServer | None = None
 
@@ -74,10 +83,17 @@ async def start(config: Config) -> Running:
     p = config.proxy
 
     def proxy_server(host: str, port: int, splice: str) -> ProxyServer:
-        return ProxyServer(router, host, port, max_client_connections=p.max_client_connections,
-                           connect_timeout=p.connect_timeout, pause_timeout=p.pause_timeout,
-                           startup_timeout=p.startup_timeout, shutdown_timeout=p.shutdown_timeout,
-                           splice=splice)
+        return ProxyServer(
+            router,
+            host,
+            port,
+            max_client_connections=p.max_client_connections,
+            connect_timeout=p.connect_timeout,
+            pause_timeout=p.pause_timeout,
+            startup_timeout=p.startup_timeout,
+            shutdown_timeout=p.shutdown_timeout,
+            splice=splice,
+        )
 
     proxy = proxy_server(p.host, p.port, p.splice)
     await proxy.start()

@@ -14,13 +14,15 @@ from __future__ import annotations
 import ipaddress
 import os
 import tomllib
+from collections.abc import Mapping
 from pathlib import Path
-from typing import Any, Literal, Mapping
+from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from .errors import ConfigError
 from .pg.dsn import Dsn, mask_dsn, parse_dsn
+
 
 def parse_listen(value: str) -> tuple[str, int]:
     """``host:port`` (IPv6 as ``[::1]:port``) -> (host, port); ValueError when malformed."""
@@ -98,9 +100,8 @@ class ProxyConfig(_Listener):
         return v
 
     @model_validator(mode="after")
-    def _distinct_listeners(self) -> "ProxyConfig":
-        if self.listen_piped and self.piped_port != 0 and self.piped_port == self.port \
-                and self.piped_host == self.host:
+    def _distinct_listeners(self) -> ProxyConfig:
+        if self.listen_piped and self.piped_port != 0 and self.piped_port == self.port and self.piped_host == self.host:
             raise ValueError("listen_piped must differ from listen")
         return self
 
@@ -171,7 +172,7 @@ class StateConfig(_Section):
 
 
 class AlertsConfig(_Section):
-    webhook_urls: tuple[str, ...] = Field((), strict=False)   # TOML arrays are lists
+    webhook_urls: tuple[str, ...] = Field((), strict=False)  # TOML arrays are lists
     command: str = ""
     email_to: tuple[str, ...] = Field((), strict=False)
     email_from: str = "pgroute@localhost"
@@ -256,15 +257,16 @@ def _env_overrides(env: Mapping[str, str]) -> dict[tuple[str, str], tuple[str, s
     for name, target in SEED_ENV.items():
         if env.get(name, "") != "":
             out[target] = (name, env[name])
-    sections = {name: model for name, model in Config.model_fields.items()}
+    sections = dict(Config.model_fields.items())
     for name, value in env.items():
         if not name.startswith("PGROUTE_") or name in NON_CONFIG_ENV:
             continue
-        rest = name[len("PGROUTE_"):].lower()
+        rest = name[len("PGROUTE_") :].lower()
         for section, field in sections.items():
             prefix = section + "_"
             if rest.startswith(prefix):
-                key = rest[len(prefix):]
+                key = rest[len(prefix) :]
+                # Every field of Config is a section model (annotation never None).
                 if key not in field.annotation.model_fields:  # type: ignore[union-attr]
                     raise ConfigError(name, f"unknown key {key!r} in section [{section}]")
                 # PGROUTE_* names are more specific than the seed's: they win.
@@ -282,6 +284,7 @@ def _coerce_env(section: str, key: str, raw: str) -> Any:
     then still rejects what does not convert)."""
     if (section, key) in LIST_KEYS:
         return [part.strip() for part in raw.split(",") if part.strip()]
+    # As in _env_overrides: every field of Config is a section model.
     field = Config.model_fields[section].annotation.model_fields[key]  # type: ignore[union-attr]
     kind = field.annotation
     text = raw.strip()
@@ -348,9 +351,9 @@ def load_config(
         err = exc.errors()[0]
         loc = tuple(p for p in err["loc"] if not isinstance(p, int))
         key = _location(loc)
-        var = sources.get(loc[:2]) if len(loc) >= 2 else None
-        if var:
-            key = f"{key} (from {var})"
+        source = sources.get((loc[0], loc[1])) if len(loc) >= 2 else None
+        if source:
+            key = f"{key} (from {source})"
         msg = err["msg"]
         if err["type"] == "extra_forbidden":
             msg = "unknown key"

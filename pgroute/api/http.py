@@ -21,17 +21,18 @@ import asyncio
 import hmac
 import json
 import logging
-from datetime import datetime, timezone
-from typing import Any, Awaitable, Callable, Protocol
+from collections.abc import Awaitable, Callable
+from datetime import UTC, datetime
+from typing import Any, Protocol
 
 from aiohttp import web
 from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.exposition import CONTENT_TYPE_PLAIN_0_0_4
 
 from ..config import Config
-from ..pg.dsn import mask_dsn
 from ..errors import ActionRefused, PgRouteError
-from ..model import Event, HealthSample
+from ..model import Event, HealthSample, NodeName
+from ..pg.dsn import mask_dsn
 from ..proxy.router import Router
 
 log = logging.getLogger(__name__)
@@ -50,7 +51,7 @@ MAX_EVENTS = 1000
 _TRUE = {"1", "true", "yes", "on"}
 _FALSE = {"0", "false", "no", "off", ""}
 
-CONTROL_KEY = web.AppKey("control", object)
+CONTROL_KEY: web.AppKey[ControlPlane] = web.AppKey("control")
 ROUTER_KEY = web.AppKey("router", Router)
 CONFIG_KEY = web.AppKey("config", Config)
 REGISTRY_KEY = web.AppKey("registry", CollectorRegistry)
@@ -69,6 +70,10 @@ class ControlPlane(Protocol):
         """Run an operator command to completion and return its finished event dict.
         Raises ActionRefused(reason) when refused."""
 
+    async def resolve(self, active: NodeName | None) -> dict:
+        """Declare the active node after a fail-closed start; the finished event dict.
+        Raises ActionRefused(reason) when refused."""
+
     def add_event_listener(self, cb: Callable[[Event], None]) -> None:
         """``cb`` is called when an event starts and when it ends (ended_at set)."""
 
@@ -79,8 +84,7 @@ class ControlPlane(Protocol):
 # -- helpers -----------------------------------------------------------------------------
 def _json(data: Any, status: int = 200, headers: dict[str, str] | None = None) -> web.Response:
     text = mask_dsn(json.dumps(data, default=str))
-    return web.Response(text=text, status=status, content_type="application/json",
-                        headers=headers)
+    return web.Response(text=text, status=status, content_type="application/json", headers=headers)
 
 
 def _error(status: int, message: str, headers: dict[str, str] | None = None) -> web.Response:
@@ -88,7 +92,7 @@ def _error(status: int, message: str, headers: dict[str, str] | None = None) -> 
 
 
 def _now_iso() -> str:
-    return datetime.now(timezone.utc).isoformat(timespec="milliseconds").replace("+00:00", "Z")
+    return datetime.now(UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
 
 
 def _parse_bool(name: str, value: Any) -> bool:
@@ -114,23 +118,24 @@ def health_of(status: dict, router: Router) -> tuple[int, dict]:
     the switch ends (503 during every switchover would make load balancers flap).
     """
     active = status.get("active")
-    routable = (active in ("primary", "mirror")
-                and status.get("state") != "no_routable_node"
-                and router.route.backend is not None)
+    routable = (
+        active in ("primary", "mirror")
+        and status.get("state") != "no_routable_node"
+        and router.route.backend is not None
+    )
     if not routable:
         return 503, {"status": "unhealthy", "database": None, "timestamp": _now_iso()}
     nodes = status.get("nodes") or {}
     both_up = all((nodes.get(n) or {}).get("up") is True for n in ("primary", "mirror"))
     healthy = both_up and status.get("replication") == "ok"
-    return 200, {"status": "healthy" if healthy else "degraded", "database": active,
-                 "timestamp": _now_iso()}
+    return 200, {"status": "healthy" if healthy else "degraded", "database": active, "timestamp": _now_iso()}
 
 
 # -- middleware --------------------------------------------------------------------------
 @web.middleware
-async def _errors(request: web.Request,
-                  handler: Callable[[web.Request], Awaitable[web.StreamResponse]]
-                  ) -> web.StreamResponse:
+async def _errors(
+    request: web.Request, handler: Callable[[web.Request], Awaitable[web.StreamResponse]]
+) -> web.StreamResponse:
     """Turn every failure into a JSON error without internals."""
     try:
         return await handler(request)
@@ -156,13 +161,13 @@ async def _errors(request: web.Request,
 
 # -- handlers ----------------------------------------------------------------------------
 async def _health(request: web.Request) -> web.Response:
-    status = request.app[CONTROL_KEY].status()  # type: ignore[attr-defined]
+    status = request.app[CONTROL_KEY].status()
     code, body = health_of(status, request.app[ROUTER_KEY])
     return _json(body, code, {"Cache-Control": "no-store"})
 
 
 async def _status(request: web.Request) -> web.Response:
-    return _json(request.app[CONTROL_KEY].status(), headers={"Cache-Control": "no-store"})  # type: ignore[attr-defined]
+    return _json(request.app[CONTROL_KEY].status(), headers={"Cache-Control": "no-store"})
 
 
 async def _events(request: web.Request) -> web.Response:
@@ -173,13 +178,14 @@ async def _events(request: web.Request) -> web.Response:
         raise web.HTTPBadRequest(reason="limit must be an integer") from None
     if not 1 <= limit <= MAX_EVENTS:
         raise web.HTTPBadRequest(reason=f"limit must be between 1 and {MAX_EVENTS}")
-    return _json(request.app[CONTROL_KEY].events(limit=limit))  # type: ignore[attr-defined]
+    return _json(request.app[CONTROL_KEY].events(limit=limit))
 
 
 async def _metrics(request: web.Request) -> web.Response:
     body = generate_latest(request.app[REGISTRY_KEY])
-    return web.Response(body=mask_dsn(body.decode("utf-8")).encode("utf-8"),
-                        headers={"Content-Type": CONTENT_TYPE_PLAIN_0_0_4})
+    return web.Response(
+        body=mask_dsn(body.decode("utf-8")).encode("utf-8"), headers={"Content-Type": CONTENT_TYPE_PLAIN_0_0_4}
+    )
 
 
 def _authorized(request: web.Request) -> bool:
@@ -215,16 +221,16 @@ async def _options(request: web.Request, allowed: tuple[str, ...]) -> dict[str, 
 def _action(kind: str) -> Callable[[web.Request], Awaitable[web.Response]]:
     async def handler(request: web.Request) -> web.Response:
         if not _authorized(request):
-            raise web.HTTPUnauthorized(reason="missing or wrong bearer token",
-                                       headers={"WWW-Authenticate": 'Bearer realm="pgroute"'})
+            raise web.HTTPUnauthorized(
+                reason="missing or wrong bearer token", headers={"WWW-Authenticate": 'Bearer realm="pgroute"'}
+            )
         options = await _options(request, ACTION_OPTIONS[kind])
         peer = request.remote or "?"
-        log.info("API command %s%s from %s", kind,
-                 "".join(f" {k}={v}" for k, v in options.items()), peer)
+        log.info("API command %s%s from %s", kind, "".join(f" {k}={v}" for k, v in options.items()), peer)
         # Shielded: a client that hangs up (Ctrl-C in `pgroute failover`) must not
         # cancel a switch halfway; the operation finishes and is recorded anyway.
         control = request.app[CONTROL_KEY]
-        event = await asyncio.shield(control.request(kind, **options))  # type: ignore[attr-defined]
+        event = await asyncio.shield(control.request(kind, **options))
         return _json(event)
 
     handler.__name__ = f"_{kind}"
@@ -234,8 +240,9 @@ def _action(kind: str) -> Callable[[web.Request], Awaitable[web.Response]]:
 async def _resolve(request: web.Request) -> web.Response:
     """Operator override when pgroute failed closed: declare which node is active."""
     if not _authorized(request):
-        raise web.HTTPUnauthorized(reason="missing or wrong bearer token",
-                                   headers={"WWW-Authenticate": 'Bearer realm="pgroute"'})
+        raise web.HTTPUnauthorized(
+            reason="missing or wrong bearer token", headers={"WWW-Authenticate": 'Bearer realm="pgroute"'}
+        )
     try:
         body = json.loads(await request.read() or b"{}")
     except ValueError:
@@ -244,15 +251,14 @@ async def _resolve(request: web.Request) -> web.Response:
     if active not in ("primary", "mirror"):
         raise web.HTTPBadRequest(reason='body must be {"active": "primary"|"mirror"}')
     log.info("API command resolve active=%s from %s", active, request.remote or "?")
-    from ..model import NodeName
-
     control = request.app[CONTROL_KEY]
-    event = await asyncio.shield(control.resolve(NodeName(active)))  # type: ignore[attr-defined]
+    event = await asyncio.shield(control.resolve(NodeName(active)))
     return _json(event)
 
 
-def make_app(control: ControlPlane, router: Router, config: Config,
-             registry: CollectorRegistry | None = None) -> web.Application:
+def make_app(
+    control: ControlPlane, router: Router, config: Config, registry: CollectorRegistry | None = None
+) -> web.Application:
     """Build the aiohttp application. Pass the registry from ``create_metrics``; when
     None, one is created here (and the metric listeners subscribed)."""
     if registry is None:

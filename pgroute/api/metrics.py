@@ -19,7 +19,8 @@ from __future__ import annotations
 
 import logging
 from collections import deque
-from typing import TYPE_CHECKING, Any, Callable, Iterable, Protocol
+from collections.abc import Callable, Iterable
+from typing import TYPE_CHECKING, Any, Protocol
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
@@ -52,7 +53,7 @@ class StatusSource(Protocol):
 class _SnapshotCollector:
     """Reads the router's counters and the controller's snapshot at scrape time."""
 
-    def __init__(self, control: StatusSource, router: "Router") -> None:
+    def __init__(self, control: StatusSource, router: Router) -> None:
         self._control = control
         self._router = router
 
@@ -60,32 +61,29 @@ class _SnapshotCollector:
         stats = self._router.stats
         route = self._router.route
 
-        current = GaugeMetricFamily("pgroute_client_connections",
-                                    "Client connections open right now.")
+        current = GaugeMetricFamily("pgroute_client_connections", "Client connections open right now.")
         current.add_metric([], stats.connections_current)
         yield current
-        total = CounterMetricFamily("pgroute_client_connections",
-                                    "Client connections accepted since start.")
+        total = CounterMetricFamily("pgroute_client_connections", "Client connections accepted since start.")
         total.add_metric([], stats.connections_total)
         yield total
-        waiting = GaugeMetricFamily("pgroute_waiting_connections",
-                                    "New connections held while routing is paused.")
+        waiting = GaugeMetricFamily("pgroute_waiting_connections", "New connections held while routing is paused.")
         waiting.add_metric([], stats.waiting)
         yield waiting
-        rejected = CounterMetricFamily("pgroute_rejected_connections",
-                                       "Client connections refused, by reason.", labels=["reason"])
+        rejected = CounterMetricFamily(
+            "pgroute_rejected_connections", "Client connections refused, by reason.", labels=["reason"]
+        )
         for reason, count in sorted(dict(stats.rejected).items()):
             rejected.add_metric([reason], count)
         yield rejected
-        proxied = CounterMetricFamily("pgroute_proxied_bytes", "Bytes piped by the proxy.",
-                                      labels=["direction"])
+        proxied = CounterMetricFamily("pgroute_proxied_bytes", "Bytes piped by the proxy.", labels=["direction"])
         c2s, s2c = stats.bytes_proxied()
         proxied.add_metric(["client_to_server"], c2s)
         proxied.add_metric(["server_to_client"], s2c)
         yield proxied
         spliced = CounterMetricFamily(
-            "pgroute_spliced_sessions",
-            "Client sessions handed to the kernel (BPF sockhash splicing) since start.")
+            "pgroute_spliced_sessions", "Client sessions handed to the kernel (BPF sockhash splicing) since start."
+        )
         spliced.add_metric([], stats.spliced_total)
         yield spliced
 
@@ -108,19 +106,21 @@ class _SnapshotCollector:
         yield paused
         yield epoch
 
-        active = GaugeMetricFamily("pgroute_active_node",
-                                   "1 for the node new connections are routed to.", labels=["node"])
+        active = GaugeMetricFamily(
+            "pgroute_active_node", "1 for the node new connections are routed to.", labels=["node"]
+        )
         for node in NODES:
             active.add_metric([node], 1.0 if status.get("active") == node else 0.0)
         yield active
 
         nodes: dict[str, Any] = status.get("nodes") or {}
-        up = GaugeMetricFamily("pgroute_node_up", "1 when the last probe of the node succeeded.",
-                               labels=["node"])
-        lag = GaugeMetricFamily("pgroute_replication_lag_bytes",
-                                "Bytes the standby is behind the active node.", labels=["node"])
-        lag_s = GaugeMetricFamily("pgroute_replication_lag_seconds",
-                                  "Seconds the standby is behind the active node.", labels=["node"])
+        up = GaugeMetricFamily("pgroute_node_up", "1 when the last probe of the node succeeded.", labels=["node"])
+        lag = GaugeMetricFamily(
+            "pgroute_replication_lag_bytes", "Bytes the standby is behind the active node.", labels=["node"]
+        )
+        lag_s = GaugeMetricFamily(
+            "pgroute_replication_lag_seconds", "Seconds the standby is behind the active node.", labels=["node"]
+        )
         for node in NODES:
             info = nodes.get(node) or {}
             # Unknown (no probe yet, or no standby to measure) is left out rather
@@ -142,24 +142,36 @@ class Metrics:
     def __init__(self, registry: CollectorRegistry) -> None:
         self.registry = registry
         self.probe_duration = Histogram(
-            "pgroute_probe_duration_seconds", "Duration of health probes.", ["node"],
-            buckets=PROBE_BUCKETS, registry=registry)
+            "pgroute_probe_duration_seconds",
+            "Duration of health probes.",
+            ["node"],
+            buckets=PROBE_BUCKETS,
+            registry=registry,
+        )
         self.probe_failures = Counter(
-            "pgroute_probe_failures", "Health probes that failed.", ["node"], registry=registry)
+            "pgroute_probe_failures", "Health probes that failed.", ["node"], registry=registry
+        )
         self.failovers = Counter(
-            "pgroute_failovers", "Finished switches by kind and result.", ["kind", "result"],
-            registry=registry)
+            "pgroute_failovers", "Finished switches by kind and result.", ["kind", "result"], registry=registry
+        )
         self.phase_duration = Histogram(
-            "pgroute_switch_phase_duration_seconds", "Duration of each phase of a switch.",
-            ["kind", "phase"], buckets=PHASE_BUCKETS, registry=registry)
+            "pgroute_switch_phase_duration_seconds",
+            "Duration of each phase of a switch.",
+            ["kind", "phase"],
+            buckets=PHASE_BUCKETS,
+            registry=registry,
+        )
         self.switch_duration = Histogram(
-            "pgroute_switch_duration_seconds", "Total duration of a switch, start to end.",
-            ["kind", "result"], buckets=PHASE_BUCKETS, registry=registry)
+            "pgroute_switch_duration_seconds",
+            "Total duration of a switch, start to end.",
+            ["kind", "result"],
+            buckets=PHASE_BUCKETS,
+            registry=registry,
+        )
         self.alerts_failed = Counter(
-            "pgroute_alerts_failed", "Alert deliveries that failed after all retries.",
-            ["channel"], registry=registry)
-        self.build_info = Gauge("pgroute_build_info", "pgroute version.", ["version"],
-                                registry=registry)
+            "pgroute_alerts_failed", "Alert deliveries that failed after all retries.", ["channel"], registry=registry
+        )
+        self.build_info = Gauge("pgroute_build_info", "pgroute version.", ["version"], registry=registry)
         self.build_info.labels(__version__).set(1)
         # Create the series up front so dashboards and rate() see zeros, not gaps.
         for node in NODES:
@@ -191,8 +203,7 @@ class Metrics:
             self._counted.append(event.id)
             result = event.result or "unknown"
             self.failovers.labels(event.kind, result).inc()
-            self.switch_duration.labels(event.kind, result).observe(
-                max(event.ended_at - event.started_at, 0.0))
+            self.switch_duration.labels(event.kind, result).observe(max(event.ended_at - event.started_at, 0.0))
             for phase, seconds in event.phases:
                 self.phase_duration.labels(event.kind, phase).observe(max(seconds, 0.0))
         except Exception:
@@ -206,13 +217,13 @@ class Metrics:
             log.exception("metrics: cannot count a failed alert")
 
 
-def create_metrics(control: StatusSource, router: "Router") -> tuple[CollectorRegistry, Metrics]:
+def create_metrics(control: StatusSource, router: Router) -> tuple[CollectorRegistry, Metrics]:
     """Build a private registry, register the scrape-time collector, and subscribe the
     listener-fed metrics to ``control``. Wire ``metrics.alert_failed`` into the
     Alerter's ``on_failure``."""
     registry = CollectorRegistry()
     metrics = Metrics(registry)
-    registry.register(_SnapshotCollector(control, router))  # type: ignore[arg-type]
+    registry.register(_SnapshotCollector(control, router))
     control.add_sample_listener(metrics.on_sample)
     control.add_event_listener(metrics.on_event)
     return registry, metrics

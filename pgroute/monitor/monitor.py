@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from typing import Awaitable, Callable
+from collections.abc import Awaitable, Callable
 
 from ..model import HealthSample, NodeName
 from .probe import Prober
@@ -23,8 +23,9 @@ log = logging.getLogger(__name__)
 
 
 class Monitor:
-    def __init__(self, probers: dict[NodeName, Prober], interval: float,
-                 on_sample: Callable[[HealthSample], Awaitable[None]]) -> None:
+    def __init__(
+        self, probers: dict[NodeName, Prober], interval: float, on_sample: Callable[[HealthSample], Awaitable[None]]
+    ) -> None:
         self.probers = probers
         self.interval = interval
         self.on_sample = on_sample
@@ -81,8 +82,9 @@ class Monitor:
                 await prober.close()
             await self.on_sample(sample)
 
-        self._confirming[node] = [asyncio.create_task(one(k), name=f"confirm-{node.value}-{k}")
-                                  for k in range(1, count + 1)]
+        self._confirming[node] = [
+            asyncio.create_task(one(k), name=f"confirm-{node.value}-{k}") for k in range(1, count + 1)
+        ]
 
     def cancel_confirm(self, node: NodeName) -> None:
         """Cancel outstanding confirming probes (the node answered). The task that

@@ -36,7 +36,7 @@ class Dsn:
             parts["password"] = self.password
         return " ".join(f"{k}={_quote_conninfo(v)}" for k, v in parts.items())
 
-    def with_dbname(self, dbname: str) -> "Dsn":
+    def with_dbname(self, dbname: str) -> Dsn:
         return parse_dsn(_replace_path(self.url, dbname))
 
     def __str__(self) -> str:
@@ -76,8 +76,9 @@ def parse_dsn(url: str) -> Dsn:
         raise ValueError("empty DSN")
     parts = urlsplit(url.strip())
     if parts.scheme not in ("postgresql", "postgres"):
-        raise ValueError("expected postgresql://user@host:port/dbname (a password goes after the user, "
-                         "separated by a colon)")
+        raise ValueError(
+            "expected postgresql://user@host:port/dbname (a password goes after the user, separated by a colon)"
+        )
     try:
         port = parts.port or 5432
     except ValueError:
@@ -91,7 +92,6 @@ def parse_dsn(url: str) -> Dsn:
     user = unquote(parts.username) if parts.username else "postgres"
     password = unquote(parts.password) if parts.password is not None else None
     return Dsn(url=url.strip(), host=host, port=port, user=user, dbname=dbname, password=password)
-
 
 
 def mask_conninfo(text: str | None) -> str | None:

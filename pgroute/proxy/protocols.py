@@ -43,7 +43,8 @@ import asyncio
 import logging
 import os
 import socket
-from typing import TYPE_CHECKING, Callable
+from collections.abc import Callable
+from typing import TYPE_CHECKING, cast
 
 from . import startup
 from .router import ProxyStats
@@ -69,12 +70,12 @@ class ClientGone(ConnectionError):
     """The client closed (or sent EOF) before its handshake finished."""
 
 
-def _expire(waiter: asyncio.Future) -> None:
+def _expire(waiter: asyncio.Future[None]) -> None:
     if not waiter.done():
         waiter.set_exception(TimeoutError("timeout expired waiting for the startup packet"))
 
 
-def tune_listening_socket(sock) -> None:
+def tune_listening_socket(sock: socket.socket) -> None:
     """SO_KEEPALIVE (notice clients that vanished without a FIN) on a listening
     socket. Linux copies it to every accepted socket, so the client leg needs no
     per-connection system call for it."""
@@ -84,7 +85,7 @@ def tune_listening_socket(sock) -> None:
         pass
 
 
-def tune_transport(transport: asyncio.BaseTransport) -> None:
+def tune_transport(transport: asyncio.Transport) -> None:
     """SO_KEEPALIVE (notice a backend that vanished without a FIN) and explicit write
     buffer limits on a backend leg.
 
@@ -190,7 +191,9 @@ class BackendProtocol(_Leg):
         self.peer = client
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        self.transport = transport  # type: ignore[assignment]
+        # A stream protocol is always given a full Transport; asyncio's hook signature
+        # says BaseTransport because datagram and pipe protocols share it.
+        self.transport = transport = cast(asyncio.Transport, transport)
         tune_transport(transport)
         peer = self.peer
         if peer is not None and peer.transport is not None:
@@ -201,6 +204,8 @@ class BackendProtocol(_Leg):
 
     def data_received(self, data: bytes) -> None:
         self._stats.bytes_server_to_client += len(data)
+        # Hot path, no None check: connection_made bound the peer's write (the client
+        # is paired before this leg connects).
         self._peer_write(data)  # type: ignore[misc]
 
 
@@ -210,26 +215,38 @@ class ClientProtocol(_Leg):
     ``on_made(client)`` and ``on_lost(client)`` are the server's hooks (start the
     handshake; release the session's accounting)."""
 
-    __slots__ = ("epoch", "backend_name", "admitted", "handshake", "_on_made", "_on_lost",
-                 "_buf", "_waiter", "_eof", "_self_paused", "_piping")
+    __slots__ = (
+        "epoch",
+        "backend_name",
+        "admitted",
+        "handshake",
+        "_on_made",
+        "_on_lost",
+        "_buf",
+        "_waiter",
+        "_eof",
+        "_self_paused",
+        "_piping",
+    )
 
-    def __init__(self, stats: ProxyStats, on_made: Callable[[ClientProtocol], None],
-                 on_lost: Callable[[ClientProtocol], None]) -> None:
+    def __init__(
+        self, stats: ProxyStats, on_made: Callable[[ClientProtocol], None], on_lost: Callable[[ClientProtocol], None]
+    ) -> None:
         super().__init__(stats)
         self.epoch = -1
         self.backend_name = ""
-        self.admitted = False          # counted against max_client_connections
-        self.handshake: asyncio.Task | None = None
+        self.admitted = False  # counted against max_client_connections
+        self.handshake: asyncio.Task[None] | None = None
         self._on_made = on_made
         self._on_lost = on_lost
         self._buf = bytearray()
-        self._waiter: asyncio.Future | None = None
+        self._waiter: asyncio.Future[None] | None = None
         self._eof = False
-        self._self_paused = False      # reading paused by HANDSHAKE_PENDING_LIMIT
+        self._self_paused = False  # reading paused by HANDSHAKE_PENDING_LIMIT
         self._piping = False
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        self.transport = transport  # type: ignore[assignment]
+        self.transport = transport = cast(asyncio.Transport, transport)  # see BackendProtocol
         # SO_KEEPALIVE comes from the listening socket (tune_listening_socket),
         # TCP_NODELAY from the event loop.
         transport.set_write_buffer_limits(high=WRITE_BUFFER_HIGH, low=WRITE_BUFFER_LOW)
@@ -238,12 +255,12 @@ class ClientProtocol(_Leg):
     def data_received(self, data: bytes) -> None:
         if self._piping:
             self._stats.bytes_client_to_server += len(data)
-            self._peer_write(data)  # type: ignore[misc]
+            self._peer_write(data)  # type: ignore[misc]  # hot path: attach() bound it
             return
         self._buf += data
         if len(self._buf) > HANDSHAKE_PENDING_LIMIT and not self._self_paused:
             self._self_paused = True
-            self.transport.pause_reading()  # type: ignore[union-attr]
+            self.transport.pause_reading()  # type: ignore[union-attr]  # set by connection_made
         self._wake()
 
     def eof_received(self) -> bool:
@@ -309,6 +326,7 @@ class ClientProtocol(_Leg):
         sent after it, then switch to piping. Synchronous, so no client byte can slip
         in between."""
         self.peer = backend
+        # The server attaches a backend only after its connection_made.
         self._peer_write = write = backend.transport.write  # type: ignore[union-attr]
         self.epoch = epoch
         self.backend_name = backend_name
@@ -349,7 +367,7 @@ class ClientProtocol(_Leg):
         t.pause_reading()
         fd = raw.fileno()
         try:
-            if inq(fd):   # bytes still unread in the kernel: this client pipelined
+            if inq(fd):  # bytes still unread in the kernel: this client pipelined
                 t.resume_reading()
                 return None
             return socket.socket(raw.family, socket.SOCK_STREAM, 0, os.dup(fd))
@@ -365,7 +383,7 @@ class ClientProtocol(_Leg):
         """The duplicate from ``take_socket`` is spliced: close this transport without
         touching the connection (the duplicate keeps it open) and without the
         session-ending side effects of a close."""
-        self._piping = True      # connection_lost must not cancel the handshake
+        self._piping = True  # connection_lost must not cancel the handshake
         self.closed = True
         if self.transport is not None:
             self.transport.abort()

@@ -20,15 +20,16 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Callable, Protocol
+from typing import Protocol
 
 log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
 class Backend:
-    name: str   # "primary" or "mirror"
+    name: str  # "primary" or "mirror"
     host: str
     port: int
 
@@ -62,8 +63,8 @@ class ProxyStats:
     # Bytes of piped sessions as they flow, of spliced sessions when they end.
     bytes_client_to_server: int = 0
     bytes_server_to_client: int = 0
-    waiting: int = 0   # connections waiting on a paused router
-    spliced_total: int = 0   # sessions handed to the kernel (proxy/spliced.py)
+    waiting: int = 0  # connections waiting on a paused router
+    spliced_total: int = 0  # sessions handed to the kernel (proxy/spliced.py)
     # The open spliced sessions' bytes, read from the kernel on demand.
     live_bytes: Callable[[], tuple[int, int]] | None = None
 
@@ -110,7 +111,7 @@ class Router:
                 if remaining <= 0:
                     break
                 try:
-                    async with asyncio.timeout(remaining):   # not wait_for: gh-86296
+                    async with asyncio.timeout(remaining):  # not wait_for: gh-86296
                         await self._changed.wait()
                 except TimeoutError:
                     pass
@@ -137,14 +138,15 @@ class Router:
     def session_count(self) -> int:
         return len(self._sessions)
 
-    def close_sessions(self, *, before_epoch: int | None = None, backend: str | None = None,
-                       reason: str = "closed by pgroute") -> int:
+    def close_sessions(
+        self, *, before_epoch: int | None = None, backend: str | None = None, reason: str = "closed by pgroute"
+    ) -> int:
         """Close sessions routed under an epoch older than ``before_epoch`` and/or to
         ``backend`` (both None: every session). Returns how many were closed."""
         victims = [
-            s for s in list(self._sessions)
-            if (before_epoch is None or s.epoch < before_epoch)
-            and (backend is None or s.backend_name == backend)
+            s
+            for s in list(self._sessions)
+            if (before_epoch is None or s.epoch < before_epoch) and (backend is None or s.backend_name == backend)
         ]
         for s in victims:
             s.close(reason)
@@ -157,9 +159,13 @@ class Router:
         """Replace the route snapshot and wake connections waiting on a pause."""
         old, self._route = self._route, route
         if old != route:
-            log.info("route: %s epoch=%d paused=%s%s",
-                     route.backend.name if route.backend else "none", route.epoch,
-                     route.paused, f" ({route.reason})" if route.reason else "")
+            log.info(
+                "route: %s epoch=%d paused=%s%s",
+                route.backend.name if route.backend else "none",
+                route.epoch,
+                route.paused,
+                f" ({route.reason})" if route.reason else "",
+            )
         self._changed.set()
         self._changed = asyncio.Event()
 

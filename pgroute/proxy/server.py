@@ -41,11 +41,11 @@ import logging
 import platform
 import socket
 import time
+from typing import Literal, cast, overload
 
 from . import startup
 from .backend_socket import open_socket
-from .protocols import (CLOSE_FLUSH_TIMEOUT, BackendProtocol, ClientGone, ClientProtocol,
-                        tune_listening_socket)
+from .protocols import CLOSE_FLUSH_TIMEOUT, BackendProtocol, ClientGone, ClientProtocol, tune_listening_socket
 from .router import Route, Router
 from .sockmap import TRUSTED_KERNEL, Splicer, SpliceUnavailable, trusted_kernel
 from .spliced import SplicedSession, SpliceWatcher, inq
@@ -73,10 +73,19 @@ def _cancel_on_timeout(task: asyncio.Task, expired: list[bool]) -> None:
 
 
 class ProxyServer:
-    def __init__(self, router: Router, host: str, port: int, *,
-                 max_client_connections: int = 1000, connect_timeout: float = 5.0,
-                 pause_timeout: float = 30.0, startup_timeout: float = 10.0,
-                 shutdown_timeout: float = 10.0, splice: str = "auto") -> None:
+    def __init__(
+        self,
+        router: Router,
+        host: str,
+        port: int,
+        *,
+        max_client_connections: int = 1000,
+        connect_timeout: float = 5.0,
+        pause_timeout: float = 30.0,
+        startup_timeout: float = 10.0,
+        shutdown_timeout: float = 10.0,
+        splice: str = "auto",
+    ) -> None:
         if splice not in ("auto", "on", "off"):
             raise ValueError(f"splice must be auto, on or off, not {splice!r}")
         self.router = router
@@ -107,10 +116,14 @@ class ProxyServer:
         try:
             self._server = await loop.create_server(
                 lambda: ClientProtocol(stats, self._client_made, self._client_lost),
-                self.host, self._requested_port, reuse_address=True,
-                backlog=max(128, min(self.max_client_connections, 4096)), start_serving=False)
+                self.host,
+                self._requested_port,
+                reuse_address=True,
+                backlog=max(128, min(self.max_client_connections, 4096)),
+                start_serving=False,
+            )
         except BaseException:
-            self._stop_splicing()   # e.g. the port is taken: release the BPF objects
+            self._stop_splicing()  # e.g. the port is taken: release the BPF objects
             raise
         # Before the first accept: accepted sockets inherit the listener's options.
         for sock in self._server.sockets:
@@ -124,9 +137,12 @@ class ProxyServer:
             log.info("kernel splicing off: sessions use the user-space pipe")
             return
         if self.splice_mode == "auto" and not trusted_kernel():
-            log.info("kernel splicing not used on Linux %s (auto needs %d.%d or newer; "
-                     "splice = \"on\" forces it): sessions use the user-space pipe",
-                     platform.release(), *TRUSTED_KERNEL)
+            log.info(
+                "kernel splicing not used on Linux %s (auto needs %d.%d or newer; "
+                'splice = "on" forces it): sessions use the user-space pipe',
+                platform.release(),
+                *TRUSTED_KERNEL,
+            )
             return
         try:
             splicer = Splicer.create(self.max_client_connections)
@@ -182,11 +198,12 @@ class ProxyServer:
         self._closing = True
         self._server.close()
         if self.client_count:
-            log.info("proxy closing: waiting up to %.1fs for %d connection(s)",
-                     self.shutdown_timeout, self.client_count)
+            log.info(
+                "proxy closing: waiting up to %.1fs for %d connection(s)", self.shutdown_timeout, self.client_count
+            )
             assert self._all_closed is not None
             try:
-                async with asyncio.timeout(self.shutdown_timeout):   # not wait_for: gh-86296
+                async with asyncio.timeout(self.shutdown_timeout):  # not wait_for: gh-86296
                     await self._all_closed.wait()
             except TimeoutError:
                 log.info("proxy closing: dropping %d connection(s)", self.client_count)
@@ -207,7 +224,7 @@ class ProxyServer:
             self._spliced = None
             self.router.stats.live_bytes = None
         if self._splicer is not None:
-            self._splicer.close()   # only now: closing the map unsplices every socket in it
+            self._splicer.close()  # only now: closing the map unsplices every socket in it
             self._splicer = None
 
     # -- per-connection bookkeeping (called by ClientProtocol) ---------------------------
@@ -271,12 +288,12 @@ class ProxyServer:
             return
 
         if self._closing:
-            await self._refuse(client, first, "57P01", "terminating connection: pgroute is shutting down",
-                               REJECT_SHUTDOWN)
+            await self._refuse(
+                client, first, "57P01", "terminating connection: pgroute is shutting down", REJECT_SHUTDOWN
+            )
             return
         if self._admitted >= self.max_client_connections:
-            await self._refuse(client, first, "53300", "sorry, too many clients already",
-                               REJECT_MAX_CONNECTIONS)
+            await self._refuse(client, first, "53300", "sorry, too many clients already", REJECT_MAX_CONNECTIONS)
             return
         client.admitted = True
         self._admitted += 1
@@ -292,6 +309,7 @@ class ProxyServer:
         backend = route.backend
         assert backend is not None
 
+        transport: asyncio.Transport | None
         if self._spliced is not None:
             sock = await self._connect(client, first, route, raw=True)
             if sock is None:
@@ -303,7 +321,8 @@ class ProxyServer:
                 return
             # Not spliced (a pipelining client): the same backend connection, piped.
             transport, _ = await asyncio.get_running_loop().create_connection(
-                lambda: BackendProtocol(client, stats), sock=sock)
+                lambda: BackendProtocol(client, stats), sock=sock
+            )
         else:
             transport = await self._connect(client, first, route)
             if transport is None:
@@ -311,15 +330,18 @@ class ProxyServer:
         if client.closed:
             transport.close()
             return
-        client.attach(transport.get_protocol(), first.raw, route.epoch, backend.name)
+        # Both connects above build the transport with a BackendProtocol factory.
+        client.attach(cast(BackendProtocol, transport.get_protocol()), first.raw, route.epoch, backend.name)
         self.router.register(client)
         if log.isEnabledFor(logging.DEBUG):
-            who = (f"{first.user}@{first.database}" if first.kind is PacketKind.STARTUP
-                   else first.kind.value)   # encrypted: the proxy never sees who
+            who = (
+                f"{first.user}@{first.database}" if first.kind is PacketKind.STARTUP else first.kind.value
+            )  # encrypted: the proxy never sees who
             log.debug("session %s -> %s (epoch %d)", who, backend.name, route.epoch)
 
-    async def _splice(self, client: ClientProtocol, first: FirstPacket, route: Route,
-                      backend_sock: socket.socket) -> bool:
+    async def _splice(
+        self, client: ClientProtocol, first: FirstPacket, route: Route, backend_sock: socket.socket
+    ) -> bool:
         """Hand the session to the kernel; False (nothing changed) when the client
         cannot be spliced safely or the kernel refuses the pair."""
         assert self._splicer is not None and self._spliced is not None and route.backend is not None
@@ -337,8 +359,7 @@ class ProxyServer:
         client.admitted = False
         self._clients.discard(client)
         client.release()
-        session = SplicedSession(self._spliced, client_sock, backend_sock, route.epoch,
-                                 route.backend.name)
+        session = SplicedSession(self._spliced, client_sock, backend_sock, route.epoch, route.backend.name)
         self._spliced.add(session)
         self.router.stats.spliced_total += 1
         try:
@@ -356,15 +377,25 @@ class ProxyServer:
             # Bytes that arrived between take_socket and pair, from a client that did
             # not wait for the server: the kernel forwards them only when more arrive.
             # Drop the session rather than let it hang.
-            log.warning("client sent data before the server answered its startup packet; "
-                        "closing the session")
+            log.warning("client sent data before the server answered its startup packet; closing the session")
             session.close("client did not wait for the server")
             return True
         self.router.register(session)
         return True
 
-    async def _connect(self, client: ClientProtocol, first: FirstPacket, route: Route,
-                       raw: bool = False):
+    @overload
+    async def _connect(
+        self, client: ClientProtocol, first: FirstPacket, route: Route, raw: Literal[False] = False
+    ) -> asyncio.Transport | None: ...
+
+    @overload
+    async def _connect(
+        self, client: ClientProtocol, first: FirstPacket, route: Route, raw: Literal[True]
+    ) -> socket.socket | None: ...
+
+    async def _connect(
+        self, client: ClientProtocol, first: FirstPacket, route: Route, raw: bool = False
+    ) -> asyncio.Transport | socket.socket | None:
         """A transport to the route's backend (with ``raw``, a connected non-blocking
         socket instead), or None after refusing the client."""
         backend = route.backend
@@ -381,15 +412,17 @@ class ProxyServer:
         timer = loop.call_later(self.connect_timeout, _cancel_on_timeout, task, expired)
         try:
             try:
+                connected: asyncio.Transport | socket.socket
                 if raw:
-                    transport = await open_socket(loop, backend.host, backend.port)
+                    connected = await open_socket(loop, backend.host, backend.port)
                 else:
-                    transport, _ = await loop.create_connection(
-                        lambda: BackendProtocol(client, stats), backend.host, backend.port)
+                    connected, _ = await loop.create_connection(
+                        lambda: BackendProtocol(client, stats), backend.host, backend.port
+                    )
             except asyncio.CancelledError:
                 if expired and task.uncancel() <= cancelling:
                     raise TimeoutError() from None
-                raise   # connection_lost cancelled the handshake: the client is gone
+                raise  # connection_lost cancelled the handshake: the client is gone
             finally:
                 timer.cancel()
         except (OSError, TimeoutError) as e:
@@ -398,13 +431,16 @@ class ProxyServer:
             stats.reject(REJECT_BACKEND_UNREACHABLE)
             if first.kind is not PacketKind.CANCEL_REQUEST:
                 await self._refuse(
-                    client, first, "08006",
-                    f"pgroute could not connect to node \"{backend.name}\" "
-                    f"({backend.host}:{backend.port}): {error}", None)
+                    client,
+                    first,
+                    "08006",
+                    f'pgroute could not connect to node "{backend.name}" ({backend.host}:{backend.port}): {error}',
+                    None,
+                )
             else:
                 client.abort()
             return None
-        return transport  # type: ignore[return-value]
+        return connected
 
     def _note_backend_failure(self, name: str, host: str, port: int, error: str) -> None:
         self.router.report_backend_failure(name, error)
@@ -427,11 +463,10 @@ class ProxyServer:
         if client.closed:
             transport.close()
             return
-        client.attach(transport.get_protocol(), first.raw, route.epoch, route.backend.name)
+        client.attach(cast(BackendProtocol, transport.get_protocol()), first.raw, route.epoch, route.backend.name)
 
-    async def _refuse_unroutable(self, client: ClientProtocol, first: FirstPacket,
-                                 route: Route) -> None:
-        if route.paused:   # still paused after pause_timeout
+    async def _refuse_unroutable(self, client: ClientProtocol, first: FirstPacket, route: Route) -> None:
+        if route.paused:  # still paused after pause_timeout
             detail = f"pause timed out after {self.pause_timeout:g}s"
             if route.reason:
                 detail += f" ({route.reason})"
@@ -439,11 +474,13 @@ class ProxyServer:
         else:
             detail = route.reason or "no node is routable"
             reason = REJECT_NO_BACKEND
-        await self._refuse(client, first, "57P03",
-                           f"the database system is not accepting connections: {detail}", reason)
+        await self._refuse(
+            client, first, "57P03", f"the database system is not accepting connections: {detail}", reason
+        )
 
-    async def _refuse(self, client: ClientProtocol, first: FirstPacket, sqlstate: str,
-                      message: str, reason: str | None) -> None:
+    async def _refuse(
+        self, client: ClientProtocol, first: FirstPacket, sqlstate: str, message: str, reason: str | None
+    ) -> None:
         """Send an ErrorResponse the client will actually read, then close.
 
         A client that asked for SSL/GSS encryption is waiting for one byte: answer

@@ -62,9 +62,9 @@ _ATTACH_SK_SKB_VERDICT = 38
 _FUNC_GET_SOCKET_COOKIE = 46
 _FUNC_SK_REDIRECT_HASH = 72
 _BPF_ANY = 0
-_ATTR_SIZE = 144            # sizeof(union bpf_attr) on 6.x; the kernel zero-checks the tail
+_ATTR_SIZE = 144  # sizeof(union bpf_attr) on 6.x; the kernel zero-checks the tail
 
-SO_COOKIE = 57              # <asm-generic/socket.h>, Linux 4.12+
+SO_COOKIE = 57  # <asm-generic/socket.h>, Linux 4.12+
 
 _LOG_SIZE = 1 << 16
 
@@ -97,18 +97,21 @@ def _insn(code: int, dst: int = 0, src: int = 0, off: int = 0, imm: int = 0) -> 
 
 
 def _program(map_fd: int) -> bytes:
-    return b"".join([
-        _insn(0xBF, 6, 1),                                  # r6 = r1
-        _insn(0x85, imm=_FUNC_GET_SOCKET_COOKIE),           # call get_socket_cookie
-        _insn(0x7B, 10, 0, -8),                             # *(u64 *)(r10 - 8) = r0
-        _insn(0xBF, 1, 6),                                  # r1 = r6
-        _insn(0x18, 2, 1, imm=map_fd), _insn(0),            # r2 = map (ld_imm64, pseudo map fd)
-        _insn(0xBF, 3, 10),                                 # r3 = r10
-        _insn(0x07, 3, imm=-8),                             # r3 += -8
-        _insn(0xB7, 4, imm=0),                              # r4 = 0: egress of the peer
-        _insn(0x85, imm=_FUNC_SK_REDIRECT_HASH),            # call sk_redirect_hash
-        _insn(0x95),                                        # exit
-    ])
+    return b"".join(
+        [
+            _insn(0xBF, 6, 1),  # r6 = r1
+            _insn(0x85, imm=_FUNC_GET_SOCKET_COOKIE),  # call get_socket_cookie
+            _insn(0x7B, 10, 0, -8),  # *(u64 *)(r10 - 8) = r0
+            _insn(0xBF, 1, 6),  # r1 = r6
+            _insn(0x18, 2, 1, imm=map_fd),
+            _insn(0),  # r2 = map (ld_imm64, pseudo map fd)
+            _insn(0xBF, 3, 10),  # r3 = r10
+            _insn(0x07, 3, imm=-8),  # r3 += -8
+            _insn(0xB7, 4, imm=0),  # r4 = 0: egress of the peer
+            _insn(0x85, imm=_FUNC_SK_REDIRECT_HASH),  # call sk_redirect_hash
+            _insn(0x95),  # exit
+        ]
+    )
 
 
 _libc = ctypes.CDLL(None, use_errno=True) if sys.platform == "linux" else None
@@ -144,19 +147,20 @@ class Splicer:
         self._key = ctypes.create_string_buffer(8)
         self._value = ctypes.create_string_buffer(4)
         self._attr = ctypes.create_string_buffer(_ATTR_SIZE)
-        struct.pack_into("<IIQQQ", self._attr, 0, map_fd, 0, ctypes.addressof(self._key),
-                         ctypes.addressof(self._value), _BPF_ANY)
+        struct.pack_into(
+            "<IIQQQ", self._attr, 0, map_fd, 0, ctypes.addressof(self._key), ctypes.addressof(self._value), _BPF_ANY
+        )
 
     @classmethod
     def create(cls, max_sessions: int) -> Splicer:
         """Load and attach; ``SpliceUnavailable`` says why the kernel refused."""
         if sys.platform != "linux" or _SYS_BPF is None:
-            raise SpliceUnavailable(f"kernel splicing needs Linux on x86_64 or arm64 "
-                                    f"(this is {sys.platform} {platform.machine()})")
+            raise SpliceUnavailable(
+                f"kernel splicing needs Linux on x86_64 or arm64 (this is {sys.platform} {platform.machine()})"
+            )
         capacity = 2 * max_sessions + 16
         try:
-            map_fd = _bpf(_BPF_MAP_CREATE, struct.pack(
-                "<IIIII", _MAP_TYPE_SOCKHASH, 8, 4, capacity, 0))
+            map_fd = _bpf(_BPF_MAP_CREATE, struct.pack("<IIIII", _MAP_TYPE_SOCKHASH, 8, 4, capacity, 0))
         except OSError as e:
             raise SpliceUnavailable(e.errno, f"cannot create a BPF sockhash: {e.strerror}") from None
         try:
@@ -165,16 +169,27 @@ class Splicer:
             license_ = ctypes.create_string_buffer(b"GPL")
             logbuf = ctypes.create_string_buffer(_LOG_SIZE)
             try:
-                prog_fd = _bpf(_BPF_PROG_LOAD, struct.pack(
-                    "<IIQQIIQ", _PROG_TYPE_SK_SKB, len(prog) // 8, ctypes.addressof(insns),
-                    ctypes.addressof(license_), 1, _LOG_SIZE, ctypes.addressof(logbuf)))
+                prog_fd = _bpf(
+                    _BPF_PROG_LOAD,
+                    struct.pack(
+                        "<IIQQIIQ",
+                        _PROG_TYPE_SK_SKB,
+                        len(prog) // 8,
+                        ctypes.addressof(insns),
+                        ctypes.addressof(license_),
+                        1,
+                        _LOG_SIZE,
+                        ctypes.addressof(logbuf),
+                    ),
+                )
             except OSError as e:
                 detail = logbuf.value.decode(errors="replace").strip().splitlines()
-                raise SpliceUnavailable(e.errno, f"the kernel refused the sk_skb program: {e.strerror}"
-                                        + (f" ({detail[-1]})" if detail else "")) from None
+                raise SpliceUnavailable(
+                    e.errno,
+                    f"the kernel refused the sk_skb program: {e.strerror}" + (f" ({detail[-1]})" if detail else ""),
+                ) from None
             try:
-                _bpf(_BPF_PROG_ATTACH, struct.pack(
-                    "<IIII", map_fd, prog_fd, _ATTACH_SK_SKB_VERDICT, 0))
+                _bpf(_BPF_PROG_ATTACH, struct.pack("<IIII", map_fd, prog_fd, _ATTACH_SK_SKB_VERDICT, 0))
             except OSError as e:
                 os.close(prog_fd)
                 raise SpliceUnavailable(e.errno, f"cannot attach the sk_skb verdict: {e.strerror}") from None
@@ -187,6 +202,7 @@ class Splicer:
     def _update(self, key: int, fd: int) -> None:
         struct.pack_into("<Q", self._key, 0, key)
         struct.pack_into("<I", self._value, 0, fd)
+        # A Splicer exists only where _libc loaded (Linux); no assert on this per-session call.
         rc = _libc.syscall(_SYS_BPF_L, _UPDATE_L, self._attr, _ATTR_SIZE_L)  # type: ignore[union-attr]
         if rc < 0:
             err = ctypes.get_errno()
@@ -197,7 +213,7 @@ class Splicer:
         try:
             _bpf(_BPF_MAP_DELETE_ELEM, struct.pack("<IIQ", self._map_fd, 0, ctypes.addressof(k)))
         except OSError:
-            pass   # already gone (a closed socket leaves the map by itself)
+            pass  # already gone (a closed socket leaves the map by itself)
 
     def pair(self, a: socket.socket, b: socket.socket) -> None:
         """Splice two connected TCP sockets: from now on what either receives is sent
@@ -217,7 +233,7 @@ class Splicer:
         ``SpliceUnavailable`` unless they arrive intact. The program loading is no
         proof that this kernel forwards correctly; this is (blocking, a few ms, at
         start only)."""
-        payload = bytes(range(256)) * 64   # 16 KiB: more than one segment
+        payload = bytes(range(256)) * 64  # 16 KiB: more than one segment
         socks: list[socket.socket] = []
         try:
             with socket.create_server(("127.0.0.1", 0)) as listener:
@@ -238,8 +254,9 @@ class Splicer:
                         break
                     got += chunk
                 if bytes(got) != data:
-                    raise SpliceUnavailable(0, f"self-test: {len(got)} of {len(data)} bytes "
-                                               "arrived intact through the kernel splice")
+                    raise SpliceUnavailable(
+                        0, f"self-test: {len(got)} of {len(data)} bytes arrived intact through the kernel splice"
+                    )
         except SpliceUnavailable:
             raise
         except OSError as e:

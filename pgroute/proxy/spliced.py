@@ -30,19 +30,19 @@ import select
 import socket
 import struct
 import termios
-from typing import Callable
+from collections.abc import Callable
 
 from .router import ProxyStats
 
 log = logging.getLogger(__name__)
 
 _WATCH = select.EPOLLRDHUP | select.EPOLLHUP | select.EPOLLERR
-_TCP_INFO_LEN = 136          # through tcpi_bytes_received (offset 128, u64)
+_TCP_INFO_LEN = 136  # through tcpi_bytes_received (offset 128, u64)
 _TCPI_STATE = 0
 _TCPI_BYTES_ACKED = 120
 _TCPI_BYTES_RECEIVED = 128
 _TCP_ESTABLISHED, _TCP_CLOSE_WAIT = 1, 8
-_SO_MEMINFO = 55            # <asm-generic/socket.h>: u32 sk_meminfo[SK_MEMINFO_VARS]
+_SO_MEMINFO = 55  # <asm-generic/socket.h>: u32 sk_meminfo[SK_MEMINFO_VARS]
 _SK_MEMINFO_RMEM_ALLOC = 0
 _SK_MEMINFO_WMEM_QUEUED = 5
 _FLUSH_POLL_FIRST = 0.001
@@ -87,13 +87,14 @@ class SplicedSession:
 
     __slots__ = ("epoch", "backend_name", "client", "backend", "closing", "closed", "_watcher")
 
-    def __init__(self, watcher: SpliceWatcher, client: socket.socket, backend: socket.socket,
-                 epoch: int, backend_name: str) -> None:
+    def __init__(
+        self, watcher: SpliceWatcher, client: socket.socket, backend: socket.socket, epoch: int, backend_name: str
+    ) -> None:
         self.epoch = epoch
         self.backend_name = backend_name
         self.client = client
         self.backend = backend
-        self.closing = False    # one side ended; waiting for the kernel to flush the other
+        self.closing = False  # one side ended; waiting for the kernel to flush the other
         self.closed = False
         self._watcher = watcher
 
@@ -106,8 +107,9 @@ class SplicedSession:
 class SpliceWatcher:
     """Watches the spliced sessions of one ProxyServer for their end."""
 
-    def __init__(self, stats: ProxyStats, on_closed: Callable[[SplicedSession], None],
-                 close_flush_timeout: float) -> None:
+    def __init__(
+        self, stats: ProxyStats, on_closed: Callable[[SplicedSession], None], close_flush_timeout: float
+    ) -> None:
         self._stats = stats
         self._on_closed = on_closed
         self._close_flush_timeout = close_flush_timeout
@@ -159,12 +161,14 @@ class SpliceWatcher:
         if not self._finish_if_flushed(session, ended, other):
             assert self._loop is not None
             deadline = self._loop.time() + self._close_flush_timeout
-            self._loop.call_later(_FLUSH_POLL_FIRST, self._wait_flush, session, ended, other,
-                                  deadline, _FLUSH_POLL_FIRST)
+            self._loop.call_later(
+                _FLUSH_POLL_FIRST, self._wait_flush, session, ended, other, deadline, _FLUSH_POLL_FIRST
+            )
 
-    def _wait_flush(self, session: SplicedSession, ended: socket.socket, other: socket.socket,
-                    deadline: float, delay: float) -> None:
-        if session.closed:   # finished meanwhile (fenced, shut down)
+    def _wait_flush(
+        self, session: SplicedSession, ended: socket.socket, other: socket.socket, deadline: float, delay: float
+    ) -> None:
+        if session.closed:  # finished meanwhile (fenced, shut down)
             return
         assert self._loop is not None
         if self._finish_if_flushed(session, ended, other):
@@ -175,15 +179,13 @@ class SpliceWatcher:
         delay = min(delay * 2, _FLUSH_POLL_MAX)
         self._loop.call_later(delay, self._wait_flush, session, ended, other, deadline, delay)
 
-    def _finish_if_flushed(self, session: SplicedSession, ended: socket.socket,
-                           other: socket.socket) -> bool:
+    def _finish_if_flushed(self, session: SplicedSession, ended: socket.socket, other: socket.socket) -> bool:
         """Finish the session if the kernel has written to ``other`` every byte
         ``ended`` received; the readings taken for that also give the byte counts."""
         ended_info, other_info = _tcp_info(ended), _tcp_info(other)
         if not _flushed(ended_info, other_info, other):
             return False
-        client_info, backend_info = ((ended_info, other_info) if ended is session.client
-                                     else (other_info, ended_info))
+        client_info, backend_info = (ended_info, other_info) if ended is session.client else (other_info, ended_info)
         self.finish(session, (client_info[2], backend_info[2]))
         return True
 
@@ -238,8 +240,7 @@ class SpliceWatcher:
         self._epoll.close()
 
 
-def _flushed(ended_info: tuple[int, int, int], other_info: tuple[int, int, int],
-             other: socket.socket) -> bool:
+def _flushed(ended_info: tuple[int, int, int], other_info: tuple[int, int, int], other: socket.socket) -> bool:
     """Has the kernel written to ``other`` every byte the ended side received?"""
     ended_state, _, received = ended_info
     if ended_state != _TCP_CLOSE_WAIT:
@@ -248,5 +249,5 @@ def _flushed(ended_info: tuple[int, int, int], other_info: tuple[int, int, int],
         return True
     state, acked, _ = other_info
     if state not in (_TCP_ESTABLISHED, _TCP_CLOSE_WAIT):
-        return True   # the other side is gone too: nothing more can be delivered
+        return True  # the other side is gone too: nothing more can be delivered
     return acked + _outq(other) >= received

@@ -21,17 +21,17 @@ from __future__ import annotations
 
 import enum
 import struct
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from types import MappingProxyType
-from typing import Mapping
 
 # Request codes live where a StartupMessage has its protocol version (src/include/libpq/pqcomm.h).
-CANCEL_REQUEST_CODE = 80877102    # (1234 << 16) | 5678
-SSL_REQUEST_CODE = 80877103       # (1234 << 16) | 5679
-GSSENC_REQUEST_CODE = 80877104    # (1234 << 16) | 5680
+CANCEL_REQUEST_CODE = 80877102  # (1234 << 16) | 5678
+SSL_REQUEST_CODE = 80877103  # (1234 << 16) | 5679
+GSSENC_REQUEST_CODE = 80877104  # (1234 << 16) | 5680
 PROTOCOL_3_0 = 3 << 16
 
-MIN_PACKET_LENGTH = 8             # length word + code / protocol version
+MIN_PACKET_LENGTH = 8  # length word + code / protocol version
 MAX_STARTUP_PACKET_LENGTH = 10000  # PostgreSQL's MAX_STARTUP_PACKET_LENGTH
 # PostgreSQL 18 (protocol 3.2) allows secret keys of up to 256 bytes; 3.0 uses 4.
 MAX_CANCEL_KEY_LENGTH = 256
@@ -56,10 +56,10 @@ class FirstPacket:
 
     kind: PacketKind
     raw: bytes
-    protocol: int = 0                                   # STARTUP: (major << 16) | minor
+    protocol: int = 0  # STARTUP: (major << 16) | minor
     params: Mapping[str, str] = field(default_factory=lambda: MappingProxyType({}))
-    pid: int = 0                                        # CANCEL_REQUEST
-    secret_key: bytes = b""                             # CANCEL_REQUEST
+    pid: int = 0  # CANCEL_REQUEST
+    secret_key: bytes = b""  # CANCEL_REQUEST
 
     @property
     def user(self) -> str | None:
@@ -119,7 +119,7 @@ def parse_first_packet(raw: bytes) -> FirstPacket:
     if length != len(raw):
         raise StartupError("incomplete startup packet")
 
-    if code == SSL_REQUEST_CODE or code == GSSENC_REQUEST_CODE:
+    if code in (SSL_REQUEST_CODE, GSSENC_REQUEST_CODE):
         if length != MIN_PACKET_LENGTH:
             raise StartupError("invalid length of encryption request packet")
         kind = PacketKind.SSL_REQUEST if code == SSL_REQUEST_CODE else PacketKind.GSSENC_REQUEST
@@ -138,8 +138,8 @@ def parse_first_packet(raw: bytes) -> FirstPacket:
         # speak (protocol 2 is gone since PostgreSQL 14). Minor versions above 0 are
         # passed through: the backend answers them with NegotiateProtocolVersion.
         raise StartupError(
-            f"unsupported frontend protocol {major}.{code & 0xFFFF}: "
-            "server supports 3.0 to 3.0", sqlstate="0A000")
+            f"unsupported frontend protocol {major}.{code & 0xFFFF}: server supports 3.0 to 3.0", sqlstate="0A000"
+        )
     return FirstPacket(PacketKind.STARTUP, raw, protocol=code, params=_parse_params(raw))
 
 
@@ -149,7 +149,7 @@ def _parse_params(raw: bytes) -> Mapping[str, str]:
     if not body or body[-1] != 0:
         raise StartupError("invalid startup packet layout: expected terminator as last byte")
     parts = body[:-1].split(b"\0")
-    if parts == [b""]:   # no parameters at all
+    if parts == [b""]:  # no parameters at all
         return MappingProxyType({})
     if parts[-1] != b"" or len(parts) % 2 != 1:
         raise StartupError("invalid startup packet layout: expected terminator as last byte")
@@ -165,8 +165,7 @@ def _parse_params(raw: bytes) -> Mapping[str, str]:
 
 def startup_message(params: Mapping[str, str], protocol: int = PROTOCOL_3_0) -> bytes:
     """Build a StartupMessage (used by tests and tools; the proxy only forwards)."""
-    body = b"".join(
-        k.encode() + b"\0" + v.encode() + b"\0" for k, v in params.items()) + b"\0"
+    body = b"".join(k.encode() + b"\0" + v.encode() + b"\0" for k, v in params.items()) + b"\0"
     return _HEADER.pack(8 + len(body), protocol) + body
 
 
@@ -192,11 +191,13 @@ def error_response(sqlstate: str, message: str, severity: str = "FATAL") -> byte
     if len(sqlstate) != 5 or not sqlstate.isascii():
         raise ValueError(f"SQLSTATE must be 5 ASCII characters: {sqlstate!r}")
     fields = (
-        (b"S", severity), (b"V", severity), (b"C", sqlstate), (b"M", message),
+        (b"S", severity),
+        (b"V", severity),
+        (b"C", sqlstate),
+        (b"M", message),
     )
     # A NUL would end the field early and desynchronise the client's parser.
-    body = b"".join(
-        tag + value.replace("\0", " ").encode("utf-8") + b"\0" for tag, value in fields) + b"\0"
+    body = b"".join(tag + value.replace("\0", " ").encode("utf-8") + b"\0" for tag, value in fields) + b"\0"
     return b"E" + _INT32.pack(4 + len(body)) + body
 
 

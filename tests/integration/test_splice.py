@@ -48,7 +48,7 @@ def messages(data: bytes) -> list[tuple[bytes, bytes]]:
     out, pos = [], 0
     while pos + 5 <= len(data):
         (length,) = struct.unpack_from("!I", data, pos + 1)
-        out.append((data[pos:pos + 1], data[pos + 5:pos + 1 + length]))
+        out.append((data[pos : pos + 1], data[pos + 5 : pos + 1 + length]))
         pos += 1 + length
     assert pos == len(data), "truncated message stream"
     return out
@@ -106,12 +106,15 @@ async def test_server_goodbye_after_a_backlog_reaches_a_slow_client(local_cluste
     session.backend.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 8 << 20)
 
     rows, width = 2000, 1000
-    writer.write(query(f"SELECT repeat('x', {width}) FROM generate_series(1, {rows}); "
-                       "SELECT pg_terminate_backend(pg_backend_pid())"))
+    writer.write(
+        query(
+            f"SELECT repeat('x', {width}) FROM generate_series(1, {rows}); "
+            "SELECT pg_terminate_backend(pg_backend_pid())"
+        )
+    )
     # Not reading: wait until the server process is gone, i.e. it wrote everything
     # into the kernel's buffers and exited.
-    await wait_backend_gone(local_cluster, pid,
-                            "the backend did not finish writing into the kernel's buffers")
+    await wait_backend_gone(local_cluster, pid, "the backend did not finish writing into the kernel's buffers")
 
     data = await read_all(reader)
     got = messages(data)
@@ -139,7 +142,7 @@ async def test_pipelining_client_is_piped_not_spliced(local_cluster, spliced_pro
     assert rows == [struct.pack("!HI", 1, 2) + b"42"]
     stats = spliced_proxy.router.stats
     assert stats.spliced_total == 0 and stats.connections_total == 1
-    assert len(spliced_proxy._clients) == 1   # piped: the protocol pair carries it
+    assert len(spliced_proxy._clients) == 1  # piped: the protocol pair carries it
     writer.close()
 
 
@@ -156,7 +159,7 @@ async def test_spliced_bytes_are_counted_while_open_and_after(local_cluster, spl
     # Exactly what crossed, read from the kernel while the session is open.
     assert c2s - c2s_open == len(query("SELECT repeat('y', 100000)"))
     assert s2c - s2c_open == len(data)
-    writer.write(b"X\0\0\0\x04")   # Terminate
+    writer.write(b"X\0\0\0\x04")  # Terminate
     assert await read_all(reader) == b""
     writer.close()
     for _ in range(100):
@@ -170,16 +173,14 @@ async def test_spliced_bytes_are_counted_while_open_and_after(local_cluster, spl
 
 async def test_fenced_spliced_session_reaches_the_backend_no_more(local_cluster, spliced_proxy):
     router = spliced_proxy.router
-    conn = await asyncpg.connect(host="127.0.0.1", port=spliced_proxy.port,
-                                 **user_db(local_cluster))
+    conn = await asyncpg.connect(host="127.0.0.1", port=spliced_proxy.port, **user_db(local_cluster))
     await conn.execute("CREATE TABLE IF NOT EXISTS splice_fence (v int)")
     router.publish(Route(router.route.backend, 2))
     assert router.close_sessions(before_epoch=2, reason="test fence") == 1
     with pytest.raises((asyncpg.InterfaceError, asyncpg.PostgresError, OSError)):
         await conn.execute("INSERT INTO splice_fence VALUES (1)")
     conn.terminate()
-    direct = await asyncpg.connect(host=local_cluster.host, port=local_cluster.port,
-                                   **user_db(local_cluster))
+    direct = await asyncpg.connect(host=local_cluster.host, port=local_cluster.port, **user_db(local_cluster))
     try:
         assert await direct.fetchval("SELECT count(*) FROM splice_fence") == 0
         await direct.execute("DROP TABLE splice_fence")
@@ -198,15 +199,14 @@ async def test_session_registered_after_an_epoch_change_is_closed(local_cluster,
 
     async def open_during_failover(loop, host, port):
         sock = await real_open(loop, host, port)
-        router.publish(Route(router.route.backend, 2))   # the switch happens meanwhile
+        router.publish(Route(router.route.backend, 2))  # the switch happens meanwhile
         router.close_sessions(before_epoch=2)
         return sock
 
     monkeypatch.setattr(server_module, "open_socket", open_during_failover)
     try:
         with pytest.raises((asyncpg.InterfaceError, asyncpg.PostgresError, OSError)):
-            await asyncpg.connect(host="127.0.0.1", port=proxy.port, timeout=5,
-                                  **user_db(local_cluster))
+            await asyncpg.connect(host="127.0.0.1", port=proxy.port, timeout=5, **user_db(local_cluster))
         assert router.stats.spliced_total == 1 and proxy.spliced_count == 0
         assert router.session_count == 0
     finally:
@@ -214,16 +214,17 @@ async def test_session_registered_after_an_epoch_change_is_closed(local_cluster,
 
 
 @pytest.mark.parametrize("failing", ["load", "self_test"])
-async def test_splice_on_fails_and_auto_falls_back_when_the_kernel_refuses(local_cluster,
-                                                                          monkeypatch, failing):
+async def test_splice_on_fails_and_auto_falls_back_when_the_kernel_refuses(local_cluster, monkeypatch, failing):
     """The kernel refuses the program, or takes it but does not forward correctly
     (the start-up self-test): ``on`` does not start, ``auto`` pipes."""
     if failing == "load":
+
         def refuse(cls, max_sessions):
             raise SpliceUnavailable(1, "the kernel refused the sk_skb program: Operation not permitted")
 
         monkeypatch.setattr(Splicer, "create", classmethod(refuse))
     else:
+
         def corrupt(self, timeout=2.0):
             raise SpliceUnavailable(0, "self-test: 0 of 16384 bytes arrived intact (refused)")
 
@@ -258,6 +259,7 @@ def test_splicer_pairs_and_unpairs_plain_sockets():
     splicer = Splicer.create(4)
     listener = socket.create_server(("127.0.0.1", 0))
     try:
+
         def connection():
             outer = socket.create_connection(listener.getsockname())
             inner, _ = listener.accept()
@@ -330,14 +332,13 @@ async def test_client_reset_ends_the_spliced_session(local_cluster, spliced_prox
         reply += await reader.read(4096)
     pid = int(next(body for kind, body in messages(reply) if kind == b"D")[6:])
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
-    writer.transport.abort()   # close with SO_LINGER 0: a RST, no FIN
+    writer.transport.abort()  # close with SO_LINGER 0: a RST, no FIN
     await wait_backend_gone(local_cluster, pid, "the server's backend outlived the client")
     assert spliced_proxy.spliced_count == 0
     assert spliced_proxy.router.stats.connections_current == 0
 
 
-async def test_many_sessions_with_aborts_keep_every_byte_and_leak_nothing(local_cluster,
-                                                                          spliced_proxy):
+async def test_many_sessions_with_aborts_keep_every_byte_and_leak_nothing(local_cluster, spliced_proxy):
     """20 clients for about 3 s: results of random sizes checked byte for byte, a
     quarter of the sessions killed mid-result (RST with data in flight). Every
     completed result is intact; afterwards no session, admission or server backend
@@ -354,8 +355,7 @@ async def test_many_sessions_with_aborts_keep_every_byte_and_leak_nothing(local_
         nonlocal checked, aborted
         r = random.Random(seed)
         while loop.time() < deadline:
-            conn = await asyncpg.connect(host="127.0.0.1", port=spliced_proxy.port,
-                                         **user_db(local_cluster))
+            conn = await asyncpg.connect(host="127.0.0.1", port=spliced_proxy.port, **user_db(local_cluster))
             try:
                 for _ in range(r.randint(1, 5)):
                     rows, width = r.choice([(1, 10), (50, 100), (2000, 64), (200, 5000)])
@@ -363,7 +363,7 @@ async def test_many_sessions_with_aborts_keep_every_byte_and_leak_nothing(local_
                     if r.random() < 0.25 and rows * width > 100_000:
                         task = asyncio.ensure_future(conn.fetch(sql))
                         await asyncio.sleep(r.random() * 0.01)
-                        conn.terminate()   # the proxy sees the client vanish mid-result
+                        conn.terminate()  # the proxy sees the client vanish mid-result
                         try:
                             await task
                         except Exception:
@@ -371,8 +371,9 @@ async def test_many_sessions_with_aborts_keep_every_byte_and_leak_nothing(local_
                         aborted += 1
                         break
                     got = await conn.fetch(sql)
-                    want = [(i, hashlib.md5(str(i).encode()).hexdigest() * (width // 32 + 1))
-                            for i in range(1, rows + 1)]
+                    want = [
+                        (i, hashlib.md5(str(i).encode()).hexdigest() * (width // 32 + 1)) for i in range(1, rows + 1)
+                    ]
                     assert [tuple(row) for row in got] == want
                     checked += 1
             finally:
@@ -388,14 +389,14 @@ async def test_many_sessions_with_aborts_keep_every_byte_and_leak_nothing(local_
         await asyncio.sleep(0.02)
     assert spliced_proxy.client_count == 0 and stats.connections_current == 0
     assert spliced_proxy.router.session_count == 0
-    assert stats.spliced_total == stats.connections_total   # none fell back to the pipe
-    direct = await asyncpg.connect(host=local_cluster.host, port=local_cluster.port,
-                                   **user_db(local_cluster))
+    assert stats.spliced_total == stats.connections_total  # none fell back to the pipe
+    direct = await asyncpg.connect(host=local_cluster.host, port=local_cluster.port, **user_db(local_cluster))
     try:
         for _ in range(100):
             left = await direct.fetchval(
                 "SELECT count(*) FROM pg_stat_activity WHERE backend_type = 'client backend' "
-                "AND pid <> pg_backend_pid()")
+                "AND pid <> pg_backend_pid()"
+            )
             if left == 0:
                 break
             await asyncio.sleep(0.05)
@@ -410,6 +411,7 @@ async def test_a_taken_port_releases_the_kernel_objects(local_cluster):
     blocker = socket.create_server(("127.0.0.1", 0))
     router = Router(Route(Backend("primary", local_cluster.host, local_cluster.port), 1))
     import os
+
     before = len(os.listdir("/proc/self/fd"))
     try:
         for _ in range(3):

@@ -10,6 +10,7 @@ import socket
 import socketserver
 import threading
 import time
+from typing import cast
 
 import pytest
 from aiohttp import web
@@ -20,8 +21,16 @@ from pgroute.model import Event
 
 NOW = time.time()
 FAILOVER_START = Event(5, "failover", "primary down after 3 failed probes", NOW - 2)
-FAILOVER_DONE = Event(5, "failover", "primary down after 3 failed probes", NOW - 2, NOW, "ok",
-                      (("fence", 0.01), ("promote", 1.5)), (("epoch", "4"), ("active", "mirror")))
+FAILOVER_DONE = Event(
+    5,
+    "failover",
+    "primary down after 3 failed probes",
+    NOW - 2,
+    NOW,
+    "ok",
+    (("fence", 0.01), ("promote", 1.5)),
+    (("epoch", "4"), ("active", "mirror")),
+)
 FAILBACK_FAILED = Event(6, "failback", "operator asked", NOW - 1, NOW, "failed")
 NODE_DOWN_START = Event(7, "node_down", "primary: connection refused", NOW)
 NODE_DOWN_DONE = Event(7, "node_down", "primary: connection refused", NOW, NOW, "ok")
@@ -86,7 +95,7 @@ async def test_webhook_receives_json(receiver):
     alerter = Alerter(AlertsConfig(webhook_urls=(url,), timeout=2.0), failures.append)
     await alerter.start()
     try:
-        alerter.emit(NODE_DOWN_START)   # non-switch event start: not alerted
+        alerter.emit(NODE_DOWN_START)  # non-switch event start: not alerted
         alerter.emit(FAILOVER_START)
         alerter.emit(FAILOVER_DONE)
         alerter.emit(NODE_DOWN_DONE)
@@ -108,15 +117,14 @@ async def test_webhook_receives_json(receiver):
 async def test_unreachable_webhook_does_not_block_and_counts(caplog):
     url = f"http://127.0.0.1:{free_port()}/services/T/B/topsecret"
     failures: list[str] = []
-    alerter = Alerter(AlertsConfig(webhook_urls=(url,), timeout=1.0, retries=2),
-                      failures.append, backoff=0.01)
+    alerter = Alerter(AlertsConfig(webhook_urls=(url,), timeout=1.0, retries=2), failures.append, backoff=0.01)
     await alerter.start()
     try:
         with caplog.at_level(logging.WARNING, logger="pgroute.alerts"):
             t0 = time.perf_counter()
             for _ in range(20):
                 alerter.emit(FAILOVER_DONE)
-            assert time.perf_counter() - t0 < 0.05   # emit only queues
+            assert time.perf_counter() - t0 < 0.05  # emit only queues
             await wait_for(lambda: len(failures) >= 1)
     finally:
         await alerter.close(0.2)
@@ -127,7 +135,7 @@ async def test_unreachable_webhook_does_not_block_and_counts(caplog):
 
 async def test_http_error_is_a_failure(receiver):
     url, _, _ = receiver
-    bad = url.rsplit("/", 1)[0] + "/wrongtoken"   # 404 on the receiver
+    bad = url.rsplit("/", 1)[0] + "/wrongtoken"  # 404 on the receiver
     failures: list[str] = []
     alerter = Alerter(AlertsConfig(webhook_urls=(bad,), retries=1), failures.append, backoff=0.01)
     await alerter.start()
@@ -141,7 +149,7 @@ async def test_http_error_is_a_failure(receiver):
 async def test_emit_never_raises_even_closed_or_unconfigured():
     Alerter(AlertsConfig()).emit(FAILOVER_DONE)
     alerter = Alerter(AlertsConfig(command="true"))
-    alerter.emit(object())  # type: ignore[arg-type]
+    alerter.emit(object())  # type: ignore[arg-type]  # garbage on purpose
     await alerter.close(0.1)
     alerter.emit(FAILOVER_DONE)
 
@@ -185,6 +193,12 @@ async def test_command_failure_and_timeout_are_counted():
         await alerter.close(0.5)
 
 
+class _SmtpServer(socketserver.ThreadingTCPServer):
+    """Keeps the messages its handlers received."""
+
+    messages: list[str]
+
+
 class _SmtpHandler(socketserver.StreamRequestHandler):
     """Just enough SMTP to accept one message (no STARTTLS, no AUTH)."""
 
@@ -205,7 +219,7 @@ class _SmtpHandler(socketserver.StreamRequestHandler):
                     if not chunk:
                         return
                     data += chunk
-                self.server.messages.append(data.decode())  # type: ignore[attr-defined]
+                cast(_SmtpServer, self.server).messages.append(data.decode())
                 self.wfile.write(b"250 queued\r\n")
             elif cmd.startswith("QUIT"):
                 self.wfile.write(b"221 bye\r\n")
@@ -215,22 +229,23 @@ class _SmtpHandler(socketserver.StreamRequestHandler):
 
 
 async def test_email_via_smtp():
-    server = socketserver.ThreadingTCPServer(("127.0.0.1", 0), _SmtpHandler)
-    server.messages = []  # type: ignore[attr-defined]
+    server = _SmtpServer(("127.0.0.1", 0), _SmtpHandler)
+    server.messages = []
     thread = threading.Thread(target=server.serve_forever, daemon=True)
     thread.start()
     try:
         port = server.server_address[1]
         failures: list[str] = []
-        alerter = Alerter(AlertsConfig(email_to=("ops@example.com",),
-                                       smtp_url=f"smtp://127.0.0.1:{port}"), failures.append)
+        alerter = Alerter(
+            AlertsConfig(email_to=("ops@example.com",), smtp_url=f"smtp://127.0.0.1:{port}"), failures.append
+        )
         await alerter.start()
         try:
             alerter.emit(FAILOVER_DONE)
-            await wait_for(lambda: server.messages)  # type: ignore[attr-defined]
+            await wait_for(lambda: server.messages)
         finally:
             await alerter.close(1.0)
-        msg = server.messages[0]  # type: ignore[attr-defined]
+        msg = server.messages[0]
         assert "Subject: pgroute FAILOVER completed" in msg
         assert "To: ops@example.com" in msg
         assert failures == []

@@ -4,15 +4,15 @@ from __future__ import annotations
 
 import copy
 import time
-from typing import Callable
+from collections.abc import Callable
 
 import pytest
 from aiohttp.test_utils import TestClient, TestServer
 
-from pgroute.api.http import ControlPlane, make_app, health_of
+from pgroute.api.http import ControlPlane, health_of, make_app
 from pgroute.config import Config
 from pgroute.errors import ActionRefused, PgRouteError
-from pgroute.model import Event, HealthSample
+from pgroute.model import Event, HealthSample, NodeName
 from pgroute.proxy.router import Backend, Route, Router
 
 SECRET = "s3cretpw"
@@ -21,21 +21,48 @@ LEAKY_DSN = f"postgresql://postgres:{SECRET}@10.0.0.1:5432/chrispar"
 
 def base_status() -> dict:
     return {
-        "state": "primary_active", "reason": "primary healthy", "active": "primary",
-        "epoch": 3, "paused": False, "auto_failover": True, "auto_failback": False,
-        "synchronous": "off", "replication": "ok",
+        "state": "primary_active",
+        "reason": "primary healthy",
+        "active": "primary",
+        "epoch": 3,
+        "paused": False,
+        "auto_failover": True,
+        "auto_failback": False,
+        "synchronous": "off",
+        "replication": "ok",
         "nodes": {
-            "primary": {"role": "active", "up": True, "host": "127.0.0.1", "port": 5432,
-                        "last_probe": "2026-01-08T10:30:00.000Z", "latency_ms": 1.2,
-                        "error": None, "read_only": False, "lag_bytes": None,
-                        "lag_seconds": None, "subscription": None},
-            "mirror": {"role": "standby", "up": True, "host": "127.0.0.1", "port": 5433,
-                       "last_probe": "2026-01-08T10:30:00.000Z", "latency_ms": 1.1,
-                       "error": None, "read_only": False, "lag_bytes": 128,
-                       "lag_seconds": 0.2, "subscription": {"name": "chrispar_sub", "enabled": True}},
+            "primary": {
+                "role": "active",
+                "up": True,
+                "host": "127.0.0.1",
+                "port": 5432,
+                "last_probe": "2026-01-08T10:30:00.000Z",
+                "latency_ms": 1.2,
+                "error": None,
+                "read_only": False,
+                "lag_bytes": None,
+                "lag_seconds": None,
+                "subscription": None,
+            },
+            "mirror": {
+                "role": "standby",
+                "up": True,
+                "host": "127.0.0.1",
+                "port": 5433,
+                "last_probe": "2026-01-08T10:30:00.000Z",
+                "latency_ms": 1.1,
+                "error": None,
+                "read_only": False,
+                "lag_bytes": 128,
+                "lag_seconds": 0.2,
+                "subscription": {"name": "chrispar_sub", "enabled": True},
+            },
         },
         "connections": {"current": 2, "total": 10, "waiting": 0, "rejected": {}},
-        "detection_bound_seconds": 53.0, "operation": None, "conflicts": [], "events": [],
+        "detection_bound_seconds": 53.0,
+        "operation": None,
+        "conflicts": [],
+        "events": [],
     }
 
 
@@ -66,12 +93,24 @@ class FakeControl:
         if self.raise_error:
             raise self.raise_error
         now = time.time()
-        ev = Event(self.next_id, kind, f"operator asked for {kind}", now - 1.5, now, self.result,
-                   (("fence", 0.01), ("promote", 1.2)), (("epoch", "4"), ("active", "mirror")))
+        ev = Event(
+            self.next_id,
+            kind,
+            f"operator asked for {kind}",
+            now - 1.5,
+            now,
+            self.result,
+            (("fence", 0.01), ("promote", 1.2)),
+            (("epoch", "4"), ("active", "mirror")),
+        )
         self.next_id += 1
         for cb in self.event_listeners:
             cb(ev)
         return ev.to_json()
+
+    async def resolve(self, active: NodeName | None) -> dict:
+        # /api/resolve is tested against the real Controller (integration tests).
+        raise NotImplementedError
 
     def add_event_listener(self, cb: Callable[[Event], None]) -> None:
         self.event_listeners.append(cb)
@@ -81,11 +120,13 @@ class FakeControl:
 
 
 def make_config(token: str = "") -> Config:
-    return Config.model_validate({
-        "primary": {"dsn": "postgresql://postgres@127.0.0.1:5432/chrispar"},
-        "mirror": {"dsn": "postgresql://postgres@127.0.0.1:5433/chrispar"},
-        "api": {"token": token},
-    })
+    return Config.model_validate(
+        {
+            "primary": {"dsn": "postgresql://postgres@127.0.0.1:5432/chrispar"},
+            "mirror": {"dsn": "postgresql://postgres@127.0.0.1:5433/chrispar"},
+            "api": {"token": token},
+        }
+    )
 
 
 def make_router(backend: str | None = "primary") -> Router:
@@ -139,12 +180,15 @@ async def test_health_healthy(client):
     assert body["timestamp"].endswith("Z") and "T" in body["timestamp"]
 
 
-@pytest.mark.parametrize("mutate", [
-    lambda st: st["nodes"]["mirror"].update(up=False),
-    lambda st: st.update(replication="none"),
-    lambda st: st.update(replication="lagging"),
-    lambda st: st["nodes"]["primary"].update(up=None),
-])
+@pytest.mark.parametrize(
+    "mutate",
+    [
+        lambda st: st["nodes"]["mirror"].update(up=False),
+        lambda st: st.update(replication="none"),
+        lambda st: st.update(replication="lagging"),
+        lambda st: st["nodes"]["primary"].update(up=None),
+    ],
+)
 async def test_health_degraded(client, fake, mutate):
     mutate(fake.st)
     resp = await client.get("/api/health")
@@ -278,8 +322,12 @@ async def test_command_error_is_500_without_traceback(client, fake):
 
 
 async def test_token_required(token_client, fake):
-    for headers in ({}, {"Authorization": "Bearer wrong"}, {"Authorization": "Basic dDBrZW4="},
-                    {"Authorization": "t0ken"}):
+    for headers in (
+        {},
+        {"Authorization": "Bearer wrong"},
+        {"Authorization": "Basic dDBrZW4="},
+        {"Authorization": "t0ken"},
+    ):
         resp = await token_client.post("/api/failover", headers=headers)
         assert resp.status == 401, headers
         assert "error" in await resp.json()

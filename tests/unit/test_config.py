@@ -7,15 +7,25 @@ import pytest
 from click.testing import CliRunner
 
 from pgroute.cli import main
-from pgroute.config import ConfigError, load_config, validate_runtime
+from pgroute.config import Config, ConfigError, load_config, validate_runtime
 from pgroute.pg.dsn import mask_dsn
 
-DSNS = ('[primary]\ndsn = "postgresql://postgres@127.0.0.1:5432/chrispar"\n'
-        '[mirror]\ndsn = "postgresql://postgres@127.0.0.1:5433/chrispar"\n')
-CLEAN = {"DATABASE_URL": None, "MIRROR_DATABASE_URL": None, "PGROUTE_API_TOKEN": None,
-         "PGROUTE_CONFIG": None, "AUTO_FAILOVER_ENABLED": None, "HEALTH_CHECK_INTERVAL": None,
-         "HEALTH_CHECK_MAX_RETRIES": None, "HEALTH_CHECK_TIMEOUT": None,
-         "PGROUTE_PRIMARY_DSN": None, "PGROUTE_MIRROR_DSN": None}
+DSNS = (
+    '[primary]\ndsn = "postgresql://postgres@127.0.0.1:5432/chrispar"\n'
+    '[mirror]\ndsn = "postgresql://postgres@127.0.0.1:5433/chrispar"\n'
+)
+CLEAN = {
+    "DATABASE_URL": None,
+    "MIRROR_DATABASE_URL": None,
+    "PGROUTE_API_TOKEN": None,
+    "PGROUTE_CONFIG": None,
+    "AUTO_FAILOVER_ENABLED": None,
+    "HEALTH_CHECK_INTERVAL": None,
+    "HEALTH_CHECK_MAX_RETRIES": None,
+    "HEALTH_CHECK_TIMEOUT": None,
+    "PGROUTE_PRIMARY_DSN": None,
+    "PGROUTE_MIRROR_DSN": None,
+}
 
 
 def write(tmp_path, text: str, name: str = "pgroute.toml") -> str:
@@ -30,23 +40,26 @@ def run_cli(args, env=None):
     return CliRunner().invoke(main, args, env=merged)
 
 
-@pytest.mark.parametrize("toml, key", [
-    (DSNS + "[health]\nintervall = 3\n", "health.intervall"),             # unknown key
-    (DSNS + "[bogus]\nx = 1\n", "bogus"),                                  # unknown section
-    (DSNS + '[health]\ninterval = "fast"\n', "health.interval"),           # wrong type
-    (DSNS + "[health]\nauto_failover = [1]\n", "health.auto_failover"),     # wrong type
-    (DSNS + "[health]\nmax_retries = -1\n", "health.max_retries"),          # negative retries
-    (DSNS + "[alerts]\nretries = -1\n", "alerts.retries"),                  # negative retries
-    (DSNS + "[health]\ntimeout = 0\n", "health.timeout"),                   # zero timeout
-    (DSNS + "[proxy]\nconnect_timeout = 0\n", "proxy.connect_timeout"),
-    (DSNS + '[proxy]\nlisten = "127.0.0.1:70000"\n', "proxy.listen"),       # port > 65535
-    (DSNS + '[api]\nlisten = "0.0.0.0:65536"\n', "api.listen"),
-    (DSNS + '[replication]\nsynchronous = "maybe"\n', "replication.synchronous"),
-    (DSNS + '[proxy]\nsplice = "yes"\n', "proxy.splice"),
-    (DSNS + '[alerts]\nwebhook_urls = ["ftp://x"]\n', "alerts.webhook_urls"),
-    ('[mirror]\ndsn = "postgresql://u@h/db"\n', "primary"),                  # missing DSN
-    ("[health\n", "--config"),                                              # not TOML
-])
+@pytest.mark.parametrize(
+    "toml, key",
+    [
+        (DSNS + "[health]\nintervall = 3\n", "health.intervall"),  # unknown key
+        (DSNS + "[bogus]\nx = 1\n", "bogus"),  # unknown section
+        (DSNS + '[health]\ninterval = "fast"\n', "health.interval"),  # wrong type
+        (DSNS + "[health]\nauto_failover = [1]\n", "health.auto_failover"),  # wrong type
+        (DSNS + "[health]\nmax_retries = -1\n", "health.max_retries"),  # negative retries
+        (DSNS + "[alerts]\nretries = -1\n", "alerts.retries"),  # negative retries
+        (DSNS + "[health]\ntimeout = 0\n", "health.timeout"),  # zero timeout
+        (DSNS + "[proxy]\nconnect_timeout = 0\n", "proxy.connect_timeout"),
+        (DSNS + '[proxy]\nlisten = "127.0.0.1:70000"\n', "proxy.listen"),  # port > 65535
+        (DSNS + '[api]\nlisten = "0.0.0.0:65536"\n', "api.listen"),
+        (DSNS + '[replication]\nsynchronous = "maybe"\n', "replication.synchronous"),
+        (DSNS + '[proxy]\nsplice = "yes"\n', "proxy.splice"),
+        (DSNS + '[alerts]\nwebhook_urls = ["ftp://x"]\n', "alerts.webhook_urls"),
+        ('[mirror]\ndsn = "postgresql://u@h/db"\n', "primary"),  # missing DSN
+        ("[health\n", "--config"),  # not TOML
+    ],
+)
 def test_config_errors_exit_2_naming_the_key(tmp_path, toml, key):
     res = run_cli(["run", "--config", write(tmp_path, toml)])
     assert res.exit_code == 2, res.output
@@ -59,10 +72,13 @@ def test_missing_config_file_exits_2(tmp_path):
     assert res.exit_code == 2 and "--config" in res.stderr
 
 
-@pytest.mark.parametrize("dsn", [
-    "postgresql://u:hunter2@h:99999/db",      # bad port
-    "postgresql://u:hunter2@/db",             # no host
-])
+@pytest.mark.parametrize(
+    "dsn",
+    [
+        "postgresql://u:hunter2@h:99999/db",  # bad port
+        "postgresql://u:hunter2@/db",  # no host
+    ],
+)
 def test_unparseable_dsn_names_key_without_password(tmp_path, dsn):
     toml = f'[primary]\ndsn = "{dsn}"\n[mirror]\ndsn = "postgresql://u@h/db"\n'
     res = run_cli(["run", "--config", write(tmp_path, toml)])
@@ -105,14 +121,19 @@ def test_seed_env_names_override_file(tmp_path):
 
 def test_env_file_with_seed_block(tmp_path):
     # The seed's backend/.env, inline comments included.
-    env_file = write(tmp_path, (
-        "# backend/.env\n"
-        "DATABASE_URL=postgresql://postgres:pw@127.0.0.1:5432/chrispar\n"
-        "MIRROR_DATABASE_URL='postgresql://postgres:pw@127.0.0.1:5433/chrispar'\n"
-        "AUTO_FAILOVER_ENABLED=true          # Habilita failover automático\n"
-        "HEALTH_CHECK_INTERVAL=30            # Verifica cada 30 segundos\n"
-        "HEALTH_CHECK_MAX_RETRIES=3          # 3 fallos antes de failover\n"
-        "export HEALTH_CHECK_TIMEOUT=5              # Timeout de 5 segundos\n"), ".env")
+    env_file = write(
+        tmp_path,
+        (
+            "# backend/.env\n"
+            "DATABASE_URL=postgresql://postgres:pw@127.0.0.1:5432/chrispar\n"
+            "MIRROR_DATABASE_URL='postgresql://postgres:pw@127.0.0.1:5433/chrispar'\n"
+            "AUTO_FAILOVER_ENABLED=true          # Habilita failover automático\n"
+            "HEALTH_CHECK_INTERVAL=30            # Verifica cada 30 segundos\n"
+            "HEALTH_CHECK_MAX_RETRIES=3          # 3 fallos antes de failover\n"
+            "export HEALTH_CHECK_TIMEOUT=5              # Timeout de 5 segundos\n"
+        ),
+        ".env",
+    )
     config = load_config(None, env_file, environ={})
     assert config.mirror.parsed.port == 5433
     assert config.health.auto_failover is True
@@ -126,15 +147,21 @@ def test_env_file_through_cli(tmp_path, monkeypatch):
     import sys
     import types
 
-    seen = {}
+    seen: dict[str, Config] = {}
     fake_app = types.ModuleType("pgroute.app")
+    # A stand-in module made at run time: mypy knows no attributes of a ModuleType.
     fake_app.run = lambda config: seen.setdefault("config", config) and 0  # type: ignore[attr-defined]
     monkeypatch.setitem(sys.modules, "pgroute.app", fake_app)
     import pgroute.logs
+
     monkeypatch.setattr(pgroute.logs, "setup_logging", lambda level, fmt: None)
-    env_file = write(tmp_path, "DATABASE_URL=postgresql://u@127.0.0.1:5432/a\n"
-                               "MIRROR_DATABASE_URL=postgresql://u@127.0.0.1:5433/a\n"
-                               "HEALTH_CHECK_INTERVAL=4\n", ".env")
+    env_file = write(
+        tmp_path,
+        "DATABASE_URL=postgresql://u@127.0.0.1:5432/a\n"
+        "MIRROR_DATABASE_URL=postgresql://u@127.0.0.1:5433/a\n"
+        "HEALTH_CHECK_INTERVAL=4\n",
+        ".env",
+    )
     res = run_cli(["run", "--env-file", env_file])
     assert res.exit_code == 0, res.output
     assert seen["config"].health.interval == 4
@@ -146,7 +173,7 @@ def test_pgroute_env_overrides(tmp_path):
     path = write(tmp_path, DSNS)
     env = {
         "DATABASE_URL": "postgresql://u@10.0.0.1:5432/db",
-        "PGROUTE_PRIMARY_DSN": "postgresql://u@10.0.0.9:5432/db",   # more specific: wins
+        "PGROUTE_PRIMARY_DSN": "postgresql://u@10.0.0.9:5432/db",  # more specific: wins
         "PGROUTE_HEALTH_INTERVAL": "2",
         "PGROUTE_PROXY_LISTEN": "0.0.0.0:6543",
         "PGROUTE_PROXY_SPLICE": "off",
@@ -174,13 +201,13 @@ def test_non_loopback_api_needs_token(tmp_path):
     res = run_cli(["run", "--config", path])
     assert res.exit_code == 2 and "api.token" in res.stderr
     validate_runtime(load_config(path, environ={"PGROUTE_API_TOKEN": "t0ken"}))
-    validate_runtime(load_config(write(tmp_path, DSNS + '[api]\nlisten = "[::1]:5000"\n', "v6.toml"),
-                                 environ={}))
+    validate_runtime(load_config(write(tmp_path, DSNS + '[api]\nlisten = "[::1]:5000"\n', "v6.toml"), environ={}))
 
 
 def test_same_database_twice_is_refused(tmp_path):
-    toml = ('[primary]\ndsn = "postgresql://u@127.0.0.1:5432/db"\n'
-            '[mirror]\ndsn = "postgresql://other@127.0.0.1:5432/db"\n')
+    toml = (
+        '[primary]\ndsn = "postgresql://u@127.0.0.1:5432/db"\n[mirror]\ndsn = "postgresql://other@127.0.0.1:5432/db"\n'
+    )
     with pytest.raises(ConfigError) as exc:
         validate_runtime(load_config(write(tmp_path, toml), environ={}))
     assert exc.value.key == "mirror.dsn"
@@ -205,14 +232,12 @@ def test_example_config_loads_and_sets_every_key():
     import tomllib
     from pathlib import Path
 
-    from pgroute.config import Config
-
     path = Path(__file__).resolve().parents[2] / "config" / "pgroute.example.toml"
     config = load_config(path, environ={})
     validate_runtime(config)
     data = tomllib.loads(path.read_text())
     for section, field in Config.model_fields.items():
-        keys = set(field.annotation.model_fields)  # type: ignore[union-attr]
+        keys = set(field.annotation.model_fields)  # type: ignore[union-attr]  # every field is a section model
         assert set(data.get(section, {})) == keys, section
     # Every value in the example is the default (the file documents the defaults).
     for section, values in data.items():

@@ -55,10 +55,7 @@ def interpolate(value, env: dict[str, str]):
         name = m.group(1) or m.group(4)
         op, arg = m.group(2), m.group(3)
         current = env.get(name)
-        if op in (":-", ":?"):
-            missing = not current
-        else:
-            missing = current is None
+        missing = not current if op in (":-", ":?") else current is None
         if op in (":?", "?") and missing:
             raise AssertionError(f"compose requires ${name}: {arg}")
         if op in (":-", "-") and missing:
@@ -130,10 +127,20 @@ def pgroute_argv() -> list[str]:
 
 
 def cli_env(extra: dict[str, str]) -> dict[str, str]:
-    env = {k: v for k, v in os.environ.items()
-           if not k.startswith(("PGROUTE_", "PG")) and k not in (
-               "DATABASE_URL", "MIRROR_DATABASE_URL", "AUTO_FAILOVER_ENABLED",
-               "HEALTH_CHECK_INTERVAL", "HEALTH_CHECK_MAX_RETRIES", "HEALTH_CHECK_TIMEOUT")}
+    env = {
+        k: v
+        for k, v in os.environ.items()
+        if not k.startswith(("PGROUTE_", "PG"))
+        and k
+        not in (
+            "DATABASE_URL",
+            "MIRROR_DATABASE_URL",
+            "AUTO_FAILOVER_ENABLED",
+            "HEALTH_CHECK_INTERVAL",
+            "HEALTH_CHECK_MAX_RETRIES",
+            "HEALTH_CHECK_TIMEOUT",
+        )
+    }
     env["PYTHONPATH"] = str(ROOT) + os.pathsep + env.get("PYTHONPATH", "")
     env.update(extra)
     return env
@@ -181,10 +188,11 @@ def test_compose_dependencies_wait_for_healthy_nodes_and_setup():
     services = compose()["services"]
     setup = services["replication_setup"]
     assert setup["command"] == ["setup-replication"]
-    assert setup["depends_on"] == {"postgres_primary": {"condition": "service_healthy"},
-                                   "postgres_mirror": {"condition": "service_healthy"}}
-    assert services["pgroute"]["depends_on"] == {
-        "replication_setup": {"condition": "service_completed_successfully"}}
+    assert setup["depends_on"] == {
+        "postgres_primary": {"condition": "service_healthy"},
+        "postgres_mirror": {"condition": "service_healthy"},
+    }
+    assert services["pgroute"]["depends_on"] == {"replication_setup": {"condition": "service_completed_successfully"}}
 
 
 def test_compose_references_exist():
@@ -204,10 +212,12 @@ def test_compose_references_exist():
     # The image's CMD reads the file the pgroute service mounts.
     cmd = services["pgroute"]["command"]
     config_in_container = cmd[cmd.index("--config") + 1]
-    assert container_path(services["pgroute"], config_in_container).is_file()
+    config_on_host = container_path(services["pgroute"], config_in_container)
+    assert config_on_host is not None and config_on_host.is_file()
     # Prometheus: its rule file sits next to its configuration, as mounted.
     prom = services["prometheus"]
     prom_config = container_path(prom, "/etc/prometheus/prometheus.yml")
+    assert prom_config is not None
     scrape = yaml.safe_load(prom_config.read_text())
     for rule_file in scrape["rule_files"]:
         host = container_path(prom, f"/etc/prometheus/{rule_file}")
@@ -249,8 +259,12 @@ def test_compose_pgroute_environment_is_a_valid_configuration():
 
 
 def test_compose_settings_from_a_dotenv_file_reach_pgroute():
-    dotenv = {"HEALTH_CHECK_INTERVAL": "30", "AUTO_FAILOVER_ENABLED": "false",
-              "PGROUTE_API_TOKEN": "s3cret", "POSTGRES_PASSWORD": "pw"}
+    dotenv = {
+        "HEALTH_CHECK_INTERVAL": "30",
+        "AUTO_FAILOVER_ENABLED": "false",
+        "PGROUTE_API_TOKEN": "s3cret",
+        "POSTGRES_PASSWORD": "pw",
+    }
     svc = compose(dotenv)["services"]["pgroute"]
     config = load_config(EXAMPLE_CONFIG, environ={**dockerfile_env(), **service_env(svc)})
     validate_runtime(config)
@@ -302,8 +316,9 @@ def test_dockerfile_basics():
 
 
 def test_dockerfile_copies_exist_and_are_not_dockerignored():
-    patterns = [line.strip() for line in DOCKERIGNORE.read_text().splitlines()
-                if line.strip() and not line.startswith("#")]
+    patterns = [
+        line.strip() for line in DOCKERIGNORE.read_text().splitlines() if line.strip() and not line.startswith("#")
+    ]
 
     def ignored(path: str) -> bool:
         result = False
@@ -352,8 +367,13 @@ def test_healthcheck_command_is_valid_python():
 
 
 def test_cmd_help_works():
-    res = subprocess.run([*pgroute_argv(), *dockerfile_json("CMD")[:1], "--help"],
-                         capture_output=True, text=True, timeout=60, env=cli_env({}))
+    res = subprocess.run(
+        [*pgroute_argv(), *dockerfile_json("CMD")[:1], "--help"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env=cli_env({}),
+    )
     assert res.returncode == 0, res.stderr
     assert "--config" in res.stdout
 
@@ -366,8 +386,13 @@ def test_check_with_the_image_config_fails_cleanly_when_nodes_are_unreachable():
     # Unreachable fast and deterministically: closed loopback ports.
     env["DATABASE_URL"] = f"postgresql://postgres:pw@127.0.0.1:{closed_port()}/chrispar"
     env["MIRROR_DATABASE_URL"] = f"postgresql://postgres:pw@127.0.0.1:{closed_port()}/chrispar"
-    res = subprocess.run([*pgroute_argv(), "check", "--config", str(EXAMPLE_CONFIG)],
-                         capture_output=True, text=True, timeout=120, env=cli_env(env))
+    res = subprocess.run(
+        [*pgroute_argv(), "check", "--config", str(EXAMPLE_CONFIG)],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env=cli_env(env),
+    )
     assert res.returncode == 1, (res.stdout, res.stderr)
     assert "configuration" in res.stdout and "is valid" in res.stdout
     assert "primary reachable" in res.stdout
@@ -378,13 +403,20 @@ def test_check_with_the_image_config_fails_cleanly_when_nodes_are_unreachable():
 def test_image_without_token_refuses_to_start():
     """The image listens on 0.0.0.0: `docker run` without PGROUTE_API_TOKEN is a
     configuration error (exit 2) that names api.token."""
-    env = {**dockerfile_env(),
-           "DATABASE_URL": f"postgresql://postgres@127.0.0.1:{closed_port()}/chrispar",
-           "MIRROR_DATABASE_URL": f"postgresql://postgres@127.0.0.1:{closed_port()}/chrispar"}
-    with pytest.raises(ConfigError, match="api.token"):
+    env = {
+        **dockerfile_env(),
+        "DATABASE_URL": f"postgresql://postgres@127.0.0.1:{closed_port()}/chrispar",
+        "MIRROR_DATABASE_URL": f"postgresql://postgres@127.0.0.1:{closed_port()}/chrispar",
+    }
+    with pytest.raises(ConfigError, match=r"api\.token"):
         validate_runtime(load_config(EXAMPLE_CONFIG, environ=env))
-    res = subprocess.run([*pgroute_argv(), *dockerfile_json("CMD")[:2], str(EXAMPLE_CONFIG)],
-                         capture_output=True, text=True, timeout=60, env=cli_env(env))
+    res = subprocess.run(
+        [*pgroute_argv(), *dockerfile_json("CMD")[:2], str(EXAMPLE_CONFIG)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env=cli_env(env),
+    )
     assert res.returncode == 2, (res.stdout, res.stderr)
     assert "api.token" in res.stderr
 
@@ -402,19 +434,22 @@ def test_entrypoint_and_cmd_run_and_healthcheck_outside_docker(tmp_path):
     """ENTRYPOINT + CMD with the shipped config: pgroute starts, fails closed (no node
     answers), the HEALTHCHECK command reports unhealthy, and SIGTERM stops it (0)."""
     proxy_port, api_port = closed_port(), closed_port()
-    env = {**dockerfile_env(),
-           "DATABASE_URL": f"postgresql://postgres@127.0.0.1:{closed_port()}/chrispar",
-           "MIRROR_DATABASE_URL": f"postgresql://postgres@127.0.0.1:{closed_port()}/chrispar",
-           "PGROUTE_PROXY_LISTEN": f"127.0.0.1:{proxy_port}",
-           "PGROUTE_API_LISTEN": f"127.0.0.1:{api_port}",
-           "PGROUTE_API_TOKEN": "t0ken",
-           "PGROUTE_STATE_PATH": str(tmp_path / "state.json"),
-           "PGROUTE_STATE_RECOVERY_DIR": str(tmp_path / "recovery"),
-           "HEALTH_CHECK_TIMEOUT": "1"}
+    env = {
+        **dockerfile_env(),
+        "DATABASE_URL": f"postgresql://postgres@127.0.0.1:{closed_port()}/chrispar",
+        "MIRROR_DATABASE_URL": f"postgresql://postgres@127.0.0.1:{closed_port()}/chrispar",
+        "PGROUTE_PROXY_LISTEN": f"127.0.0.1:{proxy_port}",
+        "PGROUTE_API_LISTEN": f"127.0.0.1:{api_port}",
+        "PGROUTE_API_TOKEN": "t0ken",
+        "PGROUTE_STATE_PATH": str(tmp_path / "state.json"),
+        "PGROUTE_STATE_RECOVERY_DIR": str(tmp_path / "recovery"),
+        "HEALTH_CHECK_TIMEOUT": "1",
+    }
     cmd = dockerfile_json("CMD")
     argv = [*pgroute_argv(), *cmd[:2], str(EXAMPLE_CONFIG), *cmd[3:]]
-    proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                            env=cli_env(env), cwd=tmp_path)
+    proc = subprocess.Popen(
+        argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=cli_env(env), cwd=tmp_path
+    )
     try:
         deadline = time.monotonic() + 30
         status = None
@@ -425,7 +460,7 @@ def test_entrypoint_and_cmd_run_and_healthcheck_outside_docker(tmp_path):
             except (urllib.error.URLError, OSError):
                 time.sleep(0.1)
         assert proc.poll() is None, proc.communicate()
-        assert status == 503 and body["status"] == "unhealthy" and body["database"] is None
+        assert status == 503 and body is not None and body["status"] == "unhealthy" and body["database"] is None
         # The image's HEALTHCHECK, pointed at this API port, fails while unhealthy.
         hc = healthcheck_argv()
         code = hc[2].replace("127.0.0.1:5000", f"127.0.0.1:{api_port}")
@@ -434,9 +469,9 @@ def test_entrypoint_and_cmd_run_and_healthcheck_outside_docker(tmp_path):
     finally:
         proc.send_signal(signal.SIGTERM)
         try:
-            out, err = proc.communicate(timeout=30)
+            _out, err = proc.communicate(timeout=30)
         except subprocess.TimeoutExpired:
             proc.kill()
-            out, err = proc.communicate()
+            _out, err = proc.communicate()
     assert proc.returncode == 0, err
     assert "Traceback" not in err

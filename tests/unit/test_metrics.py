@@ -28,12 +28,22 @@ def value(samples, name, **labels):
 
 
 EXPECTED_NAMES = [
-    "pgroute_active_node", "pgroute_node_up", "pgroute_probe_duration_seconds_bucket",
-    "pgroute_probe_failures_total", "pgroute_replication_lag_bytes", "pgroute_failovers_total",
-    "pgroute_switch_phase_duration_seconds", "pgroute_client_connections",
-    "pgroute_client_connections_total", "pgroute_rejected_connections_total",
-    "pgroute_proxied_bytes_total", "pgroute_paused", "pgroute_epoch", "pgroute_build_info",
-    "pgroute_alerts_failed_total", "pgroute_waiting_connections",
+    "pgroute_active_node",
+    "pgroute_node_up",
+    "pgroute_probe_duration_seconds_bucket",
+    "pgroute_probe_failures_total",
+    "pgroute_replication_lag_bytes",
+    "pgroute_failovers_total",
+    "pgroute_switch_phase_duration_seconds",
+    "pgroute_client_connections",
+    "pgroute_client_connections_total",
+    "pgroute_rejected_connections_total",
+    "pgroute_proxied_bytes_total",
+    "pgroute_paused",
+    "pgroute_epoch",
+    "pgroute_build_info",
+    "pgroute_alerts_failed_total",
+    "pgroute_waiting_connections",
     "pgroute_spliced_sessions_total",
 ]
 
@@ -41,7 +51,7 @@ EXPECTED_NAMES = [
 def test_names_present():
     fake, router = FakeControl(), make_router()
     router.stats.reject("too_many_connections")
-    registry, metrics = create_metrics(fake, router)
+    registry, _metrics = create_metrics(fake, router)
     fake.event_listeners[0](Event(1, "failover", "x", 1.0, 2.0, "ok", (("promote", 0.5),)))
     text = generate_latest(registry).decode()
     for name in EXPECTED_NAMES:
@@ -82,7 +92,7 @@ def test_values_follow_router_and_status():
     # The collector reads at scrape time: a new snapshot shows up on the next scrape.
     fake.st.update(active="mirror", epoch=4, paused=True)
     fake.st["nodes"]["primary"]["up"] = False
-    fake.st["nodes"]["mirror"]["up"] = None   # unknown: left out, not reported as down
+    fake.st["nodes"]["mirror"]["up"] = None  # unknown: left out, not reported as down
     stats.connections_current = 0
     s = scrape(registry)
     assert value(s, "pgroute_active_node", node="primary") == 0
@@ -102,7 +112,11 @@ def test_values_follow_router_and_status():
 def test_scrape_survives_status_failure():
     fake, router = FakeControl(), make_router()
     registry, _ = create_metrics(fake, router)
-    fake.status = lambda: 1 / 0  # type: ignore[method-assign]
+
+    def broken_status() -> dict:
+        raise ZeroDivisionError("division by zero")
+
+    fake.status = broken_status  # type: ignore[method-assign]  # this instance's status() fails
     router.stats.connections_total = 9
     s = scrape(registry)
     assert value(s, "pgroute_client_connections_total") == 9
@@ -118,14 +132,13 @@ def test_samples_and_events_feed_metrics():
         cb(HealthSample(NodeName.PRIMARY, False, now, 5.0, error="timeout"))
         cb(HealthSample(NodeName.MIRROR, True, now, 0.001))
     running = Event(7, "failover", "primary down", now - 2, None, None)
-    done = Event(7, "failover", "primary down", now - 2, now, "ok",
-                 (("fence", 0.05), ("promote", 1.5)))
-    for cb in fake.event_listeners:
-        cb(running)   # start: not counted yet
-        cb(done)
-        cb(done)      # reported twice: counted once
-        cb(Event(8, "switchover", "planned", now - 1, now, "failed", (("drain", 0.3),)))
-        cb(Event(9, "node_down", "primary down", now, now, "ok"))  # not a switch
+    done = Event(7, "failover", "primary down", now - 2, now, "ok", (("fence", 0.05), ("promote", 1.5)))
+    for on_event in fake.event_listeners:
+        on_event(running)  # start: not counted yet
+        on_event(done)
+        on_event(done)  # reported twice: counted once
+        on_event(Event(8, "switchover", "planned", now - 1, now, "failed", (("drain", 0.3),)))
+        on_event(Event(9, "node_down", "primary down", now, now, "ok"))  # not a switch
     metrics.alert_failed("webhook")
     s = scrape(registry)
     assert value(s, "pgroute_probe_duration_seconds_count", node="primary") == 2
@@ -146,8 +159,8 @@ def test_samples_and_events_feed_metrics():
 def test_listeners_never_raise():
     fake, router = FakeControl(), make_router()
     _, metrics = create_metrics(fake, router)
-    metrics.on_sample(object())  # type: ignore[arg-type]
-    metrics.on_event(object())  # type: ignore[arg-type]
+    metrics.on_sample(object())  # type: ignore[arg-type]  # garbage on purpose
+    metrics.on_event(object())  # type: ignore[arg-type]  # garbage on purpose
 
 
 def test_shipped_rules_and_dashboard_use_real_metric_names():
@@ -157,7 +170,7 @@ def test_shipped_rules_and_dashboard_use_real_metric_names():
 
     fake, router = FakeControl(), make_router()
     router.stats.reject("too_many_connections")
-    registry, metrics = create_metrics(fake, router)
+    registry, _metrics = create_metrics(fake, router)
     fake.event_listeners[0](Event(1, "failover", "x", 1.0, 2.0, "ok", (("promote", 0.5),)))
     exposed = set(re.findall(r"^(pgroute_[a-z_]+)", generate_latest(registry).decode(), re.M))
     root = Path(__file__).resolve().parents[2] / "config"

@@ -10,7 +10,9 @@ from pgroute.proxy.protocols import BackendProtocol, ClientGone, ClientProtocol
 from pgroute.proxy.router import ProxyStats
 
 
-class FakeTransport:
+class FakeTransport(asyncio.Transport):
+    """Records what the legs do; overrides every Transport method they call."""
+
     def __init__(self):
         self.written = bytearray()
         self.pauses = 0
@@ -57,7 +59,7 @@ class FakeTransport:
 
 def make_pipe(stats=None):
     stats = stats or ProxyStats()
-    lost = []
+    lost: list[ClientProtocol] = []
     client = ClientProtocol(stats, lambda c: None, lost.append)
     ct = FakeTransport()
     client.connection_made(ct)
@@ -88,13 +90,13 @@ def test_attach_forwards_first_packet_and_pipelined_bytes_and_counts():
 def test_client_write_pressure_pauses_backend_reading_and_alternates():
     _, client, ct, backend, bt, _ = make_pipe()
     client.attach(backend, b"x", 1, "primary")
-    client.pause_writing()          # client is slow: stop reading the backend
+    client.pause_writing()  # client is slow: stop reading the backend
     assert (bt.pauses, bt.resumes, ct.pauses) == (1, 0, 0)
-    client.pause_writing()          # a repeated pause must not pause twice
+    client.pause_writing()  # a repeated pause must not pause twice
     assert bt.pauses == 1
     client.resume_writing()
     assert (bt.pauses, bt.resumes) == (1, 1)
-    client.resume_writing()         # nor resume twice
+    client.resume_writing()  # nor resume twice
     assert bt.resumes == 1
     client.pause_writing()
     assert (bt.pauses, bt.resumes) == (2, 1)
@@ -103,7 +105,7 @@ def test_client_write_pressure_pauses_backend_reading_and_alternates():
 def test_backend_write_pressure_pauses_client_reading():
     _, client, ct, backend, bt, _ = make_pipe()
     client.attach(backend, b"x", 1, "primary")
-    backend.pause_writing()         # e.g. a big COPY FROM faster than the backend takes it
+    backend.pause_writing()  # e.g. a big COPY FROM faster than the backend takes it
     backend.pause_writing()
     assert (ct.pauses, bt.pauses) == (1, 0)
     backend.resume_writing()
@@ -111,7 +113,7 @@ def test_backend_write_pressure_pauses_client_reading():
 
 
 def test_no_pause_on_a_closing_transport():
-    _, client, ct, backend, bt, _ = make_pipe()
+    _, client, _ct, backend, bt, _ = make_pipe()
     client.attach(backend, b"x", 1, "primary")
     bt.closing = True
     client.pause_writing()
@@ -123,7 +125,7 @@ def test_handshake_buffer_limit_pauses_until_attach():
     _, client, ct, backend, bt, _ = make_pipe()
     client.data_received(b"z" * (protocols.HANDSHAKE_PENDING_LIMIT + 1))
     assert ct.pauses == 1
-    client.data_received(b"z")      # already paused: no second pause
+    client.data_received(b"z")  # already paused: no second pause
     assert ct.pauses == 1
     client.attach(backend, b"F", 1, "primary")
     assert ct.resumes == 1
@@ -143,7 +145,7 @@ def test_handshake_limit_stays_paused_if_forwarding_fills_the_backend():
 
 
 def test_client_pressure_before_attach_applies_to_new_backend():
-    _, client, ct, backend, bt, _ = make_pipe()
+    _, client, _ct, backend, bt, _ = make_pipe()
     client.pause_writing()
     client.attach(backend, b"F", 1, "primary")
     assert bt.pauses == 1
@@ -156,7 +158,7 @@ async def test_close_propagates_after_flush():
     client.attach(backend, b"x", 1, "primary")
     assert backend.eof_received() is False  # the transport closes itself
     backend.connection_lost(None)
-    assert ct.closing and not ct.aborted     # close() flushes, abort() would not
+    assert ct.closing and not ct.aborted  # close() flushes, abort() would not
     client.connection_lost(None)
     assert lost == [client]
     assert not bt.aborted
@@ -164,7 +166,7 @@ async def test_close_propagates_after_flush():
 
 async def test_peer_that_never_reads_is_aborted(monkeypatch):
     monkeypatch.setattr(protocols, "CLOSE_FLUSH_TIMEOUT", 0.01)
-    _, client, ct, backend, bt, _ = make_pipe()
+    _, client, ct, backend, _bt, _ = make_pipe()
     client.attach(backend, b"x", 1, "primary")
     ct.buffer = 1000
     backend.connection_lost(None)
@@ -188,7 +190,7 @@ def test_buffered_sums_both_legs():
 
 
 async def test_read_packet_waits_then_returns_and_keeps_rest():
-    _, client, ct, _, _, _ = make_pipe()
+    _, client, _ct, _, _, _ = make_pipe()
     raw = startup.startup_message({"user": "app"})
     task = asyncio.ensure_future(client.read_packet())
     client.data_received(raw[:5])
@@ -203,7 +205,7 @@ async def test_read_packet_waits_then_returns_and_keeps_rest():
 async def test_read_packet_raises_on_eof_and_garbage():
     _, client, _, _, _, _ = make_pipe()
     task = asyncio.ensure_future(client.read_packet())
-    client.data_received(b"\0\0\0\x20\0\3")   # truncated
+    client.data_received(b"\0\0\0\x20\0\3")  # truncated
     await asyncio.sleep(0)
     client.eof_received()
     with pytest.raises(ClientGone):
@@ -241,7 +243,7 @@ def test_listening_socket_gets_keepalive_for_every_accepted_client():
         def setsockopt(self, level, option, value):
             set_options.append((level, option, value))
 
-    protocols.tune_listening_socket(FakeSocket())
+    protocols.tune_listening_socket(FakeSocket())  # type: ignore[arg-type]  # only setsockopt is called
     assert set_options == [(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)]
 
 
@@ -260,7 +262,7 @@ async def test_read_packet_timeout_covers_the_whole_packet():
     raw = startup.startup_message({"user": "app"})
     task = asyncio.ensure_future(client.read_packet(timeout=0.2))
     await asyncio.sleep(0.1)
-    client.data_received(raw[:5])     # progress does not restart the clock
+    client.data_received(raw[:5])  # progress does not restart the clock
     with pytest.raises(TimeoutError):
         await task
     assert client._waiter is None

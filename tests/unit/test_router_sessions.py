@@ -18,7 +18,7 @@ class FakeSession:
 def test_close_sessions_ends_older_epochs_only():
     router = Router(Route(Backend("primary", "h", 1), 2))
     old, current = FakeSession(1), FakeSession(2)
-    router._sessions.update({old, current})   # registered before the switch to epoch 2
+    router._sessions.update({old, current})  # registered before the switch to epoch 2
     assert router.close_sessions(before_epoch=2, reason="fence") == 1
     assert old.closed == "fence" and current.closed is None
 

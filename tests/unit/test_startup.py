@@ -48,18 +48,21 @@ def test_cancel_request():
     assert startup.cancel_request(4242, 0xDEADBEEF) == raw
 
 
-@pytest.mark.parametrize("raw, sqlstate", [
-    (struct.pack("!II", 12, 80877103) + b"xxxx", "08P01"),          # SSLRequest too long
-    (struct.pack("!III", 12, 80877102, 1), "08P01"),                 # cancel without key
-    (struct.pack("!II", 8, 2 << 16), "0A000"),                       # protocol 2.0
-    (struct.pack("!II", 8, 1234 << 16 | 9999), "0A000"),             # unknown request code
-    (struct.pack("!II", 8, startup.PROTOCOL_3_0), "08P01"),          # no terminator
-    (struct.pack("!II", 13, startup.PROTOCOL_3_0) + b"user\0", "08P01"),    # missing value
-    (struct.pack("!II", 14, startup.PROTOCOL_3_0) + b"user\0x", "08P01"),   # no NUL at end
-    (struct.pack("!II", 16, startup.PROTOCOL_3_0) + b"\0value\0\0", "08P01"),  # empty name
-    (struct.pack("!II", 8, 80877103)[:7], "08P01"),                  # shorter than 8
-    (struct.pack("!II", 20, startup.PROTOCOL_3_0) + b"user\0a\0\0", "08P01"),  # length mismatch
-])
+@pytest.mark.parametrize(
+    "raw, sqlstate",
+    [
+        (struct.pack("!II", 12, 80877103) + b"xxxx", "08P01"),  # SSLRequest too long
+        (struct.pack("!III", 12, 80877102, 1), "08P01"),  # cancel without key
+        (struct.pack("!II", 8, 2 << 16), "0A000"),  # protocol 2.0
+        (struct.pack("!II", 8, 1234 << 16 | 9999), "0A000"),  # unknown request code
+        (struct.pack("!II", 8, startup.PROTOCOL_3_0), "08P01"),  # no terminator
+        (struct.pack("!II", 13, startup.PROTOCOL_3_0) + b"user\0", "08P01"),  # missing value
+        (struct.pack("!II", 14, startup.PROTOCOL_3_0) + b"user\0x", "08P01"),  # no NUL at end
+        (struct.pack("!II", 16, startup.PROTOCOL_3_0) + b"\0value\0\0", "08P01"),  # empty name
+        (struct.pack("!II", 8, 80877103)[:7], "08P01"),  # shorter than 8
+        (struct.pack("!II", 20, startup.PROTOCOL_3_0) + b"user\0a\0\0", "08P01"),  # length mismatch
+    ],
+)
 def test_malformed_packets_are_refused(raw, sqlstate):
     with pytest.raises(StartupError) as e:
         startup.parse_first_packet(raw)
@@ -94,7 +97,8 @@ def test_max_length_is_accepted():
     body = b"user\0" + b"u" * (startup.MAX_STARTUP_PACKET_LENGTH - 8 - 5 - 2) + b"\0\0"
     raw = struct.pack("!II", 8 + len(body), startup.PROTOCOL_3_0) + body
     assert len(raw) == startup.MAX_STARTUP_PACKET_LENGTH
-    assert startup.take_packet(bytearray(raw)).kind is PacketKind.STARTUP
+    packet = startup.take_packet(bytearray(raw))
+    assert packet is not None and packet.kind is PacketKind.STARTUP
 
 
 def test_error_response_round_trip():
@@ -102,7 +106,11 @@ def test_error_response_round_trip():
     assert data[:1] == b"E"
     assert struct.unpack("!I", data[1:5])[0] == len(data) - 1
     assert startup.parse_error_response(data) == {
-        "S": "FATAL", "V": "FATAL", "C": "53300", "M": "sorry, too many clients already"}
+        "S": "FATAL",
+        "V": "FATAL",
+        "C": "53300",
+        "M": "sorry, too many clients already",
+    }
 
 
 def test_error_response_non_ascii_and_nul():

@@ -22,8 +22,11 @@ P, M = NodeName.PRIMARY, NodeName.MIRROR
 # -- StateFile ------------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("stored", [Stored(0, P), Stored(7, M), Stored(3, None)],
-                         ids=["primary-epoch-0", "mirror-epoch-7", "no-node-epoch-3"])
+@pytest.mark.parametrize(
+    "stored",
+    [Stored(0, P), Stored(7, M), Stored(3, None)],
+    ids=["primary-epoch-0", "mirror-epoch-7", "no-node-epoch-3"],
+)
 def test_state_file_round_trip(tmp_path, stored):
     f = StateFile(tmp_path / "pgroute-state.json")
     f.save(stored)
@@ -97,19 +100,33 @@ def test_state_file_relative_path(tmp_path, monkeypatch):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["pgroute-state.json"]
 
 
-@pytest.mark.parametrize("content", [
-    "not json at all",
-    "",
-    '{"epoch": 1, "active": "mir',
-    b"\xff\xfe\x00garbage",
-    '{"epoch": "one", "active": "mirror"}',
-    '{"epoch": 1, "active": "replica"}',
-    '{"active": "mirror"}',
-    '[1, "mirror"]',
-    "null",
-    '{"epoch": null, "active": "mirror"}',
-], ids=["garbage", "empty", "truncated", "binary", "epoch-not-a-number", "unknown-node",
-        "missing-epoch", "json-list", "json-null", "epoch-null"])
+@pytest.mark.parametrize(
+    "content",
+    [
+        "not json at all",
+        "",
+        '{"epoch": 1, "active": "mir',
+        b"\xff\xfe\x00garbage",
+        '{"epoch": "one", "active": "mirror"}',
+        '{"epoch": 1, "active": "replica"}',
+        '{"active": "mirror"}',
+        '[1, "mirror"]',
+        "null",
+        '{"epoch": null, "active": "mirror"}',
+    ],
+    ids=[
+        "garbage",
+        "empty",
+        "truncated",
+        "binary",
+        "epoch-not-a-number",
+        "unknown-node",
+        "missing-epoch",
+        "json-list",
+        "json-null",
+        "epoch-null",
+    ],
+)
 def test_state_file_corrupt_raises_value_error(tmp_path, content):
     """A corrupt file is not a fresh start: load raises ValueError (the documented
     contract), whatever the corruption, so the caller can fail closed with a reason."""
@@ -125,7 +142,7 @@ def test_state_file_corrupt_raises_value_error(tmp_path, content):
 # -- resolve_start --------------------------------------------------------------------------------
 
 UNREACHABLE = NodeView(reachable=False)
-FRESH = NodeView(reachable=True)                                  # no stamp, writable, no subscription
+FRESH = NodeView(reachable=True)  # no stamp, writable, no subscription
 FRESH_SUBSCRIBER = NodeView(reachable=True, subscriber=True)
 
 
@@ -139,62 +156,189 @@ def views(primary: NodeView, mirror: NodeView) -> dict[NodeName, NodeView]:
 
 # (id, stored, primary view, mirror view, expected active, expected epoch, reason words)
 RESOLVE = [
-    ("fresh-start-both-reachable", None, FRESH, FRESH_SUBSCRIBER, P, 0,
-     ["fresh start", "primary is active"]),
+    ("fresh-start-both-reachable", None, FRESH, FRESH_SUBSCRIBER, P, 0, ["fresh start", "primary is active"]),
     ("fresh-start-mirror-not-yet-subscribed", None, FRESH, FRESH, P, 0, ["fresh start"]),
-    ("fresh-start-mirror-unreachable", None, FRESH, UNREACHABLE, None, 0,
-     ["no state file and no epoch stamp", "mirror unreachable", "cannot tell"]),
-    ("fresh-start-primary-unreachable", None, UNREACHABLE, FRESH_SUBSCRIBER, None, 0,
-     ["primary unreachable", "cannot tell"]),
-    ("fresh-start-both-unreachable", None, UNREACHABLE, UNREACHABLE, None, 0,
-     ["primary, mirror unreachable", "cannot tell"]),
-    ("fresh-start-primary-is-subscriber", None, FRESH_SUBSCRIBER, FRESH, None, 0,
-     ["primary is a subscriber or read-only", "cannot tell"]),
-    ("fresh-start-primary-read-only", None, NodeView(True, read_only=True), FRESH, None, 0,
-     ["cannot tell"]),
+    (
+        "fresh-start-mirror-unreachable",
+        None,
+        FRESH,
+        UNREACHABLE,
+        None,
+        0,
+        ["no state file and no epoch stamp", "mirror unreachable", "cannot tell"],
+    ),
+    (
+        "fresh-start-primary-unreachable",
+        None,
+        UNREACHABLE,
+        FRESH_SUBSCRIBER,
+        None,
+        0,
+        ["primary unreachable", "cannot tell"],
+    ),
+    (
+        "fresh-start-both-unreachable",
+        None,
+        UNREACHABLE,
+        UNREACHABLE,
+        None,
+        0,
+        ["primary, mirror unreachable", "cannot tell"],
+    ),
+    (
+        "fresh-start-primary-is-subscriber",
+        None,
+        FRESH_SUBSCRIBER,
+        FRESH,
+        None,
+        0,
+        ["primary is a subscriber or read-only", "cannot tell"],
+    ),
+    ("fresh-start-primary-read-only", None, NodeView(True, read_only=True), FRESH, None, 0, ["cannot tell"]),
     ("file-only-no-stamps", Stored(0, P), FRESH, FRESH_SUBSCRIBER, P, 0, ["epoch 0: primary is active"]),
-    ("file-mirror-epoch-1-stamps-agree", Stored(1, M),
-     stamp(1, "mirror", subscriber=True, read_only=True), stamp(1, "mirror"), M, 1,
-     ["epoch 1: mirror is active", "state file", "stamp on primary", "stamp on mirror"]),
-    ("file-mirror-epoch-1-primary-down", Stored(1, M), UNREACHABLE, stamp(1, "mirror"), M, 1,
-     ["epoch 1: mirror is active"]),
-    ("file-mirror-epoch-1-mirror-down-still-routes-to-mirror", Stored(1, M),
-     stamp(1, "mirror", read_only=True), UNREACHABLE, M, 1, ["mirror is active"]),
-    ("file-deleted-highest-stamp-wins", None,
-     stamp(0, "primary", read_only=True), stamp(1, "mirror"), M, 1,
-     ["epoch 1: mirror is active", "stamp on mirror"]),
-    ("file-deleted-primary-unstamped-mirror-stamped", None,
-     NodeView(True, read_only=True), stamp(1, "mirror"), M, 1, ["epoch 1: mirror is active"]),
-    ("file-deleted-mirror-unreachable", None, stamp(0, "primary"), UNREACHABLE, None, 0,
-     ["state file missing", "mirror unreachable", "cannot tell"]),
-    ("file-deleted-primary-unreachable", None, UNREACHABLE, stamp(1, "mirror"), None, 1,
-     ["state file missing", "primary unreachable", "cannot tell"]),
-    ("stale-file-newer-stamp-wins", Stored(1, M),
-     stamp(2, "primary"), stamp(2, "primary", subscriber=True, read_only=True), P, 2,
-     ["epoch 2: primary is active"]),
-    ("stale-file-newer-stamp-on-one-node", Stored(1, M),
-     stamp(2, "primary"), stamp(1, "mirror", subscriber=True), P, 2, ["epoch 2: primary is active"]),
-    ("newer-file-than-stamps", Stored(3, P), stamp(2, "mirror", read_only=True, subscriber=True),
-     stamp(2, "mirror"), P, 3, ["epoch 3: primary is active", "state file"]),
-    ("same-epoch-file-and-stamp-disagree", Stored(2, P), stamp(2, "primary"), stamp(2, "mirror"), None, 2,
-     ["epoch 2 claims disagree", "cannot tell"]),
-    ("same-epoch-stamps-disagree", None, stamp(1, "primary"), stamp(1, "mirror"), None, 1,
-     ["epoch 1 claims disagree", "stamp on primary", "stamp on mirror"]),
-    ("winner-fenced-not-subscriber", Stored(1, M),
-     stamp(1, "mirror", subscriber=True), stamp(1, "mirror", read_only=True), None, 1,
-     ["mirror is active but it is fenced", "cannot tell"]),
+    (
+        "file-mirror-epoch-1-stamps-agree",
+        Stored(1, M),
+        stamp(1, "mirror", subscriber=True, read_only=True),
+        stamp(1, "mirror"),
+        M,
+        1,
+        ["epoch 1: mirror is active", "state file", "stamp on primary", "stamp on mirror"],
+    ),
+    (
+        "file-mirror-epoch-1-primary-down",
+        Stored(1, M),
+        UNREACHABLE,
+        stamp(1, "mirror"),
+        M,
+        1,
+        ["epoch 1: mirror is active"],
+    ),
+    (
+        "file-mirror-epoch-1-mirror-down-still-routes-to-mirror",
+        Stored(1, M),
+        stamp(1, "mirror", read_only=True),
+        UNREACHABLE,
+        M,
+        1,
+        ["mirror is active"],
+    ),
+    (
+        "file-deleted-highest-stamp-wins",
+        None,
+        stamp(0, "primary", read_only=True),
+        stamp(1, "mirror"),
+        M,
+        1,
+        ["epoch 1: mirror is active", "stamp on mirror"],
+    ),
+    (
+        "file-deleted-primary-unstamped-mirror-stamped",
+        None,
+        NodeView(True, read_only=True),
+        stamp(1, "mirror"),
+        M,
+        1,
+        ["epoch 1: mirror is active"],
+    ),
+    (
+        "file-deleted-mirror-unreachable",
+        None,
+        stamp(0, "primary"),
+        UNREACHABLE,
+        None,
+        0,
+        ["state file missing", "mirror unreachable", "cannot tell"],
+    ),
+    (
+        "file-deleted-primary-unreachable",
+        None,
+        UNREACHABLE,
+        stamp(1, "mirror"),
+        None,
+        1,
+        ["state file missing", "primary unreachable", "cannot tell"],
+    ),
+    (
+        "stale-file-newer-stamp-wins",
+        Stored(1, M),
+        stamp(2, "primary"),
+        stamp(2, "primary", subscriber=True, read_only=True),
+        P,
+        2,
+        ["epoch 2: primary is active"],
+    ),
+    (
+        "stale-file-newer-stamp-on-one-node",
+        Stored(1, M),
+        stamp(2, "primary"),
+        stamp(1, "mirror", subscriber=True),
+        P,
+        2,
+        ["epoch 2: primary is active"],
+    ),
+    (
+        "newer-file-than-stamps",
+        Stored(3, P),
+        stamp(2, "mirror", read_only=True, subscriber=True),
+        stamp(2, "mirror"),
+        P,
+        3,
+        ["epoch 3: primary is active", "state file"],
+    ),
+    (
+        "same-epoch-file-and-stamp-disagree",
+        Stored(2, P),
+        stamp(2, "primary"),
+        stamp(2, "mirror"),
+        None,
+        2,
+        ["epoch 2 claims disagree", "cannot tell"],
+    ),
+    (
+        "same-epoch-stamps-disagree",
+        None,
+        stamp(1, "primary"),
+        stamp(1, "mirror"),
+        None,
+        1,
+        ["epoch 1 claims disagree", "stamp on primary", "stamp on mirror"],
+    ),
+    (
+        "winner-fenced-not-subscriber",
+        Stored(1, M),
+        stamp(1, "mirror", subscriber=True),
+        stamp(1, "mirror", read_only=True),
+        None,
+        1,
+        ["mirror is active but it is fenced", "cannot tell"],
+    ),
     # pgroute stopped after stamping the mirror and before detaching its subscription:
     # the newer stamp wins and the controller finishes the (idempotent) promotion.
-    ("winner-still-subscriber-interrupted-promotion", Stored(0, P),
-     stamp(0, "primary", read_only=True), stamp(1, "mirror", subscriber=True), M, 1,
-     ["epoch 1: mirror is active", "stamp on mirror"]),
-    ("epoch-routes-to-no-node", Stored(4, None), stamp(4, "none"), stamp(4, "none"), None, 4,
-     ["epoch 4 routes to no node"]),
+    (
+        "winner-still-subscriber-interrupted-promotion",
+        Stored(0, P),
+        stamp(0, "primary", read_only=True),
+        stamp(1, "mirror", subscriber=True),
+        M,
+        1,
+        ["epoch 1: mirror is active", "stamp on mirror"],
+    ),
+    (
+        "epoch-routes-to-no-node",
+        Stored(4, None),
+        stamp(4, "none"),
+        stamp(4, "none"),
+        None,
+        4,
+        ["epoch 4 routes to no node"],
+    ),
 ]
 
 
-@pytest.mark.parametrize("stored, primary, mirror, active, epoch, reason",
-                         [pytest.param(*c[1:], id=c[0]) for c in RESOLVE])
+@pytest.mark.parametrize(
+    "stored, primary, mirror, active, epoch, reason", [pytest.param(*c[1:], id=c[0]) for c in RESOLVE]
+)
 def test_resolve_start(stored, primary, mirror, active, epoch, reason):
     res = resolve_start(stored, views(primary, mirror))
     assert isinstance(res, Resolution)
