@@ -17,7 +17,7 @@ class NodeName(str, enum.Enum):
     MIRROR = "mirror"
 
     @property
-    def other(self) -> "NodeName":
+    def other(self) -> NodeName:
         return NodeName.MIRROR if self is NodeName.PRIMARY else NodeName.PRIMARY
 
 

@@ -26,8 +26,8 @@ from ..errors import ActionRefused, PgRouteError
 from ..model import Event, HealthSample, NodeName, Operation
 from ..monitor.monitor import Monitor
 from ..monitor.probe import Prober
-from ..pg.dsn import mask_dsn
 from ..pg.connect import describe
+from ..pg.dsn import mask_dsn
 from ..proxy.router import Backend, Route, Router
 from .events import EventLog, safe_call
 from .executor import Executor, NodeExecutor

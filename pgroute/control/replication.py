@@ -318,7 +318,7 @@ async def drop_slot(conn: asyncpg.Connection, slot: str, *, timeout: float = 10.
             except asyncpg.ObjectInUseError:
                 pass  # a walsender grabbed it again between our two statements
         if loop.time() >= deadline:
-            raise asyncio.TimeoutError(f"replication slot {slot} still in use after {timeout:g}s")
+            raise TimeoutError(f"replication slot {slot} still in use after {timeout:g}s")
 
 
 async def list_inactive_slots(conn: asyncpg.Connection) -> list[str]:
@@ -383,7 +383,7 @@ async def wait_caught_up(
         if position is not None and position >= target_lsn:
             return
         if loop.time() >= deadline:
-            raise asyncio.TimeoutError(
+            raise TimeoutError(
                 f"{subscription} confirmed {int_to_lsn(position) if position is not None else 'nothing'}, "
                 f"not {int_to_lsn(target_lsn)}, within {timeout:g}s"
             )
@@ -478,7 +478,7 @@ async def wait_subscription_ready(conn: asyncpg.Connection, sub: str, timeout: f
             return
         if time.monotonic() > deadline:
             states = info.get("tables") if info else None
-            raise asyncio.TimeoutError(f"subscription {sub} initial copy not finished in {timeout:g}s "
+            raise TimeoutError(f"subscription {sub} initial copy not finished in {timeout:g}s "
                                        f"(table states: {states})")
         await asyncio.sleep(0.1)
 

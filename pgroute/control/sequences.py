@@ -78,7 +78,7 @@ async def move_sequences(
 
         known: list[int] = []
         agg = "max" if sign > 0 else "min"
-        for schema, table, column in zip(seq["tbl_schemas"], seq["tbl_names"], seq["columns"]):
+        for schema, table, column in zip(seq["tbl_schemas"], seq["tbl_names"], seq["columns"], strict=True):
             value = await conn.fetchval(
                 f"SELECT {agg}({quote_ident(column)}) FROM {qualified(schema, table)}"
             )

@@ -256,7 +256,8 @@ def _try_auto_failover(s: State, why: str, repeat: bool = False) -> Decision:
     """The active node is declared down: fail over if policy and the standby allow.
     ``repeat``: it was already declared down; stay quiet unless something changed."""
     target = s.standby_node
-    assert target is not None
+    assert target is not None and s.active is not None
+    blocked: str | None
     if not s.policy.auto_failover:
         blocked = "automatic failover is disabled (health.auto_failover = false)"
     else:
@@ -382,20 +383,21 @@ def _requested(s: State, obs: Requested) -> Decision:
         return _d(s, "operator resolving the active node")
     if s.busy:
         return _refuse(s, f"another operation is running ({s.phase.value}, standby {s.standby.value})")
-    if s.active is None:
+    if s.active is None or s.standby_node is None:
         return _refuse(s, f"no active node is known: {s.reason}")
+    standby = s.standby_node
     if kind is Operation.FAILOVER:
         blocked = _promotion_blocker(s, force=obs.force)
         if blocked:
             return _refuse(s, f"failover refused: {blocked}"
                            + ("" if obs.force else " (use --force to override the lag gate)"))
-        target = s.standby_node
+        target = standby
         return _d(replace(s, phase=Phase.FAILING_OVER),
                   f"manual FAILOVER to {target.value} requested"
                   + (" (forced)" if obs.force else ""),
                   Action(Act.FAILOVER, target, force=obs.force, manual=True))
     if kind is Operation.SWITCHOVER:
-        target = s.standby_node
+        target = standby
         if not s.active_up:
             return _refuse(s, f"switchover refused: {s.active.value} is not up (use failover)")
         if s.standby is not Standby.FOLLOWING:
@@ -415,9 +417,9 @@ def _requested(s: State, obs: Requested) -> Decision:
                   Action(Act.FAILBACK, NodeName.PRIMARY, force=obs.force, manual=True))
     if kind is Operation.REJOIN:
         if s.standby not in (Standby.FENCED, Standby.NOT_FOLLOWING):
-            return _refuse(s, f"rejoin refused: {s.standby_node.value} is {s.standby.value}")
-        return _d(replace(s, standby=Standby.REJOINING), f"rejoin of {s.standby_node.value} requested",
-                  Action(Act.REJOIN, s.standby_node, force=obs.force, manual=True))
+            return _refuse(s, f"rejoin refused: {standby.value} is {s.standby.value}")
+        return _d(replace(s, standby=Standby.REJOINING), f"rejoin of {standby.value} requested",
+                  Action(Act.REJOIN, standby, force=obs.force, manual=True))
     return _refuse(s, f"{kind.value} is not something an operator can request here")
 
 
@@ -430,9 +432,10 @@ def _finished(s: State, obs: Finished) -> Decision:
             new = replace(s, active=obs.active, epoch=obs.epoch, phase=Phase.ACTIVE_HEALTHY,
                           failures=0, active_up=True, lag_bytes=None, sync_standby=False,
                           standby_ready_since=None,
-                          standby=Standby.FOLLOWING if kind != "failover" else Standby.UNKNOWN)
-            tag = "FAILBACK" if kind is Operation.FAILBACK else ("FAILOVER" if kind is Operation.FAILOVER else "switchover")
-            return _d(new, f"{tag} to {obs.active.value} completed: {obs.detail}".rstrip(": "))
+                          standby=Standby.FOLLOWING if kind is not Operation.FAILOVER else Standby.UNKNOWN)
+            tag = kind.tag if kind is not Operation.SWITCHOVER else "switchover"
+            return _d(new, f"{tag} to {obs.active.value if obs.active else 'none'} completed: {obs.detail}"
+                      .rstrip(": "))
         if obs.active is None:
             # Keep `active` (the node that holds the data) so that it can be routed to
             # again when it answers, or an operator can retry the failover.

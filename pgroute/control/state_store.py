@@ -124,8 +124,8 @@ def resolve_start(stored: Stored | None, views: dict[NodeName, NodeView]) -> Res
         # stamp and the reachable one may not have the newest: require both stamps.
         return Resolution(None, top, "state file missing and "
                           f"{', '.join(unreachable)} unreachable: cannot tell which node is current")
-    view = views.get(node)
-    if view is not None and view.reachable and view.read_only and not view.subscriber:
+    winner_view = views.get(node)
+    if winner_view is not None and winner_view.reachable and winner_view.read_only and not winner_view.subscriber:
         return Resolution(None, top, f"epoch {top} says {node.value} is active but it is fenced "
                           "(read-only): cannot tell which node is current")
     return Resolution(node, top, f"epoch {top}: {node.value} is active ({sources})")

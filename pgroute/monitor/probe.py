@@ -19,10 +19,10 @@ import time
 
 import asyncpg
 
+from ..model import HealthSample, NodeName
 from ..pg.catalog import read_node_facts
 from ..pg.connect import describe
 from ..pg.dsn import Dsn
-from ..model import HealthSample, NodeName
 
 log = logging.getLogger(__name__)
 
@@ -39,7 +39,7 @@ class Prober:
         self.peer_subscription = peer_subscription
         self._conn: asyncpg.Connection | None = None
 
-    def clone(self) -> "Prober":
+    def clone(self) -> Prober:
         """A prober of the same node with its own connection (for one-shot probes)."""
         return Prober(self.node, self.dsn, self.timeout, self.own_subscription, self.peer_subscription)
 

@@ -65,7 +65,7 @@ async def run(argv: list[str], env: dict[str, str], stdin: bytes | None, timeout
     tool = os.path.basename(argv[0])
     try:
         out, err = await asyncio.wait_for(proc.communicate(stdin), timeout)
-    except asyncio.TimeoutError:
+    except TimeoutError:
         proc.kill()
         await proc.wait()
         raise ClientProgramError(f"{tool} did not finish within {timeout:g}s") from None

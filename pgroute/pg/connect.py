@@ -75,7 +75,7 @@ async def connect(
                 "statement_timeout": str(int(statement_timeout * 1000)),
             },
         )
-    except asyncio.TimeoutError:
+    except TimeoutError:
         raise NodeUnavailable(f"{parsed.masked}: no answer within {timeout:g}s") from None
     except asyncpg.PostgresError as exc:
         # A server-side refusal (no such database, authentication, starting up):

@@ -5,7 +5,6 @@ control plane's SQL, and nothing in the daemon imports it.
 
 from __future__ import annotations
 
-import asyncio
 from dataclasses import dataclass
 
 import asyncpg
@@ -73,8 +72,8 @@ async def check_pair(
         for check in checks:
             try:
                 items.extend(await check)
-            except (asyncpg.PostgresError, asyncpg.InterfaceError, OSError, asyncio.TimeoutError) as exc:
-                name = check.__name__.lstrip("_").replace("check_", "").replace("_", " ")
+            except (TimeoutError, asyncpg.PostgresError, asyncpg.InterfaceError, OSError) as exc:
+                name = getattr(check, "__name__", "check").lstrip("_").replace("check_", "").replace("_", " ")
                 items.append(CheckItem(name, False, f"check failed: {mask_conninfo(str(exc))}", None))
     finally:
         for conn in (pconn, mconn):

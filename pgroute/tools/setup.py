@@ -69,7 +69,7 @@ async def _wait_initial_copy(conn: asyncpg.Connection, subscription: str, timeou
             return info
         if loop.time() >= deadline:
             pending = {t: s for t, s in info["tables"].items() if s != "r"}
-            raise asyncio.TimeoutError(
+            raise TimeoutError(
                 f"initial copy of {subscription} not finished within {timeout:g}s: {pending}"
             )
         await asyncio.sleep(0.1)

@@ -11,8 +11,7 @@ from pathlib import Path
 import asyncpg
 import pytest
 
-from .harness import (Writer, api_async, make_config, missing_rows, proxy_dsn, running_pgroute,
-                      wait_for)
+from .harness import Writer, api_async, make_config, missing_rows, proxy_dsn, running_pgroute, wait_for
 
 pytestmark = pytest.mark.asyncio
 
@@ -79,7 +78,7 @@ async def test_failback_recovers_divergent_commits_under_writer(pair, tmp_path, 
         await _wait(running, lambda s: s["nodes"]["primary"]["subscription"] is not None
                     and s["replication"] == "ok", 90, "primary rejoined")
         assert await missing_rows(pair.mirror_dsn(), divergent) == []
-        rejoin = [e for e in _st(running)["events"] if e["kind"] == "rejoin"][0]
+        rejoin = next(e for e in _st(running)["events"] if e["kind"] == "rejoin")
         assert rejoin["result"] == "ok" and rejoin["details"]["mode"] == "full resync"
         assert int(rejoin["details"]["divergent_transactions"]) >= 1
         assert Path(rejoin["details"]["recovery_sql"]).exists()
@@ -171,7 +170,7 @@ async def test_node_killed_mid_switchover_never_routes_to_stale(pair, tmp_path, 
             if op.phase_name == when:
                 node.kill()
         running.controller.add_phase_listener(on_phase)
-        status, body = await api_async(running, "/api/switchover", "POST", {})
+        _status, _body = await api_async(running, "/api/switchover", "POST", {})
         running.controller.remove_phase_listener(on_phase)
         st = _st(running)
         acked_before = list(writer.acked)

@@ -10,8 +10,7 @@ import os
 import asyncpg
 import pytest
 
-from .harness import (Writer, api_async, make_config, missing_rows, proxy_dsn, running_pgroute,
-                      wait_for)
+from .harness import Writer, api_async, make_config, missing_rows, proxy_dsn, running_pgroute, wait_for
 
 pytestmark = pytest.mark.asyncio
 
@@ -53,7 +52,7 @@ async def test_kill9_primary_under_writer_fails_over_to_mirror(pair, tmp_path, c
         assert not [e for e in writer.errors if "duplicate key" in e]
         st = _status(running)
         assert st["epoch"] == 1
-        ev = [e for e in st["events"] if e["kind"] == "failover"][0]
+        ev = next(e for e in st["events"] if e["kind"] == "failover")
         assert ev["result"] == "ok" and set(ev["phases"]) >= {"fence", "promote", "route"}
     assert any("FAILOVER" in r.getMessage() for r in caplog.records)
     # Every write acknowledged after the kill is on the mirror. Asynchronous

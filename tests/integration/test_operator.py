@@ -123,8 +123,10 @@ def _samples(text: str) -> dict[tuple[str, frozenset], float]:
     return out
 
 
-def _value(samples: dict, name: str, **labels: str) -> float | None:
-    return samples.get((name, frozenset(labels.items())))
+def _value(samples: dict, name: str, **labels: str) -> float:
+    value = samples.get((name, frozenset(labels.items())))
+    assert value is not None, f"metric {name} {labels} missing"
+    return float(value)
 
 
 async def _metrics(running) -> tuple[str, dict]:

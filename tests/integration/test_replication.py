@@ -14,10 +14,10 @@ import pytest
 from pgroute import local
 from pgroute.control import fencing
 from pgroute.control import replication as r
+from pgroute.errors import NodeUnavailable
 from pgroute.pg import catalog, naming
 from pgroute.pg import connect as pgconn
 from pgroute.tools import check, setup
-from pgroute.errors import NodeUnavailable
 
 SUB = "chrispar_sub"
 PUB = "chrispar_pub"
@@ -167,6 +167,7 @@ async def test_failover_slot_then_reverse_subscription(pair):
         assert await r.ensure_publication(m, PUB) is False
         assert await r.ensure_slot(m, rev) is False
         info = await r.slot_info(m, rev)
+        assert info is not None
         assert info["active"] is False and info["confirmed_flush_lsn"] > 0
 
         await m.execute("INSERT INTO usuarios (nombre) VALUES ('on mirror')")
@@ -188,9 +189,11 @@ async def test_failover_slot_then_reverse_subscription(pair):
         assert await p.fetchval("SELECT count(*) FROM usuarios") == 6  # no copy: no duplicates
 
         info = await r.subscription_info(p, rev)
+        assert info is not None
         assert info["enabled"] and info["worker_pid"] and info["slot_name"] == rev
         assert "s3cret" not in info["conninfo"] and "password=***" in info["conninfo"]
-        assert await r.slot_info(m, rev) is not None and (await r.slot_info(m, rev))["active"]
+        slot = await r.slot_info(m, rev)
+        assert slot is not None and slot["active"]
 
         # Dropping it with the publisher reachable removes the slot there too.
         assert await r.drop_subscription(p, rev, publisher_reachable=True) is True
@@ -246,6 +249,7 @@ async def test_lag_wait_caught_up_and_synchronous(pair):
         first = await r.lag_bytes(p, SUB)
         await p.execute("INSERT INTO pedidos (total) SELECT 1 FROM generate_series(1, 100)")
         second = await r.lag_bytes(p, SUB)
+        assert first is not None and second is not None
         assert 0 < first < second
         with pytest.raises(asyncio.TimeoutError):
             await r.wait_caught_up(p, SUB, await catalog.current_lsn(p), 0.2)
@@ -326,7 +330,7 @@ async def test_setup_replication_and_check_pair(cluster_factory):
     # A would-be primary without wal_level = logical: setup says what to do.
     dst.set_settings(wal_level="replica")
     dst.start()
-    with pytest.raises(setup.ReplicationSetupError, match="wal_level = logical.*restart"):
+    with pytest.raises(setup.ReplicationSetupError, match=r"wal_level = logical.*restart"):
         await setup.setup_replication(dst.dsn("chrispar"), primary, PUB, "other_sub")
     bad = failing(await check.check_pair(dst.dsn("chrispar"), primary, PUB, "other_sub", 5.0))
     assert "ALTER SYSTEM SET wal_level = logical" in bad["primary wal_level"].fix

@@ -7,6 +7,7 @@ from __future__ import annotations
 import asyncio
 import json
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -104,7 +105,7 @@ async def make(tmp_path: Path, views: dict[NodeName, NodeView], stored: Stored |
     return ctl, ex, mon, router
 
 
-def sample(node: NodeName, ok: bool, **kw: object) -> HealthSample:
+def sample(node: NodeName, ok: bool, **kw: Any) -> HealthSample:
     return HealthSample(node=node, ok=ok, at=0.0, latency=0.001, error=None if ok else "timeout", **kw)
 
 
@@ -137,7 +138,7 @@ async def test_corrupt_state_file_fails_closed_and_still_monitors(tmp_path):
 
 async def test_interrupted_promotion_is_finished_before_anything_is_routed(tmp_path):
     views = {P: NodeView(False), M: NodeView(True, 4, "mirror", subscriber=True)}
-    ctl, ex, mon, router = await make(tmp_path, views, Stored(4, M))
+    ctl, ex, _mon, router = await make(tmp_path, views, Stored(4, M))
     assert ex.runs == [(Operation.PROMOTE, M, 4)]
     # While the promotion ran, nothing was routed.
     assert ex.route_seen_during_run[0].backend is None
@@ -176,7 +177,7 @@ async def test_requested_failover_runs_and_routes_to_the_new_epoch(tmp_path):
 
 
 async def test_crashing_procedure_routes_nowhere_and_reports_failure(tmp_path):
-    ctl, ex, mon, router = await make(tmp_path, FOLLOWING_PAIR, Stored(3, P))
+    ctl, ex, _mon, router = await make(tmp_path, FOLLOWING_PAIR, Stored(3, P))
     await ctl.on_sample(sample(P, True, publisher_lag_bytes=0))
     await ctl.on_sample(sample(M, True, subscription="chrispar_sub", subscription_enabled=True))
     ex.crash = Operation.FAILOVER
@@ -190,7 +191,7 @@ async def test_crashing_procedure_routes_nowhere_and_reports_failure(tmp_path):
 
 
 async def test_refused_request_runs_nothing(tmp_path):
-    ctl, ex, mon, router = await make(tmp_path, FOLLOWING_PAIR, Stored(3, P))
+    ctl, ex, _mon, router = await make(tmp_path, FOLLOWING_PAIR, Stored(3, P))
     # The mirror was never seen following: promotion is refused.
     with pytest.raises(ActionRefused, match="failover refused: mirror is unknown"):
         await ctl.request("failover")
@@ -215,7 +216,7 @@ async def test_probes_confirm_then_fail_over_automatically(tmp_path):
 
 
 async def test_resolve_refused_while_routing(tmp_path):
-    ctl, ex, mon, router = await make(tmp_path, FOLLOWING_PAIR, Stored(3, P))
+    ctl, ex, _mon, _router = await make(tmp_path, FOLLOWING_PAIR, Stored(3, P))
     with pytest.raises(ActionRefused, match="not failing closed"):
         await ctl.resolve(M)
     assert ex.stamps == []
@@ -223,7 +224,7 @@ async def test_resolve_refused_while_routing(tmp_path):
 
 async def test_resolve_after_fail_closed_start_stamps_above_every_epoch(tmp_path):
     views = {P: NodeView(True, 7, "primary"), M: NodeView(True, 7, "mirror")}   # claims disagree
-    ctl, ex, mon, router = await make(tmp_path, views, Stored(5, P))
+    ctl, ex, _mon, router = await make(tmp_path, views, Stored(5, P))
     assert router.route.backend is None and "disagree" in router.route.reason
     ev = await ctl.resolve(M)
     assert ex.stamps == [(P, 8, M), (M, 8, M)]

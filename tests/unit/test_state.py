@@ -16,6 +16,7 @@ from __future__ import annotations
 import copy
 import dataclasses
 from dataclasses import dataclass, replace
+from typing import Any
 
 import pytest
 
@@ -34,7 +35,7 @@ from pgroute.control.state import (
     synchronous_standby,
     transition,
 )
-from pgroute.model import HealthSample, NodeName
+from pgroute.model import HealthSample, NodeName, Operation
 
 P, M = NodeName.PRIMARY, NodeName.MIRROR
 T0 = 1_700_000_000.0
@@ -53,8 +54,8 @@ def pol(**kw) -> Policy:
 def st(**kw) -> State:
     """A state where the primary is active and healthy and the mirror follows it with no
     lag; keyword arguments override any field."""
-    base = dict(active=P, epoch=0, phase=Phase.ACTIVE_HEALTHY, standby=Standby.FOLLOWING,
-                active_up=True, lag_bytes=0)
+    base: dict[str, Any] = {"active": P, "epoch": 0, "phase": Phase.ACTIVE_HEALTHY, "standby": Standby.FOLLOWING,
+                "active_up": True, "lag_bytes": 0}
     base.update(kw)
     return State(**base)
 
@@ -101,12 +102,12 @@ def fenced(node: NodeName = M, *, now: float = T0) -> Probed:
 
 
 def req(kind: str, force: bool = False, *, now: float = T0) -> Requested:
-    return Requested(kind, now, force=force)
+    return Requested(Operation(kind), now, force=force)
 
 
 def fin(kind: str, ok: bool, *, node: NodeName | None = None, active: NodeName | None = None,
         epoch: int = 0, detail: str = "", now: float = T0) -> Finished:
-    return Finished(kind, ok, now, node=node, active=active, epoch=epoch, detail=detail)
+    return Finished(Operation(kind), ok, now, node=node, active=active, epoch=epoch, detail=detail)
 
 
 @dataclass(frozen=True)
@@ -140,7 +141,7 @@ def check(before: State, d: Decision, actions: list[A], reason: list[str], after
     got = [(a.kind, a.node, a.force, a.manual) for a in d.actions]
     want = [(e.kind, e.node, e.force, e.manual) for e in actions]
     assert got == want, f"actions {got} != {want} (reason: {d.reason!r})"
-    for a, e in zip(d.actions, actions):
+    for a, e in zip(d.actions, actions, strict=True):
         if e.detail is not None:
             assert a.detail == e.detail, (a, e)
         if a.kind is Act.REFUSE:
@@ -381,7 +382,7 @@ def test_standby_probe(state, obs, actions, reason, after):
 
 # -- operator requests ------------------------------------------------------------------------------
 
-MIRROR_ACTIVE = dict(active=M, epoch=1)
+MIRROR_ACTIVE = {"active": M, "epoch": 1}
 FAILING_OVER, SWITCHING = Phase.FAILING_OVER, Phase.SWITCHING
 
 REQUESTS = [
@@ -465,7 +466,8 @@ REQUESTS = [
     case("rejoin-resync", st(**MIRROR_ACTIVE, standby=Standby.FENCED), req("rejoin", force=True),
          [A(Act.REJOIN, P, force=True, manual=True)], ["rejoin of primary requested"], standby=Standby.REJOINING),
     case("rejoin-following-refused", st(), req("rejoin"), [REFUSE()], ["rejoin refused: mirror is following"]),
-    case("rejoin-down-refused", st(standby=Standby.DOWN), req("rejoin"), [REFUSE()], ["rejoin refused: mirror is down"]),
+    case("rejoin-down-refused", st(standby=Standby.DOWN), req("rejoin"), [REFUSE()],
+         ["rejoin refused: mirror is down"]),
     case("rejoin-unfenced-refused", st(standby=Standby.UNFENCED), req("rejoin"), [REFUSE()],
          ["rejoin refused: mirror is unfenced"]),
     case("internal-operation-request-refused", st(), req("fence"), [REFUSE()],
@@ -567,7 +569,7 @@ def test_operation_actions_need_a_node():
     assert Action(Act.REFUSE, detail="no").node is None
 
 
-NOT_ROUTING = dict(active=None, phase=Phase.NO_ROUTABLE_NODE, standby=Standby.UNKNOWN, active_up=None)
+NOT_ROUTING = {"active": None, "phase": Phase.NO_ROUTABLE_NODE, "standby": Standby.UNKNOWN, "active_up": None}
 
 STARTED = [
     case("start-routes-to-the-winner", st(**NOT_ROUTING), Started(P, 3, "epoch 3: primary is active", T0), [],
@@ -611,8 +613,8 @@ DELAY = 60.0
 
 
 def _mirror_active(**kw) -> State:
-    base = dict(active=M, epoch=1, standby=Standby.FOLLOWING, lag_bytes=100,
-                policy=pol(auto_failback=True, failback_delay=DELAY))
+    base = {"active": M, "epoch": 1, "standby": Standby.FOLLOWING, "lag_bytes": 100,
+                "policy": pol(auto_failback=True, failback_delay=DELAY)}
     base.update(kw)
     return st(**base)
 
@@ -827,7 +829,7 @@ def test_state_and_decision_are_frozen():
 
 def test_unknown_observation_is_a_type_error():
     with pytest.raises(TypeError):
-        transition(st(), object())
+        transition(st(), object())  # type: ignore[arg-type]  # the wrong type is the test
 
 
 def test_tables_cover_every_phase_and_standby_status():

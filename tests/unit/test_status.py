@@ -17,8 +17,8 @@ ADDR = {P: ("127.0.0.1", 5432), M: ("127.0.0.1", 5433)}
 
 
 def st(**kw: Any) -> State:
-    base: dict[str, Any] = dict(active=P, epoch=2, phase=Phase.ACTIVE_HEALTHY, standby=Standby.FOLLOWING,
-                                active_up=True, lag_bytes=0)
+    base: dict[str, Any] = {"active": P, "epoch": 2, "phase": Phase.ACTIVE_HEALTHY, "standby": Standby.FOLLOWING,
+                                "active_up": True, "lag_bytes": 0}
     base.update(kw)
     return State(**base)
 

@@ -38,7 +38,7 @@ class Op:
     phases: list[tuple[str, float]] = field(default_factory=list)
     details: dict[str, str] = field(default_factory=dict)
     # Called as each phase starts (progress listeners; tests kill nodes at a phase).
-    on_phase: Callable[["Op"], None] | None = None
+    on_phase: Callable[[Op], None] | None = None
 
     @property
     def tag(self) -> str:

@@ -12,7 +12,7 @@ import logging
 import time
 from collections.abc import Callable
 from pathlib import Path
-
+from typing import Any
 
 from ...model import NodeName
 from ...pg import catalog
@@ -119,7 +119,7 @@ async def rejoin(ctx: Context, op: Op, node: NodeName, epoch: int, active: NodeN
         await close(active_conn)
 
 
-def _conflict_json(conflict, path) -> dict:
+def _conflict_json(conflict: divergence.Conflict, path: Path) -> dict[str, Any]:
     return {"table": conflict.table, "kind": conflict.kind, "key": conflict.key,
             "divergent": conflict.divergent, "active": conflict.active,
             "reason": conflict.reason, "xid": conflict.xid, "recovery_file": str(path)}
