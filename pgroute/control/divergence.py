@@ -44,7 +44,7 @@ from pathlib import Path
 
 import asyncpg
 
-from pgroute.control.pgoutput import (
+from pgroute.pg.pgoutput import (
     UNCHANGED_TOAST,
     Change,
     ChangeKind,
@@ -53,10 +53,9 @@ from pgroute.control.pgoutput import (
     Transaction,
     TypeInfo,
     Value,
-    format_lsn,
-    parse_lsn,
 )
 from pgroute.errors import PgRouteError
+from pgroute.pg.naming import int_to_lsn, lsn_to_int
 
 log = logging.getLogger(__name__)
 
@@ -283,7 +282,7 @@ async def read_divergent(
         raise DivergenceError(f"slot {slot}: {exc}") from exc
 
     confirmed = info["confirmed"]
-    applied = parse_lsn(applied_lsn) if isinstance(applied_lsn, str) else applied_lsn
+    applied = lsn_to_int(applied_lsn) if isinstance(applied_lsn, str) else applied_lsn
     skipped = 0
     if applied is not None:
         kept = [tx for tx in transactions if tx.end_lsn > applied]
@@ -296,8 +295,8 @@ async def read_divergent(
         transactions=tuple(transactions),
         relations=dict(decoder.relations),
         types=dict(decoder.types),
-        upto_lsn=parse_lsn(upto),
-        confirmed_flush_lsn=parse_lsn(confirmed) if confirmed else None,
+        upto_lsn=lsn_to_int(upto),
+        confirmed_flush_lsn=lsn_to_int(confirmed) if confirmed else None,
         applied_lsn=applied,
         already_applied=skipped,
     )
@@ -437,7 +436,7 @@ def to_sql(txs: Iterable[Transaction], relations: Mapping[int, Relation] | None 
     for tx in txs:
         lines.append("")
         lines.append(
-            f"BEGIN; -- xid {tx.xid}, commit {format_lsn(tx.commit_lsn)} at {tx.commit_time.isoformat()}"
+            f"BEGIN; -- xid {tx.xid}, commit {int_to_lsn(tx.commit_lsn)} at {tx.commit_time.isoformat()}"
         )
         for change in tx.changes:
             lines.append(change_to_sql(change, relations))
@@ -459,7 +458,7 @@ def _row_dict(rel: Relation, values: Sequence[Value] | None, only_key: bool = Fa
 def _change_json(tx: Transaction, change: Change, relations: Mapping[int, Relation] | None) -> dict:
     base = {
         "xid": tx.xid,
-        "commit_lsn": format_lsn(tx.commit_lsn),
+        "commit_lsn": int_to_lsn(tx.commit_lsn),
         "commit_time": tx.commit_time.isoformat(),
         "kind": change.kind.value,
     }
@@ -513,7 +512,7 @@ def to_jsonl(
                         "active": c.active,
                         "reason": c.reason,
                         "xid": c.xid,
-                        "commit_lsn": format_lsn(c.commit_lsn),
+                        "commit_lsn": int_to_lsn(c.commit_lsn),
                     },
                     ensure_ascii=False,
                     sort_keys=True,
@@ -530,7 +529,7 @@ def to_jsonl(
                         "before": r.before,
                         "after": r.after,
                         "xid": r.xid,
-                        "commit_lsn": format_lsn(r.commit_lsn),
+                        "commit_lsn": int_to_lsn(r.commit_lsn),
                     },
                     ensure_ascii=False,
                     sort_keys=True,

@@ -17,7 +17,7 @@ from pgroute.control.divergence import (
     to_sql,
     write_recovery_files,
 )
-from pgroute.control.pgoutput import (
+from pgroute.pg.pgoutput import (
     UNCHANGED_TOAST,
     Begin,
     ChangeKind,
@@ -29,10 +29,9 @@ from pgroute.control.pgoutput import (
     TypeInfo,
     decode_message,
     decode_stream,
-    format_lsn,
-    parse_lsn,
     pg_timestamp,
 )
+from pgroute.pg.naming import int_to_lsn, lsn_to_int
 
 # ---------------------------------------------------------------- builders
 
@@ -262,10 +261,10 @@ def test_row_without_data_is_value_error() -> None:
 
 
 def test_lsn_helpers() -> None:
-    assert format_lsn(0x16_B374D848) == "16/B374D848"
-    assert parse_lsn("16/B374D848") == 0x16_B374D848
+    assert int_to_lsn(0x16_B374D848) == "16/B374D848"
+    assert lsn_to_int("16/B374D848") == 0x16_B374D848
     with pytest.raises(ValueError):
-        parse_lsn("nope")
+        lsn_to_int("nope")
 
 
 # ---------------------------------------------------------------- SQL rendering
