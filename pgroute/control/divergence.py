@@ -55,7 +55,7 @@ from pgroute.pg.pgoutput import (
     Value,
 )
 from pgroute.errors import PgRouteError
-from pgroute.pg.naming import int_to_lsn, lsn_to_int
+from pgroute.pg.naming import int_to_lsn, lsn_to_int, qualified, quote_ident, quote_literal
 
 log = logging.getLogger(__name__)
 
@@ -68,9 +68,8 @@ __all__ = [
     "Replaced",
     "apply_divergent",
     "change_to_sql",
-    "quote_ident",
-    "quote_literal",
     "read_divergent",
+    "sql_value",
     "to_jsonl",
     "to_sql",
     "write_recovery_files",
@@ -180,33 +179,26 @@ class ApplyReport:
 # ---------------------------------------------------------------- quoting
 
 
-def quote_ident(name: str) -> str:
-    """Always-quoted SQL identifier (keeps mixed case, survives keywords)."""
-    if "\x00" in name:
-        raise ValueError(f"identifier contains NUL: {name!r}")
-    return '"' + name.replace('"', '""') + '"'
+def sql_value(value: Value) -> str:
+    """SQL text for one decoded column value: NULL for None, else the value as
+    a string literal (pg.naming's E'' form, which means the same whatever
+    standard_conforming_strings says on the server that replays it).
 
-
-def quote_literal(value: str | None) -> str:
-    """SQL literal for a text value; NULL for None.
-
-    Backslashes switch to the E'' form (as PostgreSQL's own quote_literal
-    does) so the literal means the same whatever standard_conforming_strings
-    is on the server that replays it."""
+    Only text values can be replayed: a binary-format value (never requested)
+    or an unchanged-TOAST marker (no value was sent) raises ValueError, and so
+    does a NUL, which no PostgreSQL text value holds and which would end the
+    statement early wherever it is sent as a C string."""
     if value is None:
         return "NULL"
     if not isinstance(value, str):
         raise ValueError(f"cannot render {type(value).__name__} value as a SQL literal")
     if "\x00" in value:
         raise ValueError("text value contains NUL")
-    quoted = value.replace("'", "''")
-    if "\\" in quoted:
-        return "E'" + quoted.replace("\\", "\\\\") + "'"
-    return "'" + quoted + "'"
+    return quote_literal(value)
 
 
 def _qualified(rel: Relation) -> str:
-    return f"{quote_ident(rel.schema)}.{quote_ident(rel.name)}"
+    return qualified(rel.schema, rel.name)
 
 
 def _table_label(rel: Relation) -> str:
@@ -389,7 +381,7 @@ def _sql_condition(rel: Relation, pairs: Iterable[tuple[int, Value]]) -> str:
     parts = []
     for i, value in pairs:
         col = quote_ident(rel.columns[i].name)
-        parts.append(f"{col} IS NULL" if value is None else f"{col} = {quote_literal(value)}")  # type: ignore[arg-type]
+        parts.append(f"{col} IS NULL" if value is None else f"{col} = {sql_value(value)}")
     return " AND ".join(parts)
 
 
@@ -408,20 +400,19 @@ def change_to_sql(change: Change, relations: Mapping[int, Relation] | None = Non
     if change.kind is ChangeKind.INSERT:
         assert change.new is not None
         cols = ", ".join(quote_ident(c.name) for c in rel.columns)
-        vals = ", ".join(quote_literal(v) for v in change.new)  # type: ignore[arg-type]
+        vals = ", ".join(sql_value(v) for v in change.new)
         # OVERRIDING SYSTEM VALUE keeps the original ids of GENERATED ALWAYS
         # identity columns; PostgreSQL accepts it on tables without one too.
         return f"INSERT INTO {table} ({cols}) OVERRIDING SYSTEM VALUE VALUES ({vals});"
     where = _sql_condition(rel, _where_values(rel, change))
     if change.kind is ChangeKind.DELETE:
         return f"DELETE FROM {table} WHERE {where};"
+    new = change.new
+    assert new is not None  # an update always carries its new tuple
     sets = _set_indexes(rel, change)
     if not sets:
         return f"-- update of {_table_label(rel)} WHERE {where} changed no column"
-    assignments = ", ".join(
-        f"{quote_ident(rel.columns[i].name)} = {quote_literal(change.new[i])}"  # type: ignore[index,arg-type]
-        for i in sets
-    )
+    assignments = ", ".join(f"{quote_ident(rel.columns[i].name)} = {sql_value(new[i])}" for i in sets)
     return f"UPDATE {table} SET {assignments} WHERE {where};"
 
 
