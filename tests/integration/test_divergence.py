@@ -11,7 +11,7 @@ import time
 import asyncpg
 
 from pgroute.control.divergence import apply_divergent, read_divergent, to_sql, write_recovery_files
-from pgroute.control.pgoutput import ChangeKind
+from pgroute.pg.pgoutput import ChangeKind
 from pgroute.local import DEFAULT_SCHEMA
 
 SLOT = "chrispar_sub"

@@ -11,13 +11,12 @@ import pytest
 
 from pgroute.control.divergence import (
     DivergentSet,
-    quote_ident,
-    quote_literal,
+    sql_value,
     to_jsonl,
     to_sql,
     write_recovery_files,
 )
-from pgroute.control.pgoutput import (
+from pgroute.pg.pgoutput import (
     UNCHANGED_TOAST,
     Begin,
     ChangeKind,
@@ -29,10 +28,9 @@ from pgroute.control.pgoutput import (
     TypeInfo,
     decode_message,
     decode_stream,
-    format_lsn,
-    parse_lsn,
     pg_timestamp,
 )
+from pgroute.pg.naming import int_to_lsn, lsn_to_int, quote_ident, quote_literal
 
 # ---------------------------------------------------------------- builders
 
@@ -262,10 +260,10 @@ def test_row_without_data_is_value_error() -> None:
 
 
 def test_lsn_helpers() -> None:
-    assert format_lsn(0x16_B374D848) == "16/B374D848"
-    assert parse_lsn("16/B374D848") == 0x16_B374D848
+    assert int_to_lsn(0x16_B374D848) == "16/B374D848"
+    assert lsn_to_int("16/B374D848") == 0x16_B374D848
     with pytest.raises(ValueError):
-        parse_lsn("nope")
+        lsn_to_int("nope")
 
 
 # ---------------------------------------------------------------- SQL rendering
@@ -274,15 +272,19 @@ def test_lsn_helpers() -> None:
 def test_quote_ident_and_literal() -> None:
     assert quote_ident("Usuarios") == '"Usuarios"'
     assert quote_ident('we"ird') == '"we""ird"'
-    assert quote_literal(None) == "NULL"
-    assert quote_literal("O'Brien") == "'O''Brien'"
-    assert quote_literal("C:\\dir") == "E'C:\\\\dir'"
-    assert quote_literal("it's \\n") == "E'it''s \\\\n'"
-    assert quote_literal("ñandú ☃") == "'ñandú ☃'"
+    # Divergent values are rendered with pg.naming's literal rule: always the
+    # E'' form, so a literal means the same under either standard_conforming_strings.
+    assert sql_value(None) == "NULL"
+    assert sql_value("O'Brien") == quote_literal("O'Brien") == "E'O''Brien'"
+    assert sql_value("C:\\dir") == "E'C:\\\\dir'"
+    assert sql_value("it's \\n") == "E'it''s \\\\n'"
+    assert sql_value("ñandú ☃") == "E'ñandú ☃'"
     with pytest.raises(ValueError):
-        quote_literal("a\x00b")
+        sql_value("a\x00b")
     with pytest.raises(ValueError):
-        quote_literal(b"raw")  # type: ignore[arg-type]
+        sql_value(b"raw")
+    with pytest.raises(ValueError):
+        sql_value(UNCHANGED_TOAST)
 
 
 MIXED_COLS = [(1, "Id", 23, -1), (0, "Nombre Completo", 25, -1), (0, "nota", 25, -1)]
@@ -307,18 +309,18 @@ def _mixed_txs():
 def test_to_sql_quotes_everything() -> None:
     sql = to_sql(_mixed_txs())
     table = '"Ventas"."Clientes"'
-    assert "SET TimeZone TO 'UTC';" in sql
+    assert "SET TimeZone TO E'UTC';" in sql
     assert "BEGIN; -- xid 900, commit 0/10" in sql
     assert (
         f'INSERT INTO {table} ("Id", "Nombre Completo", "nota") OVERRIDING SYSTEM VALUE '
-        "VALUES ('1', 'O''Brien', NULL);"
+        "VALUES (E'1', E'O''Brien', NULL);"
     ) in sql
-    assert "VALUES ('2', E'back\\\\slash', 'ñandú ☃');" in sql
+    assert "VALUES (E'2', E'back\\\\slash', E'ñandú ☃');" in sql
     # unchanged TOAST column left out, key not reassigned
-    assert f"""UPDATE {table} SET "Nombre Completo" = 'x' WHERE "Id" = '2';""" in sql
+    assert f"""UPDATE {table} SET "Nombre Completo" = E'x' WHERE "Id" = E'2';""" in sql
     # key change: keyed by the old key, new key assigned
-    assert f"""UPDATE {table} SET "Id" = '3', "Nombre Completo" = 'y', "nota" = 'z' WHERE "Id" = '2';""" in sql
-    assert f"""DELETE FROM {table} WHERE "Id" = '1';""" in sql
+    assert f"""UPDATE {table} SET "Id" = E'3', "Nombre Completo" = E'y', "nota" = E'z' WHERE "Id" = E'2';""" in sql
+    assert f"""DELETE FROM {table} WHERE "Id" = E'1';""" in sql
     assert f"TRUNCATE {table} RESTART IDENTITY CASCADE;" in sql
     assert sql.rstrip().endswith("COMMIT;")
 
@@ -335,8 +337,8 @@ def test_to_sql_full_identity_uses_old_row_and_is_null() -> None:
         ]
     )
     sql = to_sql(txs)
-    assert """UPDATE "public"."t" SET "b" = 'new' WHERE "a" = '1' AND "b" IS NULL;""" in sql
-    assert """DELETE FROM "public"."t" WHERE "a" = '1' AND "b" IS NULL;""" in sql
+    assert """UPDATE "public"."t" SET "b" = E'new' WHERE "a" = E'1' AND "b" IS NULL;""" in sql
+    assert """DELETE FROM "public"."t" WHERE "a" = E'1' AND "b" IS NULL;""" in sql
 
 
 def test_to_jsonl_and_recovery_files(tmp_path) -> None:

@@ -1,6 +1,8 @@
 """Decoder for pgoutput logical-replication messages, protocol version 1.
 
-This module owns the translation of the binary messages returned by
+PostgreSQL's wire formats belong to the ``pg`` package; this one is the format
+of the changes a logical slot holds (read by the divergence recovery of the
+control plane). This module owns the translation of the binary messages returned by
 ``pg_logical_slot_peek_binary_changes(slot, upto, NULL, 'proto_version', '1',
 'publication_names', pub)`` (one message per row) into typed, frozen values:
 ``Relation``/``Column``, ``Change`` and ``Transaction``. It does no I/O.
@@ -28,8 +30,10 @@ from __future__ import annotations
 import datetime as _dt
 import enum
 import struct
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field, replace
+
+from pgroute.pg.naming import int_to_lsn
 
 __all__ = [
     "UNCHANGED_TOAST",
@@ -47,8 +51,6 @@ __all__ = [
     "Value",
     "decode_message",
     "decode_stream",
-    "format_lsn",
-    "parse_lsn",
     "pg_timestamp",
 ]
 
@@ -96,22 +98,6 @@ def pg_timestamp(micros: int) -> _dt.datetime:
         return PG_EPOCH + _dt.timedelta(microseconds=micros)
     except OverflowError as exc:  # +/-infinity or garbage
         raise ValueError(f"timestamp out of range: {micros}") from exc
-
-
-def format_lsn(lsn: int) -> str:
-    """PostgreSQL's textual LSN form (``16/B374D848``)."""
-    return f"{lsn >> 32:X}/{lsn & 0xFFFFFFFF:X}"
-
-
-def parse_lsn(text: str) -> int:
-    """Inverse of ``format_lsn``."""
-    hi, sep, lo = str(text).partition("/")
-    if not sep:
-        raise ValueError(f"not an LSN: {text!r}")
-    try:
-        return (int(hi, 16) << 32) | int(lo, 16)
-    except ValueError:
-        raise ValueError(f"not an LSN: {text!r}") from None
 
 
 # ---------------------------------------------------------------- values
@@ -247,7 +233,7 @@ class Transaction:
 
     @property
     def commit_lsn_text(self) -> str:
-        return format_lsn(self.commit_lsn)
+        return int_to_lsn(self.commit_lsn)
 
 
 Message = Begin | Commit | Origin | Relation | TypeInfo | Change | LogicalMessage
@@ -448,7 +434,7 @@ def _decode_logical_message(r: _Reader) -> LogicalMessage:
     return LogicalMessage(bool(flags & 1), lsn, prefix, r.raw(length, "content"))
 
 
-_DECODERS = {
+_DECODERS: dict[str, tuple[str, Callable[[_Reader], Message]]] = {
     "B": ("Begin", _decode_begin),
     "C": ("Commit", _decode_commit),
     "O": ("Origin", _decode_origin),
@@ -490,11 +476,17 @@ def _row_data(row: object) -> bytes:
     if isinstance(row, (bytes, bytearray, memoryview)):
         return bytes(row)
     # (lsn, xid, data) rows from pg_logical_slot_peek_binary_changes, as tuples
-    # or asyncpg Records: the message is the last column.
+    # or asyncpg Records: the message is the last column. Both only share
+    # __getitem__ (a Record is no Sequence), so that is what is asked for;
+    # decode_message checks that the column holds bytes.
+    getitem = getattr(row, "__getitem__", None)
+    if getitem is None:
+        raise ValueError(f"cannot take pgoutput data from row {row!r}")
     try:
-        return row[-1]  # type: ignore[index]
+        data: bytes = getitem(-1)
     except (TypeError, IndexError, KeyError):
         raise ValueError(f"cannot take pgoutput data from row {row!r}") from None
+    return data
 
 
 class StreamDecoder:
@@ -546,8 +538,8 @@ class StreamDecoder:
             begin = self._require_tx(index, "Commit")
             if msg.commit_lsn != begin.final_lsn:
                 raise ValueError(
-                    f"message #{index}: Commit LSN {format_lsn(msg.commit_lsn)} does not "
-                    f"match Begin final LSN {format_lsn(begin.final_lsn)}"
+                    f"message #{index}: Commit LSN {int_to_lsn(msg.commit_lsn)} does not "
+                    f"match Begin final LSN {int_to_lsn(begin.final_lsn)}"
                 )
             self.transactions.append(
                 Transaction(
