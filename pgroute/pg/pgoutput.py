@@ -6,6 +6,8 @@ control plane). This module owns the translation of the binary messages returned
 ``pg_logical_slot_peek_binary_changes(slot, upto, NULL, 'proto_version', '1',
 'publication_names', pub)`` (one message per row) into typed, frozen values:
 ``Relation``/``Column``, ``Change`` and ``Transaction``. It does no I/O.
+It is a little over 600 lines: one small decoder per message type of one
+protocol, kept in one file so that the whole format reads in one place.
 
 Invariants:
 
