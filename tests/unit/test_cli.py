@@ -14,7 +14,8 @@ import pytest
 from click.testing import CliRunner
 
 from pgroute.api.http import bound_port, make_app, start_api, stop_api
-from pgroute.cli import main, render_status
+from pgroute.cli import main
+from pgroute.cli.render import render_status
 from pgroute.config import Config
 from pgroute.model import Event
 
