@@ -9,9 +9,7 @@ control plane never imports the CLI). Those imports sit inside the commands so t
 from __future__ import annotations
 
 import asyncio
-import inspect
 import sys
-from typing import Any
 
 import click
 
@@ -19,10 +17,6 @@ from ..config import Config, ConfigError, validate_runtime
 from ..pg.dsn import mask_dsn
 from .base import EXIT_FAILED, EXIT_OK, EXIT_USAGE, config_option, env_file_option, fail, \
     load_config_or_exit
-
-
-def _run_maybe_async(value: Any) -> Any:
-    return asyncio.run(value) if inspect.isawaitable(value) else value
 
 
 @click.command()
@@ -45,22 +39,20 @@ def check(config_path: str | None, env_file: str | None) -> None:
     from ..control.replication import check_pair
 
     try:
-        items = _run_maybe_async(check_pair(
+        items = asyncio.run(check_pair(
             config.primary.dsn, config.mirror.dsn, config.replication.publication,
             config.replication.subscription, config.health.timeout,
             max_lag_bytes=config.health.max_lag_bytes))
     except Exception as exc:  # check_pair should report, not raise; say what broke anyway
         fail(f"check could not run: {type(exc).__name__}: {exc}")
-    if hasattr(items, "ok"):
-        items = [items]
     all_ok = config_ok and splice_ok
     for item in items:
         mark = "✓" if item.ok else "✗"
-        detail = f": {item.detail}" if getattr(item, "detail", "") else ""
+        detail = f": {item.detail}" if item.detail else ""
         click.echo(mask_dsn(f"{mark} {item.name}{detail}"))
         if not item.ok:
             all_ok = False
-            if getattr(item, "fix", ""):
+            if item.fix:
                 click.echo(mask_dsn(f"    fix: {item.fix}"))
     if not config_ok:
         sys.exit(EXIT_USAGE)
@@ -122,7 +114,7 @@ def setup_replication_cmd(config_path: str | None, env_file: str | None) -> None
     from ..control.replication import setup_replication
     from ..errors import PgRouteError
 
-    managed = _run_maybe_async(_managed_by_pgroute(config))
+    managed = asyncio.run(_managed_by_pgroute(config))
     if managed:
         # After a failover the mirror is active and the primary follows it (or is
         # fenced): recreating the original direction would be wrong. Re-running the
@@ -131,13 +123,13 @@ def setup_replication_cmd(config_path: str | None, env_file: str | None) -> None
                    "see `pgroute status`, `pgroute rejoin`, `pgroute failback`")
         return
     try:
-        steps = _run_maybe_async(setup_replication(
+        steps = asyncio.run(setup_replication(
             config.primary.dsn, config.mirror.dsn, config.replication.publication,
             config.replication.subscription))
     except (PgRouteError, OSError, asyncpg.PostgresError, asyncpg.InterfaceError) as exc:
         # OSError covers TimeoutError (initial copy too slow) and refused connections.
         fail(f"setup-replication failed: {exc}")
-    for step in steps or []:
+    for step in steps:
         click.echo(mask_dsn(f"✓ {step}"))
     if not steps:
         click.echo("nothing to do: publication and subscription already exist")
