@@ -313,3 +313,15 @@ def test_daemon_error_exits_1_masked(daemon):
     assert res.exit_code == 1
     assert "pgroute: failover failed: cannot promote" in res.stderr
     assert "hunter2" not in res.output and "Traceback" not in res.output
+
+
+def test_render_imports_neither_click_nor_the_commands():
+    # The demo imports pgroute.cli.render and the `demo` command imports the demo:
+    # rendering must not bring the command line (and with it the demo) back in.
+    import subprocess
+
+    code = ("import sys, pgroute.cli.render; "
+            "print(sorted(m for m in sys.modules if m == 'click' or m.startswith('pgroute.cli.')))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         check=True, timeout=60).stdout
+    assert out.strip() == "['pgroute.cli.render']"
