@@ -9,7 +9,8 @@ options several commands take.
 from __future__ import annotations
 
 import sys
-from typing import Any, Callable, NoReturn, TypeVar
+from collections.abc import Callable
+from typing import Any, NoReturn, TypeVar
 
 import click
 

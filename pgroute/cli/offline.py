@@ -15,8 +15,8 @@ import click
 
 from ..config import Config, ConfigError, validate_runtime
 from ..pg.dsn import mask_dsn
-from .base import EXIT_FAILED, EXIT_OK, EXIT_USAGE, config_option, env_file_option, fail, \
-    load_config_or_exit
+from .base import (EXIT_FAILED, EXIT_OK, EXIT_USAGE, config_option, env_file_option, fail,
+                   load_config_or_exit)
 
 
 @click.command()
