@@ -1,10 +1,10 @@
-"""`pgroute check`'s kernel splicing line (cli._check_splice), for each proxy.splice mode."""
+"""`pgroute check`'s kernel splicing line (cli.offline.check_splice), for each proxy.splice mode."""
 
 from __future__ import annotations
 
 import pytest
 
-from pgroute import cli
+from pgroute.cli import offline
 from pgroute.proxy.sockmap import Splicer, SpliceUnavailable
 
 
@@ -17,17 +17,17 @@ def kernel_refuses(monkeypatch):
 
 
 def test_off_needs_nothing_from_the_kernel(kernel_refuses):
-    ok, line, fix = cli._check_splice("off")
+    ok, line, fix = offline.check_splice("off")
     assert ok and "off" in line and not fix
 
 
 def test_auto_without_the_kernel_is_fine_but_says_so(kernel_refuses):
-    ok, line, fix = cli._check_splice("auto")
+    ok, line, fix = offline.check_splice("auto")
     assert ok and "unavailable" in line and "Operation not permitted" in line and not fix
 
 
 def test_on_without_the_kernel_fails_with_a_fix(kernel_refuses):
-    ok, line, fix = cli._check_splice("on")
+    ok, line, fix = offline.check_splice("on")
     assert not ok and "unavailable" in line
     assert "CAP_BPF" in fix and 'proxy.splice = "auto"' in fix
 
@@ -41,7 +41,7 @@ def test_auto_trusts_kernels_from_6_6(release, trusted, monkeypatch):
 
     assert sockmap.trusted_kernel(release) is trusted
     monkeypatch.setattr(sockmap.platform, "release", lambda: release)
-    ok, line, _ = cli._check_splice("auto")
+    ok, line, _ = offline.check_splice("auto")
     assert ok
     if not trusted:
         assert "not used on this kernel" in line

@@ -1,4 +1,7 @@
-"""CLI: commands against a real API app (fake control plane) served from a thread."""
+"""CLI: commands against a real API app (fake control plane) served from a thread.
+
+`check` and `setup-replication` talk to PostgreSQL, not to the daemon: they are tested
+against real servers in tests/integration/test_cli_offline.py."""
 
 from __future__ import annotations
 
@@ -8,18 +11,18 @@ import sys
 import threading
 import time
 import types
-from collections import namedtuple
 
 import pytest
 from click.testing import CliRunner
 
 from pgroute.api.http import bound_port, make_app, start_api, stop_api
-from pgroute.cli import main, render_status
+from pgroute.cli import main
+from pgroute.cli.render import render_status
 from pgroute.config import Config
 from pgroute.model import Event
 
-from .test_api import FakeControl, base_status, make_config, make_router
 from .test_alerts import free_port
+from .test_api import FakeControl, base_status, make_config, make_router
 
 CLEAN_ENV = {"PGROUTE_API_URL": None, "PGROUTE_API_TOKEN": None, "PGROUTE_CONFIG": None,
              "DATABASE_URL": None, "MIRROR_DATABASE_URL": None}
@@ -243,93 +246,6 @@ def test_run_calls_app_with_overrides(tmp_path, monkeypatch):
     assert (seen["level"], seen["fmt"]) == ("DEBUG", "json")
 
 
-CheckItem = namedtuple("CheckItem", "name ok detail fix")
-
-
-def fake_replication(monkeypatch, items, steps=("created publication chrispar_pub",), stamp=None):
-    calls = {}
-    mod = types.ModuleType("pgroute.control.replication")
-
-    class FakeConn:
-        async def close(self):
-            pass
-
-    async def connect(dsn, timeout):
-        if stamp is None:
-            raise OSError("no server in a unit test")
-        return FakeConn()
-
-    async def read_stamp(conn):
-        return stamp
-
-    mod.connect = connect  # type: ignore[attr-defined]
-    mod.read_stamp = read_stamp  # type: ignore[attr-defined]
-
-    async def check_pair(primary_dsn, mirror_dsn, publication, subscription, timeout, **kw):
-        calls["check"] = (primary_dsn, mirror_dsn, publication, subscription, timeout)
-        calls["check_kw"] = kw
-        return items
-
-    def setup_replication(primary_dsn, mirror_dsn, publication, subscription):
-        calls["setup"] = (primary_dsn, mirror_dsn, publication, subscription)
-        return list(steps)
-
-    mod.check_pair = check_pair  # type: ignore[attr-defined]
-    mod.setup_replication = setup_replication  # type: ignore[attr-defined]
-    for name in ("pgroute.tools.check", "pgroute.tools.setup", "pgroute.pg.catalog", "pgroute.pg.connect"):
-        monkeypatch.setitem(sys.modules, name, mod)
-    return calls
-
-
-ENV = {"DATABASE_URL": "postgresql://u:hunter2@127.0.0.1:5432/db",
-       "MIRROR_DATABASE_URL": "postgresql://u:hunter2@127.0.0.1:5433/db"}
-
-
-def test_check_all_ok(monkeypatch):
-    calls = fake_replication(monkeypatch, [CheckItem("primary reachable", True, "PostgreSQL 15", ""),
-                                           CheckItem("mirror reachable", True, "PostgreSQL 15", "")])
-    res = invoke(["check"], env=ENV)
-    assert res.exit_code == 0, res.output
-    assert "✓ primary reachable" in res.stdout
-    assert calls["check"][2:] == ("chrispar_pub", "chrispar_sub", 5.0)
-    assert calls["check_kw"] == {"max_lag_bytes": 16 * 1024 * 1024}
-
-
-def test_check_failure_shows_fix(monkeypatch):
-    fake_replication(monkeypatch, [
-        CheckItem("primary reachable", True, "", ""),
-        CheckItem("subscription", False, "chrispar_sub missing on postgresql://u:hunter2@h/db",
-                  "pgroute setup-replication")])
-    res = invoke(["check"], env=ENV)
-    assert res.exit_code == 1
-    assert "✗ subscription" in res.stdout and "fix: pgroute setup-replication" in res.stdout
-    assert "hunter2" not in res.output
-
-
-def test_check_bad_config_exits_2(monkeypatch):
-    fake_replication(monkeypatch, [])
-    res = invoke(["check"], env={"DATABASE_URL": "mysql://nope"})
-    assert res.exit_code == 2 and "primary.dsn" in res.stderr
-
-
-def test_setup_replication(monkeypatch):
-    calls = fake_replication(monkeypatch, [])
-    res = invoke(["setup-replication"], env=ENV)
-    assert res.exit_code == 0, res.output
-    assert "✓ created publication chrispar_pub" in res.stdout
-    assert calls["setup"][2:] == ("chrispar_pub", "chrispar_sub")
-
-
-def test_setup_replication_after_a_failover_is_a_no_op(monkeypatch):
-    # Re-running the seed's one-shot replication_setup after a switch must neither
-    # recreate the original direction nor fail.
-    calls = fake_replication(monkeypatch, [], stamp=(1, "mirror"))
-    res = invoke(["setup-replication"], env=ENV)
-    assert res.exit_code == 0, res.output
-    assert "nothing to do: pgroute manages this pair" in res.stdout
-    assert "setup" not in calls
-
-
 def test_demo_is_lazy(monkeypatch):
     seen = {}
     mod = types.ModuleType("pgroute.demo")
@@ -397,3 +313,15 @@ def test_daemon_error_exits_1_masked(daemon):
     assert res.exit_code == 1
     assert "pgroute: failover failed: cannot promote" in res.stderr
     assert "hunter2" not in res.output and "Traceback" not in res.output
+
+
+def test_render_imports_neither_click_nor_the_commands():
+    # The demo imports pgroute.cli.render and the `demo` command imports the demo:
+    # rendering must not bring the command line (and with it the demo) back in.
+    import subprocess
+
+    code = ("import sys, pgroute.cli.render; "
+            "print(sorted(m for m in sys.modules if m == 'click' or m.startswith('pgroute.cli.')))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         check=True, timeout=60).stdout
+    assert out.strip() == "['pgroute.cli.render']"

@@ -1,0 +1,135 @@
+"""The commands that work without a daemon: ``check`` and ``setup-replication``.
+
+They read the configuration and talk to both PostgreSQL nodes directly, through the
+offline tools of the control plane (this module may import the control plane; the
+control plane never imports the CLI). Those imports sit inside the commands so that
+``pgroute status`` does not pay for asyncpg and the replication SQL at start-up.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import sys
+
+import click
+
+from ..config import Config, ConfigError, validate_runtime
+from ..pg.dsn import mask_dsn
+from .base import EXIT_FAILED, EXIT_OK, EXIT_USAGE, config_option, env_file_option, fail, load_config_or_exit
+
+
+@click.command()
+@config_option("TOML configuration file")
+@env_file_option()
+def check(config_path: str | None, env_file: str | None) -> None:
+    """Validate the config, reach both nodes, verify the replication setup."""
+    config = load_config_or_exit(config_path, env_file)
+    click.echo(f"✓ configuration: {config_path or 'defaults and environment'} is valid")
+    config_ok = True
+    try:
+        validate_runtime(config)
+    except ConfigError as exc:
+        config_ok = False
+        click.echo(mask_dsn(f"✗ configuration: {exc}"))
+    splice_ok, splice_line, splice_fix = check_splice(config.proxy.splice)
+    click.echo(f"{'✓' if splice_ok else '✗'} {splice_line}")
+    if splice_fix:
+        click.echo(f"    fix: {splice_fix}")
+    from ..tools.check import check_pair
+
+    try:
+        items = asyncio.run(check_pair(
+            config.primary.dsn, config.mirror.dsn, config.replication.publication,
+            config.replication.subscription, config.health.timeout,
+            max_lag_bytes=config.health.max_lag_bytes))
+    except Exception as exc:  # check_pair should report, not raise; say what broke anyway
+        fail(f"check could not run: {type(exc).__name__}: {exc}")
+    all_ok = config_ok and splice_ok
+    for item in items:
+        mark = "✓" if item.ok else "✗"
+        detail = f": {item.detail}" if item.detail else ""
+        click.echo(mask_dsn(f"{mark} {item.name}{detail}"))
+        if not item.ok:
+            all_ok = False
+            if item.fix:
+                click.echo(mask_dsn(f"    fix: {item.fix}"))
+    if not config_ok:
+        sys.exit(EXIT_USAGE)
+    sys.exit(EXIT_OK if all_ok else EXIT_FAILED)
+
+
+def check_splice(mode: str) -> tuple[bool, str, str]:
+    """(ok, line, fix) for proxy.splice: can this machine load the kernel splice?"""
+    if mode == "off":
+        return True, "kernel splicing: off (proxy.splice), sessions are piped by pgroute", ""
+    from ..proxy.sockmap import TRUSTED_KERNEL, Splicer, SpliceUnavailable, trusted_kernel
+
+    if mode == "auto" and not trusted_kernel():
+        return (True, "kernel splicing: not used on this kernel (auto needs Linux "
+                      f"{TRUSTED_KERNEL[0]}.{TRUSTED_KERNEL[1]} or newer); sessions will be piped "
+                      "by pgroute", "")
+    try:
+        splicer = Splicer.create(1)
+        try:
+            splicer.self_test()
+        finally:
+            splicer.close()
+    except SpliceUnavailable as exc:
+        if mode == "on":
+            return (False, f"kernel splicing: unavailable ({exc.strerror}) and proxy.splice is \"on\"",
+                    "run pgroute as root or with CAP_BPF and CAP_NET_ADMIN, or set proxy.splice = \"auto\"")
+        return (True, f"kernel splicing: unavailable ({exc.strerror}); sessions will be piped by "
+                      "pgroute (slower under load; root or CAP_BPF + CAP_NET_ADMIN enable it)", "")
+    return True, "kernel splicing: available, sessions will be forwarded by the kernel", ""
+
+
+async def _managed_by_pgroute(config: Config) -> str | None:
+    """A description of pgroute's epoch stamp when a switch already happened, else None."""
+    from ..errors import PgRouteError
+    from ..pg.catalog import read_stamp
+    from ..pg.connect import connect
+
+    for name in ("primary", "mirror"):
+        try:
+            conn = await connect(config.node_dsn(name), config.health.timeout)
+        except (PgRouteError, OSError):
+            continue
+        try:
+            epoch, active = await read_stamp(conn)
+        finally:
+            await conn.close()
+        if epoch and epoch > 0:
+            return f"epoch {epoch} stamped on {name}, active node {active}"
+    return None
+
+
+@click.command("setup-replication")
+@config_option("TOML configuration file")
+@env_file_option()
+def setup_replication_cmd(config_path: str | None, env_file: str | None) -> None:
+    """Create the publication and subscription if missing."""
+    config = load_config_or_exit(config_path, env_file)
+    import asyncpg
+
+    from ..errors import PgRouteError
+    from ..tools.setup import setup_replication
+
+    managed = asyncio.run(_managed_by_pgroute(config))
+    if managed:
+        # After a failover the mirror is active and the primary follows it (or is
+        # fenced): recreating the original direction would be wrong. Re-running the
+        # seed's one-shot replication_setup must not fail the stack either.
+        click.echo(f"nothing to do: pgroute manages this pair ({managed}); "
+                   "see `pgroute status`, `pgroute rejoin`, `pgroute failback`")
+        return
+    try:
+        steps = asyncio.run(setup_replication(
+            config.primary.dsn, config.mirror.dsn, config.replication.publication,
+            config.replication.subscription))
+    except (PgRouteError, OSError, asyncpg.PostgresError, asyncpg.InterfaceError) as exc:
+        # OSError covers TimeoutError (initial copy too slow) and refused connections.
+        fail(f"setup-replication failed: {exc}")
+    for step in steps:
+        click.echo(mask_dsn(f"✓ {step}"))
+    if not steps:
+        click.echo("nothing to do: publication and subscription already exist")
