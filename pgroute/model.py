@@ -25,16 +25,16 @@ class Operation(str, enum.Enum):
     """What an operator can ask for and what the controller runs: one name for each,
     shared by the state machine, the procedures, the API and the CLI."""
 
-    FAILOVER = "failover"      # promote the standby, fencing the old active node first
+    FAILOVER = "failover"  # promote the standby, fencing the old active node first
     SWITCHOVER = "switchover"  # planned, zero-loss move of the active role (both up)
-    FAILBACK = "failback"      # rejoin the configured primary if needed, then switch over to it
-    REJOIN = "rejoin"          # recover divergent commits, resubscribe the standby
-    FENCE = "fence"            # make a returned node read-only, end its sessions, stamp the epoch
-    UNFENCE = "unfence"        # the active node was left read-only by an interrupted switch
-    PROMOTE = "promote"        # finish a promotion interrupted by a pgroute restart
-    PAUSE = "pause"            # hold new connections
-    RESUME = "resume"          # release them
-    RESOLVE = "resolve"        # operator declares the active node after a fail-closed start
+    FAILBACK = "failback"  # rejoin the configured primary if needed, then switch over to it
+    REJOIN = "rejoin"  # recover divergent commits, resubscribe the standby
+    FENCE = "fence"  # make a returned node read-only, end its sessions, stamp the epoch
+    UNFENCE = "unfence"  # the active node was left read-only by an interrupted switch
+    PROMOTE = "promote"  # finish a promotion interrupted by a pgroute restart
+    PAUSE = "pause"  # hold new connections
+    RESUME = "resume"  # release them
+    RESOLVE = "resolve"  # operator declares the active node after a fail-closed start
 
     @property
     def moves_role(self) -> bool:
@@ -57,11 +57,11 @@ class HealthSample:
 
     node: NodeName
     ok: bool
-    at: float                      # time.time() when the probe finished
-    latency: float                 # seconds the probe took
-    error: str | None = None       # short, password-free reason when not ok
+    at: float  # time.time() when the probe finished
+    latency: float  # seconds the probe took
+    error: str | None = None  # short, password-free reason when not ok
     read_only: bool | None = None  # default_transaction_read_only = on (fenced)
-    wal_lsn: int | None = None     # pg_current_wal_lsn() as an integer
+    wal_lsn: int | None = None  # pg_current_wal_lsn() as an integer
     subscription: str | None = None  # name of a pgroute subscription on this node
     subscription_enabled: bool | None = None
     publisher_lag_bytes: int | None = None  # lag of the standby's slot as seen on this node
@@ -77,12 +77,12 @@ class Event:
     """A recorded control-plane event (for the API, metrics and alerts)."""
 
     id: int
-    kind: str              # failover, failback, switchover, node_down, node_up, fence, lag, ...
+    kind: str  # failover, failback, switchover, node_down, node_up, fence, lag, ...
     reason: str
     started_at: float
     ended_at: float | None = None
-    result: str | None = None    # ok, failed, refused, None while running
-    phases: tuple[tuple[str, float], ...] = ()   # (phase, seconds)
+    result: str | None = None  # ok, failed, refused, None while running
+    phases: tuple[tuple[str, float], ...] = ()  # (phase, seconds)
     details: tuple[tuple[str, str], ...] = ()
 
     def to_json(self) -> dict:

@@ -37,10 +37,20 @@ def load_config_or_exit(config_path: str | None, env_file: str | None) -> Config
 
 
 def config_option(help_text: str) -> Callable[[F], F]:
-    return click.option("--config", "config_path", metavar="FILE", envvar="PGROUTE_CONFIG",
-                        type=click.Path(dir_okay=False), help=help_text)
+    return click.option(
+        "--config",
+        "config_path",
+        metavar="FILE",
+        envvar="PGROUTE_CONFIG",
+        type=click.Path(dir_okay=False),
+        help=help_text,
+    )
 
 
 def env_file_option() -> Callable[[F], F]:
-    return click.option("--env-file", metavar="FILE", type=click.Path(dir_okay=False),
-                        help="dotenv file (e.g. backend/.env); the process environment wins")
+    return click.option(
+        "--env-file",
+        metavar="FILE",
+        type=click.Path(dir_okay=False),
+        help="dotenv file (e.g. backend/.env); the process environment wins",
+    )

@@ -41,8 +41,9 @@ class ApiClient:
         self.token = token
         self.timeout = timeout
 
-    def call(self, method: str, path: str, body: dict[str, Any] | None = None,
-             timeout: float | None = None) -> tuple[int, Any]:
+    def call(
+        self, method: str, path: str, body: dict[str, Any] | None = None, timeout: float | None = None
+    ) -> tuple[int, Any]:
         """(HTTP status, decoded JSON body) for any status; DaemonUnreachable when
         no answer came."""
         data = json.dumps(body).encode() if body is not None else None
@@ -66,8 +67,7 @@ class ApiClient:
     def get(self, path: str, timeout: float | None = None) -> tuple[int, Any]:
         return self.call("GET", path, timeout=timeout)
 
-    def post(self, path: str, body: dict[str, Any] | None = None,
-             timeout: float | None = None) -> tuple[int, Any]:
+    def post(self, path: str, body: dict[str, Any] | None = None, timeout: float | None = None) -> tuple[int, Any]:
         return self.call("POST", path, body or {}, timeout=timeout)
 
 
@@ -99,11 +99,9 @@ def api_from_config_file(path: str) -> tuple[str | None, str]:
         with open(path, "rb") as fh:
             data = tomllib.load(fh)
     except OSError as exc:
-        raise ClientSetupError(
-            f"configuration error: --config: cannot read {path}: {exc.strerror}") from None
+        raise ClientSetupError(f"configuration error: --config: cannot read {path}: {exc.strerror}") from None
     except tomllib.TOMLDecodeError as exc:
-        raise ClientSetupError(
-            f"configuration error: --config: {path} is not valid TOML: {exc}") from None
+        raise ClientSetupError(f"configuration error: --config: {path} is not valid TOML: {exc}") from None
     api = data.get("api") or {}
     if not isinstance(api, dict):
         raise ClientSetupError("configuration error: api: must be a table")

@@ -45,8 +45,10 @@ def _client(api_url: str | None, config_path: str | None) -> ApiClient:
 
 
 def _unreachable(client: ApiClient, reason: str) -> NoReturn:
-    fail(f"cannot reach the pgroute daemon at {client.base_url} ({reason}); "
-         "is `pgroute run` running? (set --api or PGROUTE_API_URL if it listens elsewhere)")
+    fail(
+        f"cannot reach the pgroute daemon at {client.base_url} ({reason}); "
+        "is `pgroute run` running? (set --api or PGROUTE_API_URL if it listens elsewhere)"
+    )
 
 
 def _check_http(client: ApiClient, what: str, code: int, body: Any) -> None:
@@ -56,8 +58,7 @@ def _check_http(client: ApiClient, what: str, code: int, body: Any) -> None:
     error = body.get("error") if isinstance(body, dict) else None
     error = error or f"HTTP {code}"
     if code == 401:
-        fail(f"{what}: unauthorized ({error}); set PGROUTE_API_TOKEN to the daemon's api.token",
-             EXIT_USAGE)
+        fail(f"{what}: unauthorized ({error}); set PGROUTE_API_TOKEN to the daemon's api.token", EXIT_USAGE)
     if code == 409:
         fail(f"{what} refused: {error}")
     if code == 400:
@@ -87,9 +88,13 @@ def main() -> None:
 
 def _daemon_options(func: F) -> F:
     """--api and --config (for [api] listen and token), taken by every daemon command."""
-    func = click.option("--api", "api_url", metavar="URL", envvar="PGROUTE_API_URL",
-                        help=f"daemon API (default: --config's [api] listen, else {DEFAULT_API_URL})"
-                        )(func)
+    func = click.option(
+        "--api",
+        "api_url",
+        metavar="URL",
+        envvar="PGROUTE_API_URL",
+        help=f"daemon API (default: --config's [api] listen, else {DEFAULT_API_URL})",
+    )(func)
     func = config_option("config file to read [api] listen (and token) from")(func)
     return func
 
@@ -97,11 +102,13 @@ def _daemon_options(func: F) -> F:
 @main.command()
 @config_option("TOML configuration file")
 @env_file_option()
-@click.option("--log-level", type=click.Choice(["DEBUG", "INFO", "WARNING", "ERROR"],
-                                               case_sensitive=False), help="overrides [log] level")
+@click.option(
+    "--log-level",
+    type=click.Choice(["DEBUG", "INFO", "WARNING", "ERROR"], case_sensitive=False),
+    help="overrides [log] level",
+)
 @click.option("--log-format", type=click.Choice(["text", "json"]), help="overrides [log] format")
-def run(config_path: str | None, env_file: str | None, log_level: str | None,
-        log_format: str | None) -> None:
+def run(config_path: str | None, env_file: str | None, log_level: str | None, log_format: str | None) -> None:
     """Run the proxy, the monitor and the API until SIGTERM/SIGINT."""
     config = load_config_or_exit(config_path, env_file)
     try:
@@ -144,15 +151,17 @@ _PROMPTS = {
 }
 
 
-def _operation(kind: str, options: dict[str, bool], yes: bool, api_url: str | None,
-               config_path: str | None) -> None:
+def _operation(kind: str, options: dict[str, bool], yes: bool, api_url: str | None, config_path: str | None) -> None:
     client = _client(api_url, config_path)
     st = _get_status(client)  # also proves the daemon is there before asking
     if not yes:
         flags = "".join(f" --{k}" for k, v in options.items() if v)
-        click.confirm(f"{_PROMPTS[kind]}{flags}\n(now: {st.get('state', '?')}, active "
-                      f"{st.get('active') or 'none'}, epoch {st.get('epoch', '?')}). Continue?",
-                      abort=True, err=True)
+        click.confirm(
+            f"{_PROMPTS[kind]}{flags}\n(now: {st.get('state', '?')}, active "
+            f"{st.get('active') or 'none'}, epoch {st.get('epoch', '?')}). Continue?",
+            abort=True,
+            err=True,
+        )
 
     outcome: dict[str, Any] = {}
 
@@ -195,8 +204,7 @@ def _operation(kind: str, options: dict[str, bool], yes: bool, api_url: str | No
 
 
 @main.command()
-@click.option("--force", is_flag=True,
-              help="fail over even if the mirror lags or the primary still answers")
+@click.option("--force", is_flag=True, help="fail over even if the mirror lags or the primary still answers")
 @click.option("--yes", "-y", is_flag=True, help="do not ask for confirmation")
 @_daemon_options
 def failover(force: bool, yes: bool, api_url: str | None, config_path: str | None) -> None:
@@ -205,8 +213,7 @@ def failover(force: bool, yes: bool, api_url: str | None, config_path: str | Non
 
 
 @main.command()
-@click.option("--resync", is_flag=True,
-              help="rebuild the primary's data from the mirror instead of catching up")
+@click.option("--resync", is_flag=True, help="rebuild the primary's data from the mirror instead of catching up")
 @click.option("--yes", "-y", is_flag=True, help="do not ask for confirmation")
 @_daemon_options
 def failback(resync: bool, yes: bool, api_url: str | None, config_path: str | None) -> None:
@@ -232,8 +239,13 @@ def rejoin(resync: bool, yes: bool, api_url: str | None, config_path: str | None
 
 
 @main.command()
-@click.option("--active", "active", type=click.Choice(["primary", "mirror"]), required=True,
-              help="the node that holds the current data")
+@click.option(
+    "--active",
+    "active",
+    type=click.Choice(["primary", "mirror"]),
+    required=True,
+    help="the node that holds the current data",
+)
 @click.option("--yes", "-y", is_flag=True, help="do not ask for confirmation")
 @_daemon_options
 def resolve(active: str, yes: bool, api_url: str | None, config_path: str | None) -> None:
@@ -241,9 +253,12 @@ def resolve(active: str, yes: bool, api_url: str | None, config_path: str | None
     client = _client(api_url, config_path)
     st = _get_status(client)
     if not yes:
-        click.confirm(f"Declare {active} the active node (now: {st.get('state', '?')}: "
-                      f"{st.get('reason', '')})? Routing to a stale node loses data. Continue?",
-                      abort=True, err=True)
+        click.confirm(
+            f"Declare {active} the active node (now: {st.get('state', '?')}: "
+            f"{st.get('reason', '')})? Routing to a stale node loses data. Continue?",
+            abort=True,
+            err=True,
+        )
     try:
         code, body = client.post("/api/resolve", {"active": active}, timeout=60.0)
     except DaemonUnreachable as exc:

@@ -38,10 +38,16 @@ def check(config_path: str | None, env_file: str | None) -> None:
     from ..tools.check import check_pair
 
     try:
-        items = asyncio.run(check_pair(
-            config.primary.dsn, config.mirror.dsn, config.replication.publication,
-            config.replication.subscription, config.health.timeout,
-            max_lag_bytes=config.health.max_lag_bytes))
+        items = asyncio.run(
+            check_pair(
+                config.primary.dsn,
+                config.mirror.dsn,
+                config.replication.publication,
+                config.replication.subscription,
+                config.health.timeout,
+                max_lag_bytes=config.health.max_lag_bytes,
+            )
+        )
     except Exception as exc:  # check_pair should report, not raise; say what broke anyway
         fail(f"check could not run: {type(exc).__name__}: {exc}")
     all_ok = config_ok and splice_ok
@@ -65,9 +71,13 @@ def check_splice(mode: str) -> tuple[bool, str, str]:
     from ..proxy.sockmap import TRUSTED_KERNEL, Splicer, SpliceUnavailable, trusted_kernel
 
     if mode == "auto" and not trusted_kernel():
-        return (True, "kernel splicing: not used on this kernel (auto needs Linux "
-                      f"{TRUSTED_KERNEL[0]}.{TRUSTED_KERNEL[1]} or newer); sessions will be piped "
-                      "by pgroute", "")
+        return (
+            True,
+            "kernel splicing: not used on this kernel (auto needs Linux "
+            f"{TRUSTED_KERNEL[0]}.{TRUSTED_KERNEL[1]} or newer); sessions will be piped "
+            "by pgroute",
+            "",
+        )
     try:
         splicer = Splicer.create(1)
         try:
@@ -76,10 +86,17 @@ def check_splice(mode: str) -> tuple[bool, str, str]:
             splicer.close()
     except SpliceUnavailable as exc:
         if mode == "on":
-            return (False, f"kernel splicing: unavailable ({exc.strerror}) and proxy.splice is \"on\"",
-                    "run pgroute as root or with CAP_BPF and CAP_NET_ADMIN, or set proxy.splice = \"auto\"")
-        return (True, f"kernel splicing: unavailable ({exc.strerror}); sessions will be piped by "
-                      "pgroute (slower under load; root or CAP_BPF + CAP_NET_ADMIN enable it)", "")
+            return (
+                False,
+                f'kernel splicing: unavailable ({exc.strerror}) and proxy.splice is "on"',
+                'run pgroute as root or with CAP_BPF and CAP_NET_ADMIN, or set proxy.splice = "auto"',
+            )
+        return (
+            True,
+            f"kernel splicing: unavailable ({exc.strerror}); sessions will be piped by "
+            "pgroute (slower under load; root or CAP_BPF + CAP_NET_ADMIN enable it)",
+            "",
+        )
     return True, "kernel splicing: available, sessions will be forwarded by the kernel", ""
 
 
@@ -119,13 +136,17 @@ def setup_replication_cmd(config_path: str | None, env_file: str | None) -> None
         # After a failover the mirror is active and the primary follows it (or is
         # fenced): recreating the original direction would be wrong. Re-running the
         # seed's one-shot replication_setup must not fail the stack either.
-        click.echo(f"nothing to do: pgroute manages this pair ({managed}); "
-                   "see `pgroute status`, `pgroute rejoin`, `pgroute failback`")
+        click.echo(
+            f"nothing to do: pgroute manages this pair ({managed}); "
+            "see `pgroute status`, `pgroute rejoin`, `pgroute failback`"
+        )
         return
     try:
-        steps = asyncio.run(setup_replication(
-            config.primary.dsn, config.mirror.dsn, config.replication.publication,
-            config.replication.subscription))
+        steps = asyncio.run(
+            setup_replication(
+                config.primary.dsn, config.mirror.dsn, config.replication.publication, config.replication.subscription
+            )
+        )
     except (PgRouteError, OSError, asyncpg.PostgresError, asyncpg.InterfaceError) as exc:
         # OSError covers TimeoutError (initial copy too slow) and refused connections.
         fail(f"setup-replication failed: {exc}")

@@ -82,9 +82,12 @@ def render_status(st: dict[str, Any]) -> str:
     """The human ``pgroute status``: everything an operator checks first, in 80 columns."""
     lines: list[str] = []
     active = st.get("active") or "NONE"
-    lines.append(_clip(f"pgroute  {st.get('state', '?')}   active: {active}   "
-                       f"epoch {st.get('epoch', '?')}"
-                       + ("   PAUSED" if st.get("paused") else "")))
+    lines.append(
+        _clip(
+            f"pgroute  {st.get('state', '?')}   active: {active}   "
+            f"epoch {st.get('epoch', '?')}" + ("   PAUSED" if st.get("paused") else "")
+        )
+    )
     if st.get("reason"):
         lines.append(_clip(f"  reason: {st['reason']}"))
     op = st.get("operation")
@@ -107,16 +110,17 @@ def render_status(st: dict[str, Any]) -> str:
                 lag += f" {_fmt_seconds(info['lag_seconds'])}"
         probed = _age(info.get("last_probe")).replace(" ago", "")
         endpoint = f"{info.get('host', '?')}:{info.get('port', '?')}"
-        row = (f"{name:<7}  {info.get('role', '?')!s:<7}  {_health_word(info):<6}  "
-               f"{latency:>8}  {lag:<14}  {probed:<10}  {endpoint}")
+        row = (
+            f"{name:<7}  {info.get('role', '?')!s:<7}  {_health_word(info):<6}  "
+            f"{latency:>8}  {lag:<14}  {probed:<10}  {endpoint}"
+        )
         lines.append(_clip(row))
         extras = []
         if info.get("read_only"):
             extras.append("read-only (fenced)")
         sub = info.get("subscription")
         if isinstance(sub, dict):
-            extras.append(f"subscription {sub.get('name')} "
-                          f"{'enabled' if sub.get('enabled') else 'disabled'}")
+            extras.append(f"subscription {sub.get('name')} {'enabled' if sub.get('enabled') else 'disabled'}")
         if info.get("error"):
             extras.append(f"error: {info['error']}")
         if extras:
@@ -125,12 +129,19 @@ def render_status(st: dict[str, Any]) -> str:
     conns = st.get("connections") or {}
     rejected = conns.get("rejected") or {}
     rej = ", ".join(f"{k} {v}" for k, v in sorted(rejected.items())) or "none"
-    lines.append(_clip(f"connections: {conns.get('current', 0)} open, {conns.get('total', 0)} total, "
-                       f"{conns.get('waiting', 0)} waiting; rejected: {rej}"))
-    lines.append(_clip(
-        f"replication: {st.get('replication', '?')} (synchronous {st.get('synchronous', '?')})   "
-        f"auto-failover: {_onoff(st.get('auto_failover'))}   "
-        f"auto-failback: {_onoff(st.get('auto_failback'))}"))
+    lines.append(
+        _clip(
+            f"connections: {conns.get('current', 0)} open, {conns.get('total', 0)} total, "
+            f"{conns.get('waiting', 0)} waiting; rejected: {rej}"
+        )
+    )
+    lines.append(
+        _clip(
+            f"replication: {st.get('replication', '?')} (synchronous {st.get('synchronous', '?')})   "
+            f"auto-failover: {_onoff(st.get('auto_failover'))}   "
+            f"auto-failback: {_onoff(st.get('auto_failback'))}"
+        )
+    )
     bound = st.get("detection_bound_seconds")
     if isinstance(bound, (int, float)):
         lines.append(f"failure detected within {_fmt_seconds(bound)}")
@@ -143,9 +154,13 @@ def render_status(st: dict[str, Any]) -> str:
         took = ""
         if ev.get("ended_at") and ev.get("started_at"):
             took = f" in {_fmt_seconds(ev['ended_at'] - ev['started_at'])}"
-        lines.append(_clip(f"last event: #{ev.get('id')} {ev.get('kind')} "
-                           f"{ev.get('result') or 'running'}{took} at "
-                           f"{_fmt_epoch_time(ev.get('started_at'))}: {ev.get('reason', '')}"))
+        lines.append(
+            _clip(
+                f"last event: #{ev.get('id')} {ev.get('kind')} "
+                f"{ev.get('result') or 'running'}{took} at "
+                f"{_fmt_epoch_time(ev.get('started_at'))}: {ev.get('reason', '')}"
+            )
+        )
     return mask_dsn("\n".join(lines))
 
 

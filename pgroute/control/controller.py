@@ -54,19 +54,31 @@ log = logging.getLogger(__name__)
 
 
 class Controller:
-    def __init__(self, config: Config, router: Router, *, state_file: StateFile | None = None,
-                 executor: Executor | None = None, monitor: Monitor | None = None) -> None:
+    def __init__(
+        self,
+        config: Config,
+        router: Router,
+        *,
+        state_file: StateFile | None = None,
+        executor: Executor | None = None,
+        monitor: Monitor | None = None,
+    ) -> None:
         self.config = config
         self.router = router
         self.state_file = state_file or StateFile(config.state.path)
-        self.backends = {n: Backend(n.value, config.node_dsn(n.value).host, config.node_dsn(n.value).port)
-                         for n in NodeName}
+        self.backends = {
+            n: Backend(n.value, config.node_dsn(n.value).host, config.node_dsn(n.value).port) for n in NodeName
+        }
         h = config.health
-        self.policy = Policy(auto_failover=h.auto_failover, auto_failback=h.auto_failback,
-                             max_retries=h.max_retries, max_lag_bytes=h.max_lag_bytes,
-                             synchronous=config.replication.synchronous, failback_delay=h.failback_delay)
-        self.state = State(active=None, epoch=0, phase=Phase.NO_ROUTABLE_NODE, policy=self.policy,
-                           reason="starting")
+        self.policy = Policy(
+            auto_failover=h.auto_failover,
+            auto_failback=h.auto_failback,
+            max_retries=h.max_retries,
+            max_lag_bytes=h.max_lag_bytes,
+            synchronous=config.replication.synchronous,
+            failback_delay=h.failback_delay,
+        )
+        self.state = State(active=None, epoch=0, phase=Phase.NO_ROUTABLE_NODE, policy=self.policy, reason="starting")
         self.samples: dict[NodeName, HealthSample] = {}
         self._good_sequences: dict[NodeName, tuple[tuple[str, int], ...]] = {}
         self.event_log = EventLog()
@@ -78,14 +90,25 @@ class Controller:
         self.operation: Op | None = None
         self.conflicts: list[dict[str, Any]] = []
         self._last_passive = 0.0
-        self.ctx = Context(config, router, self.state_file, self.backends,
-                           is_paused=lambda: self.state.paused, sequences=self._sequences)
+        self.ctx = Context(
+            config,
+            router,
+            self.state_file,
+            self.backends,
+            is_paused=lambda: self.state.paused,
+            sequences=self._sequences,
+        )
         self.executor: Executor = executor or NodeExecutor(self.ctx, self._record_conflicts)
         self.sync_keeper = SyncStandbyKeeper(self.ctx, self._keep)
         if monitor is None:
             probers = {
-                n: Prober(n, config.node_dsn(n.value), h.timeout,
-                          own_subscription=self.ctx.sub(n), peer_subscription=self.ctx.sub(n.other))
+                n: Prober(
+                    n,
+                    config.node_dsn(n.value),
+                    h.timeout,
+                    own_subscription=self.ctx.sub(n),
+                    peer_subscription=self.ctx.sub(n.other),
+                )
                 for n in NodeName
             }
             monitor = Monitor(probers, h.interval, self.on_sample)
@@ -97,10 +120,16 @@ class Controller:
         """Decide where to route (highest epoch wins, fail closed when unsure), then monitor."""
         resolution = await self._resolve_start()
         view = await self.executor.view(resolution.active) if resolution.active else None
-        decision = await self._feed(Started(
-            resolution.active, resolution.epoch, resolution.reason, time.time(),
-            unfinished_promotion=bool(view and view.reachable and view.subscriber),
-            unstamped=bool(view and view.reachable and view.epoch is None)))
+        decision = await self._feed(
+            Started(
+                resolution.active,
+                resolution.epoch,
+                resolution.reason,
+                time.time(),
+                unfinished_promotion=bool(view and view.reachable and view.subscriber),
+                unstamped=bool(view and view.reachable and view.epoch is None),
+            )
+        )
         # A promotion to finish runs before anything is routed or probed.
         await self._wait_operations(decision)
         self.monitor.start()
@@ -147,8 +176,11 @@ class Controller:
         # than at the next interval, at most once per retry_interval.
         now = time.monotonic()
         node = NodeName(backend)
-        if node is self.state.active and self.state.failures == 0 and \
-                now - self._last_passive >= self.config.health.retry_interval:
+        if (
+            node is self.state.active
+            and self.state.failures == 0
+            and now - self._last_passive >= self.config.health.retry_interval
+        ):
             self._last_passive = now
             log.info("proxy could not reach %s (%s): probing it now", backend, mask_dsn(error))
             self.monitor.probe_soon(node, 0.0)
@@ -177,23 +209,24 @@ class Controller:
         if s.phase is Phase.NO_ROUTABLE_NODE or s.active is None:
             route = Route(None, s.epoch, paused=s.paused, reason=s.reason or "no routable node")
         else:
-            route = Route(self.backends[s.active], s.epoch, paused=s.paused,
-                          reason="paused by operator" if s.paused else "")
+            route = Route(
+                self.backends[s.active], s.epoch, paused=s.paused, reason="paused by operator" if s.paused else ""
+            )
         if route != self.router.route:
             self.router.publish(route)
 
     def _execute(self, action: Action, reason: str) -> None:
         s = self.state
         if action.kind is Act.CONFIRM_PROBE:
-            self.monitor.confirm(action.target, int(action.detail or self.config.health.max_retries),
-                                 self.config.health.retry_interval)
+            self.monitor.confirm(
+                action.target, int(action.detail or self.config.health.max_retries), self.config.health.retry_interval
+            )
         elif action.kind is Act.EVENT:
             self.event_log.record(action.detail, reason, epoch=s.epoch, active=s.active, node=action.node)
         elif action.kind in (Act.PAUSE, Act.RESUME):
             self.event_log.record(action.kind.value, reason, epoch=s.epoch, active=s.active)
         elif action.kind is Act.STAMP:
-            self._keep(asyncio.create_task(self.executor.stamp(action.target, s.epoch, s.active),
-                                           name="stamp"))
+            self._keep(asyncio.create_task(self.executor.stamp(action.target, s.epoch, s.active), name="stamp"))
         elif action.kind.operation is not None:
             self._start_operation(action.kind.operation, action, reason)
 
@@ -212,8 +245,7 @@ class Controller:
         if tasks:
             await asyncio.wait(tasks)
 
-    async def _run_operation(self, op: Op, action: Action, event: Event,
-                             fut: asyncio.Future[Event] | None) -> None:
+    async def _run_operation(self, op: Op, action: Action, event: Event, fut: asyncio.Future[Event] | None) -> None:
         epoch, active = self.state.epoch, self.state.active
         try:
             result = await self.executor.run(op, action, epoch, active)
@@ -226,17 +258,40 @@ class Controller:
             if moves:
                 self.ctx.route_to(None, epoch, result.detail)
         level = logging.INFO if result.ok else logging.ERROR
-        log.log(level, "%s %s %s: %s (%s)", op.tag, op.kind.value, "completed" if result.ok else "failed",
-                result.detail, ", ".join(f"{n} {t:.3f}s" for n, t in op.phases))
-        await self._feed(Finished(op.kind, result.ok, time.time(), node=action.node,
-                                  active=result.active, epoch=result.epoch, detail=result.detail))
+        log.log(
+            level,
+            "%s %s %s: %s (%s)",
+            op.tag,
+            op.kind.value,
+            "completed" if result.ok else "failed",
+            result.detail,
+            ", ".join(f"{n} {t:.3f}s" for n, t in op.phases),
+        )
+        await self._feed(
+            Finished(
+                op.kind,
+                result.ok,
+                time.time(),
+                node=action.node,
+                active=result.active,
+                epoch=result.epoch,
+                detail=result.detail,
+            )
+        )
         # After the state took the result, so the event carries the new epoch.
         s = self.state
-        event = self.event_log.end(event, "ok" if result.ok else "failed", epoch=s.epoch, active=s.active,
-                                   details=op.details, phases=tuple(op.phases), detail=result.detail)
+        event = self.event_log.end(
+            event,
+            "ok" if result.ok else "failed",
+            epoch=s.epoch,
+            active=s.active,
+            details=op.details,
+            phases=tuple(op.phases),
+            detail=result.detail,
+        )
         if self.operation is op:
             self.operation = None
-        for node in NodeName:        # samples from before the switch are stale now
+        for node in NodeName:  # samples from before the switch are stale now
             self.monitor.probe_soon(node, 0.0)
         if fut is not None and not fut.done():
             fut.set_result(event)
@@ -290,14 +345,24 @@ class Controller:
             for node in NodeName:
                 await self.executor.stamp(node, epoch, active)
             view = views[active] if active is not None else None
-            decision = self._decide(Started(
-                active, epoch, "operator resolved", time.time(), by_operator=True,
-                unfinished_promotion=bool(view and view.reachable and view.subscriber)))
+            decision = self._decide(
+                Started(
+                    active,
+                    epoch,
+                    "operator resolved",
+                    time.time(),
+                    by_operator=True,
+                    unfinished_promotion=bool(view and view.reachable and view.subscriber),
+                )
+            )
         await self._wait_operations(decision)
         s = self.state
         ev = self.event_log.record(
-            "resolve", f"operator declared {active.value if active else 'no node'} active, epoch {epoch}",
-            epoch=s.epoch, active=s.active)
+            "resolve",
+            f"operator declared {active.value if active else 'no node'} active, epoch {epoch}",
+            epoch=s.epoch,
+            active=s.active,
+        )
         return ev.to_json()
 
     # -- listeners, events, status ----------------------------------------------------------------
@@ -319,11 +384,19 @@ class Controller:
 
     def status(self) -> dict[str, Any]:
         op = self.operation
-        return build_status(StatusInputs(
-            state=self.state, samples=dict(self.samples), route=self.router.route, stats=self.router.stats,
-            addresses={n: (b.host, b.port) for n, b in self.backends.items()},
-            synchronous=self.config.replication.synchronous,
-            detection_bound=self.config.health.detection_bound,
-            operation=None if op is None else {"kind": op.kind.value, "phase": op.phase_name,
-                                               "started_at": op.started_at},
-            conflicts=self.conflicts, events=self.events(50)))
+        return build_status(
+            StatusInputs(
+                state=self.state,
+                samples=dict(self.samples),
+                route=self.router.route,
+                stats=self.router.stats,
+                addresses={n: (b.host, b.port) for n, b in self.backends.items()},
+                synchronous=self.config.replication.synchronous,
+                detection_bound=self.config.health.detection_bound,
+                operation=None
+                if op is None
+                else {"kind": op.kind.value, "phase": op.phase_name, "started_at": op.started_at},
+                conflicts=self.conflicts,
+                events=self.events(50),
+            )
+        )

@@ -30,16 +30,29 @@ class EventLog:
         self._listeners.append(cb)
 
     def begin(self, kind: str, reason: str, node: NodeName | None = None) -> Event:
-        ev = Event(id=self._next_id, kind=kind, reason=mask_dsn(reason), started_at=time.time(),
-                   details=(("node", node.value),) if node else ())
+        ev = Event(
+            id=self._next_id,
+            kind=kind,
+            reason=mask_dsn(reason),
+            started_at=time.time(),
+            details=(("node", node.value),) if node else (),
+        )
         self._next_id += 1
         self._events.append(ev)
         self._tell(ev)
         return ev
 
-    def end(self, ev: Event, result: str, *, epoch: int, active: NodeName | None,
-            details: Mapping[str, str] | None = None, phases: tuple[tuple[str, float], ...] | None = None,
-            detail: str = "") -> Event:
+    def end(
+        self,
+        ev: Event,
+        result: str,
+        *,
+        epoch: int,
+        active: NodeName | None,
+        details: Mapping[str, str] | None = None,
+        phases: tuple[tuple[str, float], ...] | None = None,
+        detail: str = "",
+    ) -> Event:
         """Close ``ev`` with its result; ``epoch``/``active`` are the state's after it."""
         merged = dict(ev.details)
         merged.update(details or {})
@@ -48,9 +61,13 @@ class EventLog:
         merged["epoch"] = str(epoch)
         if active is not None:
             merged["active"] = active.value
-        done = replace(ev, ended_at=time.time(), result=result,
-                       phases=phases if phases is not None else ev.phases,
-                       details=tuple((k, mask_dsn(str(v))) for k, v in merged.items()))
+        done = replace(
+            ev,
+            ended_at=time.time(),
+            result=result,
+            phases=phases if phases is not None else ev.phases,
+            details=tuple((k, mask_dsn(str(v))) for k, v in merged.items()),
+        )
         for i, existing in enumerate(self._events):
             if existing.id == ev.id:
                 self._events[i] = done
@@ -58,8 +75,9 @@ class EventLog:
         self._tell(done)
         return done
 
-    def record(self, kind: str, reason: str, *, epoch: int, active: NodeName | None,
-               node: NodeName | None = None) -> Event:
+    def record(
+        self, kind: str, reason: str, *, epoch: int, active: NodeName | None, node: NodeName | None = None
+    ) -> Event:
         """An event that begins and ends at once."""
         return self.end(self.begin(kind, reason, node), "ok", epoch=epoch, active=active)
 

@@ -46,8 +46,7 @@ class NodeExecutor:
         if kind is Operation.UNFENCE:
             return await procedures.unfence(ctx, node, epoch)
         if kind is Operation.REJOIN:
-            return await procedures.rejoin(ctx, op, node, epoch, active, self.record_conflicts,
-                                           resync=action.force)
+            return await procedures.rejoin(ctx, op, node, epoch, active, self.record_conflicts, resync=action.force)
         if kind is Operation.SWITCHOVER:
             return await procedures.switchover(ctx, op, node, epoch)
         if kind is Operation.FAILBACK:

@@ -76,9 +76,7 @@ async def terminate_clients(conn: asyncpg.Connection, *, wait: float = 5.0) -> i
         loop = asyncio.get_running_loop()
         deadline = loop.time() + wait
         while True:
-            left = await conn.fetchval(
-                "SELECT count(*) FROM pg_stat_activity WHERE pid = ANY($1::int[])", signalled
-            )
+            left = await conn.fetchval("SELECT count(*) FROM pg_stat_activity WHERE pid = ANY($1::int[])", signalled)
             if not left or loop.time() >= deadline:
                 break
             await asyncio.sleep(POLL_INTERVAL)
@@ -124,4 +122,3 @@ async def is_fenced(conn: asyncpg.Connection) -> bool:
         """
     )
     return bool(value)
-

@@ -161,7 +161,9 @@ async def subscribe(
     if row is not None and publication not in row["subpublications"]:
         log.warning(
             "subscription %s exists but subscribes to %s, not %s: left as it is",
-            name, ", ".join(row["subpublications"]), publication,
+            name,
+            ", ".join(row["subpublications"]),
+            publication,
         )
     if row is not None:
         if not row["subenabled"]:
@@ -198,7 +200,11 @@ async def subscribe(
         raise type(exc)(mask_conninfo(str(exc))) from None
     log.info(
         "subscription %s created on publication %s (copy_data=%s, create_slot=%s, publisher %s)",
-        name, publication, copy_data, create_slot, mask_conninfo(conninfo),
+        name,
+        publication,
+        copy_data,
+        create_slot,
+        mask_conninfo(conninfo),
     )
     return True
 
@@ -264,7 +270,9 @@ async def ensure_slot(conn: asyncpg.Connection, slot: str) -> bool:
         if existing["slot_type"] != "logical" or existing["plugin"] != "pgoutput":
             log.warning(
                 "slot %s exists but is %s/%s, not a pgoutput logical slot",
-                slot, existing["slot_type"], existing["plugin"],
+                slot,
+                existing["slot_type"],
+                existing["plugin"],
             )
         return False
     try:
@@ -300,9 +308,7 @@ async def drop_slot(conn: asyncpg.Connection, slot: str, *, timeout: float = 10.
     loop = asyncio.get_running_loop()
     deadline = loop.time() + timeout
     while True:
-        row = await conn.fetchrow(
-            "SELECT active, active_pid FROM pg_replication_slots WHERE slot_name = $1", slot
-        )
+        row = await conn.fetchrow("SELECT active, active_pid FROM pg_replication_slots WHERE slot_name = $1", slot)
         if row is None:
             return False
         if row["active"] and row["active_pid"]:
@@ -322,14 +328,13 @@ async def drop_slot(conn: asyncpg.Connection, slot: str, *, timeout: float = 10.
 
 
 async def list_inactive_slots(conn: asyncpg.Connection) -> list[str]:
-    return [r["slot_name"] for r in await conn.fetch(
-        "SELECT slot_name FROM pg_replication_slots WHERE NOT active ORDER BY slot_name"
-    )]
+    return [
+        r["slot_name"]
+        for r in await conn.fetch("SELECT slot_name FROM pg_replication_slots WHERE NOT active ORDER BY slot_name")
+    ]
 
 
-async def confirmed_lsn(
-    publisher_conn: asyncpg.Connection, subscription: str, *, applied: bool = False
-) -> int | None:
+async def confirmed_lsn(publisher_conn: asyncpg.Connection, subscription: str, *, applied: bool = False) -> int | None:
     """How far the subscriber has confirmed, seen from the publisher: the furthest of
     its walsender's reported position (flush, or replay = applied when ``applied``)
     and its slot's confirmed_flush_lsn. None when neither exists."""
@@ -454,9 +459,7 @@ async def truncate_published_tables(
     local = await user_tables(conn)
     if tables is not None:
         wanted = [t for t in tables if t in set(local)]
-    elif publication and await conn.fetchval(
-        "SELECT 1 FROM pg_publication WHERE pubname = $1", publication
-    ):
+    elif publication and await conn.fetchval("SELECT 1 FROM pg_publication WHERE pubname = $1", publication):
         wanted = await published_tables(conn, publication)
     else:
         wanted = local
@@ -464,7 +467,6 @@ async def truncate_published_tables(
         await conn.execute(f"TRUNCATE TABLE {', '.join(wanted)} CASCADE")
         log.info("truncated %d table(s) for a full resync", len(wanted))
     return wanted
-
 
 
 async def wait_subscription_ready(conn: asyncpg.Connection, sub: str, timeout: float) -> None:
@@ -478,8 +480,7 @@ async def wait_subscription_ready(conn: asyncpg.Connection, sub: str, timeout: f
             return
         if time.monotonic() > deadline:
             states = info.get("tables") if info else None
-            raise TimeoutError(f"subscription {sub} initial copy not finished in {timeout:g}s "
-                                       f"(table states: {states})")
+            raise TimeoutError(f"subscription {sub} initial copy not finished in {timeout:g}s (table states: {states})")
         await asyncio.sleep(0.1)
 
 

@@ -68,20 +68,16 @@ async def move_sequences(
     moved: dict[str, int] = {}
     unchanged: dict[str, int] = {}
     for seq in await conn.fetch(_SEQUENCES_SQL):
-        name = qualified(seq['seq_schema'], seq['seq_name'])
+        name = qualified(seq["seq_schema"], seq["seq_name"])
         sign = 1 if seq["increment"] > 0 else -1
-        state = await conn.fetchrow(
-            f"SELECT last_value, is_called FROM {name}"
-        )
+        state = await conn.fetchrow(f"SELECT last_value, is_called FROM {name}")
         # The last value this node handed out (start - increment when none).
         current = state["last_value"] if state["is_called"] else state["last_value"] - seq["increment"]
 
         known: list[int] = []
         agg = "max" if sign > 0 else "min"
         for schema, table, column in zip(seq["tbl_schemas"], seq["tbl_names"], seq["columns"], strict=True):
-            value = await conn.fetchval(
-                f"SELECT {agg}({quote_ident(column)}) FROM {qualified(schema, table)}"
-            )
+            value = await conn.fetchval(f"SELECT {agg}({quote_ident(column)}) FROM {qualified(schema, table)}")
             if value is not None:
                 known.append(int(value))
         if sampled and name in sampled:
@@ -91,9 +87,7 @@ async def move_sequences(
                 # Empty tables and no sample: treat the start as the data.
                 known.append(seq["start"] - seq["increment"])
             else:
-                log.warning(
-                    "sequence %s feeds no column and has no sample: left at %d", name, current
-                )
+                log.warning("sequence %s feeds no column and has no sample: left at %d", name, current)
                 unchanged[name] = current
                 continue
         furthest = max(known) if sign > 0 else min(known)
@@ -107,4 +101,3 @@ async def move_sequences(
         await conn.execute("SELECT setval($1::oid::regclass, $2::bigint, true)", seq["oid"], target)
         moved[name] = target
     return moved, unchanged
-

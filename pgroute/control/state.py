@@ -27,21 +27,21 @@ from ..model import HealthSample, NodeName, Operation
 
 
 class Phase(str, enum.Enum):
-    ACTIVE_HEALTHY = "active_healthy"     # active node answering
-    ACTIVE_SUSPECT = "active_suspect"     # active node failed probes, confirming
-    ACTIVE_DOWN = "active_down"           # active node down, no failover possible/allowed
+    ACTIVE_HEALTHY = "active_healthy"  # active node answering
+    ACTIVE_SUSPECT = "active_suspect"  # active node failed probes, confirming
+    ACTIVE_DOWN = "active_down"  # active node down, no failover possible/allowed
     FAILING_OVER = "failing_over"
-    SWITCHING = "switching"               # switchover or failback running
+    SWITCHING = "switching"  # switchover or failback running
     NO_ROUTABLE_NODE = "no_routable_node"  # fail closed
 
 
 class Standby(str, enum.Enum):
-    UNKNOWN = "unknown"        # not probed yet
-    FOLLOWING = "following"    # up, subscribed to the active node
+    UNKNOWN = "unknown"  # not probed yet
+    FOLLOWING = "following"  # up, subscribed to the active node
     NOT_FOLLOWING = "not_following"  # up, subscription present but disabled
     DOWN = "down"
-    UNFENCED = "unfenced"      # up, not a subscriber, writable: must be fenced
-    FENCED = "fenced"          # up, read-only, not a subscriber: waits for rejoin
+    UNFENCED = "unfenced"  # up, not a subscriber, writable: must be fenced
+    FENCED = "fenced"  # up, read-only, not a subscriber: waits for rejoin
     REJOINING = "rejoining"
 
 
@@ -49,19 +49,19 @@ class Act(str, enum.Enum):
     """What a decision asks the controller to do. The members named like an
     ``Operation`` run that operation's procedure on ``Action.node``."""
 
-    CONFIRM_PROBE = "confirm_probe"   # run `detail` confirming probes of node, retry_interval apart
-    FAILOVER = Operation.FAILOVER.value      # promote the standby (node), fencing the old active first
+    CONFIRM_PROBE = "confirm_probe"  # run `detail` confirming probes of node, retry_interval apart
+    FAILOVER = Operation.FAILOVER.value  # promote the standby (node), fencing the old active first
     SWITCHOVER = Operation.SWITCHOVER.value  # planned move to node (both up)
-    FAILBACK = Operation.FAILBACK.value      # rejoin if needed + switchover to the configured primary
-    FENCE = Operation.FENCE.value            # make node read-only, end its sessions, stamp the epoch
-    UNFENCE = Operation.UNFENCE.value        # the active node was left read-only by an interrupted switch
-    REJOIN = Operation.REJOIN.value          # recover divergent commits, resubscribe node to the active one
-    PROMOTE = Operation.PROMOTE.value        # finish a promotion a restart interrupted (node)
-    STAMP = "stamp"                   # write the state's epoch and active node on node (never stamped)
+    FAILBACK = Operation.FAILBACK.value  # rejoin if needed + switchover to the configured primary
+    FENCE = Operation.FENCE.value  # make node read-only, end its sessions, stamp the epoch
+    UNFENCE = Operation.UNFENCE.value  # the active node was left read-only by an interrupted switch
+    REJOIN = Operation.REJOIN.value  # recover divergent commits, resubscribe node to the active one
+    PROMOTE = Operation.PROMOTE.value  # finish a promotion a restart interrupted (node)
+    STAMP = "stamp"  # write the state's epoch and active node on node (never stamped)
     PAUSE = Operation.PAUSE.value
     RESUME = Operation.RESUME.value
-    EVENT = "event"                   # record + alert an event of kind `detail`
-    REFUSE = "refuse"                 # refuse the operator's request with the decision's reason
+    EVENT = "event"  # record + alert an event of kind `detail`
+    REFUSE = "refuse"  # refuse the operator's request with the decision's reason
 
     @property
     def operation(self) -> Operation | None:
@@ -112,11 +112,11 @@ class State:
     epoch: int
     phase: Phase = Phase.ACTIVE_HEALTHY
     standby: Standby = Standby.UNKNOWN
-    paused: bool = False               # operator pause (pgroute pause)
-    failures: int = 0                  # consecutive failed probes of the active node
+    paused: bool = False  # operator pause (pgroute pause)
+    failures: int = 0  # consecutive failed probes of the active node
     active_up: bool | None = None
-    lag_bytes: int | None = None       # standby lag behind the active node, last known
-    sync_standby: bool = False         # last sample: the standby's walsender was 'sync'
+    lag_bytes: int | None = None  # standby lag behind the active node, last known
+    sync_standby: bool = False  # last sample: the standby's walsender was 'sync'
     standby_ready_since: float | None = None  # following and caught up since (auto failback)
     reason: str = ""
     policy: Policy = Policy()
@@ -132,6 +132,7 @@ class State:
 
 # -- observations -------------------------------------------------------------------
 
+
 @dataclass(frozen=True)
 class Probed:
     sample: HealthSample
@@ -140,7 +141,7 @@ class Probed:
 
 @dataclass(frozen=True)
 class Requested:
-    kind: Operation      # failover | failback | switchover | pause | resume | rejoin | resolve
+    kind: Operation  # failover | failback | switchover | pause | resume | rejoin | resolve
     now: float
     force: bool = False
 
@@ -158,16 +159,16 @@ class Started:
     reason: str
     now: float
     unfinished_promotion: bool = False  # the active node still holds its subscription
-    unstamped: bool = False             # the active node carries no epoch stamp yet
+    unstamped: bool = False  # the active node carries no epoch stamp yet
     by_operator: bool = False
 
 
 @dataclass(frozen=True)
 class Finished:
-    kind: Operation      # failover | switchover | failback | fence | unfence | rejoin | promote
+    kind: Operation  # failover | switchover | failback | fence | unfence | rejoin | promote
     ok: bool
     now: float
-    node: NodeName | None = None   # the node the operation was about
+    node: NodeName | None = None  # the node the operation was about
     active: NodeName | None = None  # active node after the operation
     epoch: int = 0
     detail: str = ""
@@ -206,30 +207,37 @@ def transition(state: State, obs: Observation) -> Decision:
 
 # -- probes of the active node ------------------------------------------------------------
 
+
 def _active_probed(s: State, obs: Probed) -> Decision:
     sample, p = obs.sample, s.policy
     name = sample.node.value
     if sample.ok:
         lag = sample.publisher_lag_bytes if sample.publisher_lag_bytes is not None else s.lag_bytes
-        new = replace(s, failures=0, active_up=True, lag_bytes=lag,
-                      sync_standby=sample.sync_state == "sync")
+        new = replace(s, failures=0, active_up=True, lag_bytes=lag, sync_standby=sample.sync_state == "sync")
         new = _track_ready(new, obs.now)
         if sample.read_only and not s.busy:
-            return _d(replace(new, phase=Phase.ACTIVE_HEALTHY),
-                      f"active node {name} is read-only (left fenced by an interrupted switch): unfencing it",
-                      Action(Act.UNFENCE, sample.node))
+            return _d(
+                replace(new, phase=Phase.ACTIVE_HEALTHY),
+                f"active node {name} is read-only (left fenced by an interrupted switch): unfencing it",
+                Action(Act.UNFENCE, sample.node),
+            )
         if s.phase is Phase.NO_ROUTABLE_NODE and not s.busy:
             # A failover that failed routed nowhere and wrote nothing on the standby:
             # the active node still holds every commit.
-            return _d(replace(new, phase=Phase.ACTIVE_HEALTHY),
-                      f"{name} answers again; routing to it (the failed failover routed no writes elsewhere)",
-                      Action(Act.EVENT, sample.node, detail="node_up"))
+            return _d(
+                replace(new, phase=Phase.ACTIVE_HEALTHY),
+                f"{name} answers again; routing to it (the failed failover routed no writes elsewhere)",
+                Action(Act.EVENT, sample.node, detail="node_up"),
+            )
         if s.phase in (Phase.ACTIVE_SUSPECT, Phase.ACTIVE_DOWN) and not s.busy:
             was = s.failures
             new = replace(new, phase=Phase.ACTIVE_HEALTHY)
             if s.phase is Phase.ACTIVE_DOWN:
-                return _d(new, f"{name} answers again after being declared down",
-                          Action(Act.EVENT, sample.node, detail="node_up"))
+                return _d(
+                    new,
+                    f"{name} answers again after being declared down",
+                    Action(Act.EVENT, sample.node, detail="node_up"),
+                )
             return _d(new, f"{name} answered again after {was} failed probe(s); no failover")
         return _maybe_auto_failback(new, obs.now)
 
@@ -245,9 +253,11 @@ def _active_probed(s: State, obs: Probed) -> Decision:
         # retry_interval, each bounded by the timeout, overlapping when the node hangs);
         # later failures only count. A success in between cancels the rest.
         confirm = (Action(Act.CONFIRM_PROBE, sample.node, detail=str(p.max_retries)),) if failures == 1 else ()
-        return _d(replace(new, phase=Phase.ACTIVE_SUSPECT),
-                  f"{name} probe failed ({sample.error}); confirming, attempt {failures}/{p.max_retries}",
-                  *confirm)
+        return _d(
+            replace(new, phase=Phase.ACTIVE_SUSPECT),
+            f"{name} probe failed ({sample.error}); confirming, attempt {failures}/{p.max_retries}",
+            *confirm,
+        )
     new = replace(new, active_up=False, standby_ready_since=None)
     return _try_auto_failover(new, f"{name} down after {failures} failed probes ({sample.error})")
 
@@ -268,8 +278,12 @@ def _try_auto_failover(s: State, why: str, repeat: bool = False) -> Decision:
         if repeat:
             return Decision(new, (), "")
         return _d(new, f"{why}; FAILOVER not started: {blocked}", *down_event)
-    return _d(replace(s, phase=Phase.FAILING_OVER), f"{why}; FAILOVER to {target.value}",
-              *down_event, Action(Act.FAILOVER, target))
+    return _d(
+        replace(s, phase=Phase.FAILING_OVER),
+        f"{why}; FAILOVER to {target.value}",
+        *down_event,
+        Action(Act.FAILOVER, target),
+    )
 
 
 def _promotion_blocker(s: State, force: bool) -> str | None:
@@ -286,12 +300,12 @@ def _promotion_blocker(s: State, force: bool) -> str | None:
     if s.lag_bytes is None:
         return f"{target.value} replication lag is unknown"
     if s.lag_bytes > s.policy.max_lag_bytes:
-        return (f"{target.value} lags {s.lag_bytes} bytes, over health.max_lag_bytes "
-                f"{s.policy.max_lag_bytes}")
+        return f"{target.value} lags {s.lag_bytes} bytes, over health.max_lag_bytes {s.policy.max_lag_bytes}"
     return None
 
 
 # -- probes of the standby -------------------------------------------------------------------
+
 
 def _standby_status(sample: HealthSample) -> Standby:
     if not sample.ok:
@@ -308,26 +322,32 @@ def _standby_probed(s: State, obs: Probed) -> Decision:
         return _d(s, "")
     status = _standby_status(sample)
     if s.standby is Standby.REJOINING:
-        return _d(s, "")       # the rejoin reports through Finished, whatever the probes say
+        return _d(s, "")  # the rejoin reports through Finished, whatever the probes say
     if s.busy:
         return _d(replace(s, standby=status) if status is Standby.DOWN else s, "")
     new = _track_ready(replace(s, standby=status), obs.now)
     if status is s.standby:
         if status is Standby.FENCED and _can_rejoin(s):
-            return _d(replace(new, standby=Standby.REJOINING),
-                      f"{name} is fenced and up; rejoining it to {s.active.value}",
-                      Action(Act.REJOIN, sample.node))
+            return _d(
+                replace(new, standby=Standby.REJOINING),
+                f"{name} is fenced and up; rejoining it to {s.active.value}",
+                Action(Act.REJOIN, sample.node),
+            )
         return _maybe_auto_failback(new, obs.now)
     if status is Standby.DOWN:
-        return _d(new, f"standby {name} down ({sample.error})",
-                  Action(Act.EVENT, sample.node, detail="node_down"))
+        return _d(new, f"standby {name} down ({sample.error})", Action(Act.EVENT, sample.node, detail="node_down"))
     if status is Standby.UNFENCED:
-        return _d(new, f"{name} is up, writable and not following {s.active.value}: fencing it",
-                  Action(Act.FENCE, sample.node))
+        return _d(
+            new,
+            f"{name} is up, writable and not following {s.active.value}: fencing it",
+            Action(Act.FENCE, sample.node),
+        )
     if status is Standby.FENCED and _can_rejoin(s):
-        return _d(replace(new, standby=Standby.REJOINING),
-                  f"{name} is fenced and up; rejoining it to {s.active.value}",
-                  Action(Act.REJOIN, sample.node))
+        return _d(
+            replace(new, standby=Standby.REJOINING),
+            f"{name} is fenced and up; rejoining it to {s.active.value}",
+            Action(Act.REJOIN, sample.node),
+        )
     event = (Action(Act.EVENT, sample.node, detail="node_up"),) if s.standby is Standby.DOWN else ()
     return _d(new, f"standby {name} is {status.value}", *event)
 
@@ -337,8 +357,12 @@ def _can_rejoin(s: State) -> bool:
 
 
 def _track_ready(s: State, now: float) -> State:
-    ready = (s.standby is Standby.FOLLOWING and s.active_up and s.lag_bytes is not None
-             and s.lag_bytes <= s.policy.max_lag_bytes)
+    ready = (
+        s.standby is Standby.FOLLOWING
+        and s.active_up
+        and s.lag_bytes is not None
+        and s.lag_bytes <= s.policy.max_lag_bytes
+    )
     if not ready:
         return replace(s, standby_ready_since=None)
     return s if s.standby_ready_since is not None else replace(s, standby_ready_since=now)
@@ -346,17 +370,25 @@ def _track_ready(s: State, now: float) -> State:
 
 def _maybe_auto_failback(s: State, now: float) -> Decision:
     p = s.policy
-    if (p.auto_failback and s.active is NodeName.MIRROR and not s.busy and not s.paused
-            and s.phase is Phase.ACTIVE_HEALTHY and s.standby_ready_since is not None
-            and now - s.standby_ready_since >= p.failback_delay):
-        return _d(replace(s, phase=Phase.SWITCHING),
-                  f"FAILBACK: primary healthy and caught up for {now - s.standby_ready_since:.0f}s "
-                  f"(health.auto_failback)",
-                  Action(Act.FAILBACK, NodeName.PRIMARY))
+    if (
+        p.auto_failback
+        and s.active is NodeName.MIRROR
+        and not s.busy
+        and not s.paused
+        and s.phase is Phase.ACTIVE_HEALTHY
+        and s.standby_ready_since is not None
+        and now - s.standby_ready_since >= p.failback_delay
+    ):
+        return _d(
+            replace(s, phase=Phase.SWITCHING),
+            f"FAILBACK: primary healthy and caught up for {now - s.standby_ready_since:.0f}s (health.auto_failback)",
+            Action(Act.FAILBACK, NodeName.PRIMARY),
+        )
     return _d(s, "")
 
 
 # -- operator requests ---------------------------------------------------------------------------
+
 
 def _refuse(s: State, reason: str) -> Decision:
     return Decision(s, (Action(Act.REFUSE, detail=reason),), reason)
@@ -367,8 +399,9 @@ def _requested(s: State, obs: Requested) -> Decision:
     if kind is Operation.PAUSE:
         if s.paused:
             return _d(s, "already paused")
-        return _d(replace(s, paused=True), "paused by operator: new connections wait",
-                  Action(Act.PAUSE, detail="operator"))
+        return _d(
+            replace(s, paused=True), "paused by operator: new connections wait", Action(Act.PAUSE, detail="operator")
+        )
     if kind is Operation.RESUME:
         if not s.paused:
             return _d(s, "not paused")
@@ -378,8 +411,11 @@ def _requested(s: State, obs: Requested) -> Decision:
         if s.busy:
             return _refuse(s, "an operation is running")
         if s.phase is not Phase.NO_ROUTABLE_NODE:
-            return _refuse(s, f"pgroute routes to {s.active.value if s.active else 'none'} "
-                           "and is not failing closed; use switchover or failover")
+            return _refuse(
+                s,
+                f"pgroute routes to {s.active.value if s.active else 'none'} "
+                "and is not failing closed; use switchover or failover",
+            )
         return _d(s, "operator resolving the active node")
     if s.busy:
         return _refuse(s, f"another operation is running ({s.phase.value}, standby {s.standby.value})")
@@ -389,21 +425,26 @@ def _requested(s: State, obs: Requested) -> Decision:
     if kind is Operation.FAILOVER:
         blocked = _promotion_blocker(s, force=obs.force)
         if blocked:
-            return _refuse(s, f"failover refused: {blocked}"
-                           + ("" if obs.force else " (use --force to override the lag gate)"))
+            return _refuse(
+                s, f"failover refused: {blocked}" + ("" if obs.force else " (use --force to override the lag gate)")
+            )
         target = standby
-        return _d(replace(s, phase=Phase.FAILING_OVER),
-                  f"manual FAILOVER to {target.value} requested"
-                  + (" (forced)" if obs.force else ""),
-                  Action(Act.FAILOVER, target, force=obs.force, manual=True))
+        return _d(
+            replace(s, phase=Phase.FAILING_OVER),
+            f"manual FAILOVER to {target.value} requested" + (" (forced)" if obs.force else ""),
+            Action(Act.FAILOVER, target, force=obs.force, manual=True),
+        )
     if kind is Operation.SWITCHOVER:
         target = standby
         if not s.active_up:
             return _refuse(s, f"switchover refused: {s.active.value} is not up (use failover)")
         if s.standby is not Standby.FOLLOWING:
             return _refuse(s, f"switchover refused: {target.value} is {s.standby.value}, not following")
-        return _d(replace(s, phase=Phase.SWITCHING), f"switchover to {target.value} requested",
-                  Action(Act.SWITCHOVER, target, manual=True))
+        return _d(
+            replace(s, phase=Phase.SWITCHING),
+            f"switchover to {target.value} requested",
+            Action(Act.SWITCHOVER, target, manual=True),
+        )
     if kind is Operation.FAILBACK:
         if s.active is NodeName.PRIMARY:
             return _refuse(s, "failback refused: primary is already active")
@@ -413,38 +454,58 @@ def _requested(s: State, obs: Requested) -> Decision:
             return _refuse(s, "failback refused: primary is not fenced yet; retry in a moment")
         if not s.active_up:
             return _refuse(s, "failback refused: mirror is not up")
-        return _d(replace(s, phase=Phase.SWITCHING), "FAILBACK to primary requested",
-                  Action(Act.FAILBACK, NodeName.PRIMARY, force=obs.force, manual=True))
+        return _d(
+            replace(s, phase=Phase.SWITCHING),
+            "FAILBACK to primary requested",
+            Action(Act.FAILBACK, NodeName.PRIMARY, force=obs.force, manual=True),
+        )
     if kind is Operation.REJOIN:
         if s.standby not in (Standby.FENCED, Standby.NOT_FOLLOWING):
             return _refuse(s, f"rejoin refused: {standby.value} is {s.standby.value}")
-        return _d(replace(s, standby=Standby.REJOINING), f"rejoin of {standby.value} requested",
-                  Action(Act.REJOIN, standby, force=obs.force, manual=True))
+        return _d(
+            replace(s, standby=Standby.REJOINING),
+            f"rejoin of {standby.value} requested",
+            Action(Act.REJOIN, standby, force=obs.force, manual=True),
+        )
     return _refuse(s, f"{kind.value} is not something an operator can request here")
 
 
 # -- operation results -----------------------------------------------------------------------------
 
+
 def _finished(s: State, obs: Finished) -> Decision:
     kind = obs.kind
     if kind.moves_role:
         if obs.ok:
-            new = replace(s, active=obs.active, epoch=obs.epoch, phase=Phase.ACTIVE_HEALTHY,
-                          failures=0, active_up=True, lag_bytes=None, sync_standby=False,
-                          standby_ready_since=None,
-                          standby=Standby.FOLLOWING if kind is not Operation.FAILOVER else Standby.UNKNOWN)
+            new = replace(
+                s,
+                active=obs.active,
+                epoch=obs.epoch,
+                phase=Phase.ACTIVE_HEALTHY,
+                failures=0,
+                active_up=True,
+                lag_bytes=None,
+                sync_standby=False,
+                standby_ready_since=None,
+                standby=Standby.FOLLOWING if kind is not Operation.FAILOVER else Standby.UNKNOWN,
+            )
             tag = kind.tag if kind is not Operation.SWITCHOVER else "switchover"
-            return _d(new, f"{tag} to {obs.active.value if obs.active else 'none'} completed: {obs.detail}"
-                      .rstrip(": "))
+            return _d(
+                new, f"{tag} to {obs.active.value if obs.active else 'none'} completed: {obs.detail}".rstrip(": ")
+            )
         if obs.active is None:
             # Keep `active` (the node that holds the data) so that it can be routed to
             # again when it answers, or an operator can retry the failover.
-            return _d(replace(s, phase=Phase.NO_ROUTABLE_NODE, epoch=max(s.epoch, obs.epoch)),
-                      f"{kind.value} failed, routing to no node (fail closed): {obs.detail}")
+            return _d(
+                replace(s, phase=Phase.NO_ROUTABLE_NODE, epoch=max(s.epoch, obs.epoch)),
+                f"{kind.value} failed, routing to no node (fail closed): {obs.detail}",
+            )
         # The operation failed but left a known-good active node.
         phase = Phase.ACTIVE_HEALTHY if s.active_up or obs.active != s.active else Phase.ACTIVE_DOWN
-        return _d(replace(s, active=obs.active, epoch=max(s.epoch, obs.epoch), phase=phase),
-                  f"{kind.value} failed, still routing to {obs.active.value}: {obs.detail}")
+        return _d(
+            replace(s, active=obs.active, epoch=max(s.epoch, obs.epoch), phase=phase),
+            f"{kind.value} failed, still routing to {obs.active.value}: {obs.detail}",
+        )
     node = obs.node.value if obs.node else "?"
     if kind is Operation.UNFENCE:
         return _d(s, f"{node} unfenced" if obs.ok else f"unfencing {node} failed: {obs.detail}")
@@ -455,33 +516,53 @@ def _finished(s: State, obs: Finished) -> Decision:
         return _d(replace(s, standby=Standby.UNKNOWN), f"fencing {node} failed: {obs.detail}")
     if kind is Operation.REJOIN:
         if obs.ok:
-            return _d(replace(s, standby=Standby.FOLLOWING, lag_bytes=None),
-                      f"{node} rejoined: follows {s.active.value if s.active else '?'} ({obs.detail})")
-        return _d(replace(s, standby=Standby.FENCED if s.policy.auto_rejoin else Standby.UNKNOWN,
-                          policy=replace(s.policy, auto_rejoin=False)),
-                  f"rejoin of {node} failed, automatic rejoin stopped: {obs.detail}")
+            return _d(
+                replace(s, standby=Standby.FOLLOWING, lag_bytes=None),
+                f"{node} rejoined: follows {s.active.value if s.active else '?'} ({obs.detail})",
+            )
+        return _d(
+            replace(
+                s,
+                standby=Standby.FENCED if s.policy.auto_rejoin else Standby.UNKNOWN,
+                policy=replace(s.policy, auto_rejoin=False),
+            ),
+            f"rejoin of {node} failed, automatic rejoin stopped: {obs.detail}",
+        )
     if kind is Operation.PROMOTE:
         if obs.ok:
-            return _d(replace(s, phase=Phase.ACTIVE_HEALTHY),
-                      f"FAILOVER: promotion of {node} finished; routing to it")
-        return _d(replace(s, phase=Phase.NO_ROUTABLE_NODE),
-                  f"could not finish promoting {node}: {obs.detail}")
+            return _d(replace(s, phase=Phase.ACTIVE_HEALTHY), f"FAILOVER: promotion of {node} finished; routing to it")
+        return _d(replace(s, phase=Phase.NO_ROUTABLE_NODE), f"could not finish promoting {node}: {obs.detail}")
     return _d(s, f"unknown result {kind.value!r}")
 
 
 # -- start-up and operator resolution --------------------------------------------------------------
 
+
 def _started(s: State, obs: Started) -> Decision:
-    new = replace(s, active=obs.active, epoch=obs.epoch, failures=0, active_up=None,
-                  standby=Standby.UNKNOWN, lag_bytes=None, sync_standby=False, standby_ready_since=None)
-    why = (f"operator resolved the active node: {obs.active.value if obs.active else 'none'} (epoch {obs.epoch})"
-           if obs.by_operator else obs.reason)
+    new = replace(
+        s,
+        active=obs.active,
+        epoch=obs.epoch,
+        failures=0,
+        active_up=None,
+        standby=Standby.UNKNOWN,
+        lag_bytes=None,
+        sync_standby=False,
+        standby_ready_since=None,
+    )
+    why = (
+        f"operator resolved the active node: {obs.active.value if obs.active else 'none'} (epoch {obs.epoch})"
+        if obs.by_operator
+        else obs.reason
+    )
     if obs.active is None:
         return _d(replace(new, phase=Phase.NO_ROUTABLE_NODE), why)
     if obs.unfinished_promotion:
-        return _d(replace(new, phase=Phase.FAILING_OVER),
-                  f"{why}; FAILOVER: {obs.active.value} is stamped active but still subscribed: "
-                  "finishing its promotion", Action(Act.PROMOTE, obs.active))
+        return _d(
+            replace(new, phase=Phase.FAILING_OVER),
+            f"{why}; FAILOVER: {obs.active.value} is stamped active but still subscribed: finishing its promotion",
+            Action(Act.PROMOTE, obs.active),
+        )
     stamp = (Action(Act.STAMP, obs.active),) if obs.unstamped else ()
     return _d(replace(new, phase=Phase.ACTIVE_HEALTHY), why, *stamp)
 

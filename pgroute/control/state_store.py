@@ -49,9 +49,9 @@ class StateFile:
     def save(self, stored: Stored) -> None:
         directory = self.path.parent if str(self.path.parent) else Path(".")
         directory.mkdir(parents=True, exist_ok=True)
-        payload = json.dumps({"epoch": stored.epoch,
-                              "active": stored.active.value if stored.active else None,
-                              "updated_at": time.time()})
+        payload = json.dumps(
+            {"epoch": stored.epoch, "active": stored.active.value if stored.active else None, "updated_at": time.time()}
+        )
         fd, tmp = tempfile.mkstemp(prefix=".pgroute-state-", dir=directory)
         try:
             with os.fdopen(fd, "w", encoding="utf-8") as fh:
@@ -77,9 +77,9 @@ class NodeView:
     """What pgroute could read from a node at start."""
 
     reachable: bool
-    epoch: int | None = None          # stamped epoch
-    active: str | None = None         # stamped active node name ('primary', 'mirror', 'none')
-    subscriber: bool = False          # holds a pgroute subscription
+    epoch: int | None = None  # stamped epoch
+    active: str | None = None  # stamped active node name ('primary', 'mirror', 'none')
+    subscriber: bool = False  # holds a pgroute subscription
     read_only: bool = False
 
 
@@ -102,12 +102,17 @@ def resolve_start(stored: Stored | None, views: dict[NodeName, NodeView]) -> Res
 
     if not claims:
         if unreachable:
-            return Resolution(None, 0, "no state file and no epoch stamp, and "
-                              f"{', '.join(unreachable)} unreachable: cannot tell which node is current")
+            return Resolution(
+                None,
+                0,
+                "no state file and no epoch stamp, and "
+                f"{', '.join(unreachable)} unreachable: cannot tell which node is current",
+            )
         p = views[NodeName.PRIMARY]
         if p.subscriber or p.read_only:
-            return Resolution(None, 0, "fresh start but primary is a subscriber or read-only: "
-                              "cannot tell which node is current")
+            return Resolution(
+                None, 0, "fresh start but primary is a subscriber or read-only: cannot tell which node is current"
+            )
         return Resolution(NodeName.PRIMARY, 0, "fresh start: no state file, no stamps; primary is active")
 
     top = max(c[0] for c in claims)
@@ -122,10 +127,14 @@ def resolve_start(stored: Stored | None, views: dict[NodeName, NodeView]) -> Res
     if stored is None and unreachable:
         # Without the file, a node that was down at the last switch may carry an older
         # stamp and the reachable one may not have the newest: require both stamps.
-        return Resolution(None, top, "state file missing and "
-                          f"{', '.join(unreachable)} unreachable: cannot tell which node is current")
+        return Resolution(
+            None, top, f"state file missing and {', '.join(unreachable)} unreachable: cannot tell which node is current"
+        )
     winner_view = views.get(node)
     if winner_view is not None and winner_view.reachable and winner_view.read_only and not winner_view.subscriber:
-        return Resolution(None, top, f"epoch {top} says {node.value} is active but it is fenced "
-                          "(read-only): cannot tell which node is current")
+        return Resolution(
+            None,
+            top,
+            f"epoch {top} says {node.value} is active but it is fenced (read-only): cannot tell which node is current",
+        )
     return Resolution(node, top, f"epoch {top}: {node.value} is active ({sources})")

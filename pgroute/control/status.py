@@ -26,10 +26,10 @@ class StatusInputs:
     samples: Mapping[NodeName, HealthSample]
     route: Route
     stats: ProxyStats
-    addresses: Mapping[NodeName, tuple[str, int]]   # host, port of each node
+    addresses: Mapping[NodeName, tuple[str, int]]  # host, port of each node
     synchronous: str
     detection_bound: float
-    operation: Mapping[str, Any] | None = None        # kind, phase, started_at
+    operation: Mapping[str, Any] | None = None  # kind, phase, started_at
     conflicts: Sequence[Mapping[str, Any]] = ()
     events: Sequence[Mapping[str, Any]] = ()
 
@@ -48,8 +48,9 @@ def build_status(i: StatusInputs) -> dict[str, Any]:
         "reason": mask_dsn(s.reason),
         # During a switch new connections wait (not refused): report the node
         # holding the role until the switch routes elsewhere.
-        "active": (route.backend.name if route.backend
-                   else s.active.value if s.busy and s.active and route.paused else None),
+        "active": (
+            route.backend.name if route.backend else s.active.value if s.busy and s.active and route.paused else None
+        ),
         "epoch": s.epoch,
         "paused": route.paused,
         "auto_failover": s.policy.auto_failover,
@@ -57,8 +58,12 @@ def build_status(i: StatusInputs) -> dict[str, Any]:
         "synchronous": i.synchronous,
         "replication": replication_health(s),
         "nodes": {n.value: node_status(s, n, i.samples, i.addresses[n]) for n in NodeName},
-        "connections": {"current": i.stats.connections_current, "total": i.stats.connections_total,
-                        "waiting": i.stats.waiting, "rejected": dict(i.stats.rejected)},
+        "connections": {
+            "current": i.stats.connections_current,
+            "total": i.stats.connections_total,
+            "waiting": i.stats.waiting,
+            "rejected": dict(i.stats.rejected),
+        },
         "detection_bound_seconds": round(i.detection_bound, 3),
         "operation": dict(i.operation) if i.operation is not None else None,
         "conflicts": [dict(c) for c in i.conflicts[-50:]],
@@ -91,8 +96,13 @@ def state_name(s: State) -> str:
 
 
 def replication_health(s: State) -> str:
-    if s.active is None or s.standby in (Standby.DOWN, Standby.UNKNOWN, Standby.FENCED,
-                                         Standby.UNFENCED, Standby.REJOINING):
+    if s.active is None or s.standby in (
+        Standby.DOWN,
+        Standby.UNKNOWN,
+        Standby.FENCED,
+        Standby.UNFENCED,
+        Standby.REJOINING,
+    ):
         return "none"
     if s.standby is Standby.NOT_FOLLOWING:
         return "broken"
@@ -101,8 +111,9 @@ def replication_health(s: State) -> str:
     return "ok"
 
 
-def node_status(s: State, node: NodeName, samples: Mapping[NodeName, HealthSample],
-                address: tuple[str, int]) -> dict[str, Any]:
+def node_status(
+    s: State, node: NodeName, samples: Mapping[NodeName, HealthSample], address: tuple[str, int]
+) -> dict[str, Any]:
     sample = samples.get(node)
     if node is s.active:
         role = "active" if s.phase is not Phase.ACTIVE_DOWN else "down"
@@ -129,6 +140,9 @@ def node_status(s: State, node: NodeName, samples: Mapping[NodeName, HealthSampl
         "read_only": sample.read_only if sample else None,
         "lag_bytes": lag,
         "lag_seconds": lag_s,
-        "subscription": ({"name": sample.subscription, "enabled": bool(sample.subscription_enabled)}
-                         if sample and sample.subscription else None),
+        "subscription": (
+            {"name": sample.subscription, "enabled": bool(sample.subscription_enabled)}
+            if sample and sample.subscription
+            else None
+        ),
     }

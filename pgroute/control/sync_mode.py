@@ -37,8 +37,9 @@ class SyncStandbyKeeper:
         self._task = asyncio.create_task(self._apply(active, standby, wanted))
         self._spawn(self._task)
 
-    async def _apply(self, active: NodeName, standby: NodeName | None,
-                     wanted: tuple[NodeName | None, str | None]) -> None:
+    async def _apply(
+        self, active: NodeName, standby: NodeName | None, wanted: tuple[NodeName | None, str | None]
+    ) -> None:
         try:
             if standby is not None:
                 await ensure_synchronous_commit(self.ctx, standby)
@@ -48,8 +49,11 @@ class SyncStandbyKeeper:
             finally:
                 await close(conn)
             self._applied = wanted
-            log.info("synchronous replication on %s: %s", active.value,
-                     f"waits for {wanted[1]}" if wanted[1] else "asynchronous (standby away)")
+            log.info(
+                "synchronous replication on %s: %s",
+                active.value,
+                f"waits for {wanted[1]}" if wanted[1] else "asynchronous (standby away)",
+            )
         except DB_ERRORS as exc:
             log.warning("could not set synchronous_standby_names on %s: %s", active.value, describe(exc))
         finally:

@@ -30,8 +30,7 @@ log = logging.getLogger(__name__)
 class Prober:
     """Probes one node; keeps a connection between probes."""
 
-    def __init__(self, node: NodeName, dsn: Dsn, timeout: float, own_subscription: str,
-                 peer_subscription: str) -> None:
+    def __init__(self, node: NodeName, dsn: Dsn, timeout: float, own_subscription: str, peer_subscription: str) -> None:
         self.node = node
         self.dsn = dsn
         self.timeout = timeout
@@ -64,22 +63,26 @@ class Prober:
     async def _probe(self, start: float) -> HealthSample:
         if self._conn is None or self._conn.is_closed():
             self._conn = await asyncpg.connect(
-                self.dsn.url, timeout=self.timeout,
-                server_settings={"application_name": "pgroute-probe"})
+                self.dsn.url, timeout=self.timeout, server_settings={"application_name": "pgroute-probe"}
+            )
         facts = await read_node_facts(self._conn, self.own_subscription, self.peer_subscription)
         return HealthSample(
-            node=self.node, ok=True, at=time.time(), latency=time.monotonic() - start,
-            read_only=facts.read_only, wal_lsn=facts.wal_lsn,
+            node=self.node,
+            ok=True,
+            at=time.time(),
+            latency=time.monotonic() - start,
+            read_only=facts.read_only,
+            wal_lsn=facts.wal_lsn,
             subscription=self.own_subscription if facts.subscription_enabled is not None else None,
             subscription_enabled=facts.subscription_enabled,
-            publisher_lag_bytes=facts.peer_lag_bytes, sync_state=facts.peer_sync_state,
+            publisher_lag_bytes=facts.peer_lag_bytes,
+            sync_state=facts.peer_sync_state,
             publisher_lag_seconds=facts.peer_lag_seconds,
             sequences=tuple(facts.sequences.items()),
         )
 
     def _failed(self, start: float, error: str) -> HealthSample:
-        return HealthSample(node=self.node, ok=False, at=time.time(),
-                            latency=time.monotonic() - start, error=error)
+        return HealthSample(node=self.node, ok=False, at=time.time(), latency=time.monotonic() - start, error=error)
 
     def _drop(self) -> None:
         conn, self._conn = self._conn, None
@@ -89,4 +92,3 @@ class Prober:
 
     async def close(self) -> None:
         self._drop()
-

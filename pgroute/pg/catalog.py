@@ -157,14 +157,14 @@ SELECT current_setting('default_transaction_read_only') = 'on' AS read_only,
 class NodeFacts:
     """What one probe reads from a node."""
 
-    read_only: bool                  # new sessions start read-only (fenced)
-    wal_lsn: int | None              # pg_current_wal_lsn() as an integer
-    epoch: int | None                # pgroute epoch stamped on the node
-    active: str | None               # node stamped active with that epoch
+    read_only: bool  # new sessions start read-only (fenced)
+    wal_lsn: int | None  # pg_current_wal_lsn() as an integer
+    epoch: int | None  # pgroute epoch stamped on the node
+    active: str | None  # node stamped active with that epoch
     subscription_enabled: bool | None  # own subscription: None when it does not exist
-    peer_lag_bytes: int | None       # the other node's subscription lag, seen from here
-    peer_sync_state: str | None      # its walsender's sync_state
-    peer_lag_seconds: float | None   # its walsender's replay_lag
+    peer_lag_bytes: int | None  # the other node's subscription lag, seen from here
+    peer_sync_state: str | None  # its walsender's sync_state
+    peer_lag_seconds: float | None  # its walsender's replay_lag
     sequences: dict[str, int]
 
 
@@ -173,9 +173,13 @@ async def read_node_facts(conn: asyncpg.Connection, own_subscription: str, peer_
     epoch, active = parse_stamp(row["dbconfig"])
     lag = row["flush_lag"] if row["flush_lag"] is not None else row["slot_lag"]
     return NodeFacts(
-        read_only=row["read_only"], wal_lsn=row["wal_lsn"], epoch=epoch, active=active,
+        read_only=row["read_only"],
+        wal_lsn=row["wal_lsn"],
+        epoch=epoch,
+        active=active,
         subscription_enabled=row["sub_enabled"],
         peer_lag_bytes=max(lag, 0) if lag is not None else None,
-        peer_sync_state=row["sync_state"], peer_lag_seconds=row["replay_lag"],
+        peer_sync_state=row["sync_state"],
+        peer_lag_seconds=row["replay_lag"],
         sequences=await sample_sequences(conn),
     )

@@ -45,8 +45,12 @@ def libpq_env(dsn: Dsn) -> dict[str, str]:
     command line; PGOPTIONS makes the session writable on a fenced node."""
     env = dict(os.environ)
     env.update(
-        PGHOST=dsn.host, PGPORT=str(dsn.port), PGUSER=dsn.user, PGDATABASE=dsn.dbname,
-        PGAPPNAME=CONTROL_APPLICATION_NAME, PGOPTIONS="-c default_transaction_read_only=off",
+        PGHOST=dsn.host,
+        PGPORT=str(dsn.port),
+        PGUSER=dsn.user,
+        PGDATABASE=dsn.dbname,
+        PGAPPNAME=CONTROL_APPLICATION_NAME,
+        PGOPTIONS="-c default_transaction_read_only=off",
         PGCONNECT_TIMEOUT="10",
     )
     env.pop("PGPASSWORD", None)
@@ -58,9 +62,11 @@ def libpq_env(dsn: Dsn) -> dict[str, str]:
 async def run(argv: list[str], env: dict[str, str], stdin: bytes | None, timeout: float) -> bytes:
     """Run a client program; its stdout, or ClientProgramError with its masked stderr."""
     proc = await asyncio.create_subprocess_exec(
-        *argv, env=env,
+        *argv,
+        env=env,
         stdin=asyncio.subprocess.PIPE if stdin is not None else asyncio.subprocess.DEVNULL,
-        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE,
     )
     tool = os.path.basename(argv[0])
     try:

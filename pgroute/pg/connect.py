@@ -29,7 +29,11 @@ CONTROL_APPLICATION_NAME = "pgroute"
 #: What talking to a node can raise: the driver's errors, the network's, timeouts,
 #: and NodeUnavailable from connect().
 DB_ERRORS: tuple[type[BaseException], ...] = (
-    OSError, asyncio.TimeoutError, asyncpg.PostgresError, asyncpg.InterfaceError, NodeUnavailable,
+    OSError,
+    asyncio.TimeoutError,
+    asyncpg.PostgresError,
+    asyncpg.InterfaceError,
+    NodeUnavailable,
 )
 
 

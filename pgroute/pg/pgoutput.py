@@ -57,7 +57,7 @@ __all__ = [
 ]
 
 # PostgreSQL timestamps count microseconds from 2000-01-01 00:00:00 UTC.
-PG_EPOCH = _dt.datetime(2000, 1, 1, tzinfo=_dt.timezone.utc)
+PG_EPOCH = _dt.datetime(2000, 1, 1, tzinfo=_dt.UTC)
 
 # Relation column flag: the column is part of the replica identity key.
 COLUMN_FLAG_KEY = 1
@@ -74,9 +74,9 @@ class _UnchangedToast:
     SQL generation leaves such columns out of SET lists and comparisons skip
     them."""
 
-    _instance: "_UnchangedToast | None" = None
+    _instance: _UnchangedToast | None = None
 
-    def __new__(cls) -> "_UnchangedToast":
+    def __new__(cls) -> _UnchangedToast:
         if cls._instance is None:
             cls._instance = super().__new__(cls)
         return cls._instance
@@ -259,10 +259,8 @@ class _Reader:
 
     def _take(self, n: int, what: str) -> bytes:
         if n < 0 or self._pos + n > len(self._buf):
-            raise self._fail(
-                f"{what} needs {n} bytes, {len(self._buf) - self._pos} left"
-            )
-        chunk = self._buf[self._pos:self._pos + n]
+            raise self._fail(f"{what} needs {n} bytes, {len(self._buf) - self._pos} left")
+        chunk = self._buf[self._pos : self._pos + n]
         self._pos += n
         return chunk
 
@@ -291,7 +289,7 @@ class _Reader:
         end = self._buf.find(b"\x00", self._pos)
         if end < 0:
             raise self._fail(f"{what}: string without NUL terminator")
-        raw = self._buf[self._pos:end]
+        raw = self._buf[self._pos : end]
         self._pos = end + 1
         return self._utf8(raw, what)
 
@@ -529,9 +527,7 @@ class StreamDecoder:
             self.types[msg.oid] = msg
         elif isinstance(msg, Begin):
             if self._begin is not None:
-                raise ValueError(
-                    f"message #{index}: Begin of xid {msg.xid} inside xid {self._begin.xid}"
-                )
+                raise ValueError(f"message #{index}: Begin of xid {msg.xid} inside xid {self._begin.xid}")
             self._begin = msg
             self._changes = []
             self._messages = []
@@ -577,9 +573,7 @@ class StreamDecoder:
         try:
             return self.relations[oid]
         except KeyError:
-            raise ValueError(
-                f"message #{index}: change for relation {oid} before its Relation message"
-            ) from None
+            raise ValueError(f"message #{index}: change for relation {oid} before its Relation message") from None
 
     def _resolve(self, change: Change, index: int) -> Change:
         if change.kind is ChangeKind.TRUNCATE:
@@ -595,16 +589,12 @@ class StreamDecoder:
                 )
         if change.new is not None and change.kind is ChangeKind.INSERT:
             if any(v is UNCHANGED_TOAST for v in change.new):
-                raise ValueError(
-                    f"message #{index}: insert on {rel.schema}.{rel.name} has an unchanged-TOAST value"
-                )
+                raise ValueError(f"message #{index}: insert on {rel.schema}.{rel.name} has an unchanged-TOAST value")
         return replace(change, relation=rel)
 
     def finish(self) -> list[Transaction]:
         if self._begin is not None:
-            raise ValueError(
-                f"stream ended inside transaction {self._begin.xid} (no Commit message)"
-            )
+            raise ValueError(f"stream ended inside transaction {self._begin.xid} (no Commit message)")
         return list(self.transactions)
 
 

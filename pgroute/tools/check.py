@@ -51,19 +51,25 @@ async def check_pair(
     try:
         nodes = (("primary", primary, pconn, pdetail), ("mirror", mirror, mconn, mdetail))
         for label, dsn, conn, detail in nodes:
-            items.append(CheckItem(
-                f"{label} reachable", conn is not None,
-                f"{dsn.masked}: {detail}" if conn is not None else detail,
-                None if conn is not None else f"start the {label} server or fix {label}.dsn",
-            ))
+            items.append(
+                CheckItem(
+                    f"{label} reachable",
+                    conn is not None,
+                    f"{dsn.masked}: {detail}" if conn is not None else detail,
+                    None if conn is not None else f"start the {label} server or fix {label}.dsn",
+                )
+            )
         checks = []
         for label, conn in (("primary", pconn), ("mirror", mconn)):
             if conn is not None:
                 # On the primary, the mirror's own slot is expected: inactive means
                 # the mirror is not consuming, not that the slot is garbage.
                 expected = {subscription} if label == "primary" else set()
-                checks += [_check_wal_level(label, conn), _check_capacity(label, conn),
-                           _check_inactive_slots(label, conn, expected)]
+                checks += [
+                    _check_wal_level(label, conn),
+                    _check_capacity(label, conn),
+                    _check_inactive_slots(label, conn, expected),
+                ]
         if pconn is not None:
             checks.append(_check_publication(pconn, publication))
             checks.append(_check_lag(pconn, subscription, max_lag_bytes))
@@ -85,11 +91,16 @@ async def check_pair(
 async def _check_wal_level(label: str, conn: asyncpg.Connection) -> list[CheckItem]:
     level = await setting(conn, "wal_level")
     why = "to publish" if label == "primary" else "so that a promoted mirror can publish (failback)"
-    return [CheckItem(
-        f"{label} wal_level", level == "logical", f"wal_level = {level}",
-        None if level == "logical"
-        else f"ALTER SYSTEM SET wal_level = logical on the {label} and restart it ({why})",
-    )]
+    return [
+        CheckItem(
+            f"{label} wal_level",
+            level == "logical",
+            f"wal_level = {level}",
+            None
+            if level == "logical"
+            else f"ALTER SYSTEM SET wal_level = logical on the {label} and restart it ({why})",
+        )
+    ]
 
 
 async def _check_capacity(label: str, conn: asyncpg.Connection) -> list[CheckItem]:
@@ -103,18 +114,23 @@ async def _check_capacity(label: str, conn: asyncpg.Connection) -> list[CheckIte
     )
     # Room for one more slot and sender: the reverse subscription after a failover,
     # or a table-sync worker's temporary slot during a resync.
-    ok = row["max_slots"] - row["slots"] >= 1 and row["max_senders"] - row["senders"] >= 1 \
-        and row["max_slots"] >= 2 and row["max_senders"] >= 2
-    return [CheckItem(
-        f"{label} replication capacity", ok,
-        f"slots {row['slots']}/{row['max_slots']}, walsenders {row['senders']}/{row['max_senders']}",
-        None if ok else f"raise max_replication_slots / max_wal_senders on the {label} (restart needed)",
-    )]
+    ok = (
+        row["max_slots"] - row["slots"] >= 1
+        and row["max_senders"] - row["senders"] >= 1
+        and row["max_slots"] >= 2
+        and row["max_senders"] >= 2
+    )
+    return [
+        CheckItem(
+            f"{label} replication capacity",
+            ok,
+            f"slots {row['slots']}/{row['max_slots']}, walsenders {row['senders']}/{row['max_senders']}",
+            None if ok else f"raise max_replication_slots / max_wal_senders on the {label} (restart needed)",
+        )
+    ]
 
 
-async def _check_inactive_slots(
-    label: str, conn: asyncpg.Connection, expected: set[str]
-) -> list[CheckItem]:
+async def _check_inactive_slots(label: str, conn: asyncpg.Connection, expected: set[str]) -> list[CheckItem]:
     rows = await conn.fetch(
         """
         SELECT slot_name, pg_wal_lsn_diff(pg_current_wal_lsn(), restart_lsn)::bigint AS retained
@@ -126,50 +142,58 @@ async def _check_inactive_slots(
     names = ", ".join(f"{r['slot_name']} ({r['retained'] or 0} bytes of WAL retained)" for r in rows)
     stale = [r["slot_name"] for r in rows if r["slot_name"] not in expected]
     if stale:
-        fix = (f"drop the ones nobody will resume: SELECT pg_drop_replication_slot('{stale[0]}') "
-               f"on the {label}")
+        fix = f"drop the ones nobody will resume: SELECT pg_drop_replication_slot('{stale[0]}') on the {label}"
     else:
-        fix = ("the mirror is not consuming its slot: start the mirror or enable its subscription; "
-               "do not drop the slot unless the mirror will be fully resynchronised")
+        fix = (
+            "the mirror is not consuming its slot: start the mirror or enable its subscription; "
+            "do not drop the slot unless the mirror will be fully resynchronised"
+        )
     return [CheckItem(f"{label} inactive slots", False, f"holding WAL: {names}", fix)]
 
 
 async def _check_publication(conn: asyncpg.Connection, publication: str) -> list[CheckItem]:
     row = await conn.fetchrow("SELECT puballtables FROM pg_publication WHERE pubname = $1", publication)
     if row is None:
-        return [CheckItem(
-            "publication", False, f"publication {publication} does not exist on the primary",
-            "pgroute setup-replication (or CREATE PUBLICATION ... FOR ALL TABLES on the primary)",
-        )]
+        return [
+            CheckItem(
+                "publication",
+                False,
+                f"publication {publication} does not exist on the primary",
+                "pgroute setup-replication (or CREATE PUBLICATION ... FOR ALL TABLES on the primary)",
+            )
+        ]
     missing = sorted(set(await user_tables(conn)) - set(await published_tables(conn, publication)))
     if missing:
-        return [CheckItem(
-            "publication", False,
-            f"publication {publication} does not cover {', '.join(missing)}",
-            f"ALTER PUBLICATION {publication} ADD TABLE ... (or recreate it FOR ALL TABLES)",
-        )]
+        return [
+            CheckItem(
+                "publication",
+                False,
+                f"publication {publication} does not cover {', '.join(missing)}",
+                f"ALTER PUBLICATION {publication} ADD TABLE ... (or recreate it FOR ALL TABLES)",
+            )
+        ]
     scope = "all tables" if row["puballtables"] else "every table (listed)"
     return [CheckItem("publication", True, f"publication {publication} covers {scope}", None)]
 
 
-async def _check_subscription(
-    conn: asyncpg.Connection, subscription: str, publication: str
-) -> list[CheckItem]:
+async def _check_subscription(conn: asyncpg.Connection, subscription: str, publication: str) -> list[CheckItem]:
     info = await subscription_info(conn, subscription)
     if info is None:
-        return [CheckItem(
-            "subscription", False, f"subscription {subscription} does not exist on the mirror",
-            "pgroute setup-replication",
-        )]
+        return [
+            CheckItem(
+                "subscription",
+                False,
+                f"subscription {subscription} does not exist on the mirror",
+                "pgroute setup-replication",
+            )
+        ]
     problems = []
     fix = None
     if not info["enabled"]:
         problems.append("disabled")
         fix = f"ALTER SUBSCRIPTION {subscription} ENABLE on the mirror"
     elif not info["worker_pid"]:
-        problems.append(
-            "no apply worker running (publisher unreachable or apply errors: see the mirror's log)"
-        )
+        problems.append("no apply worker running (publisher unreachable or apply errors: see the mirror's log)")
         fix = "check the mirror's log for the apply worker's error"
     if publication not in info["publications"]:
         problems.append(f"subscribes to {info['publications']}, not {publication}")
@@ -182,39 +206,48 @@ async def _check_subscription(
         problems.append("no tables subscribed")
         fix = fix or f"ALTER SUBSCRIPTION {subscription} REFRESH PUBLICATION"
     if info["apply_error_count"] or info["sync_error_count"]:
-        problems.append(
-            f"{info['apply_error_count']} apply / {info['sync_error_count']} sync error(s) so far"
-        )
+        problems.append(f"{info['apply_error_count']} apply / {info['sync_error_count']} sync error(s) so far")
     if problems:
         return [CheckItem("subscription", False, f"{subscription}: " + "; ".join(problems), fix)]
-    return [CheckItem(
-        "subscription", True,
-        f"{subscription}: enabled, worker {info['worker_pid']}, {len(info['tables'])} table(s) ready", None,
-    )]
+    return [
+        CheckItem(
+            "subscription",
+            True,
+            f"{subscription}: enabled, worker {info['worker_pid']}, {len(info['tables'])} table(s) ready",
+            None,
+        )
+    ]
 
 
-async def _check_lag(
-    conn: asyncpg.Connection, subscription: str, max_lag: int | None
-) -> list[CheckItem]:
+async def _check_lag(conn: asyncpg.Connection, subscription: str, max_lag: int | None) -> list[CheckItem]:
     lag = await lag_bytes(conn, subscription)
     if lag is None:
-        return [CheckItem(
-            "replication lag", False,
-            f"the primary has no walsender and no slot named {subscription}",
-            "pgroute setup-replication",
-        )]
+        return [
+            CheckItem(
+                "replication lag",
+                False,
+                f"the primary has no walsender and no slot named {subscription}",
+                "pgroute setup-replication",
+            )
+        ]
     connected = await conn.fetchval(
         "SELECT count(*) FROM pg_stat_replication WHERE application_name = $1", subscription
     )
     if not connected:
-        return [CheckItem(
-            "replication lag", False,
-            f"mirror not connected; its slot is {lag} bytes behind",
-            "check that the mirror is up and its subscription enabled",
-        )]
+        return [
+            CheckItem(
+                "replication lag",
+                False,
+                f"mirror not connected; its slot is {lag} bytes behind",
+                "check that the mirror is up and its subscription enabled",
+            )
+        ]
     ok = max_lag is None or lag <= max_lag
-    return [CheckItem(
-        "replication lag", ok, f"{lag} bytes behind",
-        None if ok else "the mirror is too far behind for an automatic failover: see its apply worker",
-    )]
-
+    return [
+        CheckItem(
+            "replication lag",
+            ok,
+            f"{lag} bytes behind",
+            None if ok else "the mirror is too far behind for an automatic failover: see its apply worker",
+        )
+    ]

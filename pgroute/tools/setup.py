@@ -48,11 +48,15 @@ async def copy_schema(src_dsn: Dsn | str, dst_dsn: Dsn | str, *, timeout: float 
         await conn.close()
     schema = await run(
         [pg_binary("pg_dump"), "--schema-only", "--no-publications", "--no-subscriptions"],
-        libpq_env(src), None, timeout,
+        libpq_env(src),
+        None,
+        timeout,
     )
     await run(
         [pg_binary("psql"), "-X", "-q", "-v", "ON_ERROR_STOP=1", "--single-transaction", "-f", "-"],
-        libpq_env(dst), schema, timeout,
+        libpq_env(dst),
+        schema,
+        timeout,
     )
     log.info("schema copied from %s to %s", src.masked, dst.masked)
     return True
@@ -69,9 +73,7 @@ async def _wait_initial_copy(conn: asyncpg.Connection, subscription: str, timeou
             return info
         if loop.time() >= deadline:
             pending = {t: s for t, s in info["tables"].items() if s != "r"}
-            raise TimeoutError(
-                f"initial copy of {subscription} not finished within {timeout:g}s: {pending}"
-            )
+            raise TimeoutError(f"initial copy of {subscription} not finished within {timeout:g}s: {pending}")
         await asyncio.sleep(0.1)
 
 
@@ -145,8 +147,7 @@ async def setup_replication(
 
         info = await subscription_info(mconn, subscription)
         if info is None:
-            busy = [t for t in await user_tables(mconn)
-                    if await mconn.fetchval(f"SELECT EXISTS (SELECT 1 FROM {t})")]
+            busy = [t for t in await user_tables(mconn) if await mconn.fetchval(f"SELECT EXISTS (SELECT 1 FROM {t})")]
             if busy:
                 raise ReplicationSetupError(
                     f"the mirror has rows in {', '.join(busy)} but no subscription {subscription}: "
@@ -159,13 +160,18 @@ async def setup_replication(
                 await drop_slot(pconn, subscription)
                 steps.append(f"primary: stale slot {subscription} dropped")
             await subscribe(
-                mconn, subscription, publisher_conninfo or primary, publication,
-                copy_data=True, create_slot=True,
+                mconn,
+                subscription,
+                publisher_conninfo or primary,
+                publication,
+                copy_data=True,
+                create_slot=True,
             )
             steps.append(f"mirror: subscription {subscription} created (initial copy of all tables)")
         elif not info["enabled"]:
-            await subscribe(mconn, subscription, publisher_conninfo or primary, publication,
-                            copy_data=True, create_slot=True)
+            await subscribe(
+                mconn, subscription, publisher_conninfo or primary, publication, copy_data=True, create_slot=True
+            )
             steps.append(f"mirror: subscription {subscription} enabled")
         else:
             steps.append(f"mirror: subscription {subscription} already exists")
@@ -177,4 +183,3 @@ async def setup_replication(
         await pconn.close()
         if mconn is not None:
             await mconn.close()
-

@@ -23,12 +23,19 @@ from pgroute.cli import main
 
 # Variables a developer's shell may set that would change what the CLI reads.
 CLEAN_ENV: dict[str, str | None] = {
-    "PGROUTE_API_URL": None, "PGROUTE_API_TOKEN": None, "PGROUTE_CONFIG": None,
-    "PGROUTE_PRIMARY_DSN": None, "PGROUTE_MIRROR_DSN": None,
-    "DATABASE_URL": None, "MIRROR_DATABASE_URL": None, "AUTO_FAILOVER_ENABLED": None,
-    "HEALTH_CHECK_INTERVAL": None, "HEALTH_CHECK_MAX_RETRIES": None, "HEALTH_CHECK_TIMEOUT": None,
+    "PGROUTE_API_URL": None,
+    "PGROUTE_API_TOKEN": None,
+    "PGROUTE_CONFIG": None,
+    "PGROUTE_PRIMARY_DSN": None,
+    "PGROUTE_MIRROR_DSN": None,
+    "DATABASE_URL": None,
+    "MIRROR_DATABASE_URL": None,
+    "AUTO_FAILOVER_ENABLED": None,
+    "HEALTH_CHECK_INTERVAL": None,
+    "HEALTH_CHECK_MAX_RETRIES": None,
+    "HEALTH_CHECK_TIMEOUT": None,
 }
-PASSWORD = "hunter2"   # the servers trust local connections: it is sent nowhere, only shown
+PASSWORD = "hunter2"  # the servers trust local connections: it is sent nowhere, only shown
 
 
 def _cli(*args: str, env: dict[str, str] | None = None) -> Result:
@@ -38,17 +45,16 @@ def _cli(*args: str, env: dict[str, str] | None = None) -> Result:
     return result
 
 
-def _dsn_env(primary: local.LocalCluster, mirror: local.LocalCluster,
-             dbname: str = "chrispar") -> dict[str, str]:
+def _dsn_env(primary: local.LocalCluster, mirror: local.LocalCluster, dbname: str = "chrispar") -> dict[str, str]:
     """The seed's variables, with a password that must never be printed."""
-    return {"DATABASE_URL": primary.dsn(dbname, password=PASSWORD),
-            "MIRROR_DATABASE_URL": mirror.dsn(dbname, password=PASSWORD)}
+    return {
+        "DATABASE_URL": primary.dsn(dbname, password=PASSWORD),
+        "MIRROR_DATABASE_URL": mirror.dsn(dbname, password=PASSWORD),
+    }
 
 
-def _write_config(path: Path, primary_dsn: str, mirror_dsn: str,
-                  **sections: dict[str, object]) -> Path:
-    data: dict[str, dict[str, object]] = {"primary": {"dsn": primary_dsn},
-                                          "mirror": {"dsn": mirror_dsn}}
+def _write_config(path: Path, primary_dsn: str, mirror_dsn: str, **sections: dict[str, object]) -> Path:
+    data: dict[str, dict[str, object]] = {"primary": {"dsn": primary_dsn}, "mirror": {"dsn": mirror_dsn}}
     for section, values in sections.items():
         data.setdefault(section, {}).update(values)
     lines = []
@@ -62,8 +68,7 @@ def _write_config(path: Path, primary_dsn: str, mirror_dsn: str,
 
 def _marks(output: str) -> dict[str, str]:
     """`pgroute check` output -> {item name: '✓' or '✗'}."""
-    return {line[2:].partition(":")[0].strip(): line[0]
-            for line in output.splitlines() if line[:2] in ("✓ ", "✗ ")}
+    return {line[2:].partition(":")[0].strip(): line[0] for line in output.splitlines() if line[:2] in ("✓ ", "✗ ")}
 
 
 # -- check ----------------------------------------------------------------------------------
@@ -88,16 +93,24 @@ def test_check_all_ok_then_each_failure_with_its_fix(pair: local.LocalPair, tmp_
     ok = _cli("check", env=env)
     assert ok.exit_code == 0, ok.output
     marks = _marks(ok.stdout)
-    assert {"primary reachable", "mirror reachable", "publication", "subscription",
-            "replication lag", "primary wal_level", "mirror wal_level"} <= set(marks), ok.output
+    assert {
+        "primary reachable",
+        "mirror reachable",
+        "publication",
+        "subscription",
+        "replication lag",
+        "primary wal_level",
+        "mirror wal_level",
+    } <= set(marks), ok.output
     assert set(marks.values()) == {"✓"}, ok.output
     assert "✓ publication: publication chrispar_pub covers" in ok.stdout
-    assert f"postgres:***@127.0.0.1:{pair.primary.port}/chrispar" in ok.stdout   # masked, not hidden
+    assert f"postgres:***@127.0.0.1:{pair.primary.port}/chrispar" in ok.stdout  # masked, not hidden
     assert PASSWORD not in ok.output
 
     # The names in the config file are the ones checked.
-    cfg = _write_config(tmp_path / "names.toml", *env.values(),
-                        replication={"publication": "otra_pub", "subscription": "otra_sub"})
+    cfg = _write_config(
+        tmp_path / "names.toml", *env.values(), replication={"publication": "otra_pub", "subscription": "otra_sub"}
+    )
     names = _cli("check", "--config", str(cfg))
     assert names.exit_code == 1, names.output
     assert "✗ publication: publication otra_pub does not exist on the primary" in names.stdout
@@ -137,11 +150,14 @@ def test_check_all_ok_then_each_failure_with_its_fix(pair: local.LocalPair, tmp_
 
 # -- setup-replication ----------------------------------------------------------------------
 def test_setup_replication_on_a_fresh_pair(cluster_factory, tmp_path: Path) -> None:
-    with ThreadPoolExecutor(2) as pool:   # two initdb's in parallel
+    with ThreadPoolExecutor(2) as pool:  # two initdb's in parallel
         primary, mirror = pool.map(cluster_factory, ("src", "dst"))
     primary.sql("CREATE DATABASE chrispar")
-    primary.sql("CREATE TABLE clientes (id serial PRIMARY KEY, nombre text NOT NULL);"
-                "INSERT INTO clientes (nombre) VALUES ('ana'), ('luis'), ('eva');", dbname="chrispar")
+    primary.sql(
+        "CREATE TABLE clientes (id serial PRIMARY KEY, nombre text NOT NULL);"
+        "INSERT INTO clientes (nombre) VALUES ('ana'), ('luis'), ('eva');",
+        dbname="chrispar",
+    )
 
     result = _cli("setup-replication", env=_dsn_env(primary, mirror))
     assert result.exit_code == 0, result.output
@@ -150,18 +166,15 @@ def test_setup_replication_on_a_fresh_pair(cluster_factory, tmp_path: Path) -> N
     assert "✓ mirror: subscription chrispar_sub created (initial copy of all tables)" in result.stdout
     assert PASSWORD not in result.output
 
-    assert primary.sql("SELECT puballtables FROM pg_publication WHERE pubname = 'chrispar_pub'",
-                       dbname="chrispar") == "t"
-    assert mirror.sql("SELECT subenabled FROM pg_subscription WHERE subname = 'chrispar_sub'",
-                      dbname="chrispar") == "t"
+    assert (
+        primary.sql("SELECT puballtables FROM pg_publication WHERE pubname = 'chrispar_pub'", dbname="chrispar") == "t"
+    )
+    assert mirror.sql("SELECT subenabled FROM pg_subscription WHERE subname = 'chrispar_sub'", dbname="chrispar") == "t"
     # The command returns once the initial copy is done.
-    assert mirror.sql("SELECT string_agg(nombre, ',' ORDER BY id) FROM clientes",
-                      dbname="chrispar") == "ana,luis,eva"
+    assert mirror.sql("SELECT string_agg(nombre, ',' ORDER BY id) FROM clientes", dbname="chrispar") == "ana,luis,eva"
 
 
-def test_setup_replication_when_pgroute_manages_the_pair_is_a_no_op(
-    pair: local.LocalPair, tmp_path: Path
-) -> None:
+def test_setup_replication_when_pgroute_manages_the_pair_is_a_no_op(pair: local.LocalPair, tmp_path: Path) -> None:
     # What a failover leaves: the mirror promoted (its subscription gone) and stamped
     # with the epoch and the active node. Recreating primary -> mirror now would be
     # wrong; re-running the seed's one-shot replication_setup must not fail either.
@@ -173,9 +186,11 @@ def test_setup_replication_when_pgroute_manages_the_pair_is_a_no_op(
 
     result = _cli("setup-replication", "--config", str(cfg))
     assert result.exit_code == 0, result.output
-    assert result.stdout == ("nothing to do: pgroute manages this pair (epoch 1 stamped on "
-                             "mirror, active node mirror); see `pgroute status`, "
-                             "`pgroute rejoin`, `pgroute failback`\n")
+    assert result.stdout == (
+        "nothing to do: pgroute manages this pair (epoch 1 stamped on "
+        "mirror, active node mirror); see `pgroute status`, "
+        "`pgroute rejoin`, `pgroute failback`\n"
+    )
     assert pair.mirror.sql(subscriptions, dbname=pair.dbname) == "0"
 
     # With the old primary still down, too: the node that cannot be reached is skipped.

@@ -11,8 +11,8 @@ import time
 import asyncpg
 
 from pgroute.control.divergence import apply_divergent, read_divergent, to_sql, write_recovery_files
-from pgroute.pg.pgoutput import ChangeKind
 from pgroute.local import DEFAULT_SCHEMA
+from pgroute.pg.pgoutput import ChangeKind
 
 SLOT = "chrispar_sub"
 PUB = "chrispar_pub"
@@ -117,9 +117,10 @@ async def test_divergent_commits_are_recovered(pair, tmp_path) -> None:
         assert divset.confirmed_flush_lsn is not None
         assert all(tx.commit_lsn > divset.confirmed_flush_lsn for tx in divset.transactions)
         # Peeking consumed nothing.
-        assert pair.primary.sql(
-            f"SELECT confirmed_flush_lsn FROM pg_replication_slots WHERE slot_name = '{SLOT}'", db
-        ) == slot_before
+        assert (
+            pair.primary.sql(f"SELECT confirmed_flush_lsn FROM pg_replication_slots WHERE slot_name = '{SLOT}'", db)
+            == slot_before
+        )
 
         report = await apply_divergent(mirror, divset)
         assert report.skipped_identical == 1  # id 4, already on the mirror
@@ -198,10 +199,13 @@ async def test_no_divergence_after_a_clean_sync(pair) -> None:
     assert divset.slot_found and divset.empty and divset.change_count == 0
 
 
-MATRIX_SCHEMA = DEFAULT_SCHEMA + """
+MATRIX_SCHEMA = (
+    DEFAULT_SCHEMA
+    + """
 CREATE TABLE notas (id int PRIMARY KEY, txt text);
 ALTER TABLE notas REPLICA IDENTITY FULL;
 """
+)
 
 
 async def test_apply_outcomes(local_cluster) -> None:
@@ -213,8 +217,7 @@ async def test_apply_outcomes(local_cluster) -> None:
         pg.sql(MATRIX_SCHEMA, db)
     pg.sql(BASE_ROWS + "INSERT INTO notas VALUES (1, 'a'), (2, 'b');", "src")
     pg.sql(
-        "CREATE PUBLICATION p FOR ALL TABLES;"
-        "SELECT pg_create_logical_replication_slot('s', 'pgoutput');",
+        "CREATE PUBLICATION p FOR ALL TABLES;SELECT pg_create_logical_replication_slot('s', 'pgoutput');",
         "src",
     )
     pg.sql(
@@ -224,13 +227,13 @@ async def test_apply_outcomes(local_cluster) -> None:
         "dst",
     )
     for tx in [
-        "INSERT INTO usuarios VALUES (10, 'Dup', 'dup@x');",                       # other unique key
-        "UPDATE usuarios SET nombre = 'U1' WHERE id = 1;",                          # target missing
+        "INSERT INTO usuarios VALUES (10, 'Dup', 'dup@x');",  # other unique key
+        "UPDATE usuarios SET nombre = 'U1' WHERE id = 1;",  # target missing
         "INSERT INTO usuarios VALUES (11, 'New', 'new@x');"
-        " UPDATE usuarios SET nombre = 'New2' WHERE id = 11;",                      # applied twice
+        " UPDATE usuarios SET nombre = 'New2' WHERE id = 11;",  # applied twice
         "INSERT INTO usuarios VALUES (12, 'C', 'c@x');"
-        " UPDATE usuarios SET nombre = 'C2' WHERE id = 12;",                        # conflict, then its update
-        "DELETE FROM usuarios WHERE id = 2;",                                       # already absent
+        " UPDATE usuarios SET nombre = 'C2' WHERE id = 12;",  # conflict, then its update
+        "DELETE FROM usuarios WHERE id = 2;",  # already absent
         "UPDATE notas SET txt = 'a2' WHERE id = 1; DELETE FROM notas WHERE id = 2;",  # FULL identity
         "TRUNCATE pedidos;",
     ]:

@@ -25,14 +25,29 @@ from pgroute.cli import main
 from .harness import api_async, make_config, proxy_dsn, wait_for
 
 # Variables a developer's shell may set that would change what the CLI reads.
-CLEAN_ENV = {"PGROUTE_API_URL": None, "PGROUTE_API_TOKEN": None, "PGROUTE_CONFIG": None,
-             "DATABASE_URL": None, "MIRROR_DATABASE_URL": None, "AUTO_FAILOVER_ENABLED": None,
-             "HEALTH_CHECK_INTERVAL": None, "HEALTH_CHECK_MAX_RETRIES": None,
-             "HEALTH_CHECK_TIMEOUT": None}
+CLEAN_ENV = {
+    "PGROUTE_API_URL": None,
+    "PGROUTE_API_TOKEN": None,
+    "PGROUTE_CONFIG": None,
+    "DATABASE_URL": None,
+    "MIRROR_DATABASE_URL": None,
+    "AUTO_FAILOVER_ENABLED": None,
+    "HEALTH_CHECK_INTERVAL": None,
+    "HEALTH_CHECK_MAX_RETRIES": None,
+    "HEALTH_CHECK_TIMEOUT": None,
+}
 PASSWORD = "Sup3rS3cret"
-METRIC_NAMES = ("pgroute_active_node", "pgroute_node_up", "pgroute_probe_duration_seconds",
-                "pgroute_failovers_total", "pgroute_client_connections", "pgroute_proxied_bytes_total",
-                "pgroute_paused", "pgroute_epoch", "pgroute_build_info")
+METRIC_NAMES = (
+    "pgroute_active_node",
+    "pgroute_node_up",
+    "pgroute_probe_duration_seconds",
+    "pgroute_failovers_total",
+    "pgroute_client_connections",
+    "pgroute_proxied_bytes_total",
+    "pgroute_paused",
+    "pgroute_epoch",
+    "pgroute_build_info",
+)
 
 
 # -- helpers ---------------------------------------------------------------------------------
@@ -46,9 +61,11 @@ async def _wait(running, pred, timeout=30.0, what="state"):
 
 async def _following(running, timeout=30.0):
     """Until the standby follows the active node and its lag has been sampled."""
+
     def ok(s):
         standby = "mirror" if s["active"] == "primary" else "primary"
         return s["replication"] == "ok" and s["nodes"][standby]["lag_bytes"] is not None
+
     await _wait(running, ok, timeout, "standby following")
 
 
@@ -70,17 +87,19 @@ async def running_pgroute(config, stop_within: float = 20.0):
         stopping = asyncio.ensure_future(running.stop())
         done, _ = await asyncio.wait({stopping}, timeout=stop_within)
         if not done:
-            stuck = sorted(t.get_name() for t in asyncio.all_tasks()
-                           if not t.done() and t is not stopping and t is not asyncio.current_task())
-            for _ in range(100):   # cancel the stuck loops again so the test can end
+            stuck = sorted(
+                t.get_name()
+                for t in asyncio.all_tasks()
+                if not t.done() and t is not stopping and t is not asyncio.current_task()
+            )
+            for _ in range(100):  # cancel the stuck loops again so the test can end
                 for task in running.controller.monitor._tasks:
                     task.cancel()
                 done, _ = await asyncio.wait({stopping}, timeout=0.1)
                 if done:
                     break
             if not body_failed:
-                raise AssertionError(f"pgroute did not stop within {stop_within:g} s; "
-                                     f"tasks still running: {stuck}")
+                raise AssertionError(f"pgroute did not stop within {stop_within:g} s; tasks still running: {stuck}")
 
 
 def _cli(*args: str, env: dict | None = None):
@@ -208,8 +227,7 @@ async def test_endpoints_pause_refusals_switchover_and_cli_status(pair, tmp_path
         assert code == 200, body
         pending = asyncio.create_task(asyncpg.connect(proxy_dsn(running), timeout=20))
         try:
-            await wait_for(lambda: _st(running)["connections"]["waiting"] >= 1, 5,
-                           what="a held connection")
+            await wait_for(lambda: _st(running)["connections"]["waiting"] >= 1, 5, what="a held connection")
             await asyncio.sleep(0.5)
             assert not pending.done(), "a new connection got through while paused"
             assert _st(running)["paused"] is True
@@ -309,8 +327,11 @@ async def test_passwords_never_appear_in_outputs_or_logs(pair, tmp_path, caplog)
     mdsn = pair.mirror_dsn().replace("postgresql://postgres@", f"postgresql://postgres:{PASSWORD}@")
     assert PASSWORD in pdsn and PASSWORD in mdsn
     # The mirror's subscription carries a password too (pg_subscription.subconninfo).
-    pair.mirror.sql(f"ALTER SUBSCRIPTION chrispar_sub CONNECTION 'host=127.0.0.1 port={pair.primary.port} "
-                    f"user=postgres dbname=chrispar password={PASSWORD}'", dbname="chrispar")
+    pair.mirror.sql(
+        f"ALTER SUBSCRIPTION chrispar_sub CONNECTION 'host=127.0.0.1 port={pair.primary.port} "
+        f"user=postgres dbname=chrispar password={PASSWORD}'",
+        dbname="chrispar",
+    )
     config = make_config(pair, tmp_path, primary={"dsn": pdsn}, mirror={"dsn": mdsn})
     config_file = _write_config(tmp_path / "pgroute.toml", pdsn, mdsn)
 
@@ -335,8 +356,12 @@ async def test_passwords_never_appear_in_outputs_or_logs(pair, tmp_path, caplog)
             # Kill the mirror (now active): probe errors, an automatic failover that
             # drops the primary's password-bearing subscription, then refusals.
             pair.mirror.kill()
-            await _wait(running, lambda s: s["active"] == "primary" and s["epoch"] == 2
-                        and s["nodes"]["mirror"]["up"] is False, 30, "failover back to the primary")
+            await _wait(
+                running,
+                lambda s: s["active"] == "primary" and s["epoch"] == 2 and s["nodes"]["mirror"]["up"] is False,
+                30,
+                "failover back to the primary",
+            )
             for cmd in ("failover", "failback", "switchover"):
                 code, body = await api_async(running, f"/api/{cmd}", "POST")
                 assert code == 409, (cmd, code, body)
@@ -398,9 +423,15 @@ async def test_webhook_of_kill9_failover_not_delayed_by_dead_webhook(pair, tmp_p
     await site.start()
     port = runner.addresses[0][1]
     try:
-        config = make_config(pair, tmp_path, alerts={
-            "webhook_urls": [f"http://127.0.0.1:{port}/hook", "http://127.0.0.1:1/unreachable"],
-            "timeout": 1.0, "retries": 1})
+        config = make_config(
+            pair,
+            tmp_path,
+            alerts={
+                "webhook_urls": [f"http://127.0.0.1:{port}/hook", "http://127.0.0.1:1/unreachable"],
+                "timeout": 1.0,
+                "retries": 1,
+            },
+        )
         async with running_pgroute(config) as running:
             await _following(running)
             pair.primary.kill()
@@ -410,8 +441,8 @@ async def test_webhook_of_kill9_failover_not_delayed_by_dead_webhook(pair, tmp_p
             assert event["ended_at"] - event["started_at"] < 5, event
 
             def ended():
-                return [(at, p) for at, p in received if p.get("kind") == "failover"
-                        and p.get("stage") == "ended"]
+                return [(at, p) for at, p in received if p.get("kind") == "failover" and p.get("stage") == "ended"]
+
             await wait_for(ended, 10, what="the failover webhook")
             at, payload = ended()[0]
             assert "FAILOVER" in payload["text"], payload
@@ -425,13 +456,13 @@ async def test_webhook_of_kill9_failover_not_delayed_by_dead_webhook(pair, tmp_p
             async def failed_count():
                 _, samples = await _metrics(running)
                 return (_value(samples, "pgroute_alerts_failed_total", channel="webhook") or 0) >= 1
+
             await wait_for(failed_count, 20, interval=0.3, what="pgroute_alerts_failed_total")
     finally:
         await runner.cleanup()
-    failures = [r.getMessage() for r in caplog.records if r.name == "pgroute.alerts"
-                and "failed" in r.getMessage()]
+    failures = [r.getMessage() for r in caplog.records if r.name == "pgroute.alerts" and "failed" in r.getMessage()]
     assert failures and all("127.0.0.1:1" in m and "/unreachable" not in m for m in failures), failures
-    assert not any(str(port) in m for m in failures)   # the good receiver never failed
+    assert not any(str(port) in m for m in failures)  # the good receiver never failed
     # The finished switch reports the epoch and node it produced, not the ones before it.
     assert event["details"].get("epoch") == "1", event
     assert payload["epoch"] == 1 and "epoch 1" in payload["text"], payload
@@ -444,8 +475,15 @@ def test_check_reports_each_broken_setup(pair, cluster_factory, tmp_path):
     result = _cli("check", "--config", str(cfg))
     items = _check_lines(result.output)
     assert result.exit_code == 0, result.output
-    assert {"primary reachable", "mirror reachable", "publication", "subscription",
-            "primary wal_level", "replication lag", "kernel splicing"} <= set(items), result.output
+    assert {
+        "primary reachable",
+        "mirror reachable",
+        "publication",
+        "subscription",
+        "primary wal_level",
+        "replication lag",
+        "kernel splicing",
+    } <= set(items), result.output
     assert all(v.startswith("✓") for v in items.values()), result.output
     # The suite runs as root (CI): the kernel takes the BPF program.
     assert "available, sessions will be forwarded by the kernel" in items["kernel splicing"]
@@ -473,7 +511,7 @@ def test_check_reports_each_broken_setup(pair, cluster_factory, tmp_path):
     assert result.exit_code == 1, result.output
     level = _check_lines(result.output)["primary wal_level"]
     assert level.startswith("✗") and "replica" in level, result.output
-    assert "wal_level = logical" in result.output   # the fix
+    assert "wal_level = logical" in result.output  # the fix
 
     # (d) a node down
     pair.mirror.kill()
@@ -486,23 +524,28 @@ def test_check_reports_each_broken_setup(pair, cluster_factory, tmp_path):
 
 # -- 6: pgroute setup-replication -------------------------------------------------------------------
 async def test_setup_replication_on_fresh_servers_is_idempotent(cluster_factory, tmp_path):
-    with ThreadPoolExecutor(2) as pool:   # two initdb's in parallel
+    with ThreadPoolExecutor(2) as pool:  # two initdb's in parallel
         primary, mirror = pool.map(cluster_factory, ("src", "dst"))
     primary.sql("CREATE DATABASE chrispar")
-    primary.sql("CREATE TABLE clientes (id serial PRIMARY KEY, nombre text NOT NULL);"
-                "INSERT INTO clientes (nombre) VALUES ('ana'), ('luis'), ('eva');", dbname="chrispar")
+    primary.sql(
+        "CREATE TABLE clientes (id serial PRIMARY KEY, nombre text NOT NULL);"
+        "INSERT INTO clientes (nombre) VALUES ('ana'), ('luis'), ('eva');",
+        dbname="chrispar",
+    )
     cfg = _write_config(tmp_path / "pgroute.toml", primary.dsn("chrispar"), mirror.dsn("chrispar"))
 
     result = await asyncio.to_thread(_cli, "setup-replication", "--config", str(cfg))
     assert result.exit_code == 0, result.output
     assert "publication chrispar_pub created" in result.output, result.output
     assert "subscription chrispar_sub created" in result.output, result.output
-    assert mirror.sql("SELECT string_agg(nombre, ',' ORDER BY id) FROM clientes",
-                      dbname="chrispar") == "ana,luis,eva"
+    assert mirror.sql("SELECT string_agg(nombre, ',' ORDER BY id) FROM clientes", dbname="chrispar") == "ana,luis,eva"
 
     primary.sql("INSERT INTO clientes (nombre) VALUES ('nuevo')", dbname="chrispar")
-    await wait_for(lambda: mirror.sql("SELECT count(*) FROM clientes WHERE nombre = 'nuevo'",
-                                      dbname="chrispar") == "1", 15, what="the insert replicated")
+    await wait_for(
+        lambda: mirror.sql("SELECT count(*) FROM clientes WHERE nombre = 'nuevo'", dbname="chrispar") == "1",
+        15,
+        what="the insert replicated",
+    )
 
     again = await asyncio.to_thread(_cli, "setup-replication", "--config", str(cfg))
     assert again.exit_code == 0, again.output

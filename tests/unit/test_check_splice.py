@@ -32,10 +32,18 @@ def test_on_without_the_kernel_fails_with_a_fix(kernel_refuses):
     assert "CAP_BPF" in fix and 'proxy.splice = "auto"' in fix
 
 
-@pytest.mark.parametrize("release, trusted", [
-    ("6.18.44-fc-v595", True), ("6.6.0", True), ("6.5.13-generic", False),
-    ("5.15.0-91-generic", False), ("7.0", True), ("garbage", False), ("6.10rc1", True),
-])
+@pytest.mark.parametrize(
+    "release, trusted",
+    [
+        ("6.18.44-fc-v595", True),
+        ("6.6.0", True),
+        ("6.5.13-generic", False),
+        ("5.15.0-91-generic", False),
+        ("7.0", True),
+        ("garbage", False),
+        ("6.10rc1", True),
+    ],
+)
 def test_auto_trusts_kernels_from_6_6(release, trusted, monkeypatch):
     from pgroute.proxy import sockmap
 

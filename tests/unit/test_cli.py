@@ -24,8 +24,13 @@ from pgroute.model import Event
 from .test_alerts import free_port
 from .test_api import FakeControl, base_status, make_config, make_router
 
-CLEAN_ENV = {"PGROUTE_API_URL": None, "PGROUTE_API_TOKEN": None, "PGROUTE_CONFIG": None,
-             "DATABASE_URL": None, "MIRROR_DATABASE_URL": None}
+CLEAN_ENV = {
+    "PGROUTE_API_URL": None,
+    "PGROUTE_API_TOKEN": None,
+    "PGROUTE_CONFIG": None,
+    "DATABASE_URL": None,
+    "MIRROR_DATABASE_URL": None,
+}
 
 
 class SlowControl(FakeControl):
@@ -108,7 +113,7 @@ def test_status_human(daemon):
     out = res.stdout
     assert "primary_active" in out and "epoch 3" in out
     assert "primary" in out and "mirror" in out and "standby" in out
-    assert "128 B" in out                     # mirror lag
+    assert "128 B" in out  # mirror lag
     assert "last event: #3 failover ok in 2.5 s" in out
     assert max(len(line) for line in out.splitlines()) <= 80
 
@@ -121,12 +126,17 @@ def test_status_json(daemon):
 
 def test_render_status_fits_80_columns_in_a_bad_state():
     st = base_status()
-    st.update(state="mirror_active_primary_fenced", active="mirror", paused=True,
-              reason="primary fenced after failover; " + "x" * 200,
-              operation={"kind": "failback", "phase": "catch_up", "started_at": time.time() - 3},
-              conflicts=[{"table": "t"}])
-    st["nodes"]["primary"].update(up=False, role="fenced", error="connection refused " * 10,
-                                  last_probe=None, latency_ms=None)
+    st.update(
+        state="mirror_active_primary_fenced",
+        active="mirror",
+        paused=True,
+        reason="primary fenced after failover; " + "x" * 200,
+        operation={"kind": "failback", "phase": "catch_up", "started_at": time.time() - 3},
+        conflicts=[{"table": "t"}],
+    )
+    st["nodes"]["primary"].update(
+        up=False, role="fenced", error="connection refused " * 10, last_probe=None, latency_ms=None
+    )
     st["nodes"]["mirror"].update(lag_bytes=3 * 1024 * 1024 * 1024, host="a-very-long-hostname." * 4)
     text = render_status(st)
     assert max(len(line) for line in text.splitlines()) <= 80
@@ -147,7 +157,7 @@ def test_failover_confirmed_interactively(daemon):
 
 
 def test_failover_yes_shows_progress_and_result(daemon):
-    daemon.fake.phase_delay = 0.05   # each phase also waits until a status poll saw it
+    daemon.fake.phase_delay = 0.05  # each phase also waits until a status poll saw it
     res = invoke(["failover", "--yes", "--force", "--api", daemon.url])
     assert res.exit_code == 0, res.output
     assert daemon.fake.requests == [("failover", {"force": True, "resync": False})]
@@ -210,7 +220,7 @@ def test_token():
 def test_api_url_from_config_file(daemon, tmp_path):
     port = daemon.url.rsplit(":", 1)[1]
     cfg = tmp_path / "pgroute.toml"
-    cfg.write_text(f'[api]\nlisten = "0.0.0.0:{port}"\n')   # no DSNs needed for this
+    cfg.write_text(f'[api]\nlisten = "0.0.0.0:{port}"\n')  # no DSNs needed for this
     res = invoke(["status", "--config", str(cfg)])
     assert res.exit_code == 0, res.output
     # --api wins over the file.
@@ -220,8 +230,10 @@ def test_api_url_from_config_file(daemon, tmp_path):
 
 def test_run_bad_config_exits_2(tmp_path):
     cfg = tmp_path / "bad.toml"
-    cfg.write_text('[primary]\ndsn = "postgresql://u@h/db"\n[mirror]\ndsn = "postgresql://u@h2/db"\n'
-                   '[health]\nmax_retries = "three"\n')
+    cfg.write_text(
+        '[primary]\ndsn = "postgresql://u@h/db"\n[mirror]\ndsn = "postgresql://u@h2/db"\n'
+        '[health]\nmax_retries = "three"\n'
+    )
     res = invoke(["run", "--config", str(cfg)])
     assert res.exit_code == 2
     assert "health.max_retries" in res.stderr
@@ -233,11 +245,12 @@ def test_run_calls_app_with_overrides(tmp_path, monkeypatch):
     fake_app.run = lambda config: seen.setdefault("config", config) and 0  # type: ignore[attr-defined]
     monkeypatch.setitem(sys.modules, "pgroute.app", fake_app)
     import pgroute.logs
-    monkeypatch.setattr(pgroute.logs, "setup_logging",
-                        lambda level, fmt: seen.update(level=level, fmt=fmt))
+
+    monkeypatch.setattr(pgroute.logs, "setup_logging", lambda level, fmt: seen.update(level=level, fmt=fmt))
     env_file = tmp_path / ".env"
-    env_file.write_text("DATABASE_URL=postgresql://u:pw@127.0.0.1:5432/db\n"
-                        "MIRROR_DATABASE_URL=postgresql://u:pw@127.0.0.1:5433/db\n")
+    env_file.write_text(
+        "DATABASE_URL=postgresql://u:pw@127.0.0.1:5432/db\nMIRROR_DATABASE_URL=postgresql://u:pw@127.0.0.1:5433/db\n"
+    )
     res = invoke(["run", "--env-file", str(env_file), "--log-level", "debug", "--log-format", "json"])
     assert res.exit_code == 0, res.output
     config: Config = seen["config"]
@@ -290,8 +303,11 @@ def test_logging_one_line_and_masked(fmt, restore_root_logger):
     assert len(lines) == 2
     assert "hunter2" not in stream.getvalue()
     if fmt == "text":
-        assert re.match(r"^\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3}Z INFO "
-                        r"pgroute\.control\.controller FAILOVER to mirror", lines[0])
+        assert re.match(
+            r"^\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3}Z INFO "
+            r"pgroute\.control\.controller FAILOVER to mirror",
+            lines[0],
+        )
         assert "ERROR pgroute.control.controller FAILBACK failed\\nTraceback" in lines[1]
     else:
         first, second = (json.loads(line) for line in lines)
@@ -320,8 +336,9 @@ def test_render_imports_neither_click_nor_the_commands():
     # rendering must not bring the command line (and with it the demo) back in.
     import subprocess
 
-    code = ("import sys, pgroute.cli.render; "
-            "print(sorted(m for m in sys.modules if m == 'click' or m.startswith('pgroute.cli.')))")
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
-                         check=True, timeout=60).stdout
+    code = (
+        "import sys, pgroute.cli.render; "
+        "print(sorted(m for m in sys.modules if m == 'click' or m.startswith('pgroute.cli.')))"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, timeout=60).stdout
     assert out.strip() == "['pgroute.cli.render']"

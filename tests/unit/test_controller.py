@@ -81,19 +81,22 @@ class FakeMonitor:
 
 
 def config(tmp_path: Path, **health: object) -> Config:
-    return Config.model_validate({
-        "primary": {"dsn": "postgresql://postgres@127.0.0.1:5432/chrispar"},
-        "mirror": {"dsn": "postgresql://postgres@127.0.0.1:5433/chrispar"},
-        "health": {"max_retries": 2, **health},
-        "state": {"path": str(tmp_path / "state.json")},
-    })
+    return Config.model_validate(
+        {
+            "primary": {"dsn": "postgresql://postgres@127.0.0.1:5432/chrispar"},
+            "mirror": {"dsn": "postgresql://postgres@127.0.0.1:5433/chrispar"},
+            "health": {"max_retries": 2, **health},
+            "state": {"path": str(tmp_path / "state.json")},
+        }
+    )
 
 
 FOLLOWING_PAIR = {P: NodeView(True, 3, "primary"), M: NodeView(True, 3, "primary", subscriber=True, read_only=False)}
 
 
-async def make(tmp_path: Path, views: dict[NodeName, NodeView], stored: Stored | None = None,
-               **health: object) -> tuple[Controller, FakeExecutor, FakeMonitor, Router]:
+async def make(
+    tmp_path: Path, views: dict[NodeName, NodeView], stored: Stored | None = None, **health: object
+) -> tuple[Controller, FakeExecutor, FakeMonitor, Router]:
     cfg = config(tmp_path, **health)
     if stored is not None:
         StateFile(cfg.state.path).save(stored)
@@ -173,7 +176,7 @@ async def test_requested_failover_runs_and_routes_to_the_new_epoch(tmp_path):
     assert router.route.backend is not None and router.route.backend.name == "mirror"
     assert router.route.epoch == 4 and ctl.state.epoch == 4
     assert result["details"]["epoch"] == "4"
-    assert set(mon.soon) == {P, M}       # stale samples: both probed at once
+    assert set(mon.soon) == {P, M}  # stale samples: both probed at once
 
 
 async def test_crashing_procedure_routes_nowhere_and_reports_failure(tmp_path):
@@ -185,7 +188,7 @@ async def test_crashing_procedure_routes_nowhere_and_reports_failure(tmp_path):
         await ctl.request("failover")
     assert router.route.backend is None
     assert ctl.state.phase is Phase.NO_ROUTABLE_NODE
-    assert ctl.state.active is P          # the node holding the data is remembered
+    assert ctl.state.active is P  # the node holding the data is remembered
     assert ctl.events(1)[0]["result"] == "failed"
     assert ctl.operation is None
 
@@ -223,7 +226,7 @@ async def test_resolve_refused_while_routing(tmp_path):
 
 
 async def test_resolve_after_fail_closed_start_stamps_above_every_epoch(tmp_path):
-    views = {P: NodeView(True, 7, "primary"), M: NodeView(True, 7, "mirror")}   # claims disagree
+    views = {P: NodeView(True, 7, "primary"), M: NodeView(True, 7, "mirror")}  # claims disagree
     ctl, ex, _mon, router = await make(tmp_path, views, Stored(5, P))
     assert router.route.backend is None and "disagree" in router.route.reason
     ev = await ctl.resolve(M)

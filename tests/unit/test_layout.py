@@ -38,10 +38,11 @@ def imports_of(path: Path) -> set[str]:
             if not target.startswith("pgroute"):
                 continue
             found.add(target)
-            for alias in node.names:   # "from . import divergence" imports a module
+            for alias in node.names:  # "from . import divergence" imports a module
                 candidate = f"{target}.{alias.name}"
-                if (ROOT.parent / candidate.replace(".", "/")).with_suffix(".py").exists() or \
-                        (ROOT.parent / candidate.replace(".", "/") / "__init__.py").exists():
+                if (ROOT.parent / candidate.replace(".", "/")).with_suffix(".py").exists() or (
+                    ROOT.parent / candidate.replace(".", "/") / "__init__.py"
+                ).exists():
                     found.add(candidate)
     return found
 
@@ -55,13 +56,23 @@ def under(name: str, *packages: str) -> bool:
 
 
 def violations(sources: tuple[str, ...], forbidden: tuple[str, ...]) -> list[str]:
-    return [f"{m} imports {i}" for m, deps in GRAPH.items() if under(m, *sources)
-            for i in sorted(deps) if under(i, *forbidden)]
+    return [
+        f"{m} imports {i}"
+        for m, deps in GRAPH.items()
+        if under(m, *sources)
+        for i in sorted(deps)
+        if under(i, *forbidden)
+    ]
 
 
 def test_the_data_path_imports_only_model_and_errors() -> None:
-    bad = [f"{m} imports {i}" for m, deps in GRAPH.items() if under(m, "pgroute.proxy")
-           for i in sorted(deps) if not under(i, "pgroute.proxy", "pgroute.model", "pgroute.errors")]
+    bad = [
+        f"{m} imports {i}"
+        for m, deps in GRAPH.items()
+        if under(m, "pgroute.proxy")
+        for i in sorted(deps)
+        if not under(i, "pgroute.proxy", "pgroute.model", "pgroute.errors")
+    ]
     assert bad == []
 
 
@@ -70,19 +81,31 @@ def test_the_monitor_never_imports_the_control_plane() -> None:
 
 
 def test_the_control_plane_never_imports_interfaces_or_tools() -> None:
-    assert violations(("pgroute.control", "pgroute.pg"),
-                      ("pgroute.api", "pgroute.cli", "pgroute.demo", "pgroute.tools", "pgroute.local",
-                       "pgroute.app")) == []
+    assert (
+        violations(
+            ("pgroute.control", "pgroute.pg"),
+            ("pgroute.api", "pgroute.cli", "pgroute.demo", "pgroute.tools", "pgroute.local", "pgroute.app"),
+        )
+        == []
+    )
 
 
 def test_postgres_access_depends_on_nothing_above_it() -> None:
-    assert violations(("pgroute.pg",), ("pgroute.control", "pgroute.monitor", "pgroute.proxy",
-                                        "pgroute.config")) == []
+    assert violations(("pgroute.pg",), ("pgroute.control", "pgroute.monitor", "pgroute.proxy", "pgroute.config")) == []
 
 
 def test_the_daemon_never_imports_local_tooling() -> None:
-    daemon = ("pgroute.app", "pgroute.api", "pgroute.control", "pgroute.monitor", "pgroute.proxy",
-              "pgroute.pg", "pgroute.alerts", "pgroute.config", "pgroute.logs")
+    daemon = (
+        "pgroute.app",
+        "pgroute.api",
+        "pgroute.control",
+        "pgroute.monitor",
+        "pgroute.proxy",
+        "pgroute.pg",
+        "pgroute.alerts",
+        "pgroute.config",
+        "pgroute.logs",
+    )
     assert violations(daemon, ("pgroute.local", "pgroute.demo", "pgroute.tools")) == []
 
 
@@ -96,7 +119,7 @@ def test_no_import_cycles() -> None:
         state[node] = 1
         for dep in graph[node]:
             if state.get(dep) == 1:
-                cycles.append([*stack[stack.index(dep):], dep])
+                cycles.append([*stack[stack.index(dep) :], dep])
             elif dep not in state:
                 visit(dep, [*stack, dep])
         state[node] = 2

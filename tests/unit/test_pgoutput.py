@@ -16,6 +16,7 @@ from pgroute.control.divergence import (
     to_sql,
     write_recovery_files,
 )
+from pgroute.pg.naming import int_to_lsn, lsn_to_int, quote_ident, quote_literal
 from pgroute.pg.pgoutput import (
     UNCHANGED_TOAST,
     Begin,
@@ -30,7 +31,6 @@ from pgroute.pg.pgoutput import (
     decode_stream,
     pg_timestamp,
 )
-from pgroute.pg.naming import int_to_lsn, lsn_to_int, quote_ident, quote_literal
 
 # ---------------------------------------------------------------- builders
 
@@ -96,7 +96,7 @@ TS = 123_456_789_000_000  # microseconds since 2000-01-01
 def test_begin_and_commit() -> None:
     b = decode_message(begin(0x1_0000_0010, TS, 731))
     assert b == Begin(0x1_0000_0010, pg_timestamp(TS), 731)
-    assert b.commit_time == dt.datetime(2000, 1, 1, tzinfo=dt.timezone.utc) + dt.timedelta(microseconds=TS)
+    assert b.commit_time == dt.datetime(2000, 1, 1, tzinfo=dt.UTC) + dt.timedelta(microseconds=TS)
     c = decode_message(commit(0x1_0000_0010, 0x1_0000_0040, TS))
     assert c == Commit(0, 0x1_0000_0010, 0x1_0000_0040, pg_timestamp(TS))
 
@@ -161,23 +161,23 @@ def test_truncate() -> None:
     "data",
     [
         b"",
-        b"Z\x00\x00",                              # unknown type
-        b"B\x00\x00",                              # short Begin
-        begin(1, 2, 3) + b"\x00",                  # trailing byte
-        b"C" + struct.pack(">BQQ", 0, 1, 2),       # Commit without timestamp
-        b"R" + struct.pack(">I", 1) + b"public",   # unterminated string
+        b"Z\x00\x00",  # unknown type
+        b"B\x00\x00",  # short Begin
+        begin(1, 2, 3) + b"\x00",  # trailing byte
+        b"C" + struct.pack(">BQQ", 0, 1, 2),  # Commit without timestamp
+        b"R" + struct.pack(">I", 1) + b"public",  # unterminated string
         relation(1, "public", "t", "x", USERS_COLS),  # bad replica identity
         relation(1, "public", "t", "d", USERS_COLS)[:-3],  # cut inside a column
         b"I" + struct.pack(">I", 1) + b"X" + tuple_data("1"),  # not 'N'
         b"I" + struct.pack(">I", 1) + b"N" + struct.pack(">h", 2) + b"t" + struct.pack(">i", 10) + b"abc",
         b"I" + struct.pack(">I", 1) + b"N" + struct.pack(">h", 1) + b"q",  # unknown column kind
-        b"I" + struct.pack(">I", 1) + b"N" + struct.pack(">h", -1),       # negative count
+        b"I" + struct.pack(">I", 1) + b"N" + struct.pack(">h", -1),  # negative count
         b"I" + struct.pack(">I", 1) + b"N" + struct.pack(">h", 1) + b"t" + struct.pack(">i", -5),
         b"I" + struct.pack(">I", 1) + b"N" + struct.pack(">h", 1) + b"t" + struct.pack(">i", 2) + b"\xff\xfe",
         b"U" + struct.pack(">I", 1) + b"K" + tuple_data("1"),  # old key without new tuple
         b"U" + struct.pack(">I", 1) + b"X",
         b"D" + struct.pack(">I", 1) + b"N" + tuple_data("1"),  # delete needs K or O
-        b"T" + struct.pack(">iB", 0, 0),                       # no relations
+        b"T" + struct.pack(">iB", 0, 0),  # no relations
         b"T" + struct.pack(">iB", 3, 0) + struct.pack(">I", 1),  # fewer oids than announced
         b"M" + struct.pack(">BQ", 0, 1) + s("p") + struct.pack(">i", 9) + b"ab",
     ],
@@ -236,16 +236,24 @@ def test_stream_keeps_origin_and_relations() -> None:
 @pytest.mark.parametrize(
     "messages",
     [
-        [insert(16401, "1", "a", "b")],                                      # change outside a tx
-        [begin(1, TS, 1), insert(16401, "1", "a", "b"), commit(1, 2, TS)],   # unknown relation
-        [begin(1, TS, 1)],                                                   # no Commit
-        [begin(1, TS, 1), begin(2, TS, 2)],                                  # nested Begin
-        [commit(1, 2, TS)],                                                  # Commit without Begin
-        [begin(1, TS, 1), commit(9, 10, TS)],                                # LSN mismatch
-        [relation(16401, "public", "u", "d", USERS_COLS), begin(1, TS, 1),
-         insert(16401, "1", "a"), commit(1, 2, TS)],                         # column count mismatch
-        [relation(16401, "public", "u", "d", USERS_COLS), begin(1, TS, 1),
-         insert(16401, "1", UNCHANGED_TOAST, "x"), commit(1, 2, TS)],        # toast marker in insert
+        [insert(16401, "1", "a", "b")],  # change outside a tx
+        [begin(1, TS, 1), insert(16401, "1", "a", "b"), commit(1, 2, TS)],  # unknown relation
+        [begin(1, TS, 1)],  # no Commit
+        [begin(1, TS, 1), begin(2, TS, 2)],  # nested Begin
+        [commit(1, 2, TS)],  # Commit without Begin
+        [begin(1, TS, 1), commit(9, 10, TS)],  # LSN mismatch
+        [
+            relation(16401, "public", "u", "d", USERS_COLS),
+            begin(1, TS, 1),
+            insert(16401, "1", "a"),
+            commit(1, 2, TS),
+        ],  # column count mismatch
+        [
+            relation(16401, "public", "u", "d", USERS_COLS),
+            begin(1, TS, 1),
+            insert(16401, "1", UNCHANGED_TOAST, "x"),
+            commit(1, 2, TS),
+        ],  # toast marker in insert
         [begin(1, TS, 1), b"\x01garbage", commit(1, 2, TS)],
     ],
 )

@@ -62,7 +62,7 @@ class _ActiveTable:
 
     oid: int
     qualified: str
-    types: dict[str, str]          # column -> cast target type (no typmod)
+    types: dict[str, str]  # column -> cast target type (no typmod)
     primary_key: tuple[str, ...]
 
 
@@ -71,10 +71,7 @@ class _Unappliable(Exception):
 
 
 # Matches the row fetch_row locked, from its "tableoid:ctid" locator in $n.
-_LOCATOR_CONDITION = (
-    "tableoid = split_part(${n}::text, ':', 1)::oid"
-    " AND ctid = split_part(${n}::text, ':', 2)::tid"
-)
+_LOCATOR_CONDITION = "tableoid = split_part(${n}::text, ':', 1)::oid AND ctid = split_part(${n}::text, ':', 2)::tid"
 
 
 class _Mark(enum.Enum):
@@ -121,9 +118,7 @@ class _Applier:
             raise _Unappliable(f"table {table_label(rel)} does not exist on the active node")
         missing = [c.name for c in rel.columns if c.name not in found.types]
         if missing:
-            raise _Unappliable(
-                f"columns {', '.join(missing)} of {table_label(rel)} do not exist on the active node"
-            )
+            raise _Unappliable(f"columns {', '.join(missing)} of {table_label(rel)} do not exist on the active node")
         return found
 
     async def _load_table(self, rel: Relation) -> _ActiveTable | None:
@@ -273,12 +268,8 @@ class _Applier:
         reason: str,
     ) -> None:
         table = table_label(rel) if rel is not None else "?"
-        self.conflicts.append(
-            Conflict(table, key, divergent, active, kind, reason, tx.xid, tx.commit_lsn)
-        )
-        log.warning(
-            "FAILBACK divergence conflict: %s %s key=%s xid=%s: %s", kind, table, key, tx.xid, reason
-        )
+        self.conflicts.append(Conflict(table, key, divergent, active, kind, reason, tx.xid, tx.commit_lsn))
+        log.warning("FAILBACK divergence conflict: %s %s key=%s xid=%s: %s", kind, table, key, tx.xid, reason)
 
     def _expect_key(self, rel: Relation, values: Sequence[Value]) -> _RowKey:
         return (rel.schema, rel.name, tuple(values[i] for i in rel.key_indexes))
@@ -310,7 +301,11 @@ class _Applier:
                 self.identical += 1
                 return
             self.conflict(
-                tx, rel, "insert", {n: text_of(v) for n, v in key.items()}, row_dict(rel, change.new),
+                tx,
+                rel,
+                "insert",
+                {n: text_of(v) for n, v in key.items()},
+                row_dict(rel, change.new),
                 dict(zip(names, active)),
                 "a row with this key exists on the active node with different values",
             )
@@ -400,8 +395,7 @@ class _Applier:
         if sets:
             args = [change.new[i] for i in sets] + [ctid]
             assignments = ", ".join(
-                f"{quote_ident(names[i])} = ${n + 1}::text::{tbl.types[names[i]]}"
-                for n, i in enumerate(sets)
+                f"{quote_ident(names[i])} = ${n + 1}::text::{tbl.types[names[i]]}" for n, i in enumerate(sets)
             )
             status = await self.conn.execute(
                 f"UPDATE {tbl.qualified} SET {assignments} WHERE {_LOCATOR_CONDITION.format(n=len(args))}",
@@ -412,8 +406,13 @@ class _Applier:
         if before is None:
             self.replaced.append(
                 Replaced(
-                    table_label(rel), _key_dict(rel, change), dict(zip(names, active)),
-                    row_dict(rel, change.new), "update", tx.xid, tx.commit_lsn,
+                    table_label(rel),
+                    _key_dict(rel, change),
+                    dict(zip(names, active)),
+                    row_dict(rel, change.new),
+                    "update",
+                    tx.xid,
+                    tx.commit_lsn,
                 )
             )
         self.applied += 1
@@ -442,22 +441,23 @@ class _Applier:
             return
         ctid, active = found
         if before is _DELETED:
-            raise _ConflictWithRow(
-                "the divergent history already deleted this row", dict(zip(names, active))
-            )
+            raise _ConflictWithRow("the divergent history already deleted this row", dict(zip(names, active)))
         if before is not None and not _same(active, before):
             raise _ConflictWithRow(
                 "the row differs on the active node from the divergent history's before-image",
                 dict(zip(names, active)),
             )
-        await self.conn.execute(
-            f"DELETE FROM {tbl.qualified} WHERE {_LOCATOR_CONDITION.format(n=1)}", ctid
-        )
+        await self.conn.execute(f"DELETE FROM {tbl.qualified} WHERE {_LOCATOR_CONDITION.format(n=1)}", ctid)
         if before is None:
             self.replaced.append(
                 Replaced(
-                    table_label(rel), _key_dict(rel, change), dict(zip(names, active)),
-                    None, "delete", tx.xid, tx.commit_lsn,
+                    table_label(rel),
+                    _key_dict(rel, change),
+                    dict(zip(names, active)),
+                    None,
+                    "delete",
+                    tx.xid,
+                    tx.commit_lsn,
                 )
             )
         self.applied += 1

@@ -41,7 +41,6 @@ _PEEK_SQL = (
 )
 
 
-
 async def read_divergent(
     conn: asyncpg.Connection,
     slot: str,
@@ -79,9 +78,7 @@ async def read_divergent(
         log.info("FAILBACK divergence: no slot %s on this node, nothing to recover", slot)
         return DivergentSet(slot, publication, slot_found=False)
     if info["slot_type"] != "logical" or info["plugin"] != "pgoutput":
-        raise DivergenceError(
-            f"slot {slot} is {info['slot_type']}/{info['plugin']}, not a pgoutput logical slot"
-        )
+        raise DivergenceError(f"slot {slot} is {info['slot_type']}/{info['plugin']}, not a pgoutput logical slot")
     if not info["same_db"]:
         raise DivergenceError(f"slot {slot} belongs to another database than this connection's")
     if info["active"]:

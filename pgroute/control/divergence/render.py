@@ -122,9 +122,7 @@ def to_sql(txs: Iterable[Transaction], relations: Mapping[int, Relation] | None 
     lines += [f"SET {name} TO {quote_literal(value)};" for name, value in SESSION_SETTINGS]
     for tx in txs:
         lines.append("")
-        lines.append(
-            f"BEGIN; -- xid {tx.xid}, commit {int_to_lsn(tx.commit_lsn)} at {tx.commit_time.isoformat()}"
-        )
+        lines.append(f"BEGIN; -- xid {tx.xid}, commit {int_to_lsn(tx.commit_lsn)} at {tx.commit_time.isoformat()}")
         for change in tx.changes:
             lines.append(change_to_sql(change, relations))
         lines.append("COMMIT;")
@@ -166,7 +164,7 @@ def _change_json(tx: Transaction, change: Change, relations: Mapping[int, Relati
 def to_jsonl(
     txs: Iterable[Transaction],
     relations: Mapping[int, Relation] | None = None,
-    report: "ApplyReport | None" = None,
+    report: ApplyReport | None = None,
 ) -> str:
     """One JSON object per change; with a report, then one line per conflict
     (``"conflict": true``) and per replaced active row (``"replaced": true``)."""

@@ -11,6 +11,16 @@ from .rejoin import rejoin
 from .switchover import ensure_synchronous_commit, failback, switchover
 
 __all__ = [
-    "Context", "Op", "OpResult", "abort_to", "ensure_synchronous_commit", "failback", "failover",
-    "fence", "promote_node", "rejoin", "switchover", "unfence",
+    "Context",
+    "Op",
+    "OpResult",
+    "abort_to",
+    "ensure_synchronous_commit",
+    "failback",
+    "failover",
+    "fence",
+    "promote_node",
+    "rejoin",
+    "switchover",
+    "unfence",
 ]

@@ -63,7 +63,7 @@ class Op:
 @dataclass(frozen=True)
 class OpResult:
     ok: bool
-    active: NodeName | None     # where it is safe to route now
+    active: NodeName | None  # where it is safe to route now
     epoch: int
     detail: str
 
@@ -71,9 +71,15 @@ class OpResult:
 class Context:
     """What the procedures need from the controller."""
 
-    def __init__(self, config: Config, router: Router, state_file: StateFile,
-                 backends: dict[NodeName, Backend], is_paused: Callable[[], bool],
-                 sequences: Callable[[], dict[str, int] | None]) -> None:
+    def __init__(
+        self,
+        config: Config,
+        router: Router,
+        state_file: StateFile,
+        backends: dict[NodeName, Backend],
+        is_paused: Callable[[], bool],
+        sequences: Callable[[], dict[str, int] | None],
+    ) -> None:
         self.config = config
         self.router = router
         self.state_file = state_file

@@ -31,8 +31,7 @@ from .context import Context, Op, OpResult
 log = logging.getLogger(__name__)
 
 
-async def failover(ctx: Context, op: Op, target: NodeName, epoch: int, *, manual: bool,
-                   force: bool) -> OpResult:
+async def failover(ctx: Context, op: Op, target: NodeName, epoch: int, *, manual: bool, force: bool) -> OpResult:
     """Promote ``target`` and route to it. The old active node is fenced first."""
     old = target.other
     new_epoch = epoch + 1
@@ -66,16 +65,22 @@ async def failover(ctx: Context, op: Op, target: NodeName, epoch: int, *, manual
             # applied everything it acknowledged, so a manual failover loses nothing.
             with op.phase("catch_up"):
                 try:
-                    await repl.wait_caught_up(old_conn, ctx.sub(target), old_lsn,
-                                              timeout=max(cfg.health.timeout * 2, 10.0))
+                    await repl.wait_caught_up(
+                        old_conn, ctx.sub(target), old_lsn, timeout=max(cfg.health.timeout * 2, 10.0)
+                    )
                     op.details["caught_up_to"] = int_to_lsn(old_lsn)
                 except DB_ERRORS as exc:
                     if not force:
-                        epoch = await abort_to(ctx, old, old_conn, epoch,
-                                                f"{target.value} did not catch up: {describe(exc)}")
-                        return OpResult(False, old, epoch,
-                                        f"{target.value} did not catch up with {old.value} "
-                                        f"({describe(exc)}); {old.value} unfenced and still active")
+                        epoch = await abort_to(
+                            ctx, old, old_conn, epoch, f"{target.value} did not catch up: {describe(exc)}"
+                        )
+                        return OpResult(
+                            False,
+                            old,
+                            epoch,
+                            f"{target.value} did not catch up with {old.value} "
+                            f"({describe(exc)}); {old.value} unfenced and still active",
+                        )
                     op.details["caught_up_to"] = f"forced without catch-up ({describe(exc)})"
 
         with op.phase("promote"):
@@ -84,11 +89,16 @@ async def failover(ctx: Context, op: Op, target: NodeName, epoch: int, *, manual
             except DB_ERRORS as exc:
                 if old_conn is not None:
                     epoch = await abort_to(ctx, old, old_conn, epoch, f"promotion failed: {describe(exc)}")
-                    return OpResult(False, old, epoch, f"promotion of {target.value} failed "
-                                    f"({describe(exc)}); {old.value} unfenced and still active")
+                    return OpResult(
+                        False,
+                        old,
+                        epoch,
+                        f"promotion of {target.value} failed ({describe(exc)}); {old.value} unfenced and still active",
+                    )
                 ctx.route_to(None, epoch, f"FAILOVER to {target.value} failed: {describe(exc)}")
-                return OpResult(False, None, epoch, f"promotion of {target.value} failed: "
-                                f"{describe(exc)}; routing to no node")
+                return OpResult(
+                    False, None, epoch, f"promotion of {target.value} failed: {describe(exc)}; routing to no node"
+                )
             op.details.update(report)
             if old_conn is not None:
                 try:
@@ -100,9 +110,12 @@ async def failover(ctx: Context, op: Op, target: NodeName, epoch: int, *, manual
             ctx.persist(new_epoch, target)
             ctx.route_to(target, new_epoch)
             ctx.router.close_sessions(before_epoch=new_epoch, reason="FAILOVER: epoch changed")
-        return OpResult(True, target, new_epoch,
-                        f"epoch {new_epoch}; old active {old.value} "
-                        f"{'fenced' if old_conn is not None else 'unreachable'}")
+        return OpResult(
+            True,
+            target,
+            new_epoch,
+            f"epoch {new_epoch}; old active {old.value} {'fenced' if old_conn is not None else 'unreachable'}",
+        )
     finally:
         await close(old_conn)
 
@@ -152,4 +165,3 @@ async def abort_to(ctx: Context, node: NodeName, conn: asyncpg.Connection, epoch
         return epoch
     ctx.route_to(node, abort_epoch)
     return abort_epoch
-

@@ -35,4 +35,3 @@ async def unfence(ctx: Context, node: NodeName, epoch: int) -> OpResult:
         return OpResult(False, node, epoch, describe(exc))
     finally:
         await close(conn)
-

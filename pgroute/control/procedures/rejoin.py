@@ -31,8 +31,16 @@ async def _dump(ctx: Context, node: NodeName, epoch: int) -> Path:
     return await dump_database(ctx.dsn(node), path)
 
 
-async def rejoin(ctx: Context, op: Op, node: NodeName, epoch: int, active: NodeName | None,
-                 record_conflicts: Callable[[list[dict]], None], *, resync: bool = False) -> OpResult:
+async def rejoin(
+    ctx: Context,
+    op: Op,
+    node: NodeName,
+    epoch: int,
+    active: NodeName | None,
+    record_conflicts: Callable[[list[dict]], None],
+    *,
+    resync: bool = False,
+) -> OpResult:
     """Make the returned, fenced ``node`` a subscriber of ``active`` without losing
     what it committed that ``active`` never received.
 
@@ -51,11 +59,12 @@ async def rejoin(ctx: Context, op: Op, node: NodeName, epoch: int, active: NodeN
     try:
         node_conn = await ctx.connect(node)
         active_conn = await ctx.connect(active)
-        old_slot = ctx.sub(active)          # active's old subscription slot on node
+        old_slot = ctx.sub(active)  # active's old subscription slot on node
         with op.phase("divergence"):
             applied = await catalog.read_applied_lsn(active_conn)
-            divset = await divergence.read_divergent(node_conn, old_slot, cfg.replication.publication,
-                                                     applied_lsn=applied)
+            divset = await divergence.read_divergent(
+                node_conn, old_slot, cfg.replication.publication, applied_lsn=applied
+            )
             op.details["applied_lsn"] = applied or "unknown"
             diverged = not divset.empty
             op.details["orphaned_slot"] = "found" if divset.slot_found else "absent"
@@ -66,15 +75,24 @@ async def rejoin(ctx: Context, op: Op, node: NodeName, epoch: int, active: NodeN
                 divergence.write_recovery_files(ctx.recovery_dir, divset, None, label)
                 report = await divergence.apply_divergent(active_conn, divset)
                 jsonl, sql = divergence.write_recovery_files(ctx.recovery_dir, divset, report, label)
-                op.details.update({"recovery_jsonl": str(jsonl), "recovery_sql": str(sql),
-                                   "divergent_applied": str(report.applied),
-                                   "divergent_identical": str(report.skipped_identical),
-                                   "conflicts": str(len(report.conflicts))})
+                op.details.update(
+                    {
+                        "recovery_jsonl": str(jsonl),
+                        "recovery_sql": str(sql),
+                        "divergent_applied": str(report.applied),
+                        "divergent_identical": str(report.skipped_identical),
+                        "conflicts": str(len(report.conflicts)),
+                    }
+                )
                 conflicts = [_conflict_json(c, jsonl) for c in report.conflicts]
                 if conflicts:
-                    log.warning("FAILBACK: %d divergent change(s) conflict with rows written on %s "
-                                "since failover; both versions kept, see %s", len(conflicts),
-                                active.value, jsonl)
+                    log.warning(
+                        "FAILBACK: %d divergent change(s) conflict with rows written on %s "
+                        "since failover; both versions kept, see %s",
+                        len(conflicts),
+                        active.value,
+                        jsonl,
+                    )
                     record_conflicts(conflicts)
         with op.phase("drop_orphaned_slot"):
             if divset.slot_found:
@@ -83,16 +101,18 @@ async def rejoin(ctx: Context, op: Op, node: NodeName, epoch: int, active: NodeN
             sub = ctx.sub(node)
             existing = await repl.subscription_info(node_conn, sub)
             retention = await repl.slot_info(active_conn, sub)
-            catch_up = (not resync and not diverged and divset.slot_found and retention is not None)
+            catch_up = not resync and not diverged and divset.slot_found and retention is not None
             conninfo = ctx.dsn(active).libpq_conninfo()
             if existing is not None and not resync:
                 mode = "already subscribed"
-                await repl.subscribe(node_conn, sub, conninfo, cfg.replication.publication,
-                                     copy_data=False, create_slot=False)
+                await repl.subscribe(
+                    node_conn, sub, conninfo, cfg.replication.publication, copy_data=False, create_slot=False
+                )
             elif catch_up:
                 mode = "catch-up from the retention slot"
-                await repl.subscribe(node_conn, sub, conninfo, cfg.replication.publication,
-                                     copy_data=False, create_slot=False)
+                await repl.subscribe(
+                    node_conn, sub, conninfo, cfg.replication.publication, copy_data=False, create_slot=False
+                )
             else:
                 mode = "full resync"
                 dump = await _dump(ctx, node, epoch)
@@ -101,8 +121,9 @@ async def rejoin(ctx: Context, op: Op, node: NodeName, epoch: int, active: NodeN
                     await repl.drop_subscription(node_conn, sub, publisher_reachable=True)
                 await repl.drop_slot(active_conn, sub)
                 await repl.truncate_published_tables(node_conn, cfg.replication.publication)
-                await repl.subscribe(node_conn, sub, conninfo, cfg.replication.publication,
-                                     copy_data=True, create_slot=True)
+                await repl.subscribe(
+                    node_conn, sub, conninfo, cfg.replication.publication, copy_data=True, create_slot=True
+                )
             op.details["mode"] = mode
             log.info("FAILBACK rejoin of %s: %s", node.value, mode)
         with op.phase("catch_up"):
@@ -120,7 +141,13 @@ async def rejoin(ctx: Context, op: Op, node: NodeName, epoch: int, active: NodeN
 
 
 def _conflict_json(conflict: divergence.Conflict, path: Path) -> dict[str, Any]:
-    return {"table": conflict.table, "kind": conflict.kind, "key": conflict.key,
-            "divergent": conflict.divergent, "active": conflict.active,
-            "reason": conflict.reason, "xid": conflict.xid, "recovery_file": str(path)}
-
+    return {
+        "table": conflict.table,
+        "kind": conflict.kind,
+        "key": conflict.key,
+        "divergent": conflict.divergent,
+        "active": conflict.active,
+        "reason": conflict.reason,
+        "xid": conflict.xid,
+        "recovery_file": str(path),
+    }

@@ -37,7 +37,7 @@ async def ensure_synchronous_commit(ctx: Context, node: NodeName) -> None:
         await close(conn)
 
 
-DRAIN_WINDOW = 0.2   # seconds in-flight sessions get before they are closed
+DRAIN_WINDOW = 0.2  # seconds in-flight sessions get before they are closed
 
 
 async def switchover(ctx: Context, op: Op, target: NodeName, epoch: int) -> OpResult:
@@ -47,7 +47,7 @@ async def switchover(ctx: Context, op: Op, target: NodeName, epoch: int) -> OpRe
     new_epoch = epoch + 1
     old_conn = None
     try:
-        await ensure_synchronous_commit(ctx, target)   # fast catch-up below
+        await ensure_synchronous_commit(ctx, target)  # fast catch-up below
         old_conn = await ctx.connect(old)
         t_hold = time.monotonic()
         with op.phase("drain"):
@@ -59,7 +59,8 @@ async def switchover(ctx: Context, op: Op, target: NodeName, epoch: int) -> OpRe
             # Writes stop here: open sessions could still commit during the drain.
             t_stop = time.monotonic()
             op.details["sessions_closed"] = str(
-                ctx.router.close_sessions(backend=old.value, reason=f"{op.tag}: switching to {target.value}"))
+                ctx.router.close_sessions(backend=old.value, reason=f"{op.tag}: switching to {target.value}")
+            )
             await fencing.fence(old_conn)
             lsn = await catalog.current_lsn(old_conn)
         with op.phase("catch_up"):
@@ -67,15 +68,17 @@ async def switchover(ctx: Context, op: Op, target: NodeName, epoch: int) -> OpRe
                 await repl.wait_caught_up(old_conn, ctx.sub(target), lsn, timeout=10.0)
             except DB_ERRORS as exc:
                 epoch = await abort_to(ctx, old, old_conn, epoch, f"{target.value} did not catch up: {describe(exc)}")
-                return OpResult(False, old, epoch, f"{target.value} did not catch up ({describe(exc)}); "
-                                f"{old.value} still active")
+                return OpResult(
+                    False, old, epoch, f"{target.value} did not catch up ({describe(exc)}); {old.value} still active"
+                )
         with op.phase("promote"):
             try:
                 op.details.update(await promote_node(ctx, target, new_epoch))
             except DB_ERRORS as exc:
                 epoch = await abort_to(ctx, old, old_conn, epoch, f"promotion failed: {describe(exc)}")
-                return OpResult(False, old, epoch, f"promotion of {target.value} failed ({describe(exc)}); "
-                                f"{old.value} still active")
+                return OpResult(
+                    False, old, epoch, f"promotion of {target.value} failed ({describe(exc)}); {old.value} still active"
+                )
         # From here on the target holds every acknowledged commit and is promoted:
         # route to it even if the old node fails below (it will rejoin later).
         with op.phase("route"):
@@ -91,8 +94,14 @@ async def switchover(ctx: Context, op: Op, target: NodeName, epoch: int) -> OpRe
                 await catalog.write_stamp(old_conn, new_epoch, target.value)
                 await repl.drop_slot(old_conn, ctx.sub(target))
                 await repl.set_synchronous(old_conn, None)
-                await repl.subscribe(old_conn, ctx.sub(old), ctx.dsn(target).libpq_conninfo(),
-                                     cfg.replication.publication, copy_data=False, create_slot=False)
+                await repl.subscribe(
+                    old_conn,
+                    ctx.sub(old),
+                    ctx.dsn(target).libpq_conninfo(),
+                    cfg.replication.publication,
+                    copy_data=False,
+                    create_slot=False,
+                )
                 if cfg.replication.synchronous in ("on", "strict"):
                     tconn = await ctx.connect(target)
                     try:
@@ -102,8 +111,9 @@ async def switchover(ctx: Context, op: Op, target: NodeName, epoch: int) -> OpRe
                 op.details["old_active"] = f"{old.value} follows {target.value}"
             except DB_ERRORS as exc:
                 op.details["old_active"] = f"{old.value} not resubscribed: {describe(exc)} (it rejoins when back)"
-        return OpResult(True, target, new_epoch,
-                        f"epoch {new_epoch}; write stall {stall * 1000:.0f} ms; {op.details['old_active']}")
+        return OpResult(
+            True, target, new_epoch, f"epoch {new_epoch}; write stall {stall * 1000:.0f} ms; {op.details['old_active']}"
+        )
     except DB_ERRORS as exc:
         # Before the route phase: old is still the one with every commit.
         if old_conn is not None and not old_conn.is_closed():
@@ -115,8 +125,9 @@ async def switchover(ctx: Context, op: Op, target: NodeName, epoch: int) -> OpRe
         await close(old_conn)
 
 
-async def failback(ctx: Context, op: Op, epoch: int, record_conflicts: Callable[[list[dict]], None],
-                   *, resync: bool = False) -> OpResult:
+async def failback(
+    ctx: Context, op: Op, epoch: int, record_conflicts: Callable[[list[dict]], None], *, resync: bool = False
+) -> OpResult:
     """Rejoin the configured primary if needed, then switch over to it."""
     primary = NodeName.PRIMARY
     conn = await ctx.try_connect(primary, ctx.config.health.timeout)
@@ -132,4 +143,3 @@ async def failback(ctx: Context, op: Op, epoch: int, record_conflicts: Callable[
             return OpResult(False, NodeName.MIRROR, epoch, f"rejoin failed: {result.detail}")
         op.details["rejoin"] = result.detail
     return await switchover(ctx, op, primary, epoch)
-
