@@ -13,7 +13,7 @@ from pathlib import Path
 import asyncpg
 import pytest
 
-from .harness import (Writer, api_async, make_config, missing_rows, proxy_dsn, running_pgroute,
+from .harness import (Writer, api_async, make_config, missing, proxy_dsn, running_pgroute,
                       wait_for)
 
 pytestmark = pytest.mark.asyncio
@@ -56,11 +56,11 @@ async def _diverge_then_kill(pair, writer: Writer, n: int = 10) -> list:
     only, kill -9 the primary, then re-enable the subscription (its worker cannot reach
     the dead primary): those commits are divergent, deterministically."""
     pair.mirror.sql("ALTER SUBSCRIPTION chrispar_sub DISABLE", dbname="chrispar")
-    start = len(writer.acked)
+    start = len(writer.acks)
     await writer.wait_acked(n)
     pair.primary.kill()
     pair.mirror.sql("ALTER SUBSCRIPTION chrispar_sub ENABLE", dbname="chrispar")
-    return writer.acked[start:]
+    return writer.acks[start:]
 
 
 async def test_failback_recovers_divergent_commits_under_writer(pair, tmp_path, caplog):
@@ -74,13 +74,13 @@ async def test_failback_recovers_divergent_commits_under_writer(pair, tmp_path, 
         await _wait(running, lambda s: s["active"] == "mirror", 30, "failover")
         await writer.wait_acked(20)
         # Those commits are not on the mirror (yet).
-        assert await missing_rows(pair.mirror_dsn(), divergent)
+        assert await missing(pair.mirror_dsn(), divergent)
 
         pair.primary.start()
         # Fenced, then rejoined automatically: divergent commits applied to the mirror.
         await _wait(running, lambda s: s["nodes"]["primary"]["subscription"] is not None
                     and s["replication"] == "ok", 90, "primary rejoined")
-        assert await missing_rows(pair.mirror_dsn(), divergent) == []
+        assert await missing(pair.mirror_dsn(), divergent) == []
         rejoin = [e for e in _st(running)["events"] if e["kind"] == "rejoin"][0]
         assert rejoin["result"] == "ok" and rejoin["details"]["mode"] == "full resync"
         assert int(rejoin["details"]["divergent_transactions"]) >= 1
@@ -99,7 +99,7 @@ async def test_failback_recovers_divergent_commits_under_writer(pair, tmp_path, 
         await wait_for(lambda: pair.mirror.sql("SELECT count(*) FROM usuarios WHERE nombre = 'after-failback'",
                                                dbname="chrispar") == "1", 30, what="replicated insert")
     # Every acknowledged commit of the whole run is on the primary, divergent ones included.
-    assert await missing_rows(pair.primary_dsn(), writer.acked) == []
+    assert await missing(pair.primary_dsn(), writer.acks) == []
     assert await _rows(pair.primary_dsn()) == await _rows(pair.mirror_dsn())
     # No inactive replication slot left on either node.
     for cluster in (pair.primary, pair.mirror):
@@ -154,9 +154,9 @@ async def test_switchover_under_writer_loses_nothing(pair, tmp_path):
         await writer.wait_acked(50)
         await writer.stop()
         assert _st(running)["active"] == "primary"
-    assert await missing_rows(pair.primary_dsn(), writer.acked) == []
+    assert await missing(pair.primary_dsn(), writer.acks) == []
     pair.wait_synced()          # the mirror follows the primary again: it catches up fully
-    assert await missing_rows(pair.mirror_dsn(), writer.acked) == []
+    assert await missing(pair.mirror_dsn(), writer.acks) == []
 
 
 @pytest.mark.parametrize("victim,when", [("mirror", "catch_up"), ("primary", "promote"),
@@ -177,7 +177,7 @@ async def test_node_killed_mid_switchover_never_routes_to_stale(pair, tmp_path, 
         status, body = await api_async(running, "/api/switchover", "POST", {})
         running.controller._on_phase = lambda op: None
         st = _st(running)
-        acked_before = list(writer.acked)
+        acked_before = list(writer.acks)
         await writer.stop()
         # Wherever pgroute routes now holds every acknowledged commit, or it routes nowhere.
         active = st["active"]
@@ -187,7 +187,7 @@ async def test_node_killed_mid_switchover_never_routes_to_stale(pair, tmp_path, 
             target = pair.primary_dsn() if active == "primary" else pair.mirror_dsn()
             alive = (pair.primary if active == "primary" else pair.mirror).is_running()
             if alive:
-                assert await missing_rows(target, acked_before) == []
+                assert await missing(target, acked_before) == []
             else:
                 # Routed to the node that just died: it must be the one with the data,
                 # and failover moves away from it once the monitor declares it down.
@@ -204,11 +204,11 @@ async def test_synchronous_on_kill9_loses_nothing(pair, tmp_path):
         writer = Writer(proxy_dsn(running), pause=0.0).start()
         await writer.wait_acked(100)
         pair.primary.kill()
-        at_kill = list(writer.acked)
+        at_kill = list(writer.acks)
         await _wait(running, lambda s: s["active"] == "mirror", 30, "failover")
         await writer.wait_acked(10)
         await writer.stop()
-    assert await missing_rows(pair.mirror_dsn(), at_kill) == []
+    assert await missing(pair.mirror_dsn(), at_kill) == []
 
 
 @pytest.mark.parametrize("mode", ["on", "strict"])
@@ -255,7 +255,7 @@ async def test_auto_failback_after_primary_returns(pair, tmp_path, caplog):
         await writer.stop()
         events = _st(running)["events"]
         assert [e for e in events if e["kind"] == "failback" and e["result"] == "ok"]
-    assert await missing_rows(pair.primary_dsn(), writer.acked) == []
+    assert await missing(pair.primary_dsn(), writer.acks) == []
     assert any("FAILBACK" in r.getMessage() and "auto_failback" in r.getMessage() for r in caplog.records)
 
 
@@ -273,7 +273,7 @@ async def test_node_killed_mid_failback_never_routes_to_stale(pair, tmp_path, vi
         await writer.wait_acked(10)
         await _diverge_then_kill(pair, writer, 5)
         await _wait(running, lambda s: s["active"] == "mirror", 30, "failover")
-        after_failover = len(writer.acked)
+        after_failover = len(writer.acks)
         await writer.wait_acked(10)
         pair.primary.start()
         await _wait(running, lambda s: s["nodes"]["primary"]["role"] == "fenced", 30, "primary fenced")
@@ -287,7 +287,7 @@ async def test_node_killed_mid_failback_never_routes_to_stale(pair, tmp_path, vi
         running.controller._on_phase = lambda op: None
         assert status in (200, 409, 500), body
         await writer.stop()
-        acked = writer.acked[after_failover:]     # acknowledged by the mirror
+        acked = writer.acks[after_failover:]     # acknowledged by the mirror
         st = _st(running)
         active = st["active"]
         if active is None:
@@ -297,5 +297,5 @@ async def test_node_killed_mid_failback_never_routes_to_stale(pair, tmp_path, vi
         if cluster.is_running():
             # The routed node holds every commit the mirror acknowledged (commits only
             # the old primary acknowledged may sit there until a rejoin succeeds).
-            assert await missing_rows(pair.primary_dsn() if active == "primary" else pair.mirror_dsn(),
+            assert await missing(pair.primary_dsn() if active == "primary" else pair.mirror_dsn(),
                                       acked) == []

@@ -10,7 +10,7 @@ import os
 import asyncpg
 import pytest
 
-from .harness import (Writer, api_async, make_config, missing_rows, proxy_dsn, running_pgroute,
+from .harness import (Writer, api_async, make_config, missing, proxy_dsn, running_pgroute,
                       wait_for)
 
 pytestmark = pytest.mark.asyncio
@@ -39,7 +39,7 @@ async def test_kill9_primary_under_writer_fails_over_to_mirror(pair, tmp_path, c
         await writer.wait_acked(20)
         pair.wait_synced()
         pair.primary.kill()
-        at_kill = len(writer.acked)
+        at_kill = len(writer.acks)
         await _wait_state(running, lambda s: s["active"] == "mirror", 30, "failover to mirror")
         await writer.wait_acked(20)       # writes through the same address succeed again
         await writer.stop()
@@ -48,9 +48,10 @@ async def test_kill9_primary_under_writer_fails_over_to_mirror(pair, tmp_path, c
         assert status == 200
         assert body["database"] == "mirror" and body["status"] == "degraded"
         # Serial and identity keys both kept working on the mirror (no duplicate key).
-        tables = {t for t, _, _ in writer.acked[-20:]}
+        tables = {a.table for a in writer.acks[-20:]}
         assert tables == {"usuarios", "empleados"}
-        assert not [e for e in writer.errors if "duplicate key" in e]
+        assert not writer.errors["UniqueViolationError"], writer.error_samples()
+        assert not [m for _, _, m in writer.error_log if "duplicate key" in m]
         st = _status(running)
         assert st["epoch"] == 1
         ev = [e for e in st["events"] if e["kind"] == "failover"][0]
@@ -59,8 +60,8 @@ async def test_kill9_primary_under_writer_fails_over_to_mirror(pair, tmp_path, c
     # Every write acknowledged after the kill is on the mirror. Asynchronous
     # replication may leave a few commits acknowledged just before the kill on the
     # dead primary only (recovered at rejoin: see test_failback.py).
-    missing = await missing_rows(pair.mirror_dsn(), writer.acked)
-    assert not [m for m in missing if writer.acked.index(m) >= at_kill], missing
+    lost = await missing(pair.mirror_dsn(), writer.acks)
+    assert not [m for m in lost if writer.acks.index(m) >= at_kill], lost
 
 
 async def test_sigstop_primary_is_detected_and_stuck_sessions_closed(pair, tmp_path):
@@ -164,7 +165,7 @@ async def test_manual_failover_with_primary_up_loses_nothing(pair, tmp_path):
         await writer.wait_acked(30)
         await writer.stop()
         assert _status(running)["active"] == "mirror"
-    assert await missing_rows(pair.mirror_dsn(), writer.acked) == []
+    assert await missing(pair.mirror_dsn(), writer.acks) == []
     # The old primary is fenced: nothing can be written there after the switch.
     assert pair.primary.sql("SHOW default_transaction_read_only") == "on"
 
