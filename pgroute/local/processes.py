@@ -233,6 +233,34 @@ def reap(pid: int, deadline: float) -> None:
         time.sleep(0.01)
 
 
+def reap_zombie_children(keep: Iterable[int] = ()) -> list[int]:
+    """Reap the zombie postgres processes that are our children, except `keep`, and
+    return their pids: backends of a postmaster someone else killed (kill -9 from a
+    terminal), re-parented to us as subreaper and never waited for otherwise."""
+    if not os.path.isdir("/proc"):
+        return []
+    keep = set(keep)
+    reaped = []
+    for pid in children(os.getpid()):
+        fields = _proc_stat(pid)
+        if pid in keep or fields is None or fields[0] != "Z" or not _comm_is(pid, "postgres"):
+            continue
+        try:
+            os.waitpid(pid, os.WNOHANG)
+        except ChildProcessError:
+            continue
+        reaped.append(pid)
+    return reaped
+
+
+def _comm_is(pid: int, name: str) -> bool:
+    try:
+        with open(f"/proc/{pid}/comm") as f:
+            return f.read().strip() == name
+    except OSError:
+        return False
+
+
 _subreaper_lock = threading.Lock()
 _subreaper = False
 
