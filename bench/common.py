@@ -123,20 +123,11 @@ def progress(msg: str, *args: Any) -> None:
 # --------------------------------------------------------------------------- directories
 
 
-def _parent_dir(explicit: str | None) -> Path | None:
-    if explicit:
-        return Path(explicit)
-    shm = Path("/dev/shm")
-    if shm.is_dir() and os.access(shm, os.W_OK | os.X_OK) and shutil.disk_usage(shm).free > 2 << 30:
-        return shm
-    return None
-
-
 @contextlib.contextmanager
 def bench_dirs(args, name: str):
     """(base directory for servers, directory for kept logs). The base directory and
     every server still running are removed/killed on the way out."""
-    parent = _parent_dir(args.tmpdir)
+    parent = local.scratch_parent(args.tmpdir)
     for place in {parent, None}:
         local.cleanup_abandoned(PREFIX, place)
     base = local.make_base_dir(PREFIX + name + "-", parent)

@@ -25,7 +25,7 @@ from __future__ import annotations
 
 from .binaries import INSTALL_HINT, PgBinaries, find_binaries
 from .cluster import LocalCluster
-from .directories import cleanup_abandoned, make_base_dir
+from .directories import cleanup_abandoned, make_base_dir, scratch_parent
 from .pair import DEFAULT_SCHEMA, LocalPair, create_pair
 from .processes import SERVER_USER, free_port, stop_all
 
@@ -41,5 +41,6 @@ __all__ = [
     "find_binaries",
     "free_port",
     "make_base_dir",
+    "scratch_parent",
     "stop_all",
 ]

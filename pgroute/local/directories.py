@@ -20,6 +20,18 @@ from .processes import check_reachable, give_to_server, pid_alive, pidfile_port
 log = logging.getLogger(__name__)
 
 
+def scratch_parent(explicit: Path | str | None = None) -> Path | None:
+    """Where disposable data directories go: `explicit` when given, else /dev/shm
+    when it has room (initdb is 2-3 times faster on tmpfs than on a disk, and the
+    data is disposable), else None: the system temporary directory."""
+    if explicit:
+        return Path(explicit)
+    shm = Path("/dev/shm")
+    if shm.is_dir() and os.access(shm, os.W_OK | os.X_OK) and shutil.disk_usage(shm).free > 2 << 30:
+        return shm
+    return None
+
+
 def make_base_dir(prefix: str = "pgroute-", parent: Path | str | None = None) -> Path:
     """A new empty directory the server user can use (for data directories and logs).
 
