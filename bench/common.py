@@ -2,8 +2,9 @@
 
 Owns: where benchmark servers live and how they are always cleaned up, the pgroute
 daemon run as a separate process (``python -m pgroute.cli run --config FILE``), its
-HTTP API, and ``Writer``: asyncpg clients that commit INSERTs through pgroute in a
-loop and record the monotonic time, id and serving node of every acknowledged commit.
+HTTP API, and the writer's settings (the writer itself, which records the monotonic
+time, id and serving node of every acknowledged commit, is
+``pgroute.local.workload.Writer`` with its ``Events`` rows).
 
 Why pgroute runs in its own process: the writer, the timers and the kill/pause
 calls of a benchmark must not share an event loop (or a GIL) with the proxy and
@@ -22,8 +23,6 @@ from __future__ import annotations
 
 import asyncio
 import atexit
-import bisect
-import collections
 import contextlib
 import json
 import logging
@@ -35,35 +34,21 @@ import statistics
 import subprocess
 import sys
 import time
-from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Awaitable, Callable, Iterable, NamedTuple
+from typing import Any, Awaitable, Callable
 
 import aiohttp
-import asyncpg
 
 from pgroute import local
+from pgroute.local.workload import EVENTS_SCHEMA, Events, Writer
 
 log = logging.getLogger("bench")
 
 REPO = Path(__file__).resolve().parent.parent
 PREFIX = "pgroute-bench-"
 
-BENCH_TABLE = "bench_events"
-BENCH_SCHEMA = f"""
-CREATE TABLE {BENCH_TABLE} (
-    id bigserial PRIMARY KEY,
-    writer int NOT NULL,
-    seq int NOT NULL,
-    created timestamptz NOT NULL DEFAULT clock_timestamp(),
-    UNIQUE (writer, seq)
-);
-"""
+SCHEMA = local.DEFAULT_SCHEMA + EVENTS_SCHEMA
 """Logical replication copies no DDL: create_pair creates this on both nodes."""
-
-SCHEMA = local.DEFAULT_SCHEMA + BENCH_SCHEMA
-
-INSERT_SQL = f"INSERT INTO {BENCH_TABLE} (writer, seq) VALUES ($1, $2) RETURNING id, inet_server_port()"
 
 DEFAULT_HEALTH = {"interval": 1.0, "max_retries": 3, "retry_interval": 0.3, "timeout": 1.0}
 
@@ -138,20 +123,11 @@ def progress(msg: str, *args: Any) -> None:
 # --------------------------------------------------------------------------- directories
 
 
-def _parent_dir(explicit: str | None) -> Path | None:
-    if explicit:
-        return Path(explicit)
-    shm = Path("/dev/shm")
-    if shm.is_dir() and os.access(shm, os.W_OK | os.X_OK) and shutil.disk_usage(shm).free > 2 << 30:
-        return shm
-    return None
-
-
 @contextlib.contextmanager
 def bench_dirs(args, name: str):
     """(base directory for servers, directory for kept logs). The base directory and
     every server still running are removed/killed on the way out."""
-    parent = _parent_dir(args.tmpdir)
+    parent = local.scratch_parent(args.tmpdir)
     for place in {parent, None}:
         local.cleanup_abandoned(PREFIX, place)
     base = local.make_base_dir(PREFIX + name + "-", parent)
@@ -393,151 +369,11 @@ def events_since(status: dict, kind: str, since_wall: float) -> list[dict]:
 # --------------------------------------------------------------------------- writer
 
 
-class Ack(NamedTuple):
-    t: float        # time.monotonic() when the commit was acknowledged
-    writer: int
-    seq: int
-    id: int
-    port: int       # inet_server_port() of the node that committed it
-
-
-@dataclass
-class Writer:
-    """`clients` connections through `dsn`, each committing one INSERT at a time,
-    reconnecting after any error. `acks` is in acknowledgement order (one event
-    loop, monotonic clock), so it can be bisected on time."""
-
-    dsn: str
-    clients: int = 1
-    connect_timeout: float = 1.0
-    query_timeout: float = 1.0
-    retry_sleep: float = 0.02
-    pause: float = 0.0
-    acks: list[Ack] = field(default_factory=list)
-    errors: collections.Counter = field(default_factory=collections.Counter)
-    error_log: collections.deque = field(default_factory=lambda: collections.deque(maxlen=200))
-    _times: list[float] = field(default_factory=list)
-    _wtimes: dict[int, list[float]] = field(default_factory=dict)
-    _tasks: list[asyncio.Task] = field(default_factory=list)
-    _stopping: bool = False
-
-    def start(self) -> "Writer":
-        self._tasks = [asyncio.create_task(self._client(w)) for w in range(1, self.clients + 1)]
-        return self
-
-    async def stop(self) -> None:
-        self._stopping = True
-        if not self._tasks:
-            return
-        done, pending = await asyncio.wait(self._tasks, timeout=self.query_timeout + self.connect_timeout + 2)
-        for t in pending:
-            t.cancel()
-        await asyncio.gather(*self._tasks, return_exceptions=True)
-
-    async def _client(self, w: int) -> None:
-        conn = None
-        seq = 0
-        try:
-            while not self._stopping:
-                try:
-                    if conn is None:
-                        conn = await asyncpg.connect(self.dsn, timeout=self.connect_timeout,
-                                                     command_timeout=None)
-                    seq += 1  # never reused: an unanswered INSERT may or may not have committed
-                    row = await conn.fetchrow(INSERT_SQL, w, seq, timeout=self.query_timeout)
-                    t = time.monotonic()
-                    self.acks.append(Ack(t, w, seq, row[0], row[1]))
-                    self._times.append(t)
-                    self._wtimes.setdefault(w, []).append(t)
-                except asyncio.CancelledError:
-                    raise
-                except Exception as exc:  # noqa: BLE001 - a bench client survives anything, counts it
-                    self.errors[type(exc).__name__] += 1
-                    self.error_log.append((time.monotonic(), w, f"{type(exc).__name__}: {str(exc)[:160]}"))
-                    if conn is not None:
-                        conn.terminate()
-                        conn = None
-                    await asyncio.sleep(self.retry_sleep)
-                    continue
-                if self.pause:
-                    await asyncio.sleep(self.pause)
-        finally:
-            if conn is not None:
-                conn.terminate()
-
-    # -- queries over the record --------------------------------------------------------
-    def first_after(self, t: float, port: int | None = None) -> Ack | None:
-        i = bisect.bisect_right(self._times, t)
-        for a in self.acks[i:]:
-            if port is None or a.port == port:
-                return a
-        return None
-
-    async def wait_first_after(self, t: float, port: int | None = None, timeout: float = 60.0) -> Ack | None:
-        deadline = time.monotonic() + timeout
-        while True:
-            a = self.first_after(t, port)
-            if a is not None or time.monotonic() > deadline:
-                return a
-            await asyncio.sleep(0.005)
-
-    async def wait_count(self, n: int, timeout: float = 60.0) -> None:
-        target = len(self.acks) + n
-        deadline = time.monotonic() + timeout
-        while len(self.acks) < target:
-            if time.monotonic() > deadline:
-                raise TimeoutError(f"writer: fewer than {n} commits in {timeout}s; "
-                                   f"last errors: {list(self.error_log)[-3:]}")
-            await asyncio.sleep(0.01)
-
-    def max_gap(self, t0: float, t1: float) -> tuple[float, float, float]:
-        """Longest interval with no acknowledged commit (from any client) that overlaps
-        [t0, t1]: (seconds, gap start, gap end). Needs a commit after t1 to be meaningful."""
-        return _max_gap(self._times, t0, t1)
-
-    def max_client_gap(self, t0: float, t1: float) -> float:
-        """The longest any one client went without an acknowledged commit, overlapping
-        [t0, t1]: what a single application session experienced."""
-        return max((_max_gap(ts, t0, t1)[0] for ts in self._wtimes.values()), default=0.0)
-
-    def errors_between(self, t0: float, t1: float) -> int:
-        return sum(1 for t, _, _ in self.error_log if t0 <= t <= t1)
-
-
-def error_samples(writer: Writer) -> dict[str, str]:
-    """The first message seen of each error type (for the JSON results)."""
-    out: dict[str, str] = {}
-    for _, _, msg in writer.error_log:
-        out.setdefault(msg.split(":", 1)[0], msg)
-    return out
-
-
-def _max_gap(times: list[float], t0: float, t1: float) -> tuple[float, float, float]:
-    lo = max(bisect.bisect_right(times, t0) - 1, 0)
-    hi = min(bisect.bisect_right(times, t1) + 1, len(times))
-    best = (0.0, t0, t0)
-    for a, b in zip(times[lo:hi - 1], times[lo + 1:hi]):
-        if b - a > best[0]:
-            best = (b - a, a, b)
-    return best
-
-
-async def missing_acks(dsn: str, acks: Iterable[Ack]) -> tuple[list[Ack], list[Ack]]:
-    """(acks whose (writer, seq) row is absent at dsn, acks present with another id)."""
-    conn = await asyncpg.connect(dsn, timeout=10)
-    try:
-        rows = await conn.fetch(f"SELECT writer, seq, id FROM {BENCH_TABLE}")
-    finally:
-        await conn.close()
-    have = {(r["writer"], r["seq"]): r["id"] for r in rows}
-    missing, changed = [], []
-    for a in acks:
-        got = have.get((a.writer, a.seq))
-        if got is None:
-            missing.append(a)
-        elif got != a.id:
-            changed.append(a)
-    return missing, changed
+def new_writer(dsn: str, args: Any) -> Writer:
+    """The benchmarks' writer (`Events` rows, see pgroute.local.workload) with the
+    client settings of `add_client_args`; not started."""
+    return Writer(dsn, Events(), clients=args.clients, connect_timeout=args.connect_timeout,
+                  query_timeout=args.query_timeout, retry_sleep=args.retry_sleep, pause=args.pause)
 
 
 # --------------------------------------------------------------------------- statistics / output

@@ -29,6 +29,8 @@ sys.path[:0] = [str(Path(__file__).resolve().parent.parent), str(Path(__file__).
 import common  # noqa: E402
 from common import progress  # noqa: E402
 
+from pgroute.local.workload import Writer, check_acks  # noqa: E402
+
 TARGETS = {"kill9": 3.0, "sigstop": 5.0}
 LABELS = {"kill9": "kill -9 primary", "sigstop": "SIGSTOP primary"}
 
@@ -38,7 +40,7 @@ async def one_run(args, base: Path, logs: Path, scenario: str, index: int) -> di
     result: dict = {"scenario": scenario, "run": index, "ok": False}
     pair = run_dir = None
     pg: common.PgrouteProcess | None = None
-    writer: common.Writer | None = None
+    writer: Writer | None = None
     anomaly = False
     try:
         # Synchronous on purpose: nothing else runs yet, and a Ctrl-C meanwhile
@@ -51,10 +53,8 @@ async def one_run(args, base: Path, logs: Path, scenario: str, index: int) -> di
         pg = await common.PgrouteProcess(run_dir / "pgroute.toml", logs / f"{stem}.pgroute.log",
                                          proxy_port, api_port).start()
         await pg.wait_following(60)
-        writer = common.Writer(pg.proxy_dsn(), clients=args.clients, connect_timeout=args.connect_timeout,
-                               query_timeout=args.query_timeout, retry_sleep=args.retry_sleep,
-                               pause=args.pause).start()
-        await writer.wait_count(50, 30)
+        writer = common.new_writer(pg.proxy_dsn(), args).start()
+        await writer.wait_acked(50, 30)
         # Sample the kill's position in the probe cycle uniformly.
         await asyncio.sleep(random.uniform(0, args.interval))
         primary_port, mirror_port = pair.primary.port, pair.mirror.port
@@ -66,7 +66,7 @@ async def one_run(args, base: Path, logs: Path, scenario: str, index: int) -> di
         else:
             await asyncio.to_thread(pair.primary.pause)
         result["signal_call_s"] = time.monotonic() - t0
-        first = await writer.wait_first_after(t0, port=mirror_port, timeout=args.deadline)
+        first = await writer.wait_first_acked_after(t0, port=mirror_port, timeout=args.deadline)
         st = await pg.status()
         evs = common.events_since(st, "failover", t_wall - 0.5)
         ev = evs[0] if evs else None
@@ -88,15 +88,15 @@ async def one_run(args, base: Path, logs: Path, scenario: str, index: int) -> di
         if ev is not None and ev.get("ended_at"):
             result["client_after_route_s"] = (first.t - t0) - (ev["ended_at"] - t_wall)
         # Let the writer commit a little more on the mirror, then check the record.
-        await writer.wait_count(20, 30)
+        await writer.wait_acked(20, 30)
         await writer.stop()
         result["writer_errors"] = dict(writer.errors)
-        result["writer_error_samples"] = common.error_samples(writer)
+        result["writer_error_samples"] = writer.error_samples()
         after = [a for a in writer.acks[acked_before:] if a.t > t0]
         # The signal call takes a few ms (kill(): SIGSTOP the postmaster, list its
         # children, SIGKILL them all), during which backends still commit.
         result["acked_on_primary_during_signal"] = sum(1 for a in after if a.port == primary_port)
-        missing, changed = await common.missing_acks(pair.mirror_dsn(), writer.acks)
+        missing, changed = await check_acks(pair.mirror_dsn(), writer.acks, writer.workload)
         # Asynchronous replication: commits the primary acknowledged may be missing
         # on the mirror (recovered when the old primary rejoins; see bench/switch.py).
         # A commit the mirror acknowledged must be there.

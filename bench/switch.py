@@ -39,10 +39,12 @@ sys.path[:0] = [str(Path(__file__).resolve().parent.parent), str(Path(__file__).
 import common  # noqa: E402
 from common import progress  # noqa: E402
 
+from pgroute.local.workload import Writer, check_acks  # noqa: E402
+
 TARGET_STALL_S = 1.0
 
 
-async def measure_switch(pg: common.PgrouteProcess, writer: common.Writer, kind: str, args) -> dict:
+async def measure_switch(pg: common.PgrouteProcess, writer: Writer, kind: str, args) -> dict:
     """POST /api/<kind> under the load; stall and phases of that one switch."""
     before = await pg.status()
     t0 = time.monotonic()
@@ -60,7 +62,7 @@ async def measure_switch(pg: common.PgrouteProcess, writer: common.Writer, kind:
     if "write_stall_ms" in details:
         rec["pgroute_write_stall_s"] = int(details["write_stall_ms"]) / 1000
     # Close the gap: wait for commits well after the response.
-    after = await writer.wait_first_after(t1 + args.settle, timeout=30)
+    after = await writer.wait_first_acked_after(t1 + args.settle, timeout=30)
     if after is None:
         rec["ok"] = False
         rec["error"] = f"no commit acknowledged within 30s after the {kind} returned"
@@ -76,18 +78,18 @@ async def measure_switch(pg: common.PgrouteProcess, writer: common.Writer, kind:
     return rec
 
 
-async def failback_cycle(pg: common.PgrouteProcess, writer: common.Writer, pair, args) -> dict:
+async def failback_cycle(pg: common.PgrouteProcess, writer: Writer, pair, args) -> dict:
     rec: dict = {"kind": "failback-cycle", "ok": False}
     mirror_port = pair.mirror.port
     t_wall, t0 = time.time(), time.monotonic()
     await asyncio.to_thread(pair.primary.kill)
-    first = await writer.wait_first_after(t0, port=mirror_port, timeout=60)
+    first = await writer.wait_first_acked_after(t0, port=mirror_port, timeout=60)
     if first is None:
         st = await pg.status()
         rec["error"] = f"no failover: state={st.get('state')} reason={st.get('reason')!r}"
         return rec
     rec["failover_recovery_s"] = first.t - t0
-    await writer.wait_first_after(first.t + args.settle, timeout=30)
+    await writer.wait_first_acked_after(first.t + args.settle, timeout=30)
     rec["failover_stall_s"] = writer.max_gap(t0, first.t)[0]
     st = await pg.status()
     evs = common.events_since(st, "failover", t_wall - 0.5)
@@ -137,7 +139,7 @@ async def main(args) -> int:
     resets: list[dict] = []
     cycles: list[dict] = []
     verify: dict = {}
-    writer: common.Writer | None = None
+    writer: Writer | None = None
     pg: common.PgrouteProcess | None = None
     pair = run_dir = None
     anomaly = False
@@ -152,10 +154,8 @@ async def main(args) -> int:
             pg = await common.PgrouteProcess(run_dir / "pgroute.toml", logs / "switch.pgroute.log",
                                              proxy_port, api_port).start()
             await pg.wait_following(60)
-            writer = common.Writer(pg.proxy_dsn(), clients=args.clients, connect_timeout=args.connect_timeout,
-                                   query_timeout=args.query_timeout, retry_sleep=args.retry_sleep,
-                                   pause=args.pause).start()
-            await writer.wait_count(100, 30)
+            writer = common.new_writer(pg.proxy_dsn(), args).start()
+            await writer.wait_acked(100, 30)
             await asyncio.sleep(args.warmup)
             t_load = time.monotonic()
             n_load = len(writer.acks)
@@ -212,17 +212,17 @@ async def main(args) -> int:
             verify["acked"] = len(writer.acks)
             verify["commits_per_s"] = rate
             verify["writer_errors"] = dict(writer.errors)
-            verify["writer_error_samples"] = common.error_samples(writer)
+            verify["writer_error_samples"] = writer.error_samples()
             if active in ("primary", "mirror"):
                 node = pair.primary if active == "primary" else pair.mirror
-                missing, changed = await common.missing_acks(node.dsn(pair.dbname), writer.acks)
+                missing, changed = await check_acks(node.dsn(pair.dbname), writer.acks, writer.workload)
                 verify["missing_on_active"] = len(missing)
                 verify["id_changed_on_active"] = len(changed)
                 verify["missing_examples"] = [a._asdict() for a in missing[:10]]
                 standby = pair.mirror if active == "primary" else pair.primary
                 deadline = time.monotonic() + 30
                 while True:
-                    s_missing, _ = await common.missing_acks(standby.dsn(pair.dbname), writer.acks)
+                    s_missing, _ = await check_acks(standby.dsn(pair.dbname), writer.acks, writer.workload)
                     if not s_missing or time.monotonic() > deadline:
                         break
                     await asyncio.sleep(0.5)

@@ -20,9 +20,6 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
-# The demo still imports the renderers from here; .render is the import to use.
-from .render import render_event, render_status
-
 if TYPE_CHECKING:
     from .commands import main
 
@@ -35,4 +32,4 @@ def __getattr__(name: str) -> Any:
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
-__all__ = ["main", "render_event", "render_status"]
+__all__ = ["main"]

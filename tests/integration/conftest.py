@@ -43,23 +43,11 @@ def _interrupt_on_sigterm(signum, frame):
     raise KeyboardInterrupt(f"signal {signum}")
 
 
-def _parent_dir() -> Path | None:
-    """Where the session directory goes: $PGROUTE_TEST_TMPDIR, else /dev/shm when it
-    has room (initdb is 2-3 times faster on tmpfs than on this disk, and the
-    data is disposable), else the system temporary directory."""
-    explicit = os.environ.get("PGROUTE_TEST_TMPDIR")
-    if explicit:
-        return Path(explicit)
-    shm = Path("/dev/shm")
-    if shm.is_dir() and os.access(shm, os.W_OK | os.X_OK) and shutil.disk_usage(shm).free > 2 << 30:
-        return shm
-    return None
-
-
 @pytest.fixture(scope="session")
 def pg_base_dir():
     """Session directory for data directories and logs, reachable by the server user."""
-    parent = _parent_dir()
+    # $PGROUTE_TEST_TMPDIR, else /dev/shm when it has room, else the temporary directory.
+    parent = local.scratch_parent(os.environ.get("PGROUTE_TEST_TMPDIR"))
     for place in {parent, None}:  # None: the system temporary directory
         local.cleanup_abandoned(_PREFIX, place)
     base = local.make_base_dir(_PREFIX, parent)

@@ -10,7 +10,8 @@ import os
 import asyncpg
 import pytest
 
-from .harness import Writer, api_async, make_config, missing_rows, proxy_dsn, running_pgroute, wait_for
+from .harness import (Writer, api_async, make_config, missing, proxy_dsn, running_pgroute,
+                      wait_for)
 
 pytestmark = pytest.mark.asyncio
 
@@ -25,12 +26,8 @@ async def _wait_state(running, predicate, timeout=30.0, what="state"):
 
 async def _wait_following(running, timeout=30.0):
     """Until the monitor has seen the mirror following and a lag sample of it."""
-    await _wait_state(
-        running,
-        lambda s: s["replication"] == "ok" and s["nodes"]["mirror"]["lag_bytes"] is not None,
-        timeout,
-        "mirror following",
-    )
+    await _wait_state(running, lambda s: s["replication"] == "ok"
+                      and s["nodes"]["mirror"]["lag_bytes"] is not None, timeout, "mirror following")
 
 
 async def test_kill9_primary_under_writer_fails_over_to_mirror(pair, tmp_path, caplog):
@@ -42,28 +39,29 @@ async def test_kill9_primary_under_writer_fails_over_to_mirror(pair, tmp_path, c
         await writer.wait_acked(20)
         pair.wait_synced()
         pair.primary.kill()
-        at_kill = len(writer.acked)
+        at_kill = len(writer.acks)
         await _wait_state(running, lambda s: s["active"] == "mirror", 30, "failover to mirror")
-        await writer.wait_acked(20)  # writes through the same address succeed again
+        await writer.wait_acked(20)       # writes through the same address succeed again
         await writer.stop()
 
         status, body = await api_async(running, "/api/health")
         assert status == 200
         assert body["database"] == "mirror" and body["status"] == "degraded"
         # Serial and identity keys both kept working on the mirror (no duplicate key).
-        tables = {t for t, _, _ in writer.acked[-20:]}
+        tables = {a.table for a in writer.acks[-20:]}
         assert tables == {"usuarios", "empleados"}
-        assert not [e for e in writer.errors if "duplicate key" in e]
+        assert not writer.errors["UniqueViolationError"], writer.error_samples()
+        assert not [m for _, _, m in writer.error_log if "duplicate key" in m]
         st = _status(running)
         assert st["epoch"] == 1
-        ev = next(e for e in st["events"] if e["kind"] == "failover")
+        ev = [e for e in st["events"] if e["kind"] == "failover"][0]
         assert ev["result"] == "ok" and set(ev["phases"]) >= {"fence", "promote", "route"}
     assert any("FAILOVER" in r.getMessage() for r in caplog.records)
     # Every write acknowledged after the kill is on the mirror. Asynchronous
     # replication may leave a few commits acknowledged just before the kill on the
     # dead primary only (recovered at rejoin: see test_failback.py).
-    missing = await missing_rows(pair.mirror_dsn(), writer.acked)
-    assert not [m for m in missing if writer.acked.index(m) >= at_kill], missing
+    lost = await missing(pair.mirror_dsn(), writer.acks)
+    assert not [m for m in lost if writer.acks.index(m) >= at_kill], lost
 
 
 async def test_sigstop_primary_is_detected_and_stuck_sessions_closed(pair, tmp_path):
@@ -76,9 +74,8 @@ async def test_sigstop_primary_is_detected_and_stuck_sessions_closed(pair, tmp_p
             query = asyncio.create_task(stuck.fetchval("SELECT 1"))
             await _wait_state(running, lambda s: s["active"] == "mirror", 30, "failover after SIGSTOP")
             # pgroute closed the session stuck on the hung primary: the query fails fast.
-            with pytest.raises(
-                (asyncpg.InterfaceError, asyncpg.PostgresError, OSError, asyncpg.exceptions.ConnectionDoesNotExistError)
-            ):
+            with pytest.raises((asyncpg.InterfaceError, asyncpg.PostgresError, OSError,
+                                asyncpg.exceptions.ConnectionDoesNotExistError)):
                 await asyncio.wait_for(query, 5)
             conn = await asyncpg.connect(proxy_dsn(running))
             assert await conn.fetchval("SELECT count(*) >= 0 FROM usuarios")
@@ -120,9 +117,8 @@ async def test_restarts_never_route_to_stale_primary(pair, tmp_path):
         assert _status(running)["active"] == "mirror"
         # The old primary comes back: fenced (read-only), never routed to.
         pair.primary.start()
-        await wait_for(
-            lambda: pair.primary.sql("SHOW default_transaction_read_only") == "on", 30, what="old primary fenced"
-        )
+        await wait_for(lambda: pair.primary.sql("SHOW default_transaction_read_only") == "on", 30,
+                       what="old primary fenced")
         conn = await asyncpg.connect(proxy_dsn(running))
         assert await conn.fetchval("SELECT current_setting('port')::int") == pair.mirror.port
         await conn.close()
@@ -169,7 +165,7 @@ async def test_manual_failover_with_primary_up_loses_nothing(pair, tmp_path):
         await writer.wait_acked(30)
         await writer.stop()
         assert _status(running)["active"] == "mirror"
-    assert await missing_rows(pair.mirror_dsn(), writer.acked) == []
+    assert await missing(pair.mirror_dsn(), writer.acks) == []
     # The old primary is fenced: nothing can be written there after the switch.
     assert pair.primary.sql("SHOW default_transaction_read_only") == "on"
 
@@ -185,19 +181,17 @@ async def test_lag_gate_refuses_automatic_failover(pair, tmp_path, caplog):
         tx = blocker.transaction()
         await tx.start()
         await blocker.execute("LOCK TABLE pedidos IN ACCESS EXCLUSIVE MODE")
-        pair.primary.sql(
-            "INSERT INTO pedidos (usuario_id, total) SELECT g, g FROM generate_series(1, 20000) g", dbname="chrispar"
-        )
-        await _wait_state(
-            running, lambda s: (s["nodes"]["mirror"]["lag_bytes"] or 0) > 64 * 1024, 15, "lag sampled over the limit"
-        )
+        pair.primary.sql("INSERT INTO pedidos (usuario_id, total) "
+                         "SELECT g, g FROM generate_series(1, 20000) g", dbname="chrispar")
+        await _wait_state(running, lambda s: (s["nodes"]["mirror"]["lag_bytes"] or 0) > 64 * 1024,
+                          15, "lag sampled over the limit")
         # Manual failover is refused with the reason (409), --force would override.
         status, body = await api_async(running, "/api/failover", "POST", {})
         assert status == 409 and "max_lag_bytes" in body["error"]
         pair.primary.kill()
         await _wait_state(running, lambda s: s["state"] == "primary_down", 30, "primary declared down")
         st = _status(running)
-        assert st["active"] == "primary"  # no failover to the stale mirror
+        assert st["active"] == "primary"        # no failover to the stale mirror
         assert "max_lag_bytes" in st["reason"]
         blocker.terminate()
     assert any("FAILOVER not started" in r.getMessage() for r in caplog.records)

@@ -15,6 +15,7 @@ import pytest
 
 from pgroute import local
 from pgroute.errors import LocalClusterError
+from pgroute.local import binaries, processes
 
 
 def _port_open(cluster: local.LocalCluster) -> bool:
@@ -53,7 +54,7 @@ def test_set_settings_reloads(local_cluster):
 def test_kill_closes_port_and_restart_keeps_committed_data(local_cluster):
     local_cluster.sql("CREATE TABLE t (id int PRIMARY KEY); INSERT INTO t VALUES (1), (2)")
     pid = local_cluster.postmaster_pid()
-    children = local._children(pid)
+    children = processes.children(pid)
     assert children  # checkpointer, walwriter, ...
 
     local_cluster.kill()
@@ -121,8 +122,8 @@ def test_atexit_kills_servers_left_running(pg_base_dir):
 
 def test_find_binaries_names_what_to_install(monkeypatch, tmp_path):
     monkeypatch.setenv("PATH", str(tmp_path))
-    monkeypatch.setattr(local, "SEARCH_GLOBS", ())
-    monkeypatch.setattr(local, "_pgserver_bindir", lambda: None)
+    monkeypatch.setattr(binaries, "SEARCH_GLOBS", ())
+    monkeypatch.setattr(binaries, "_pgserver_bindir", lambda: None)
     with pytest.raises(LocalClusterError) as excinfo:
         local.find_binaries()
     message = str(excinfo.value)

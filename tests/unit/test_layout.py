@@ -25,7 +25,7 @@ def imports_of(path: Path) -> set[str]:
     tree = ast.parse(path.read_text())
     package = module_name(path) if path.name == "__init__.py" else module_name(path).rpartition(".")[0]
     found: set[str] = set()
-    for node in ast.walk(tree):
+    for node in _runtime_nodes(tree):
         if isinstance(node, ast.Import):
             found |= {a.name for a in node.names if a.name.startswith("pgroute")}
         elif isinstance(node, ast.ImportFrom):
@@ -45,6 +45,20 @@ def imports_of(path: Path) -> set[str]:
                 ).exists():
                     found.add(candidate)
     return found
+
+
+def _runtime_nodes(tree: ast.AST) -> list[ast.AST]:
+    """Every node except what sits under ``if TYPE_CHECKING:`` (never imported at run time)."""
+    out: list[ast.AST] = []
+    stack = [tree]
+    while stack:
+        node = stack.pop()
+        out.append(node)
+        if isinstance(node, ast.If) and isinstance(node.test, ast.Name) and node.test.id == "TYPE_CHECKING":
+            stack.extend(node.orelse)
+            continue
+        stack.extend(ast.iter_child_nodes(node))
+    return out
 
 
 MODULES = {module_name(p): p for p in sorted(ROOT.rglob("*.py"))}

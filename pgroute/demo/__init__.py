@@ -1,0 +1,110 @@
+"""`pgroute demo`: a local primary + mirror + pgroute in one process, no Docker.
+
+Owns the first-run experience. ``main(tour=False)`` starts two real PostgreSQL
+servers from the binaries on this machine (``pgroute.local``), the seed's
+``chrispar`` database on both with logical replication from the primary to the
+mirror, writes a demo configuration file, and runs pgroute (proxy, monitor, API)
+in this process. Interactive mode prints what to connect to and what to try, then
+waits for Ctrl-C; ``tour=True`` runs a scripted crash, failover, rejoin and failback
+under a writer and checks that no acknowledged write was lost.
+
+Invariants:
+
+- Everything lives in one directory (``.pgroute-demo/demo-*`` under the current
+  directory, else under the system temporary directory), and Ctrl-C, SIGTERM or
+  the end of the tour destroys both servers and that directory. A run killed with
+  SIGKILL leaves it behind; the next run removes it (``local.cleanup_abandoned``).
+- The demo configuration ignores the process environment: a ``DATABASE_URL`` in the
+  shell must not point the demo's pgroute at somebody's real database.
+- Blocking server management (start, kill, psql) runs in threads so the proxy and
+  the monitor keep running while a node is crashed or restarted.
+
+Modules: `setup` (directory, servers, configuration: what both modes share),
+`interactive` (the default mode), `tour` (``--tour``). This module owns `main`:
+setting up, choosing the mode, and the clean-up that must run however it ends.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import signal
+import threading
+import time
+from pathlib import Path
+from types import FrameType
+from typing import Any
+
+from pgroute import local
+from pgroute.errors import LocalClusterError, PgRouteError
+
+from .interactive import interactive
+from .setup import DEMO_DIR, HEALTH, RUN_PREFIX, Demo, make_demo_dir, prepare, remove_demo_dir, say
+from .tour import TOUR_WRITES_BEFORE_KILL, tour_main
+
+__all__ = ["DEMO_DIR", "HEALTH", "RUN_PREFIX", "TOUR_WRITES_BEFORE_KILL", "main"]
+
+
+def main(tour: bool = False) -> int:
+    """Run the demo; returns the exit status (0 ok, 1 failed or lost writes, 130 interrupted)."""
+    previous_term = _sigterm_as_interrupt()
+    base: Path | None = None
+    demo: Demo | None = None
+    try:
+        try:
+            local.find_binaries()
+            base = make_demo_dir()
+            say(f"pgroute demo: starting a primary and a mirror in {base} ...")
+            started = time.monotonic()
+            demo = prepare(base)
+        except LocalClusterError as exc:
+            say(f"pgroute demo: {exc}", err=True)
+            return 1
+        except PgRouteError as exc:  # ConfigError: a bug in write_config, say it plainly
+            say(f"pgroute demo: {exc}", err=True)
+            return 1
+        say(f"pgroute demo: primary and mirror ready in {time.monotonic() - started:.1f} s")
+
+        from pgroute.proxy.loop import install_event_loop_policy
+
+        install_event_loop_policy()
+        if tour:
+            from pgroute.logs import setup_logging
+
+            # The tour tells its own story; pgroute's log shows only what went wrong.
+            setup_logging("WARNING")
+            return asyncio.run(tour_main(demo))
+        from pgroute.logs import setup_logging
+
+        setup_logging("INFO")
+        logging.getLogger("pgroute.local").setLevel(logging.WARNING)
+        return asyncio.run(interactive(demo))
+    except KeyboardInterrupt:
+        say("pgroute demo: interrupted", err=True)
+        return 130
+    finally:
+        # Cleanup must finish: a second Ctrl-C here would leave servers behind.
+        old_int = signal.signal(signal.SIGINT, signal.SIG_IGN)
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
+        try:
+            if demo is not None:
+                demo.pair.destroy()
+            if base is not None:
+                remove_demo_dir(base)
+                if demo is not None:
+                    say(f"pgroute demo: primary and mirror destroyed, {base} removed")
+        finally:
+            signal.signal(signal.SIGINT, old_int)
+            signal.signal(signal.SIGTERM, previous_term)
+
+
+def _sigterm_as_interrupt() -> Any:
+    """SIGTERM during the (blocking) setup ends it like Ctrl-C, so cleanup runs.
+    Returns the previous SIGTERM handler (whatever signal.signal returns)."""
+
+    def handler(signum: int, frame: FrameType | None) -> None:
+        raise KeyboardInterrupt(f"signal {signum}")
+
+    if threading.current_thread() is not threading.main_thread():
+        return signal.getsignal(signal.SIGTERM)
+    return signal.signal(signal.SIGTERM, handler)
