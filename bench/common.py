@@ -34,8 +34,9 @@ import statistics
 import subprocess
 import sys
 import time
+from collections.abc import Awaitable, Callable
 from pathlib import Path
-from typing import Any, Awaitable, Callable
+from typing import Any
 
 import aiohttp
 
@@ -58,59 +59,105 @@ DEFAULT_HEALTH = {"interval": 1.0, "max_retries": 3, "retry_interval": 0.3, "tim
 
 def add_health_args(parser) -> None:
     g = parser.add_argument_group("pgroute [health] settings")
-    g.add_argument("--interval", type=float, default=DEFAULT_HEALTH["interval"],
-                   help="health.interval, seconds between probes (default %(default)s)")
-    g.add_argument("--max-retries", type=int, default=DEFAULT_HEALTH["max_retries"],
-                   help="health.max_retries, confirming probes (default %(default)s)")
-    g.add_argument("--retry-interval", type=float, default=DEFAULT_HEALTH["retry_interval"],
-                   help="health.retry_interval, seconds (default %(default)s)")
-    g.add_argument("--timeout", type=float, default=DEFAULT_HEALTH["timeout"],
-                   help="health.timeout, seconds per probe (default %(default)s)")
+    g.add_argument(
+        "--interval",
+        type=float,
+        default=DEFAULT_HEALTH["interval"],
+        help="health.interval, seconds between probes (default %(default)s)",
+    )
+    g.add_argument(
+        "--max-retries",
+        type=int,
+        default=DEFAULT_HEALTH["max_retries"],
+        help="health.max_retries, confirming probes (default %(default)s)",
+    )
+    g.add_argument(
+        "--retry-interval",
+        type=float,
+        default=DEFAULT_HEALTH["retry_interval"],
+        help="health.retry_interval, seconds (default %(default)s)",
+    )
+    g.add_argument(
+        "--timeout",
+        type=float,
+        default=DEFAULT_HEALTH["timeout"],
+        help="health.timeout, seconds per probe (default %(default)s)",
+    )
 
 
-def add_client_args(parser, *, clients: int = 1, connect_timeout: float = 1.0,
-                    query_timeout: float = 1.0) -> None:
+def add_client_args(parser, *, clients: int = 1, connect_timeout: float = 1.0, query_timeout: float = 1.0) -> None:
     g = parser.add_argument_group("writer")
-    g.add_argument("--clients", type=int, default=clients,
-                   help="concurrent writer connections (default %(default)s)")
-    g.add_argument("--connect-timeout", type=float, default=connect_timeout,
-                   help="writer connect timeout, seconds (default %(default)s)")
-    g.add_argument("--query-timeout", type=float, default=query_timeout,
-                   help="writer INSERT timeout, seconds (default %(default)s)")
-    g.add_argument("--retry-sleep", type=float, default=0.02,
-                   help="sleep after an error before reconnecting, seconds (default %(default)s)")
-    g.add_argument("--pause", type=float, default=0.0,
-                   help="sleep between commits per client, seconds (default %(default)s: full speed)")
+    g.add_argument("--clients", type=int, default=clients, help="concurrent writer connections (default %(default)s)")
+    g.add_argument(
+        "--connect-timeout",
+        type=float,
+        default=connect_timeout,
+        help="writer connect timeout, seconds (default %(default)s)",
+    )
+    g.add_argument(
+        "--query-timeout",
+        type=float,
+        default=query_timeout,
+        help="writer INSERT timeout, seconds (default %(default)s)",
+    )
+    g.add_argument(
+        "--retry-sleep",
+        type=float,
+        default=0.02,
+        help="sleep after an error before reconnecting, seconds (default %(default)s)",
+    )
+    g.add_argument(
+        "--pause",
+        type=float,
+        default=0.0,
+        help="sleep between commits per client, seconds (default %(default)s: full speed)",
+    )
 
 
 def add_common_args(parser) -> None:
     parser.add_argument("--json", metavar="FILE", help="write the results as JSON to FILE")
-    parser.add_argument("--log-dir", metavar="DIR",
-                        help="keep pgroute's logs here; empty: a new /tmp/pgroute-bench-logs-* directory")
-    parser.add_argument("--tmpdir", metavar="DIR",
-                        help="parent of the servers' data directories (default /dev/shm when it has room)")
-    parser.add_argument("--fsync", action="store_true",
-                        help="run the servers with fsync on (default: off, like the tests; "
-                             "safe against killed processes, not against a machine crash)")
+    parser.add_argument(
+        "--log-dir", metavar="DIR", help="keep pgroute's logs here; empty: a new /tmp/pgroute-bench-logs-* directory"
+    )
+    parser.add_argument(
+        "--tmpdir", metavar="DIR", help="parent of the servers' data directories (default /dev/shm when it has room)"
+    )
+    parser.add_argument(
+        "--fsync",
+        action="store_true",
+        help="run the servers with fsync on (default: off, like the tests; "
+        "safe against killed processes, not against a machine crash)",
+    )
     parser.add_argument("-v", "--verbose", action="store_true", help="log progress (bench and pgroute.local)")
 
 
 def health_from_args(args) -> dict[str, float]:
-    return {"interval": args.interval, "max_retries": args.max_retries,
-            "retry_interval": args.retry_interval, "timeout": args.timeout}
+    return {
+        "interval": args.interval,
+        "max_retries": args.max_retries,
+        "retry_interval": args.retry_interval,
+        "timeout": args.timeout,
+    }
 
 
 def detection_bound(h: dict[str, float]) -> float:
     """pgroute's worst case from a crash to 'down', from HealthConfig itself."""
     from pgroute.config import HealthConfig
 
-    return HealthConfig(interval=h["interval"], timeout=h["timeout"], max_retries=int(h["max_retries"]),
-                        retry_interval=h["retry_interval"]).detection_bound
+    return HealthConfig(
+        interval=h["interval"],
+        timeout=h["timeout"],
+        max_retries=int(h["max_retries"]),
+        retry_interval=h["retry_interval"],
+    ).detection_bound
 
 
 def setup_logging(verbose: bool) -> None:
-    logging.basicConfig(level=logging.INFO if verbose else logging.WARNING,
-                        format="%(asctime)s %(levelname)s %(name)s %(message)s", stream=sys.stderr)
+    logging.basicConfig(
+        level=logging.INFO if verbose else logging.WARNING,
+        format="%(asctime)s %(levelname)s %(name)s %(message)s",
+        stream=sys.stderr,
+    )
     # asyncpg's background cancel requests to a dead/hung node are noise here.
     logging.getLogger("asyncio").setLevel(logging.CRITICAL)
 
@@ -182,8 +229,16 @@ def _toml_value(v: Any) -> str:
     return json.dumps(str(v))  # a TOML basic string is a JSON string for our values
 
 
-def write_config(path: Path, pair: local.LocalPair, run_dir: Path, *, proxy_port: int, api_port: int,
-                 health: dict[str, Any], **sections: dict[str, Any]) -> dict[str, dict[str, Any]]:
+def write_config(
+    path: Path,
+    pair: local.LocalPair,
+    run_dir: Path,
+    *,
+    proxy_port: int,
+    api_port: int,
+    health: dict[str, Any],
+    **sections: dict[str, Any],
+) -> dict[str, dict[str, Any]]:
     data: dict[str, dict[str, Any]] = {
         "proxy": {"listen": f"127.0.0.1:{proxy_port}"},
         "primary": {"dsn": pair.primary_dsn()},
@@ -213,7 +268,7 @@ def free_port_pair() -> tuple[int, int]:
     return a, b
 
 
-_live: set["PgrouteProcess"] = set()
+_live: set[PgrouteProcess] = set()
 
 
 def stop_all_pgroutes() -> None:
@@ -241,27 +296,29 @@ class PgrouteProcess:
         self.session: aiohttp.ClientSession | None = None
         self.base = f"http://127.0.0.1:{api_port}"
 
-    async def start(self, timeout: float = 30.0) -> "PgrouteProcess":
+    async def start(self, timeout: float = 30.0) -> PgrouteProcess:
         with open(self.log_path, "ab") as logf:
             self.proc = subprocess.Popen(
                 [sys.executable, "-m", "pgroute.cli", "run", "--config", str(self.config_path)],
-                stdin=subprocess.DEVNULL, stdout=logf, stderr=subprocess.STDOUT, cwd=str(REPO),
+                stdin=subprocess.DEVNULL,
+                stdout=logf,
+                stderr=subprocess.STDOUT,
+                cwd=str(REPO),
                 env=_pgroute_env(),
-                start_new_session=True)
+                start_new_session=True,
+            )
         _live.add(self)
         self.session = aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=120))
         deadline = time.monotonic() + timeout
         while True:
             if self.proc.poll() is not None:
-                raise ApiError(f"pgroute exited with status {self.proc.returncode} while starting:\n"
-                               + self.log_tail())
+                raise ApiError(f"pgroute exited with status {self.proc.returncode} while starting:\n" + self.log_tail())
             try:
-                async with self.session.get(self.base + "/api/health",
-                                            timeout=aiohttp.ClientTimeout(total=2)) as resp:
+                async with self.session.get(self.base + "/api/health", timeout=aiohttp.ClientTimeout(total=2)) as resp:
                     await resp.read()
                 if _port_open(self.proxy_port):
                     return self
-            except (aiohttp.ClientError, asyncio.TimeoutError, OSError):
+            except (TimeoutError, aiohttp.ClientError, OSError):
                 pass
             if time.monotonic() > deadline:
                 raise ApiError(f"pgroute did not answer on {self.base} within {timeout}s:\n" + self.log_tail())
@@ -272,8 +329,7 @@ class PgrouteProcess:
 
     async def status(self) -> dict:
         assert self.session is not None
-        async with self.session.get(self.base + "/api/status",
-                                    timeout=aiohttp.ClientTimeout(total=10)) as resp:
+        async with self.session.get(self.base + "/api/status", timeout=aiohttp.ClientTimeout(total=10)) as resp:
             return await resp.json()
 
     async def post(self, kind: str, body: dict | None = None) -> tuple[int, Any]:
@@ -285,8 +341,9 @@ class PgrouteProcess:
             except ValueError:
                 return resp.status, raw.decode(errors="replace")
 
-    async def wait_status(self, predicate: Callable[[dict], bool], timeout: float, what: str,
-                          interval: float = 0.05) -> dict:
+    async def wait_status(
+        self, predicate: Callable[[dict], bool], timeout: float, what: str, interval: float = 0.05
+    ) -> dict:
         deadline = time.monotonic() + timeout
         last: dict = {}
         while True:
@@ -294,23 +351,27 @@ class PgrouteProcess:
                 last = await self.status()
                 if predicate(last):
                     return last
-            except (aiohttp.ClientError, asyncio.TimeoutError, OSError, ValueError):
+            except (TimeoutError, aiohttp.ClientError, OSError, ValueError):
                 pass
             if self.proc is not None and self.proc.poll() is not None:
                 raise ApiError(f"pgroute exited ({self.proc.returncode}) while waiting for {what}")
             if time.monotonic() > deadline:
-                raise ApiError(f"timed out after {timeout}s waiting for {what}; state={last.get('state')!r} "
-                               f"reason={last.get('reason')!r} active={last.get('active')!r}")
+                raise ApiError(
+                    f"timed out after {timeout}s waiting for {what}; state={last.get('state')!r} "
+                    f"reason={last.get('reason')!r} active={last.get('active')!r}"
+                )
             await asyncio.sleep(interval)
 
     async def wait_following(self, timeout: float = 60.0) -> dict:
         """Until replication is 'ok' and the monitor has a lag sample of the standby."""
+
         def ok(s: dict) -> bool:
             active = s.get("active")
             if active not in ("primary", "mirror") or s.get("replication") != "ok" or s.get("operation"):
                 return False
             standby = "mirror" if active == "primary" else "primary"
             return s["nodes"][standby]["lag_bytes"] is not None
+
         return await self.wait_status(ok, timeout, "the standby following with a lag sample")
 
     def log_tail(self, lines: int = 60) -> str:
@@ -345,9 +406,12 @@ class PgrouteProcess:
 def _pgroute_env() -> dict[str, str]:
     """Our environment without variables that would override the config file, and
     with the checkout on PYTHONPATH (pgroute need not be installed)."""
-    env = {k: v for k, v in os.environ.items()
-           if not k.startswith(("PGROUTE_", "HEALTH_CHECK_"))
-           and k not in ("DATABASE_URL", "MIRROR_DATABASE_URL", "AUTO_FAILOVER_ENABLED")}
+    env = {
+        k: v
+        for k, v in os.environ.items()
+        if not k.startswith(("PGROUTE_", "HEALTH_CHECK_"))
+        and k not in ("DATABASE_URL", "MIRROR_DATABASE_URL", "AUTO_FAILOVER_ENABLED")
+    }
     env["PYTHONPATH"] = os.pathsep.join(p for p in (str(REPO), env.get("PYTHONPATH", "")) if p)
     return env
 
@@ -372,8 +436,15 @@ def events_since(status: dict, kind: str, since_wall: float) -> list[dict]:
 def new_writer(dsn: str, args: Any) -> Writer:
     """The benchmarks' writer (`Events` rows, see pgroute.local.workload) with the
     client settings of `add_client_args`; not started."""
-    return Writer(dsn, Events(), clients=args.clients, connect_timeout=args.connect_timeout,
-                  query_timeout=args.query_timeout, retry_sleep=args.retry_sleep, pause=args.pause)
+    return Writer(
+        dsn,
+        Events(),
+        clients=args.clients,
+        connect_timeout=args.connect_timeout,
+        query_timeout=args.query_timeout,
+        retry_sleep=args.retry_sleep,
+        pause=args.pause,
+    )
 
 
 # --------------------------------------------------------------------------- statistics / output
@@ -409,6 +480,7 @@ def write_json(path: str | None, data: dict) -> None:
 def run_main(main: Callable[[], Awaitable[int]]) -> int:
     """asyncio.run with SIGTERM treated like Ctrl-C: the main task is cancelled, so
     every `finally` (servers, pgroute process) runs."""
+
     async def wrapper() -> int:
         task = asyncio.current_task()
         loop = asyncio.get_running_loop()

@@ -48,10 +48,12 @@ async def one_run(args, base: Path, logs: Path, scenario: str, index: int) -> di
         pair, run_dir = common.new_pair(base, stem, args.fsync)
         proxy_port, api_port = common.free_port_pair()
         health = common.health_from_args(args)
-        common.write_config(run_dir / "pgroute.toml", pair, run_dir, proxy_port=proxy_port,
-                            api_port=api_port, health=health)
-        pg = await common.PgrouteProcess(run_dir / "pgroute.toml", logs / f"{stem}.pgroute.log",
-                                         proxy_port, api_port).start()
+        common.write_config(
+            run_dir / "pgroute.toml", pair, run_dir, proxy_port=proxy_port, api_port=api_port, health=health
+        )
+        pg = await common.PgrouteProcess(
+            run_dir / "pgroute.toml", logs / f"{stem}.pgroute.log", proxy_port, api_port
+        ).start()
         await pg.wait_following(60)
         writer = common.new_writer(pg.proxy_dsn(), args).start()
         await writer.wait_acked(50, 30)
@@ -79,8 +81,10 @@ async def one_run(args, base: Path, logs: Path, scenario: str, index: int) -> di
             result["phases"] = ev.get("phases", {})
         if first is None:
             anomaly = True
-            result["error"] = (f"no write acknowledged by the mirror within {args.deadline}s; "
-                               f"active={st.get('active')} state={st.get('state')} reason={st.get('reason')!r}")
+            result["error"] = (
+                f"no write acknowledged by the mirror within {args.deadline}s; "
+                f"active={st.get('active')} state={st.get('state')} reason={st.get('reason')!r}"
+            )
             progress("%s: FAILED: %s", stem, result["error"])
             return result
         result["ok"] = True
@@ -105,12 +109,18 @@ async def one_run(args, base: Path, logs: Path, scenario: str, index: int) -> di
         result["id_changed"] = len(changed)
         if result["missing_mirror_acks"] or changed:
             anomaly = True
-        progress("%s: first mirror commit %.3fs after the signal (detection %s s, failover op %s s, "
-                 "client %s s); %d writer errors", stem, result["recovery_s"],
-                 common.fmt_s(result.get("detection_s"), 3), common.fmt_s(result.get("operation_s"), 3),
-                 common.fmt_s(result.get("client_after_route_s"), 3), sum(writer.errors.values()))
+        progress(
+            "%s: first mirror commit %.3fs after the signal (detection %s s, failover op %s s, "
+            "client %s s); %d writer errors",
+            stem,
+            result["recovery_s"],
+            common.fmt_s(result.get("detection_s"), 3),
+            common.fmt_s(result.get("operation_s"), 3),
+            common.fmt_s(result.get("client_after_route_s"), 3),
+            sum(writer.errors.values()),
+        )
         return result
-    except Exception as exc:  # noqa: BLE001 - one failed run must not end the benchmark
+    except Exception as exc:
         anomaly = True
         result["error"] = f"{type(exc).__name__}: {exc}"
         progress("%s: FAILED: %s", stem, result["error"])
@@ -132,12 +142,17 @@ def summarize(results: list[dict], scenario: str) -> dict:
     mine = [r for r in results if r["scenario"] == scenario]
     ok = [r for r in mine if r["ok"]]
     s = common.stats([r["recovery_s"] for r in ok])
-    s.update(runs=len(mine), failed=len(mine) - len(ok), target_s=TARGETS[scenario],
-             detection=common.stats([r["detection_s"] for r in ok if "detection_s" in r]),
-             operation=common.stats([r["operation_s"] for r in ok if "operation_s" in r]),
-             client=common.stats([r["client_after_route_s"] for r in ok if "client_after_route_s" in r]))
-    s["verdict"] = ("PASS" if not s["failed"] and s["median"] is not None and s["median"] <= TARGETS[scenario]
-                    else "FAIL")
+    s.update(
+        runs=len(mine),
+        failed=len(mine) - len(ok),
+        target_s=TARGETS[scenario],
+        detection=common.stats([r["detection_s"] for r in ok if "detection_s" in r]),
+        operation=common.stats([r["operation_s"] for r in ok if "operation_s" in r]),
+        client=common.stats([r["client_after_route_s"] for r in ok if "client_after_route_s" in r]),
+    )
+    s["verdict"] = (
+        "PASS" if not s["failed"] and s["median"] is not None and s["median"] <= TARGETS[scenario] else "FAIL"
+    )
     return s
 
 
@@ -149,71 +164,141 @@ async def main(args) -> int:
     results: list[dict] = []
     started = time.time()
     with common.bench_dirs(args, "failover") as (base, logs):
-        progress("failover benchmark: %d run(s) of %s; pgroute logs in %s", args.runs,
-                 ", ".join(scenarios), logs)
+        progress("failover benchmark: %d run(s) of %s; pgroute logs in %s", args.runs, ", ".join(scenarios), logs)
         for scenario in scenarios:
             for i in range(1, args.runs + 1):
                 results.append(await one_run(args, base, logs, scenario, i))
     summary = {s: summarize(results, s) for s in scenarios}
 
     print()
-    print(f"pgroute failover benchmark: health interval {args.interval}s, timeout {args.timeout}s, "
-          f"max_retries {args.max_retries}, retry_interval {args.retry_interval}s; "
-          f"{args.clients} writer(s), client timeouts {args.connect_timeout}s/{args.query_timeout}s")
+    print(
+        f"pgroute failover benchmark: health interval {args.interval}s, timeout {args.timeout}s, "
+        f"max_retries {args.max_retries}, retry_interval {args.retry_interval}s; "
+        f"{args.clients} writer(s), client timeouts {args.connect_timeout}s/{args.query_timeout}s"
+    )
     print("time from the signal to the first write acknowledged by the mirror through pgroute (seconds)")
     print()
     rows = []
     for s in scenarios:
         m = summary[s]
-        rows.append([LABELS[s], f"{m['runs'] - m['failed']}/{m['runs']}", common.fmt_s(m["median"]),
-                     common.fmt_s(m["max"]), common.fmt_s(m["min"]),
-                     common.fmt_s(m["detection"]["median"]), common.fmt_s(m["operation"]["median"]),
-                     common.fmt_s(m["client"]["median"]), f"<= {m['target_s']:g}", m["verdict"]])
-    print(common.table(["scenario", "runs ok", "median", "max", "min", "detect med", "failover op med",
-                        "client med", "target (median)", "verdict"], rows))
+        rows.append(
+            [
+                LABELS[s],
+                f"{m['runs'] - m['failed']}/{m['runs']}",
+                common.fmt_s(m["median"]),
+                common.fmt_s(m["max"]),
+                common.fmt_s(m["min"]),
+                common.fmt_s(m["detection"]["median"]),
+                common.fmt_s(m["operation"]["median"]),
+                common.fmt_s(m["client"]["median"]),
+                f"<= {m['target_s']:g}",
+                m["verdict"],
+            ]
+        )
+    print(
+        common.table(
+            [
+                "scenario",
+                "runs ok",
+                "median",
+                "max",
+                "min",
+                "detect med",
+                "failover op med",
+                "client med",
+                "target (median)",
+                "verdict",
+            ],
+            rows,
+        )
+    )
     print()
-    print(f"detection bound from the settings: interval + timeout + max_retries*retry_interval + timeout "
-          f"= {args.interval:g} + {args.timeout:g} + {args.max_retries}*{args.retry_interval:g} + {args.timeout:g}"
-          f" = {bound:.2f} s")
-    print("detect = signal -> failover event started; failover op = event duration; "
-          "client = route switched -> first commit on the mirror")
+    print(
+        f"detection bound from the settings: interval + timeout + max_retries*retry_interval + timeout "
+        f"= {args.interval:g} + {args.timeout:g} + {args.max_retries}*{args.retry_interval:g} + {args.timeout:g}"
+        f" = {bound:.2f} s"
+    )
+    print(
+        "detect = signal -> failover event started; failover op = event duration; "
+        "client = route switched -> first commit on the mirror"
+    )
     print()
     per_run = []
     for r in results:
-        per_run.append([r["scenario"], r["run"], common.fmt_s(r.get("recovery_s"), 3),
-                        common.fmt_s(r.get("detection_s"), 3), common.fmt_s(r.get("operation_s"), 3),
-                        " ".join(f"{k}={v:.3f}" for k, v in r.get("phases", {}).items()) or "-",
-                        sum((r.get("writer_errors") or {}).values()),
-                        r.get("acked_on_primary_during_signal", "-"),
-                        r.get("missing_primary_acks", "-"),
-                        r.get("missing_mirror_acks", "-"),
-                        r.get("error", "ok")[:70]])
-    print(common.table(["scenario", "run", "total s", "detect s", "op s", "phases (s)", "client errors",
-                        "primary acks in signal", "missing P-acks", "missing M-acks", "result"], per_run))
+        per_run.append(
+            [
+                r["scenario"],
+                r["run"],
+                common.fmt_s(r.get("recovery_s"), 3),
+                common.fmt_s(r.get("detection_s"), 3),
+                common.fmt_s(r.get("operation_s"), 3),
+                " ".join(f"{k}={v:.3f}" for k, v in r.get("phases", {}).items()) or "-",
+                sum((r.get("writer_errors") or {}).values()),
+                r.get("acked_on_primary_during_signal", "-"),
+                r.get("missing_primary_acks", "-"),
+                r.get("missing_mirror_acks", "-"),
+                r.get("error", "ok")[:70],
+            ]
+        )
+    print(
+        common.table(
+            [
+                "scenario",
+                "run",
+                "total s",
+                "detect s",
+                "op s",
+                "phases (s)",
+                "client errors",
+                "primary acks in signal",
+                "missing P-acks",
+                "missing M-acks",
+                "result",
+            ],
+            per_run,
+        )
+    )
     print()
     print("primary acks in signal: commits the primary acknowledged while the kill/pause call ran (backends")
     print("run until they get the signal). missing P-acks: commits acknowledged by the primary, absent from")
     print("the mirror (asynchronous replication; recovered when the old primary rejoins). missing M-acks:")
     print("commits acknowledged by the mirror, absent from it: must be 0.")
     print(f"pgroute logs: {logs}")
-    common.write_json(args.json, {
-        "benchmark": "failover", "started_at": started, "health": health, "detection_bound_s": bound,
-        "targets_s": {s: TARGETS[s] for s in scenarios},
-        "client": {"clients": args.clients, "connect_timeout": args.connect_timeout,
-                   "query_timeout": args.query_timeout},
-        "summary": summary, "runs": results, "logs": str(logs)})
+    common.write_json(
+        args.json,
+        {
+            "benchmark": "failover",
+            "started_at": started,
+            "health": health,
+            "detection_bound_s": bound,
+            "targets_s": {s: TARGETS[s] for s in scenarios},
+            "client": {
+                "clients": args.clients,
+                "connect_timeout": args.connect_timeout,
+                "query_timeout": args.query_timeout,
+            },
+            "summary": summary,
+            "runs": results,
+            "logs": str(logs),
+        },
+    )
     bad = any(summary[s]["verdict"] != "PASS" for s in scenarios)
     lost = any(r.get("missing_mirror_acks") or r.get("id_changed") for r in results)
     return 1 if bad or lost else 0
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter
+    )
     p.add_argument("--runs", type=int, default=5, help="runs per scenario")
     p.add_argument("--scenarios", nargs="+", choices=["kill9", "sigstop"], default=["kill9", "sigstop"])
-    p.add_argument("--deadline", type=float, default=60.0,
-                   help="give up on a run when the mirror acknowledged nothing this long after the signal")
+    p.add_argument(
+        "--deadline",
+        type=float,
+        default=60.0,
+        help="give up on a run when the mirror acknowledged nothing this long after the signal",
+    )
     p.add_argument("--seed", type=int, default=None, help="random seed for the kill's offset in the probe cycle")
     common.add_health_args(p)
     common.add_client_args(p)

@@ -69,7 +69,7 @@ async def measure_switch(pg: common.PgrouteProcess, writer: Writer, kind: str, a
         return rec
     gap, g0, g1 = writer.max_gap(t0, t1)
     rec["stall_s"] = gap
-    rec["stall_window"] = [g0 - t0, g1 - t0]   # relative to the request
+    rec["stall_window"] = [g0 - t0, g1 - t0]  # relative to the request
     rec["client_stall_s"] = writer.max_client_gap(t0, t1)
     rec["baseline_gap_s"] = writer.max_gap(t0 - 1.0, t0 - 0.01)[0]
     rec["client_errors"] = writer.errors_between(t0, t1 + args.settle)
@@ -104,9 +104,14 @@ async def failback_cycle(pg: common.PgrouteProcess, writer: Writer, pair, args) 
 
     def rejoined(s: dict) -> bool:
         p = s["nodes"]["primary"]
-        return (s.get("active") == "mirror" and s.get("replication") == "ok" and not s.get("operation")
-                and p.get("subscription") is not None and p["subscription"].get("enabled")
-                and p.get("lag_bytes") is not None)
+        return (
+            s.get("active") == "mirror"
+            and s.get("replication") == "ok"
+            and not s.get("operation")
+            and p.get("subscription") is not None
+            and p["subscription"].get("enabled")
+            and p.get("lag_bytes") is not None
+        )
 
     st = await pg.wait_status(rejoined, args.rejoin_timeout, "the old primary to rejoin")
     rec["rejoin_s"] = time.monotonic() - t_restart
@@ -145,14 +150,20 @@ async def main(args) -> int:
     anomaly = False
     with common.bench_dirs(args, "switch") as (base, logs):
         try:
-            progress("switch benchmark: %d switchover(s), %d failback cycle(s); pgroute log in %s",
-                     args.switchovers, args.failbacks, logs)
+            progress(
+                "switch benchmark: %d switchover(s), %d failback cycle(s); pgroute log in %s",
+                args.switchovers,
+                args.failbacks,
+                logs,
+            )
             pair, run_dir = common.new_pair(base, "switch", args.fsync)
             proxy_port, api_port = common.free_port_pair()
-            common.write_config(run_dir / "pgroute.toml", pair, run_dir, proxy_port=proxy_port,
-                                api_port=api_port, health=health)
-            pg = await common.PgrouteProcess(run_dir / "pgroute.toml", logs / "switch.pgroute.log",
-                                             proxy_port, api_port).start()
+            common.write_config(
+                run_dir / "pgroute.toml", pair, run_dir, proxy_port=proxy_port, api_port=api_port, health=health
+            )
+            pg = await common.PgrouteProcess(
+                run_dir / "pgroute.toml", logs / "switch.pgroute.log", proxy_port, api_port
+            ).start()
             await pg.wait_following(60)
             writer = common.new_writer(pg.proxy_dsn(), args).start()
             await writer.wait_acked(100, 30)
@@ -166,9 +177,16 @@ async def main(args) -> int:
                 rec = await measure_switch(pg, writer, "switchover", args)
                 rec["n"] = i
                 switches.append(rec)
-                progress("switchover %d (%s -> %s): %s", i, rec.get("from"), rec.get("to"),
-                         f"stall {rec['stall_s']:.3f}s (pgroute says {rec.get('pgroute_write_stall_s')}s), "
-                         f"phases {rec['phases']}" if rec["ok"] else f"FAILED: {rec['error']}")
+                progress(
+                    "switchover %d (%s -> %s): %s",
+                    i,
+                    rec.get("from"),
+                    rec.get("to"),
+                    f"stall {rec['stall_s']:.3f}s (pgroute says {rec.get('pgroute_write_stall_s')}s), "
+                    f"phases {rec['phases']}"
+                    if rec["ok"]
+                    else f"FAILED: {rec['error']}",
+                )
                 if not rec["ok"]:
                     anomaly = True
                     break
@@ -180,8 +198,10 @@ async def main(args) -> int:
                     await asyncio.sleep(args.between)
                     rec = await measure_switch(pg, writer, "switchover", args)
                     resets.append(rec)
-                    progress("switchover back to the primary before the cycles: %s",
-                             f"stall {rec['stall_s']:.3f}s" if rec["ok"] else f"FAILED: {rec['error']}")
+                    progress(
+                        "switchover back to the primary before the cycles: %s",
+                        f"stall {rec['stall_s']:.3f}s" if rec["ok"] else f"FAILED: {rec['error']}",
+                    )
                     anomaly = not rec["ok"]
                 for i in range(1, args.failbacks + 1):
                     if anomaly:
@@ -193,11 +213,17 @@ async def main(args) -> int:
                     cycles.append(rec)
                     if rec["ok"]:
                         fb = rec["failback"]
-                        progress("failback cycle %d: failover %.3fs, rejoin %.2fs after restart (%s), "
-                                 "failback stall %.3fs (pgroute says %ss), phases %s", i,
-                                 rec["failover_recovery_s"], rec["rejoin_s"],
-                                 (rec.get("rejoin_details") or {}).get("mode", "?"), fb["stall_s"],
-                                 fb.get("pgroute_write_stall_s"), fb["phases"])
+                        progress(
+                            "failback cycle %d: failover %.3fs, rejoin %.2fs after restart (%s), "
+                            "failback stall %.3fs (pgroute says %ss), phases %s",
+                            i,
+                            rec["failover_recovery_s"],
+                            rec["rejoin_s"],
+                            (rec.get("rejoin_details") or {}).get("mode", "?"),
+                            fb["stall_s"],
+                            fb.get("pgroute_write_stall_s"),
+                            fb["phases"],
+                        )
                     else:
                         anomaly = True
                         progress("failback cycle %d: FAILED: %s", i, rec.get("error"))
@@ -232,7 +258,7 @@ async def main(args) -> int:
             else:
                 anomaly = True
                 verify["error"] = f"no active node at the end: {st.get('reason')!r}"
-        except Exception as exc:  # noqa: BLE001 - report what we have, then clean up
+        except Exception as exc:
             anomaly = True
             verify["error"] = f"{type(exc).__name__}: {exc}"
             progress("FAILED: %s", verify["error"])
@@ -249,114 +275,195 @@ async def main(args) -> int:
     ok_fb = [c["failback"] for c in cycles if c["ok"]]
     ok_cy = [c for c in cycles if c["ok"]]
     summary = {
-        "switchover": {"stall": common.stats([r["stall_s"] for r in ok_sw]),
-                       "pgroute_write_stall": common.stats([r["pgroute_write_stall_s"] for r in ok_sw
-                                                            if "pgroute_write_stall_s" in r]),
-                       "client_stall": common.stats([r["client_stall_s"] for r in ok_sw]),
-                       "baseline_gap": common.stats([r["baseline_gap_s"] for r in ok_sw]),
-                       "duration": common.stats([r["duration_s"] for r in ok_sw]),
-                       "phases_median": phase_medians(ok_sw), "runs": len(switches), "ok": len(ok_sw)},
-        "failback": {"stall": common.stats([r["stall_s"] for r in ok_fb]),
-                     "pgroute_write_stall": common.stats([r["pgroute_write_stall_s"] for r in ok_fb
-                                                          if "pgroute_write_stall_s" in r]),
-                     "client_stall": common.stats([r["client_stall_s"] for r in ok_fb]),
-                     "baseline_gap": common.stats([r["baseline_gap_s"] for r in ok_fb]),
-                     "duration": common.stats([r["duration_s"] for r in ok_fb]),
-                     "phases_median": phase_medians(ok_fb), "runs": len(cycles), "ok": len(ok_fb)},
-        "failover_in_cycle": {"recovery": common.stats([c["failover_recovery_s"] for c in ok_cy]),
-                              "phases_median": phase_medians(ok_cy, "failover_phases")},
-        "rejoin": {"after_restart": common.stats([c["rejoin_s"] for c in ok_cy]),
-                   "phases_median": phase_medians(ok_cy, "rejoin_phases")},
+        "switchover": {
+            "stall": common.stats([r["stall_s"] for r in ok_sw]),
+            "pgroute_write_stall": common.stats(
+                [r["pgroute_write_stall_s"] for r in ok_sw if "pgroute_write_stall_s" in r]
+            ),
+            "client_stall": common.stats([r["client_stall_s"] for r in ok_sw]),
+            "baseline_gap": common.stats([r["baseline_gap_s"] for r in ok_sw]),
+            "duration": common.stats([r["duration_s"] for r in ok_sw]),
+            "phases_median": phase_medians(ok_sw),
+            "runs": len(switches),
+            "ok": len(ok_sw),
+        },
+        "failback": {
+            "stall": common.stats([r["stall_s"] for r in ok_fb]),
+            "pgroute_write_stall": common.stats(
+                [r["pgroute_write_stall_s"] for r in ok_fb if "pgroute_write_stall_s" in r]
+            ),
+            "client_stall": common.stats([r["client_stall_s"] for r in ok_fb]),
+            "baseline_gap": common.stats([r["baseline_gap_s"] for r in ok_fb]),
+            "duration": common.stats([r["duration_s"] for r in ok_fb]),
+            "phases_median": phase_medians(ok_fb),
+            "runs": len(cycles),
+            "ok": len(ok_fb),
+        },
+        "failover_in_cycle": {
+            "recovery": common.stats([c["failover_recovery_s"] for c in ok_cy]),
+            "phases_median": phase_medians(ok_cy, "failover_phases"),
+        },
+        "rejoin": {
+            "after_restart": common.stats([c["rejoin_s"] for c in ok_cy]),
+            "phases_median": phase_medians(ok_cy, "rejoin_phases"),
+        },
         "verify": verify,
     }
     for k in ("switchover", "failback"):
         m = summary[k]["stall"]["median"]
-        summary[k]["verdict"] = ("PASS" if m is not None and m <= TARGET_STALL_S
-                                 and summary[k]["ok"] == summary[k]["runs"] else "FAIL")
+        summary[k]["verdict"] = (
+            "PASS" if m is not None and m <= TARGET_STALL_S and summary[k]["ok"] == summary[k]["runs"] else "FAIL"
+        )
 
     print()
-    print(f"pgroute switchover/failback benchmark: {args.clients} writer connection(s) at "
-          f"{'full speed' if not args.pause else f'{args.pause}s pause'} through pgroute, "
-          f"{verify.get('commits_per_s', 0):.0f} commits/s on average; health interval {args.interval}s, "
-          f"timeout {args.timeout}s, max_retries {args.max_retries}, retry_interval {args.retry_interval}s")
+    print(
+        f"pgroute switchover/failback benchmark: {args.clients} writer connection(s) at "
+        f"{'full speed' if not args.pause else f'{args.pause}s pause'} through pgroute, "
+        f"{verify.get('commits_per_s', 0):.0f} commits/s on average; health interval {args.interval}s, "
+        f"timeout {args.timeout}s, max_retries {args.max_retries}, retry_interval {args.retry_interval}s"
+    )
     print()
     rows = []
     for k, label in (("switchover", "switchover"), ("failback", "failback (after rejoin)")):
         s = summary[k]
-        rows.append([label, f"{s['ok']}/{s['runs']}", common.fmt_s(s["stall"]["median"], 3),
-                     common.fmt_s(s["stall"]["max"], 3), common.fmt_s(s["stall"]["min"], 3),
-                     common.fmt_s(s["client_stall"]["median"], 3),
-                     common.fmt_s(s["pgroute_write_stall"]["median"], 3),
-                     common.fmt_s(s["baseline_gap"]["median"], 3), common.fmt_s(s["duration"]["median"], 3),
-                     f"<= {TARGET_STALL_S:g}", s["verdict"]])
+        rows.append(
+            [
+                label,
+                f"{s['ok']}/{s['runs']}",
+                common.fmt_s(s["stall"]["median"], 3),
+                common.fmt_s(s["stall"]["max"], 3),
+                common.fmt_s(s["stall"]["min"], 3),
+                common.fmt_s(s["client_stall"]["median"], 3),
+                common.fmt_s(s["pgroute_write_stall"]["median"], 3),
+                common.fmt_s(s["baseline_gap"]["median"], 3),
+                common.fmt_s(s["duration"]["median"], 3),
+                f"<= {TARGET_STALL_S:g}",
+                s["verdict"],
+            ]
+        )
     print("write stall = longest interval without an acknowledged commit (any client) overlapping the switch;")
     print("per-client = longest wait of one client; pgroute stall = details.write_stall_ms (sessions")
     print("closed and old node fenced -> new route published); baseline = longest gap")
     print("in the second before the switch; request = POST round trip. Seconds.")
-    print(common.table(["switch", "ok", "stall med", "stall max", "stall min", "per-client med",
-                        "pgroute stall med",
-                        "baseline gap med", "request med", "target (median)", "verdict"], rows))
+    print(
+        common.table(
+            [
+                "switch",
+                "ok",
+                "stall med",
+                "stall max",
+                "stall min",
+                "per-client med",
+                "pgroute stall med",
+                "baseline gap med",
+                "request med",
+                "target (median)",
+                "verdict",
+            ],
+            rows,
+        )
+    )
     print()
     print("per-phase medians (seconds):")
     prow = []
-    for label, ph in (("switchover", summary["switchover"]["phases_median"]),
-                      ("failback", summary["failback"]["phases_median"]),
-                      ("failover (kill -9, in cycles)", summary["failover_in_cycle"]["phases_median"]),
-                      ("rejoin (automatic)", summary["rejoin"]["phases_median"])):
+    for label, ph in (
+        ("switchover", summary["switchover"]["phases_median"]),
+        ("failback", summary["failback"]["phases_median"]),
+        ("failover (kill -9, in cycles)", summary["failover_in_cycle"]["phases_median"]),
+        ("rejoin (automatic)", summary["rejoin"]["phases_median"]),
+    ):
         prow.append([label, " ".join(f"{n}={v:.3f}" for n, v in ph.items()) or "-"])
     print(common.table(["operation", "phases"], prow))
     print()
     if ok_cy:
-        print("failback cycles: kill -9 -> first commit on the mirror median "
-              f"{summary['failover_in_cycle']['recovery']['median']:.3f}s; restart -> rejoined median "
-              f"{summary['rejoin']['after_restart']['median']:.2f}s")
+        print(
+            "failback cycles: kill -9 -> first commit on the mirror median "
+            f"{summary['failover_in_cycle']['recovery']['median']:.3f}s; restart -> rejoined median "
+            f"{summary['rejoin']['after_restart']['median']:.2f}s"
+        )
     detail = []
     for r in switches + resets:
-        detail.append([r["kind"] + ("" if r in switches else " (reset)"), f"{r.get('from')}->{r.get('to')}",
-                       common.fmt_s(r.get("stall_s"), 3), common.fmt_s(r.get("pgroute_write_stall_s"), 3),
-                       r.get("client_errors", "-"),
-                       " ".join(f"{n}={v:.3f}" for n, v in r.get("phases", {}).items()) or r.get("error", "")[:80]])
+        detail.append(
+            [
+                r["kind"] + ("" if r in switches else " (reset)"),
+                f"{r.get('from')}->{r.get('to')}",
+                common.fmt_s(r.get("stall_s"), 3),
+                common.fmt_s(r.get("pgroute_write_stall_s"), 3),
+                r.get("client_errors", "-"),
+                " ".join(f"{n}={v:.3f}" for n, v in r.get("phases", {}).items()) or r.get("error", "")[:80],
+            ]
+        )
     for c in cycles:
         fb = c.get("failback", {})
-        detail.append([f"failback cycle {c['n']}", f"failover {common.fmt_s(c.get('failover_recovery_s'), 3)}s, "
-                       f"rejoin {common.fmt_s(c.get('rejoin_s'))}s "
-                       f"({(c.get('rejoin_details') or {}).get('mode', '?')}, divergent tx "
-                       f"{(c.get('rejoin_details') or {}).get('divergent_transactions', '?')})",
-                       common.fmt_s(fb.get("stall_s"), 3), common.fmt_s(fb.get("pgroute_write_stall_s"), 3),
-                       fb.get("client_errors", "-"),
-                       " ".join(f"{n}={v:.3f}" for n, v in fb.get("phases", {}).items())
-                       or (c.get("error") or "")[:80]])
+        detail.append(
+            [
+                f"failback cycle {c['n']}",
+                f"failover {common.fmt_s(c.get('failover_recovery_s'), 3)}s, "
+                f"rejoin {common.fmt_s(c.get('rejoin_s'))}s "
+                f"({(c.get('rejoin_details') or {}).get('mode', '?')}, divergent tx "
+                f"{(c.get('rejoin_details') or {}).get('divergent_transactions', '?')})",
+                common.fmt_s(fb.get("stall_s"), 3),
+                common.fmt_s(fb.get("pgroute_write_stall_s"), 3),
+                fb.get("client_errors", "-"),
+                " ".join(f"{n}={v:.3f}" for n, v in fb.get("phases", {}).items()) or (c.get("error") or "")[:80],
+            ]
+        )
     print(common.table(["switch", "move", "stall s", "pgroute s", "client errors", "phases (s)"], detail))
     print()
     if "missing_on_active" in verify:
-        print(f"verification: {verify['acked']} acknowledged commits; missing on the final active node "
-              f"({verify['active']}): {verify['missing_on_active']}; with a different id: "
-              f"{verify['id_changed_on_active']}; missing on the standby after 30 s: "
-              f"{verify['missing_on_standby_after_30s']} -> "
-              f"{'OK, no acknowledged commit lost' if not verify['missing_on_active'] else 'LOST COMMITS'}")
+        print(
+            f"verification: {verify['acked']} acknowledged commits; missing on the final active node "
+            f"({verify['active']}): {verify['missing_on_active']}; with a different id: "
+            f"{verify['id_changed_on_active']}; missing on the standby after 30 s: "
+            f"{verify['missing_on_standby_after_30s']} -> "
+            f"{'OK, no acknowledged commit lost' if not verify['missing_on_active'] else 'LOST COMMITS'}"
+        )
     else:
         print(f"verification not done: {verify.get('error')}")
     print(f"pgroute log: {logs}")
-    common.write_json(args.json, {
-        "benchmark": "switch", "started_at": started, "health": health, "target_stall_s": TARGET_STALL_S,
-        "client": {"clients": args.clients, "pause": args.pause, "connect_timeout": args.connect_timeout,
-                   "query_timeout": args.query_timeout},
-        "summary": summary, "switchovers": switches, "resets": resets, "failback_cycles": cycles,
-        "logs": str(logs)})
-    return 1 if anomaly or any(summary[k]["verdict"] != "PASS" for k in ("switchover", "failback")
-                               if summary[k]["runs"]) else 0
+    common.write_json(
+        args.json,
+        {
+            "benchmark": "switch",
+            "started_at": started,
+            "health": health,
+            "target_stall_s": TARGET_STALL_S,
+            "client": {
+                "clients": args.clients,
+                "pause": args.pause,
+                "connect_timeout": args.connect_timeout,
+                "query_timeout": args.query_timeout,
+            },
+            "summary": summary,
+            "switchovers": switches,
+            "resets": resets,
+            "failback_cycles": cycles,
+            "logs": str(logs),
+        },
+    )
+    return (
+        1
+        if anomaly or any(summary[k]["verdict"] != "PASS" for k in ("switchover", "failback") if summary[k]["runs"])
+        else 0
+    )
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter
+    )
     p.add_argument("--switchovers", type=int, default=5, help="switchovers back and forth")
-    p.add_argument("--failbacks", type=int, default=3,
-                   help="cycles of kill -9 primary, failover, restart, rejoin, failback")
+    p.add_argument(
+        "--failbacks", type=int, default=3, help="cycles of kill -9 primary, failover, restart, rejoin, failback"
+    )
     p.add_argument("--warmup", type=float, default=2.0, help="seconds of load before the first switch")
     p.add_argument("--between", type=float, default=1.0, help="seconds of steady load before each switch")
-    p.add_argument("--settle", type=float, default=0.3,
-                   help="the stall window closes with a commit this long after the switch returned")
+    p.add_argument(
+        "--settle",
+        type=float,
+        default=0.3,
+        help="the stall window closes with a commit this long after the switch returned",
+    )
     p.add_argument("--rejoin-timeout", type=float, default=120.0, help="seconds to wait for the rejoin")
     common.add_health_args(p)
     common.add_client_args(p, clients=4)

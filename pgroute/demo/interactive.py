@@ -59,8 +59,11 @@ async def interactive(demo: Demo) -> int:
         try:
             await wait_following(running.controller)
         except TimeoutError:
-            say("pgroute demo: pgroute has not seen the mirror following yet; "
-                 "an automatic failover waits for that (see `status`)", err=True)
+            say(
+                "pgroute demo: pgroute has not seen the mirror following yet; "
+                "an automatic failover waits for that (see `status`)",
+                err=True,
+            )
         _print_welcome(demo, stdin_watched)
         pids = {c.name: c.postmaster_pid() for c in (pair.primary, pair.mirror)}
         while not stop.is_set():
@@ -71,9 +74,11 @@ async def interactive(demo: Demo) -> int:
                 pid = cluster.postmaster_pid()
                 if pids.get(cluster.name) and pid is None:
                     how = "press Enter or run" if stdin_watched else "run"
-                    say(f"\n>>> {cluster.name} (pid {pids[cluster.name]}) is gone. "
-                         f"pgroute notices within {demo.config.health.detection_bound:.1f} s.\n"
-                         f">>> To start it again: {how} `kill -USR1 {os.getpid()}`.")
+                    say(
+                        f"\n>>> {cluster.name} (pid {pids[cluster.name]}) is gone. "
+                        f"pgroute notices within {demo.config.health.detection_bound:.1f} s.\n"
+                        f">>> To start it again: {how} `kill -USR1 {os.getpid()}`."
+                    )
                 pids[cluster.name] = pid
             if restart.is_set() and not stop.is_set():
                 restart.clear()
@@ -115,11 +120,12 @@ async def _restart_stopped(demo: Demo, pids: dict[str, int | None]) -> None:
         pids[cluster.name] = cluster.postmaster_pid()
         say(f">>> {cluster.name} started again (pid {pids[cluster.name]}, port {cluster.port}).")
         if cluster is demo.pair.primary:
-            say(">>> If the mirror is active, pgroute fences the primary (read-only), recovers its\n"
-                 ">>> commits the mirror never got, and makes it follow the mirror. Then:\n"
-                 f">>>   {demo.pgroute} status --api {demo.api_url}\n"
-                 f">>>   {demo.pgroute} failback --yes --api {demo.api_url}")
-
+            say(
+                ">>> If the mirror is active, pgroute fences the primary (read-only), recovers its\n"
+                ">>> commits the mirror never got, and makes it follow the mirror. Then:\n"
+                f">>>   {demo.pgroute} status --api {demo.api_url}\n"
+                f">>>   {demo.pgroute} failback --yes --api {demo.api_url}"
+            )
 
 
 def _print_welcome(demo: Demo, stdin_watched: bool) -> None:
@@ -129,13 +135,13 @@ def _print_welcome(demo: Demo, stdin_watched: bool) -> None:
     enter = " (or press Enter here)" if stdin_watched else ""
     tries = [
         ("where pgroute routes, node health, lag, connections", f"{cmd} status --api {api}"),
-        ("manual switch to the mirror (the seed's failover_to_mirror.ps1)",
-         f"{cmd} failover --yes --api {api}"),
+        ("manual switch to the mirror (the seed's failover_to_mirror.ps1)", f"{cmd} failover --yes --api {api}"),
         ("crash the primary: pgroute fails over to the mirror by itself", f"kill -9 {primary_pid}"),
-        (f"start a killed server again{enter}: pgroute fences it and makes it follow",
-         f"kill -USR1 {os.getpid()}"),
-        ("back to the primary, replication restored (the seed's failback_to_primary.ps1)",
-         f"{cmd} failback --yes --api {api}"),
+        (f"start a killed server again{enter}: pgroute fences it and makes it follow", f"kill -USR1 {os.getpid()}"),
+        (
+            "back to the primary, replication restored (the seed's failback_to_primary.ps1)",
+            f"{cmd} failback --yes --api {api}",
+        ),
         ("planned move of the active role, no commit lost", f"{cmd} switchover --yes --api {api}"),
         ("the seed's health check, same answer", f"curl -s {api}/api/health"),
     ]

@@ -140,8 +140,7 @@ def _toml_str(value: str) -> str:
     return json.dumps(value)  # a JSON string is a valid TOML basic string
 
 
-def write_config(path: Path, pair: local.LocalPair, proxy_port: int, api_port: int,
-                 state_dir: Path) -> None:
+def write_config(path: Path, pair: local.LocalPair, proxy_port: int, api_port: int, state_dir: Path) -> None:
     """The demo's configuration file: a complete, commented pgroute.toml."""
     lines = [
         "# pgroute demo configuration (written by `pgroute demo`; removed when it stops).",
@@ -206,8 +205,7 @@ def prepare(base: Path) -> Demo:
     """Both servers with the seed and replication, and the configuration to run pgroute with."""
     from pgroute.config import load_config
 
-    pair = local.create_pair(base, dbname=DBNAME, publication=PUBLICATION,
-                             subscription=SUBSCRIPTION, seed_sql=SEED_SQL)
+    pair = local.create_pair(base, dbname=DBNAME, publication=PUBLICATION, subscription=SUBSCRIPTION, seed_sql=SEED_SQL)
     avoid = {pair.primary.port, pair.mirror.port}
     proxy_port = _pick_port(PROXY_PORT, avoid)
     api_port = _pick_port(API_PORT, avoid | {proxy_port})
@@ -216,7 +214,6 @@ def prepare(base: Path) -> Demo:
     # environ={}: the shell's DATABASE_URL & co. must not redirect the demo.
     config = load_config(config_path, environ={})
     return Demo(base, pair, config_path, config)
-
 
 
 def start_with_retries(cluster: local.LocalCluster, attempts: int = 5) -> None:
@@ -236,6 +233,7 @@ def start_with_retries(cluster: local.LocalCluster, attempts: int = 5) -> None:
 async def wait_following(ctl: Controller, timeout: float = 30.0) -> None:
     """Until pgroute has seen the mirror following with a known lag: before that an
     automatic failover is refused (the mirror's lag is unknown)."""
+
     def following() -> bool:
         st = ctl.status()
         return st["replication"] == "ok" and st["nodes"]["mirror"]["lag_bytes"] is not None

@@ -39,8 +39,16 @@ class _Clock:
     def say(self, text: str) -> None:
         """Print one step, wrapped to 80 columns under its time stamp."""
         stamp = f"[{time.monotonic() - self.t0:6.1f} s] "
-        _say(textwrap.fill(text, 80, initial_indent=stamp, subsequent_indent=" " * len(stamp),
-                           break_long_words=False, break_on_hyphens=False))
+        _say(
+            textwrap.fill(
+                text,
+                80,
+                initial_indent=stamp,
+                subsequent_indent=" " * len(stamp),
+                break_long_words=False,
+                break_on_hyphens=False,
+            )
+        )
 
 
 def _indent(lines: list[str] | str, prefix: str = "           ", width: int = 80) -> str:
@@ -53,9 +61,16 @@ def _indent(lines: list[str] | str, prefix: str = "           ", width: int = 80
             out.append(prefix + line if line else "")
             continue
         lead = line[: len(line) - len(line.lstrip())]
-        out.append(textwrap.fill(line.strip(), width, initial_indent=prefix + lead,
-                                 subsequent_indent=prefix + lead + "  ", break_long_words=False,
-                                 break_on_hyphens=False))
+        out.append(
+            textwrap.fill(
+                line.strip(),
+                width,
+                initial_indent=prefix + lead,
+                subsequent_indent=prefix + lead + "  ",
+                break_long_words=False,
+                break_on_hyphens=False,
+            )
+        )
     return "\n".join(out)
 
 
@@ -98,11 +113,15 @@ async def _tour_steps(demo: Demo, running: Running) -> int:
     clock = _Clock()
     status = ctl.status
     say = clock.say
-    say(f"pgroute: proxy {cfg.proxy.listen}, API {demo.api_url}; health probe every "
+    say(
+        f"pgroute: proxy {cfg.proxy.listen}, API {demo.api_url}; health probe every "
         f"{cfg.health.interval:g} s, a dead primary is declared down within "
-        f"{cfg.health.detection_bound:.1f} s")
-    say(f"primary {pair.primary.host}:{pair.primary.port} (pid {pair.primary.postmaster_pid()}) "
-        f"-> mirror {pair.mirror.host}:{pair.mirror.port} (subscription {pair.subscription})")
+        f"{cfg.health.detection_bound:.1f} s"
+    )
+    say(
+        f"primary {pair.primary.host}:{pair.primary.port} (pid {pair.primary.postmaster_pid()}) "
+        f"-> mirror {pair.mirror.host}:{pair.mirror.port} (subscription {pair.subscription})"
+    )
 
     await wait_following(ctl)
     writer = Writer(demo.database_url, Chrispar("tour")).start()
@@ -116,13 +135,16 @@ async def _tour_steps(demo: Demo, running: Running) -> int:
         say(f"{acked_before} writes acknowledged; kill -9 the primary (pid {pid})")
         await asyncio.to_thread(pair.primary.kill)
         t_kill, wall_kill = time.monotonic(), time.time()
-        first = await wait_until(lambda: writer.first_started_after(t_kill), 60,
-                                 what="a write acknowledged after the kill")
+        first = await wait_until(
+            lambda: writer.first_started_after(t_kill), 60, what="a write acknowledged after the kill"
+        )
         failover_s = first.t - t_kill
         ev = await wait_until(lambda: _ended(ctl, "failover"), 30, what="the failover event")
         detected_s = max(ev["started_at"] - wall_kill, 0.0)
-        say(f"first write acknowledged by the mirror {failover_s:.2f} s after the kill "
-            f"(primary declared down after {detected_s:.2f} s)")
+        say(
+            f"first write acknowledged by the mirror {failover_s:.2f} s after the kill "
+            f"(primary declared down after {detected_s:.2f} s)"
+        )
         _say(_indent(render_event(ev)))
         if ev["result"] != "ok" or status()["active"] != "mirror":
             say("FAILOVER did not complete: see above")
@@ -135,11 +157,12 @@ async def _tour_steps(demo: Demo, running: Running) -> int:
         say("starting the old primary again ...")
         await asyncio.to_thread(start_with_retries, pair.primary)
         t_back = time.monotonic()
-        say(f"primary is back (pid {pair.primary.postmaster_pid()}); pgroute fences it, recovers "
-            "its commits the mirror never got, and makes it follow the mirror")
+        say(
+            f"primary is back (pid {pair.primary.postmaster_pid()}); pgroute fences it, recovers "
+            "its commits the mirror never got, and makes it follow the mirror"
+        )
         try:
-            await wait_until(lambda: _rejoined(ctl), TOUR_REJOIN_TIMEOUT, what="the primary to rejoin",
-                             interval=0.1)
+            await wait_until(lambda: _rejoined(ctl), TOUR_REJOIN_TIMEOUT, what="the primary to rejoin", interval=0.1)
         except TimeoutError:
             say("the primary did not rejoin in time:")
             _say(f"\n{render_status(status())}\n")
@@ -179,14 +202,13 @@ summary
   lost: {len(lost)} (missing on the primary: {len(lost_primary)}, on the mirror: {len(lost_mirror)})
   failover time (kill -9 to first acknowledged write): {failover_s:.2f} s
   failback write stall: {stall_ms} ms
-  active node: {st['active']}, epoch {st['epoch']}, replication {st['replication']}
+  active node: {st["active"]}, epoch {st["epoch"]}, replication {st["replication"]}
 """)
     if lost:
         for a in (lost_primary + lost_mirror)[:10]:
             _say(f"  LOST: {a.table} id {a.id} ({a.name})", err=True)
         return 1
     return 0
-
 
 
 def _ended(ctl: Controller, kind: str) -> dict[str, Any] | None:
@@ -208,8 +230,7 @@ def _probed_since(st: dict[str, Any], since: float) -> bool:
 def _rejoined(ctl: Controller) -> bool:
     """True once the old primary follows the active mirror."""
     st = ctl.status()
-    return (st["active"] == "mirror" and st["replication"] == "ok"
-            and st["nodes"]["primary"]["subscription"] is not None)
+    return st["active"] == "mirror" and st["replication"] == "ok" and st["nodes"]["primary"]["subscription"] is not None
 
 
 async def _request_with_retries(ctl: Controller, kind: str, attempts: int = 10) -> dict[str, Any]:

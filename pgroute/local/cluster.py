@@ -241,9 +241,7 @@ class LocalCluster:
             if time.monotonic() > deadline:
                 self._kill_tree(proc.pid)
                 self._proc = None
-                raise LocalClusterError(
-                    f"{self.name}: not ready after {timeout}s:\n{self.log_tail(offset=offset)}"
-                )
+                raise LocalClusterError(f"{self.name}: not ready after {timeout}s:\n{self.log_tail(offset=offset)}")
             time.sleep(0.02)
 
     def _read_pidfile(self) -> tuple[int | None, str | None]:

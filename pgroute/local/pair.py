@@ -90,8 +90,7 @@ class LocalPair:
             )
         except LocalClusterError as exc:
             state = self.primary.sql(
-                "SELECT active, confirmed_flush_lsn FROM pg_replication_slots "
-                f"WHERE slot_name = {slot}",
+                f"SELECT active, confirmed_flush_lsn FROM pg_replication_slots WHERE slot_name = {slot}",
                 self.dbname,
             )
             raise LocalClusterError(f"{exc}; slot (active|confirmed_flush_lsn): {state or 'missing'}") from None

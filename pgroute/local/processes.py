@@ -307,7 +307,7 @@ def stop_all() -> None:
     for cluster in clusters:
         try:
             cluster.kill()
-        except Exception:  # noqa: BLE001 - best effort at exit; keep killing the others
+        except Exception:
             log.exception("could not kill local cluster %s", cluster.name)
 
 

@@ -143,8 +143,9 @@ class Events(Workload):
         return {(EVENTS_TABLE, f"{r['writer']}:{r['seq']}"): r["id"] for r in rows}
 
 
-async def wait_until(predicate: Callable[[], Any], timeout: float = 30.0, *, what: str = "condition",
-                     interval: float = 0.05) -> Any:
+async def wait_until(
+    predicate: Callable[[], Any], timeout: float = 30.0, *, what: str = "condition", interval: float = 0.05
+) -> Any:
     """Poll `predicate` (a function, or one returning an awaitable) until it returns
     something true, and return that; TimeoutError after `timeout` seconds."""
     deadline = time.monotonic() + timeout
@@ -165,9 +166,17 @@ class Writer:
     type in `errors` and the latest ones kept in `error_log` (monotonic time,
     client, message)."""
 
-    def __init__(self, dsn: str, workload: Workload | None = None, *, clients: int = 1,
-                 connect_timeout: float = 5.0, query_timeout: float = 5.0, retry_sleep: float = 0.05,
-                 pause: float = 0.005) -> None:
+    def __init__(
+        self,
+        dsn: str,
+        workload: Workload | None = None,
+        *,
+        clients: int = 1,
+        connect_timeout: float = 5.0,
+        query_timeout: float = 5.0,
+        retry_sleep: float = 0.05,
+        pause: float = 0.005,
+    ) -> None:
         self.dsn = dsn
         self.workload = workload if workload is not None else Chrispar()
         self.clients = clients
@@ -185,8 +194,7 @@ class Writer:
 
     def start(self) -> Writer:
         """Start the clients (in the running event loop)."""
-        self._tasks = [asyncio.create_task(self._client(c), name=f"writer-{c}")
-                       for c in range(1, self.clients + 1)]
+        self._tasks = [asyncio.create_task(self._client(c), name=f"writer-{c}") for c in range(1, self.clients + 1)]
         return self
 
     async def stop(self) -> None:
@@ -206,8 +214,7 @@ class Writer:
             while not self._stopping.is_set():
                 try:
                     if conn is None or conn.is_closed():
-                        conn = await asyncpg.connect(self.dsn, timeout=self.connect_timeout,
-                                                     command_timeout=None)
+                        conn = await asyncpg.connect(self.dsn, timeout=self.connect_timeout, command_timeout=None)
                     seq += 1  # before the write: an unanswered INSERT may have committed
                     started = time.monotonic()
                     row = await self.workload.insert(conn, client, seq, self.query_timeout)
@@ -220,7 +227,7 @@ class Writer:
                     conn = None
                     await self._sleep(self.retry_sleep)
                     continue
-                except Exception as exc:  # noqa: BLE001 - the loop's catch-all: a writer never dies
+                except Exception as exc:
                     log.warning("writer client %d: unexpected %s: %s", client, type(exc).__name__, exc)
                     self._failed(client, conn, exc)
                     conn = None
@@ -243,7 +250,7 @@ class Writer:
         """Sleep, but wake up at once when the writer is stopped."""
         try:
             await asyncio.wait_for(self._stopping.wait(), seconds)
-        except asyncio.TimeoutError:
+        except TimeoutError:
             pass
 
     # -- waiting for writes -------------------------------------------------------------
@@ -257,8 +264,9 @@ class Writer:
         """Until `count` more writes are acknowledged; TimeoutError names the last errors."""
         target = len(self.acks) + count
         try:
-            await wait_until(lambda: len(self.acks) >= target, timeout,
-                             what=f"{count} more acknowledged writes", interval=0.01)
+            await wait_until(
+                lambda: len(self.acks) >= target, timeout, what=f"{count} more acknowledged writes", interval=0.01
+            )
         except TimeoutError as exc:
             raise TimeoutError(f"writer: {exc}; last errors: {list(self.error_log)[-3:]}") from None
 
@@ -271,8 +279,7 @@ class Writer:
         """The first acknowledged write that was sent at or after monotonic time `t`."""
         return next((a for a in self.acks if a.started >= t), None)
 
-    async def wait_first_acked_after(self, t: float, port: int | None = None,
-                                     timeout: float = 60.0) -> Ack | None:
+    async def wait_first_acked_after(self, t: float, port: int | None = None, timeout: float = 60.0) -> Ack | None:
         """`first_acked_after`, waiting up to `timeout` for it; None if none came."""
         deadline = time.monotonic() + timeout
         while True:
@@ -309,7 +316,7 @@ def _max_gap(times: list[float], t0: float, t1: float) -> tuple[float, float, fl
     lo = max(bisect.bisect_right(times, t0) - 1, 0)
     hi = min(bisect.bisect_right(times, t1) + 1, len(times))
     best = (0.0, t0, t0)
-    for a, b in zip(times[lo:hi - 1], times[lo + 1:hi]):
+    for a, b in zip(times[lo : hi - 1], times[lo + 1 : hi]):
         if b - a > best[0]:
             best = (b - a, a, b)
     return best
@@ -347,4 +354,3 @@ async def missing(dsn: str, acks: Iterable[Ack], workload: Workload | None = Non
     check = await check_acks(dsn, acks, workload)
     lost = set(check.absent) | set(check.changed)
     return [a for a in acks if a in lost]
-

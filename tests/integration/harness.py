@@ -22,8 +22,18 @@ from pgroute.local import LocalPair
 from pgroute.local.workload import Writer, missing
 from pgroute.local.workload import wait_until as wait_for
 
-__all__ = ["FAST_HEALTH", "Writer", "api", "api_async", "make_config", "missing", "proxy_dsn",
-           "running_pgroute", "setup_test_logging", "wait_for"]
+__all__ = [
+    "FAST_HEALTH",
+    "Writer",
+    "api",
+    "api_async",
+    "make_config",
+    "missing",
+    "proxy_dsn",
+    "running_pgroute",
+    "setup_test_logging",
+    "wait_for",
+]
 
 FAST_HEALTH = {"interval": 0.5, "max_retries": 2, "retry_interval": 0.2, "timeout": 1.0}
 
@@ -56,11 +66,15 @@ def proxy_dsn(running: app.Running, dbname: str = "chrispar") -> str:
     return f"postgresql://postgres@127.0.0.1:{running.proxy_port}/{dbname}"
 
 
-def api(running: app.Running, path: str, method: str = "GET", body: dict | None = None,
-        token: str | None = None) -> tuple[int, Any]:
+def api(
+    running: app.Running, path: str, method: str = "GET", body: dict | None = None, token: str | None = None
+) -> tuple[int, Any]:
     """Blocking HTTP call to the API (run it in a thread from async tests)."""
-    req = urllib.request.Request(f"http://127.0.0.1:{running.api_port}{path}", method=method,
-                                 data=json.dumps(body).encode() if body is not None else None)
+    req = urllib.request.Request(
+        f"http://127.0.0.1:{running.api_port}{path}",
+        method=method,
+        data=json.dumps(body).encode() if body is not None else None,
+    )
     req.add_header("Content-Type", "application/json")
     if token:
         req.add_header("Authorization", f"Bearer {token}")
@@ -76,8 +90,9 @@ def api(running: app.Running, path: str, method: str = "GET", body: dict | None 
         return status, raw.decode(errors="replace")
 
 
-async def api_async(running: app.Running, path: str, method: str = "GET", body: dict | None = None,
-                    token: str | None = None) -> tuple[int, Any]:
+async def api_async(
+    running: app.Running, path: str, method: str = "GET", body: dict | None = None, token: str | None = None
+) -> tuple[int, Any]:
     return await asyncio.to_thread(api, running, path, method, body, token)
 
 

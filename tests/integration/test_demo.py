@@ -28,8 +28,11 @@ ROOT = Path(__file__).resolve().parents[2]
 
 def _env() -> dict[str, str]:
     # The demo must not depend on (or be redirected by) the caller's PG settings.
-    env = {k: v for k, v in os.environ.items()
-           if not k.startswith(("PG", "PGROUTE_")) and k not in ("DATABASE_URL", "MIRROR_DATABASE_URL")}
+    env = {
+        k: v
+        for k, v in os.environ.items()
+        if not k.startswith(("PG", "PGROUTE_")) and k not in ("DATABASE_URL", "MIRROR_DATABASE_URL")
+    }
     env["PYTHONPATH"] = str(ROOT) + os.pathsep + env.get("PYTHONPATH", "")
     env["PYTHONUNBUFFERED"] = "1"
     return env
@@ -62,8 +65,7 @@ def workdir(pg_base_dir):
 
 
 def test_tour_loses_no_acknowledged_write(workdir):
-    res = subprocess.run(_argv("--tour"), cwd=workdir, env=_env(), capture_output=True,
-                         text=True, timeout=240)
+    res = subprocess.run(_argv("--tour"), cwd=workdir, env=_env(), capture_output=True, text=True, timeout=240)
     print(res.stdout)
     assert res.returncode == 0, res.stdout + res.stderr
     out = res.stdout
@@ -128,8 +130,15 @@ class _Lines:
 
 
 def test_interactive_demo_routes_writes_and_cleans_up_on_sigint(workdir):
-    proc = subprocess.Popen(_argv(), cwd=workdir, env=_env(), stdin=subprocess.DEVNULL,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    proc = subprocess.Popen(
+        _argv(),
+        cwd=workdir,
+        env=_env(),
+        stdin=subprocess.DEVNULL,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     err_lines: list[str] = []
     threading.Thread(target=lambda: err_lines.extend(proc.stderr), daemon=True).start()
     out = _Lines(proc.stdout)
@@ -143,8 +152,9 @@ def test_interactive_demo_routes_writes_and_cleans_up_on_sigint(workdir):
         assert _alive(primary_pid) and _alive(mirror_pid)
 
         with psycopg.connect(url, autocommit=True, connect_timeout=10) as conn:
-            row = conn.execute("INSERT INTO usuarios (nombre, email) VALUES ('demo-test', 'dt@x') "
-                               "RETURNING id").fetchone()
+            row = conn.execute(
+                "INSERT INTO usuarios (nombre, email) VALUES ('demo-test', 'dt@x') RETURNING id"
+            ).fetchone()
             assert row[0] > 0
             seeded = conn.execute("SELECT count(*) FROM usuarios").fetchone()[0]
             assert seeded >= 4  # the seed rows plus ours
@@ -166,8 +176,9 @@ def test_interactive_demo_routes_writes_and_cleans_up_on_sigint(workdir):
 
 def test_without_postgresql_binaries_prints_the_install_hint(monkeypatch, tmp_path, capsys):
     def missing():
-        raise LocalClusterError(f"PostgreSQL server binaries (initdb, pg_ctl, postgres) not found; "
-                                f"{local.INSTALL_HINT}")
+        raise LocalClusterError(
+            f"PostgreSQL server binaries (initdb, pg_ctl, postgres) not found; {local.INSTALL_HINT}"
+        )
 
     monkeypatch.setattr(local, "find_binaries", missing)
     monkeypatch.chdir(tmp_path)

@@ -5,16 +5,13 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
-import json
 import logging
-import time
 from pathlib import Path
 
 import asyncpg
 import pytest
 
-from .harness import (Writer, api_async, make_config, missing, proxy_dsn, running_pgroute,
-                      wait_for)
+from .harness import Writer, api_async, make_config, missing, proxy_dsn, running_pgroute, wait_for
 
 pytestmark = pytest.mark.asyncio
 
@@ -28,9 +25,15 @@ async def _wait(running, pred, timeout=60.0, what="state"):
 
 
 async def _following(running, timeout=30.0):
-    await _wait(running, lambda s: s["replication"] == "ok"
-                and s["nodes"][("mirror" if s["active"] == "primary" else "primary")]["lag_bytes"] is not None,
-                timeout, "standby following")
+    await _wait(
+        running,
+        lambda s: (
+            s["replication"] == "ok"
+            and s["nodes"][("mirror" if s["active"] == "primary" else "primary")]["lag_bytes"] is not None
+        ),
+        timeout,
+        "standby following",
+    )
 
 
 async def _rows(dsn: str) -> dict[str, set]:
@@ -38,9 +41,12 @@ async def _rows(dsn: str) -> dict[str, set]:
     try:
         out = {}
         for table in ("usuarios", "empleados", "pedidos"):
-            out[table] = {tuple(r) for r in await conn.fetch(f"SELECT id, nombre FROM {table}"
-                                                             if table != "pedidos" else
-                                                             "SELECT id, total::text FROM pedidos")}
+            out[table] = {
+                tuple(r)
+                for r in await conn.fetch(
+                    f"SELECT id, nombre FROM {table}" if table != "pedidos" else "SELECT id, total::text FROM pedidos"
+                )
+            }
         return out
     finally:
         await conn.close()
@@ -78,8 +84,12 @@ async def test_failback_recovers_divergent_commits_under_writer(pair, tmp_path, 
 
         pair.primary.start()
         # Fenced, then rejoined automatically: divergent commits applied to the mirror.
-        await _wait(running, lambda s: s["nodes"]["primary"]["subscription"] is not None
-                    and s["replication"] == "ok", 90, "primary rejoined")
+        await _wait(
+            running,
+            lambda s: s["nodes"]["primary"]["subscription"] is not None and s["replication"] == "ok",
+            90,
+            "primary rejoined",
+        )
         assert await missing(pair.mirror_dsn(), divergent) == []
         rejoin = [e for e in _st(running)["events"] if e["kind"] == "rejoin"][0]
         assert rejoin["result"] == "ok" and rejoin["details"]["mode"] == "full resync"
@@ -96,8 +106,14 @@ async def test_failback_recovers_divergent_commits_under_writer(pair, tmp_path, 
         await _following(running)
         # An insert on the primary appears on the mirror.
         pair.primary.sql("INSERT INTO usuarios (nombre) VALUES ('after-failback')", dbname="chrispar")
-        await wait_for(lambda: pair.mirror.sql("SELECT count(*) FROM usuarios WHERE nombre = 'after-failback'",
-                                               dbname="chrispar") == "1", 30, what="replicated insert")
+        await wait_for(
+            lambda: (
+                pair.mirror.sql("SELECT count(*) FROM usuarios WHERE nombre = 'after-failback'", dbname="chrispar")
+                == "1"
+            ),
+            30,
+            what="replicated insert",
+        )
     # Every acknowledged commit of the whole run is on the primary, divergent ones included.
     assert await missing(pair.primary_dsn(), writer.acks) == []
     assert await _rows(pair.primary_dsn()) == await _rows(pair.mirror_dsn())
@@ -112,8 +128,9 @@ async def test_colliding_divergent_insert_is_a_conflict_and_both_versions_kept(p
     async with running_pgroute(config) as running:
         await _following(running)
         pair.mirror.sql("ALTER SUBSCRIPTION chrispar_sub DISABLE", dbname="chrispar")
-        pair.primary.sql("INSERT INTO usuarios (id, nombre, email) VALUES (424242, 'primary-version', 'p@x')",
-                         dbname="chrispar")
+        pair.primary.sql(
+            "INSERT INTO usuarios (id, nombre, email) VALUES (424242, 'primary-version', 'p@x')", dbname="chrispar"
+        )
         pair.primary.kill()
         pair.mirror.sql("ALTER SUBSCRIPTION chrispar_sub ENABLE", dbname="chrispar")
         await _wait(running, lambda s: s["active"] == "mirror", 30, "failover")
@@ -155,12 +172,13 @@ async def test_switchover_under_writer_loses_nothing(pair, tmp_path):
         await writer.stop()
         assert _st(running)["active"] == "primary"
     assert await missing(pair.primary_dsn(), writer.acks) == []
-    pair.wait_synced()          # the mirror follows the primary again: it catches up fully
+    pair.wait_synced()  # the mirror follows the primary again: it catches up fully
     assert await missing(pair.mirror_dsn(), writer.acks) == []
 
 
-@pytest.mark.parametrize("victim,when", [("mirror", "catch_up"), ("primary", "promote"),
-                                         ("mirror", "promote"), ("primary", "resubscribe")])
+@pytest.mark.parametrize(
+    "victim,when", [("mirror", "catch_up"), ("primary", "promote"), ("mirror", "promote"), ("primary", "resubscribe")]
+)
 async def test_node_killed_mid_switchover_never_routes_to_stale(pair, tmp_path, victim, when):
     config = make_config(pair, tmp_path)
     async with running_pgroute(config) as running:
@@ -172,6 +190,7 @@ async def test_node_killed_mid_switchover_never_routes_to_stale(pair, tmp_path, 
         def on_phase(op):
             if op.phase_name == when:
                 node.kill()
+
         running.controller.add_phase_listener(on_phase)
         status, body = await api_async(running, "/api/switchover", "POST", {})
         running.controller.remove_phase_listener(on_phase)
@@ -197,9 +216,14 @@ async def test_synchronous_on_kill9_loses_nothing(pair, tmp_path):
     config = make_config(pair, tmp_path, replication={"synchronous": "on"})
     async with running_pgroute(config) as running:
         await _wait(running, lambda s: s["replication"] == "ok", 30)
-        await wait_for(lambda: pair.primary.sql(
-            "SELECT sync_state FROM pg_stat_replication WHERE application_name = 'chrispar_sub'") == "sync",
-            30, what="synchronous standby")
+        await wait_for(
+            lambda: (
+                pair.primary.sql("SELECT sync_state FROM pg_stat_replication WHERE application_name = 'chrispar_sub'")
+                == "sync"
+            ),
+            30,
+            what="synchronous standby",
+        )
         writer = Writer(proxy_dsn(running), pause=0.0).start()
         await writer.wait_acked(100)
         pair.primary.kill()
@@ -214,26 +238,36 @@ async def test_synchronous_on_kill9_loses_nothing(pair, tmp_path):
 async def test_synchronous_mirror_down(pair, tmp_path, mode):
     config = make_config(pair, tmp_path, replication={"synchronous": mode})
     async with running_pgroute(config) as running:
-        await wait_for(lambda: pair.primary.sql(
-            "SELECT sync_state FROM pg_stat_replication WHERE application_name = 'chrispar_sub'") == "sync",
-            30, what="synchronous standby")
+        await wait_for(
+            lambda: (
+                pair.primary.sql("SELECT sync_state FROM pg_stat_replication WHERE application_name = 'chrispar_sub'")
+                == "sync"
+            ),
+            30,
+            what="synchronous standby",
+        )
         pair.mirror.kill()
         await _wait(running, lambda s: s["nodes"]["mirror"]["up"] is False, 30, "mirror down")
         conn = await asyncpg.connect(proxy_dsn(running))
         try:
             insert = conn.execute("INSERT INTO usuarios (nombre) VALUES ('while-mirror-down')")
             if mode == "on":
-                await asyncio.wait_for(insert, 10)        # degraded, writes keep flowing
+                await asyncio.wait_for(insert, 10)  # degraded, writes keep flowing
                 assert _st(running)["replication"] != "ok"
             else:
                 with pytest.raises(asyncio.TimeoutError):
-                    await asyncio.wait_for(insert, 3)     # strict: commits wait for the standby
+                    await asyncio.wait_for(insert, 3)  # strict: commits wait for the standby
         finally:
             conn.terminate()
         pair.mirror.start()
-        await wait_for(lambda: pair.primary.sql(
-            "SELECT sync_state FROM pg_stat_replication WHERE application_name = 'chrispar_sub'") == "sync",
-            30, what="synchronous standby restored")
+        await wait_for(
+            lambda: (
+                pair.primary.sql("SELECT sync_state FROM pg_stat_replication WHERE application_name = 'chrispar_sub'")
+                == "sync"
+            ),
+            30,
+            what="synchronous standby restored",
+        )
 
 
 async def test_auto_failback_after_primary_returns(pair, tmp_path, caplog):
@@ -248,8 +282,12 @@ async def test_auto_failback_after_primary_returns(pair, tmp_path, caplog):
         await writer.wait_acked(10)
         pair.primary.start()
         # Fenced, rejoined, caught up for failback_delay: pgroute fails back by itself.
-        await _wait(running, lambda s: s["active"] == "primary" and s["epoch"] >= 2
-                    and s["replication"] == "ok", 90, "automatic failback")
+        await _wait(
+            running,
+            lambda s: s["active"] == "primary" and s["epoch"] >= 2 and s["replication"] == "ok",
+            90,
+            "automatic failback",
+        )
         await writer.wait_acked(10)
         await writer.stop()
         events = _st(running)["events"]
@@ -258,16 +296,14 @@ async def test_auto_failback_after_primary_returns(pair, tmp_path, caplog):
     assert any("FAILBACK" in r.getMessage() and "auto_failback" in r.getMessage() for r in caplog.records)
 
 
-@pytest.mark.parametrize("victim,when", [("primary", "divergence"), ("mirror", "promote"),
-                                         ("primary", "promote")])
+@pytest.mark.parametrize("victim,when", [("primary", "divergence"), ("mirror", "promote"), ("primary", "promote")])
 async def test_node_killed_mid_failback_never_routes_to_stale(pair, tmp_path, victim, when):
     config = make_config(pair, tmp_path, health={"max_lag_bytes": 1 << 30})
     async with running_pgroute(config) as running:
         await _following(running)
         # No automatic rejoin, so the failback runs rejoin + switchover itself.
         ctl = running.controller
-        ctl.state = dataclasses.replace(ctl.state, policy=dataclasses.replace(ctl.state.policy,
-                                                                              auto_rejoin=False))
+        ctl.state = dataclasses.replace(ctl.state, policy=dataclasses.replace(ctl.state.policy, auto_rejoin=False))
         writer = Writer(proxy_dsn(running)).start()
         await writer.wait_acked(10)
         await _diverge_then_kill(pair, writer, 5)
@@ -281,12 +317,13 @@ async def test_node_killed_mid_failback_never_routes_to_stale(pair, tmp_path, vi
         def on_phase(op):
             if op.phase_name == when and node.is_running():
                 node.kill()
+
         running.controller.add_phase_listener(on_phase)
         status, body = await api_async(running, "/api/failback", "POST", {})
         running.controller.remove_phase_listener(on_phase)
         assert status in (200, 409, 500), body
         await writer.stop()
-        acked = writer.acks[after_failover:]     # acknowledged by the mirror
+        acked = writer.acks[after_failover:]  # acknowledged by the mirror
         st = _st(running)
         active = st["active"]
         if active is None:
@@ -296,5 +333,4 @@ async def test_node_killed_mid_failback_never_routes_to_stale(pair, tmp_path, vi
         if cluster.is_running():
             # The routed node holds every commit the mirror acknowledged (commits only
             # the old primary acknowledged may sit there until a rejoin succeeds).
-            assert await missing(pair.primary_dsn() if active == "primary" else pair.mirror_dsn(),
-                                      acked) == []
+            assert await missing(pair.primary_dsn() if active == "primary" else pair.mirror_dsn(), acked) == []

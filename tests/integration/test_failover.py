@@ -10,8 +10,7 @@ import os
 import asyncpg
 import pytest
 
-from .harness import (Writer, api_async, make_config, missing, proxy_dsn, running_pgroute,
-                      wait_for)
+from .harness import Writer, api_async, make_config, missing, proxy_dsn, running_pgroute, wait_for
 
 pytestmark = pytest.mark.asyncio
 
@@ -26,8 +25,12 @@ async def _wait_state(running, predicate, timeout=30.0, what="state"):
 
 async def _wait_following(running, timeout=30.0):
     """Until the monitor has seen the mirror following and a lag sample of it."""
-    await _wait_state(running, lambda s: s["replication"] == "ok"
-                      and s["nodes"]["mirror"]["lag_bytes"] is not None, timeout, "mirror following")
+    await _wait_state(
+        running,
+        lambda s: s["replication"] == "ok" and s["nodes"]["mirror"]["lag_bytes"] is not None,
+        timeout,
+        "mirror following",
+    )
 
 
 async def test_kill9_primary_under_writer_fails_over_to_mirror(pair, tmp_path, caplog):
@@ -41,7 +44,7 @@ async def test_kill9_primary_under_writer_fails_over_to_mirror(pair, tmp_path, c
         pair.primary.kill()
         at_kill = len(writer.acks)
         await _wait_state(running, lambda s: s["active"] == "mirror", 30, "failover to mirror")
-        await writer.wait_acked(20)       # writes through the same address succeed again
+        await writer.wait_acked(20)  # writes through the same address succeed again
         await writer.stop()
 
         status, body = await api_async(running, "/api/health")
@@ -74,8 +77,9 @@ async def test_sigstop_primary_is_detected_and_stuck_sessions_closed(pair, tmp_p
             query = asyncio.create_task(stuck.fetchval("SELECT 1"))
             await _wait_state(running, lambda s: s["active"] == "mirror", 30, "failover after SIGSTOP")
             # pgroute closed the session stuck on the hung primary: the query fails fast.
-            with pytest.raises((asyncpg.InterfaceError, asyncpg.PostgresError, OSError,
-                                asyncpg.exceptions.ConnectionDoesNotExistError)):
+            with pytest.raises(
+                (asyncpg.InterfaceError, asyncpg.PostgresError, OSError, asyncpg.exceptions.ConnectionDoesNotExistError)
+            ):
                 await asyncio.wait_for(query, 5)
             conn = await asyncpg.connect(proxy_dsn(running))
             assert await conn.fetchval("SELECT count(*) >= 0 FROM usuarios")
@@ -117,8 +121,9 @@ async def test_restarts_never_route_to_stale_primary(pair, tmp_path):
         assert _status(running)["active"] == "mirror"
         # The old primary comes back: fenced (read-only), never routed to.
         pair.primary.start()
-        await wait_for(lambda: pair.primary.sql("SHOW default_transaction_read_only") == "on", 30,
-                       what="old primary fenced")
+        await wait_for(
+            lambda: pair.primary.sql("SHOW default_transaction_read_only") == "on", 30, what="old primary fenced"
+        )
         conn = await asyncpg.connect(proxy_dsn(running))
         assert await conn.fetchval("SELECT current_setting('port')::int") == pair.mirror.port
         await conn.close()
@@ -181,17 +186,19 @@ async def test_lag_gate_refuses_automatic_failover(pair, tmp_path, caplog):
         tx = blocker.transaction()
         await tx.start()
         await blocker.execute("LOCK TABLE pedidos IN ACCESS EXCLUSIVE MODE")
-        pair.primary.sql("INSERT INTO pedidos (usuario_id, total) "
-                         "SELECT g, g FROM generate_series(1, 20000) g", dbname="chrispar")
-        await _wait_state(running, lambda s: (s["nodes"]["mirror"]["lag_bytes"] or 0) > 64 * 1024,
-                          15, "lag sampled over the limit")
+        pair.primary.sql(
+            "INSERT INTO pedidos (usuario_id, total) SELECT g, g FROM generate_series(1, 20000) g", dbname="chrispar"
+        )
+        await _wait_state(
+            running, lambda s: (s["nodes"]["mirror"]["lag_bytes"] or 0) > 64 * 1024, 15, "lag sampled over the limit"
+        )
         # Manual failover is refused with the reason (409), --force would override.
         status, body = await api_async(running, "/api/failover", "POST", {})
         assert status == 409 and "max_lag_bytes" in body["error"]
         pair.primary.kill()
         await _wait_state(running, lambda s: s["state"] == "primary_down", 30, "primary declared down")
         st = _status(running)
-        assert st["active"] == "primary"        # no failover to the stale mirror
+        assert st["active"] == "primary"  # no failover to the stale mirror
         assert "max_lag_bytes" in st["reason"]
         blocker.terminate()
     assert any("FAILOVER not started" in r.getMessage() for r in caplog.records)
