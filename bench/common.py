@@ -21,6 +21,7 @@ SIGKILL are removed by the next run via ``cleanup_abandoned``).
 
 from __future__ import annotations
 
+import argparse
 import asyncio
 import atexit
 import contextlib
@@ -34,7 +35,7 @@ import statistics
 import subprocess
 import sys
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -57,7 +58,7 @@ DEFAULT_HEALTH = {"interval": 1.0, "max_retries": 3, "retry_interval": 0.3, "tim
 # --------------------------------------------------------------------------- arguments
 
 
-def add_health_args(parser) -> None:
+def add_health_args(parser: argparse.ArgumentParser) -> None:
     g = parser.add_argument_group("pgroute [health] settings")
     g.add_argument(
         "--interval",
@@ -85,7 +86,9 @@ def add_health_args(parser) -> None:
     )
 
 
-def add_client_args(parser, *, clients: int = 1, connect_timeout: float = 1.0, query_timeout: float = 1.0) -> None:
+def add_client_args(
+    parser: argparse.ArgumentParser, *, clients: int = 1, connect_timeout: float = 1.0, query_timeout: float = 1.0
+) -> None:
     g = parser.add_argument_group("writer")
     g.add_argument("--clients", type=int, default=clients, help="concurrent writer connections (default %(default)s)")
     g.add_argument(
@@ -114,7 +117,7 @@ def add_client_args(parser, *, clients: int = 1, connect_timeout: float = 1.0, q
     )
 
 
-def add_common_args(parser) -> None:
+def add_common_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--json", metavar="FILE", help="write the results as JSON to FILE")
     parser.add_argument(
         "--log-dir", metavar="DIR", help="keep pgroute's logs here; empty: a new /tmp/pgroute-bench-logs-* directory"
@@ -131,7 +134,7 @@ def add_common_args(parser) -> None:
     parser.add_argument("-v", "--verbose", action="store_true", help="log progress (bench and pgroute.local)")
 
 
-def health_from_args(args) -> dict[str, float]:
+def health_from_args(args: argparse.Namespace) -> dict[str, float]:
     return {
         "interval": args.interval,
         "max_retries": args.max_retries,
@@ -171,7 +174,7 @@ def progress(msg: str, *args: Any) -> None:
 
 
 @contextlib.contextmanager
-def bench_dirs(args, name: str):
+def bench_dirs(args: argparse.Namespace, name: str) -> Iterator[tuple[Path, Path]]:
     """(base directory for servers, directory for kept logs). The base directory and
     every server still running are removed/killed on the way out."""
     parent = local.scratch_parent(args.tmpdir)
@@ -292,13 +295,17 @@ class PgrouteProcess:
         self.log_path = log_path
         self.proxy_port = proxy_port
         self.api_port = api_port
-        self.proc: subprocess.Popen | None = None
+        self.proc: subprocess.Popen[bytes] | None = None
         self.session: aiohttp.ClientSession | None = None
         self.base = f"http://127.0.0.1:{api_port}"
 
     async def start(self, timeout: float = 30.0) -> PgrouteProcess:
-        with open(self.log_path, "ab") as logf:
-            self.proc = subprocess.Popen(
+        # Blocking on purpose (a few ms, before the writer starts): with no await
+        # between the fork and `_live.add`, a Ctrl-C or SIGTERM (a cancellation)
+        # cannot leave a started pgroute unknown to stop_all_pgroutes, which
+        # asyncio.to_thread would allow.
+        with open(self.log_path, "ab") as logf:  # noqa: ASYNC230 (see above)
+            self.proc = subprocess.Popen(  # noqa: ASYNC220 (see above)
                 [sys.executable, "-m", "pgroute.cli", "run", "--config", str(self.config_path)],
                 stdin=subprocess.DEVNULL,
                 stdout=logf,
@@ -433,7 +440,7 @@ def events_since(status: dict, kind: str, since_wall: float) -> list[dict]:
 # --------------------------------------------------------------------------- writer
 
 
-def new_writer(dsn: str, args: Any) -> Writer:
+def new_writer(dsn: str, args: argparse.Namespace) -> Writer:
     """The benchmarks' writer (`Events` rows, see pgroute.local.workload) with the
     client settings of `add_client_args`; not started."""
     return Writer(
@@ -465,7 +472,7 @@ def table(headers: list[str], rows: list[list[Any]]) -> str:
     widths = [max(len(r[i]) for r in cells) for i in range(len(headers))]
     out = []
     for n, r in enumerate(cells):
-        out.append("  ".join(c.rjust(w) if i else c.ljust(w) for i, (c, w) in enumerate(zip(r, widths))))
+        out.append("  ".join(c.rjust(w) if i else c.ljust(w) for i, (c, w) in enumerate(zip(r, widths, strict=True))))
         if n == 0:
             out.append("  ".join("-" * w for w in widths))
     return "\n".join(out)

@@ -21,7 +21,9 @@ import asyncio
 import random
 import sys
 import time
+from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 # Runs from a checkout: the repository (pgroute) and this directory (common) on the path.
 sys.path[:0] = [str(Path(__file__).resolve().parent.parent), str(Path(__file__).resolve().parent)]
@@ -35,7 +37,7 @@ TARGETS = {"kill9": 3.0, "sigstop": 5.0}
 LABELS = {"kill9": "kill -9 primary", "sigstop": "SIGSTOP primary"}
 
 
-async def one_run(args, base: Path, logs: Path, scenario: str, index: int) -> dict:
+async def one_run(args: argparse.Namespace, base: Path, logs: Path, scenario: str, index: int) -> dict:
     stem = f"{scenario}-{index}"
     result: dict = {"scenario": scenario, "run": index, "ok": False}
     pair = run_dir = None
@@ -141,22 +143,22 @@ async def one_run(args, base: Path, logs: Path, scenario: str, index: int) -> di
 def summarize(results: list[dict], scenario: str) -> dict:
     mine = [r for r in results if r["scenario"] == scenario]
     ok = [r for r in mine if r["ok"]]
-    s = common.stats([r["recovery_s"] for r in ok])
-    s.update(
-        runs=len(mine),
-        failed=len(mine) - len(ok),
-        target_s=TARGETS[scenario],
-        detection=common.stats([r["detection_s"] for r in ok if "detection_s" in r]),
-        operation=common.stats([r["operation_s"] for r in ok if "operation_s" in r]),
-        client=common.stats([r["client_after_route_s"] for r in ok if "client_after_route_s" in r]),
-    )
+    s: dict[str, Any] = {
+        **common.stats([r["recovery_s"] for r in ok]),
+        "runs": len(mine),
+        "failed": len(mine) - len(ok),
+        "target_s": TARGETS[scenario],
+        "detection": common.stats([r["detection_s"] for r in ok if "detection_s" in r]),
+        "operation": common.stats([r["operation_s"] for r in ok if "operation_s" in r]),
+        "client": common.stats([r["client_after_route_s"] for r in ok if "client_after_route_s" in r]),
+    }
     s["verdict"] = (
         "PASS" if not s["failed"] and s["median"] is not None and s["median"] <= TARGETS[scenario] else "FAIL"
     )
     return s
 
 
-async def main(args) -> int:
+async def main(args: argparse.Namespace) -> int:
     random.seed(args.seed)
     health = common.health_from_args(args)
     bound = common.detection_bound(health)
@@ -287,7 +289,7 @@ async def main(args) -> int:
     return 1 if bad or lost else 0
 
 
-def parse_args(argv=None):
+def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(
         description=__doc__.split("\n\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter
     )

@@ -31,6 +31,7 @@ import asyncio
 import statistics
 import sys
 import time
+from collections.abc import Sequence
 from pathlib import Path
 
 # Runs from a checkout: the repository (pgroute) and this directory (common) on the path.
@@ -39,12 +40,13 @@ sys.path[:0] = [str(Path(__file__).resolve().parent.parent), str(Path(__file__).
 import common  # noqa: E402
 from common import progress  # noqa: E402
 
+from pgroute.local import LocalPair  # noqa: E402
 from pgroute.local.workload import Writer, check_acks  # noqa: E402
 
 TARGET_STALL_S = 1.0
 
 
-async def measure_switch(pg: common.PgrouteProcess, writer: Writer, kind: str, args) -> dict:
+async def measure_switch(pg: common.PgrouteProcess, writer: Writer, kind: str, args: argparse.Namespace) -> dict:
     """POST /api/<kind> under the load; stall and phases of that one switch."""
     before = await pg.status()
     t0 = time.monotonic()
@@ -78,7 +80,7 @@ async def measure_switch(pg: common.PgrouteProcess, writer: Writer, kind: str, a
     return rec
 
 
-async def failback_cycle(pg: common.PgrouteProcess, writer: Writer, pair, args) -> dict:
+async def failback_cycle(pg: common.PgrouteProcess, writer: Writer, pair: LocalPair, args: argparse.Namespace) -> dict:
     rec: dict = {"kind": "failback-cycle", "ok": False}
     mirror_port = pair.mirror.port
     t_wall, t0 = time.time(), time.monotonic()
@@ -137,7 +139,7 @@ def phase_medians(records: list[dict], key: str = "phases") -> dict[str, float]:
     return {n: statistics.median([r[key][n] for r in records if n in r.get(key, {})]) for n in names}
 
 
-async def main(args) -> int:
+async def main(args: argparse.Namespace) -> int:
     health = common.health_from_args(args)
     started = time.time()
     switches: list[dict] = []
@@ -448,7 +450,7 @@ async def main(args) -> int:
     )
 
 
-def parse_args(argv=None):
+def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(
         description=__doc__.split("\n\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter
     )

@@ -316,7 +316,7 @@ def _max_gap(times: list[float], t0: float, t1: float) -> tuple[float, float, fl
     lo = max(bisect.bisect_right(times, t0) - 1, 0)
     hi = min(bisect.bisect_right(times, t1) + 1, len(times))
     best = (0.0, t0, t0)
-    for a, b in zip(times[lo : hi - 1], times[lo + 1 : hi]):
+    for a, b in zip(times[lo : hi - 1], times[lo + 1 : hi], strict=True):
         if b - a > best[0]:
             best = (b - a, a, b)
     return best

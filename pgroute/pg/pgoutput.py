@@ -587,9 +587,12 @@ class StreamDecoder:
                     f"message #{index}: {change.kind.value} on {rel.schema}.{rel.name} has "
                     f"{len(tup)} {label} columns, relation has {ncols}"
                 )
-        if change.new is not None and change.kind is ChangeKind.INSERT:
-            if any(v is UNCHANGED_TOAST for v in change.new):
-                raise ValueError(f"message #{index}: insert on {rel.schema}.{rel.name} has an unchanged-TOAST value")
+        if (
+            change.new is not None
+            and change.kind is ChangeKind.INSERT
+            and any(v is UNCHANGED_TOAST for v in change.new)
+        ):
+            raise ValueError(f"message #{index}: insert on {rel.schema}.{rel.name} has an unchanged-TOAST value")
         return replace(change, relation=rel)
 
     def finish(self) -> list[Transaction]:

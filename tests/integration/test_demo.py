@@ -70,12 +70,16 @@ def test_tour_loses_no_acknowledged_write(workdir):
     assert res.returncode == 0, res.stdout + res.stderr
     out = res.stdout
     assert re.search(r"^  lost: 0 ", out, re.M), out
-    acked = int(re.search(r"writes acknowledged: (\d+)", out).group(1))
+    m = re.search(r"writes acknowledged: (\d+)", out)
+    assert m, out
+    acked = int(m.group(1))
     assert acked > demo.TOUR_WRITES_BEFORE_KILL
-    failover = float(re.search(r"failover time \(kill -9 to first acknowledged write\): ([\d.]+) s", out).group(1))
+    m = re.search(r"failover time \(kill -9 to first acknowledged write\): ([\d.]+) s", out)
+    assert m, out
+    failover = float(m.group(1))
     # Detection is bounded by the demo's health settings; the switch and the client's
     # reconnect take well under the margin.
-    assert 0 < failover < HealthConfig(**demo.HEALTH).detection_bound + 5
+    assert 0 < failover < HealthConfig.model_validate(demo.HEALTH).detection_bound + 5
     assert re.search(r"failback write stall: \d+ ms", out)
     assert "FAILOVER ok" in out and "FAILBACK ok" in out
     assert "active node: primary" in out
@@ -97,7 +101,7 @@ class _Lines:
             self._q.put(line)
         self._q.put(None)
 
-    def wait_for(self, pattern: str, timeout: float) -> re.Match:
+    def wait_for(self, pattern: str, timeout: float) -> re.Match[str]:
         deadline = time.monotonic() + timeout
         for line in self.lines:
             if m := re.search(pattern, line):
@@ -107,13 +111,13 @@ class _Lines:
             if remaining <= 0:
                 raise AssertionError(f"no line matching {pattern!r} in:\n{''.join(self.lines)}")
             try:
-                line = self._q.get(timeout=remaining)
+                got = self._q.get(timeout=remaining)
             except queue.Empty:
                 continue
-            if line is None:
+            if got is None:
                 raise AssertionError(f"output ended before {pattern!r}:\n{''.join(self.lines)}")
-            self.lines.append(line)
-            if m := re.search(pattern, line):
+            self.lines.append(got)
+            if m := re.search(pattern, got):
                 return m
 
     def rest(self, timeout: float = 10) -> str:
@@ -139,8 +143,10 @@ def test_interactive_demo_routes_writes_and_cleans_up_on_sigint(workdir):
         stderr=subprocess.PIPE,
         text=True,
     )
+    assert proc.stdout is not None and proc.stderr is not None
+    stderr = proc.stderr
     err_lines: list[str] = []
-    threading.Thread(target=lambda: err_lines.extend(proc.stderr), daemon=True).start()
+    threading.Thread(target=lambda: err_lines.extend(stderr), daemon=True).start()
     out = _Lines(proc.stdout)
     try:
         url = out.wait_for(r"DATABASE_URL=(postgresql://\S+)", 120).group(1)
@@ -155,10 +161,11 @@ def test_interactive_demo_routes_writes_and_cleans_up_on_sigint(workdir):
             row = conn.execute(
                 "INSERT INTO usuarios (nombre, email) VALUES ('demo-test', 'dt@x') RETURNING id"
             ).fetchone()
-            assert row[0] > 0
-            seeded = conn.execute("SELECT count(*) FROM usuarios").fetchone()[0]
-            assert seeded >= 4  # the seed rows plus ours
-            assert conn.execute("SELECT inet_server_port()").fetchone()[0] != int(url.split(":")[-1].split("/")[0])
+            assert row is not None and row[0] > 0
+            seeded = conn.execute("SELECT count(*) FROM usuarios").fetchone()
+            assert seeded is not None and seeded[0] >= 4  # the seed rows plus ours
+            server = conn.execute("SELECT inet_server_port()").fetchone()
+            assert server is not None and server[0] != int(url.split(":")[-1].split("/")[0])
 
         proc.send_signal(signal.SIGINT)
         assert proc.wait(timeout=60) == 0, "".join(err_lines)

@@ -12,7 +12,7 @@ import asyncpg
 
 from pgroute.control.divergence import apply_divergent, read_divergent, to_sql, write_recovery_files
 from pgroute.local import DEFAULT_SCHEMA
-from pgroute.pg.pgoutput import ChangeKind
+from pgroute.pg.pgoutput import Change, ChangeKind
 
 SLOT = "chrispar_sub"
 PUB = "chrispar_pub"
@@ -32,6 +32,12 @@ DIVERGENT = [
 ]
 
 TABLES = ("usuarios", "empleados", "pedidos")
+
+
+def _table(change: Change) -> str:
+    """The table a decoded change is on (read_divergent resolves every relation)."""
+    assert change.relation is not None
+    return change.relation.name
 
 
 def _dump(cluster, dbname: str) -> dict[str, str]:
@@ -103,8 +109,9 @@ async def test_divergent_commits_are_recovered(pair, tmp_path) -> None:
         extra = len(unfiltered.transactions) - len(divset.transactions)
         assert extra == divset.already_applied >= 0
         assert unfiltered.transactions[extra:] == divset.transactions
+        assert divset.applied_lsn is not None  # given: applied_lsn=
         assert all(tx.end_lsn <= divset.applied_lsn for tx in unfiltered.transactions[:extra])
-        kinds = [[(c.kind, c.relation.name) for c in tx.changes] for tx in divset.transactions]
+        kinds = [[(c.kind, _table(c)) for c in tx.changes] for tx in divset.transactions]
         assert kinds == [
             [(ChangeKind.INSERT, "usuarios"), (ChangeKind.INSERT, "usuarios")],
             [(ChangeKind.UPDATE, "usuarios"), (ChangeKind.DELETE, "usuarios")],
@@ -113,7 +120,8 @@ async def test_divergent_commits_are_recovered(pair, tmp_path) -> None:
         first = divset.transactions[0].changes
         assert first[0].new == ("4", "O'Reilly", None)
         assert first[1].new == ("5", "Zoë \\ back", "z@x")
-        assert divset.transactions[2].changes[0].new[:2] == ("2", 'Eve "Quoted"')
+        third = divset.transactions[2].changes[0].new
+        assert third is not None and third[:2] == ("2", 'Eve "Quoted"')
         assert divset.confirmed_flush_lsn is not None
         assert all(tx.commit_lsn > divset.confirmed_flush_lsn for tx in divset.transactions)
         # Peeking consumed nothing.
@@ -258,7 +266,8 @@ async def test_apply_outcomes(local_cluster) -> None:
         assert "usuarios_email_key" in dup.reason
         assert dup.active == {"id": "20", "nombre": "Other", "email": "dup@x"}
         assert "does not exist" in outcomes[("public.usuarios", "update", ("1",))].reason
-        assert outcomes[("public.usuarios", "update", ("12",))].active["nombre"] == "X"
+        active = outcomes[("public.usuarios", "update", ("12",))].active
+        assert active is not None and active["nombre"] == "X"
         assert outcomes[("public.notas", "update", ("1",))].active == {"id": "1", "txt": "changed"}
         # insert 11, update 11 (before-image known: no replaced row), delete notas 2
         assert report.applied == 3 and report.replaced == ()

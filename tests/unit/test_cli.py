@@ -11,6 +11,8 @@ import sys
 import threading
 import time
 import types
+from collections import defaultdict
+from typing import Any
 
 import pytest
 from click.testing import CliRunner
@@ -43,12 +45,13 @@ class SlowControl(FakeControl):
 
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
-        self.seen: set[str] = set()
+        # phase -> set once a status read has shown it (the daemon's loop runs both).
+        self.seen: defaultdict[str, asyncio.Event] = defaultdict(asyncio.Event)
 
     def status(self) -> dict:
         op = self.st.get("operation")
         if op:
-            self.seen.add(op["phase"])
+            self.seen[op["phase"]].set()
         return super().status()
 
     async def request(self, kind, *, force=False, resync=False):
@@ -56,9 +59,11 @@ class SlowControl(FakeControl):
             for phase in ("fence", "promote", "route"):
                 self.st["operation"] = {"kind": kind, "phase": phase, "started_at": time.time()}
                 await asyncio.sleep(self.phase_delay)
-                deadline = time.monotonic() + 10
-                while self.phase_delay and phase not in self.seen and time.monotonic() < deadline:
-                    await asyncio.sleep(0.02)
+                if self.phase_delay:
+                    try:
+                        await asyncio.wait_for(self.seen[phase].wait(), 10)
+                    except TimeoutError:
+                        pass
             self.st["operation"] = None
         return await super().request(kind, force=force, resync=resync)
 
@@ -198,7 +203,7 @@ def test_pause_resume(daemon):
 def test_no_daemon_exits_1():
     url = f"http://127.0.0.1:{free_port()}"
     for args in (["status"], ["failover", "--yes"], ["pause"]):
-        res = invoke(args + ["--api", url])
+        res = invoke([*args, "--api", url])
         assert res.exit_code == 1, args
         assert "cannot reach the pgroute daemon" in res.stderr
         assert "Traceback" not in res.output
@@ -240,7 +245,7 @@ def test_run_bad_config_exits_2(tmp_path):
 
 
 def test_run_calls_app_with_overrides(tmp_path, monkeypatch):
-    seen = {}
+    seen: dict[str, Any] = {}
     fake_app = types.ModuleType("pgroute.app")
     fake_app.run = lambda config: seen.setdefault("config", config) and 0  # type: ignore[attr-defined]
     monkeypatch.setitem(sys.modules, "pgroute.app", fake_app)
@@ -260,7 +265,7 @@ def test_run_calls_app_with_overrides(tmp_path, monkeypatch):
 
 
 def test_demo_is_lazy(monkeypatch):
-    seen = {}
+    seen: dict[str, Any] = {}
     mod = types.ModuleType("pgroute.demo")
     mod.main = lambda tour=False: seen.setdefault("tour", tour) and 0  # type: ignore[attr-defined]
     monkeypatch.setitem(sys.modules, "pgroute.demo", mod)

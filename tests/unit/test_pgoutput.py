@@ -6,6 +6,7 @@ from __future__ import annotations
 import datetime as dt
 import json
 import struct
+from typing import TypeVar
 
 import pytest
 
@@ -20,6 +21,7 @@ from pgroute.pg.naming import int_to_lsn, lsn_to_int, quote_ident, quote_literal
 from pgroute.pg.pgoutput import (
     UNCHANGED_TOAST,
     Begin,
+    Change,
     ChangeKind,
     Commit,
     LogicalMessage,
@@ -33,6 +35,14 @@ from pgroute.pg.pgoutput import (
 )
 
 # ---------------------------------------------------------------- builders
+
+T = TypeVar("T")
+
+
+def as_(cls: type[T], msg: object) -> T:
+    """``msg`` narrowed to the message type a test expects it decodes to."""
+    assert isinstance(msg, cls), msg
+    return msg
 
 
 def s(text: str) -> bytes:
@@ -118,11 +128,11 @@ def test_relation() -> None:
     assert [c.key for c in rel.columns] == [True, False, False]
     assert rel.columns[0].type_oid == 23 and rel.columns[0].typmod == -1
     assert rel.key_indexes == (0,)
-    assert decode_message(relation(1, "", "pg_x", "n", [])).schema == "pg_catalog"
+    assert as_(Relation, decode_message(relation(1, "", "pg_x", "n", []))).schema == "pg_catalog"
 
 
 def test_insert_with_null_and_unicode() -> None:
-    ch = decode_message(insert(16401, "1", None, "ñandú ☃"))
+    ch = as_(Change, decode_message(insert(16401, "1", None, "ñandú ☃")))
     assert ch.kind is ChangeKind.INSERT
     assert ch.relation_oid == 16401
     assert ch.new == ("1", None, "ñandú ☃")
@@ -130,27 +140,27 @@ def test_insert_with_null_and_unicode() -> None:
 
 
 def test_update_forms() -> None:
-    plain = decode_message(update(5, ["1", "a", UNCHANGED_TOAST]))
+    plain = as_(Change, decode_message(update(5, ["1", "a", UNCHANGED_TOAST])))
     assert plain.kind is ChangeKind.UPDATE
     assert plain.new == ("1", "a", UNCHANGED_TOAST) and plain.old is None
-    keyed = decode_message(update(5, ["2", "a", "x"], old=["1", None, None], old_kind="K"))
-    assert keyed.old == ("1", None, None) and keyed.old_kind == "K" and keyed.new[0] == "2"
-    full = decode_message(update(5, ["1", "b", "x"], old=["1", "a", "x"], old_kind="O"))
+    keyed = as_(Change, decode_message(update(5, ["2", "a", "x"], old=["1", None, None], old_kind="K")))
+    assert keyed.old == ("1", None, None) and keyed.old_kind == "K" and keyed.new is not None and keyed.new[0] == "2"
+    full = as_(Change, decode_message(update(5, ["1", "b", "x"], old=["1", "a", "x"], old_kind="O")))
     assert full.old_kind == "O" and full.old == ("1", "a", "x")
 
 
 def test_delete_forms() -> None:
-    d = decode_message(delete(5, ["1", None, None]))
+    d = as_(Change, decode_message(delete(5, ["1", None, None])))
     assert d.kind is ChangeKind.DELETE and d.old == ("1", None, None) and d.old_kind == "K" and d.new is None
-    assert decode_message(delete(5, ["1", "a", "b"], kind="O")).old_kind == "O"
+    assert as_(Change, decode_message(delete(5, ["1", "a", "b"], kind="O"))).old_kind == "O"
 
 
 def test_truncate() -> None:
-    t = decode_message(truncate([10, 11], options=3))
+    t = as_(Change, decode_message(truncate([10, 11], options=3)))
     assert t.kind is ChangeKind.TRUNCATE
     assert t.truncate_oids == (10, 11) and t.relation_oid == 10
     assert t.cascade and t.restart_identity
-    plain = decode_message(truncate([10]))
+    plain = as_(Change, decode_message(truncate([10])))
     assert not plain.cascade and not plain.restart_identity
 
 

@@ -158,7 +158,7 @@ class _Applier:
         differences such as 1.0e1 vs 10; UNCHANGED_TOAST stays as is."""
         exprs: list[str] = []
         args: list[Value] = []
-        for name, value in zip(names, values):
+        for name, value in zip(names, values, strict=True):
             if value is UNCHANGED_TOAST:
                 exprs.append("NULL")
                 continue
@@ -292,7 +292,7 @@ class _Applier:
         else:
             # No key at all: an identical row is the only evidence of "already
             # here", and may be a legitimate duplicate; let an operator decide.
-            found = await self.fetch_row(tbl, names, list(zip(names, change.new)))
+            found = await self.fetch_row(tbl, names, list(zip(names, change.new, strict=True)))
             if found is not None:
                 raise _Unappliable(f"{table_label(rel)} has no key and an identical row exists")
         if found is not None:
@@ -306,7 +306,7 @@ class _Applier:
                 "insert",
                 {n: text_of(v) for n, v in key.items()},
                 row_dict(rel, change.new),
-                dict(zip(names, active)),
+                dict(zip(names, active, strict=True)),
                 "a row with this key exists on the active node with different values",
             )
             return
@@ -351,7 +351,7 @@ class _Applier:
         if not cols or any(c is None or c not in index for c in cols):
             return None  # expression index, or a column the divergent row lacks
         found = await self.fetch_row(tbl, names, [(c, values[index[c]]) for c in cols])
-        return dict(zip(names, found[1])) if found else None
+        return dict(zip(names, found[1], strict=True)) if found else None
 
     async def update(self, tx: Transaction, rel: Relation, change: Change) -> None:
         assert change.new is not None
@@ -384,12 +384,12 @@ class _Applier:
             return
         if before is _DELETED:
             raise _ConflictWithRow(
-                "the divergent history deleted this row before updating it", dict(zip(names, active))
+                "the divergent history deleted this row before updating it", dict(zip(names, active, strict=True))
             )
         if before is not None and not _same(active, before):
             raise _ConflictWithRow(
                 "the row differs on the active node from the divergent history's before-image",
-                dict(zip(names, active)),
+                dict(zip(names, active, strict=True)),
             )
         sets = set_indexes(rel, change)
         if sets:
@@ -408,7 +408,7 @@ class _Applier:
                 Replaced(
                     table_label(rel),
                     _key_dict(rel, change),
-                    dict(zip(names, active)),
+                    dict(zip(names, active, strict=True)),
                     row_dict(rel, change.new),
                     "update",
                     tx.xid,
@@ -441,11 +441,13 @@ class _Applier:
             return
         ctid, active = found
         if before is _DELETED:
-            raise _ConflictWithRow("the divergent history already deleted this row", dict(zip(names, active)))
+            raise _ConflictWithRow(
+                "the divergent history already deleted this row", dict(zip(names, active, strict=True))
+            )
         if before is not None and not _same(active, before):
             raise _ConflictWithRow(
                 "the row differs on the active node from the divergent history's before-image",
-                dict(zip(names, active)),
+                dict(zip(names, active, strict=True)),
             )
         await self.conn.execute(f"DELETE FROM {tbl.qualified} WHERE {_LOCATOR_CONDITION.format(n=1)}", ctid)
         if before is None:
@@ -453,7 +455,7 @@ class _Applier:
                 Replaced(
                     table_label(rel),
                     _key_dict(rel, change),
-                    dict(zip(names, active)),
+                    dict(zip(names, active, strict=True)),
                     None,
                     "delete",
                     tx.xid,
@@ -529,7 +531,10 @@ def _missing_reason(rel: Relation, tbl: _ActiveTable, kind: str) -> str:
 
 def _same(active: Sequence[str | None], divergent: Sequence[object]) -> bool:
     """Equal on every column the divergent side knows (unchanged TOAST is unknown)."""
-    return all(d is UNCHANGED_TOAST or a == d for a, d in zip(active, divergent))
+    # Not strict: ``divergent`` may be a before-image remembered from an earlier
+    # change on the row, decoded under an older Relation message (a column added
+    # later in the divergent history), so it can be shorter than the active row.
+    return all(d is UNCHANGED_TOAST or a == d for a, d in zip(active, divergent, strict=False))
 
 
 def _key_dict(rel: Relation, change: Change) -> Row:

@@ -155,7 +155,7 @@ def _change_json(tx: Transaction, change: Change, relations: Mapping[int, Relati
         old_kind=change.old_kind,
     )
     if change.new is not None:
-        untouched = [c.name for c, v in zip(rel.columns, change.new) if v is UNCHANGED_TOAST]
+        untouched = [c.name for c, v in zip(rel.columns, change.new, strict=True) if v is UNCHANGED_TOAST]
         if untouched:
             base["unchanged_toast"] = untouched
     return base

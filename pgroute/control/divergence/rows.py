@@ -87,6 +87,6 @@ def row_dict(rel: Relation, values: Sequence[Value] | None, only_key: bool = Fal
         return None
     return {
         col.name: text_of(value)
-        for col, value in zip(rel.columns, values)
+        for col, value in zip(rel.columns, values, strict=True)
         if value is not UNCHANGED_TOAST and not (only_key and not col.key)
     }
