@@ -15,6 +15,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 from .config import Config
+from .errors import ConfigError
 from .proxy.loop import install_event_loop_policy
 from .proxy.router import Route, Router
 from .proxy.server import ProxyServer
@@ -79,7 +80,12 @@ async def start(config: Config) -> Running:
     alerter = Alerter(config.alerts, on_failure=metrics.alert_failed)
     await alerter.start()
     controller.add_event_listener(alerter.emit)
-    await controller.start()
+    try:
+        await controller.start()
+    except BaseException:
+        await controller.close()
+        await alerter.close()
+        raise
     p = config.proxy
 
     def proxy_server(host: str, port: int, splice: str) -> ProxyServer:
@@ -129,6 +135,9 @@ def run(config: Config) -> int:
     log.info("event loop: %s", loop_name)
     try:
         return asyncio.run(_main(config))
+    except ConfigError as exc:
+        log.error("configuration error: %s", exc)
+        return 2
     except OSError as exc:
         log.error("cannot start: %s", exc)
         return 1

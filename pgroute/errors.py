@@ -18,6 +18,11 @@ class NodeUnavailable(PgRouteError):
     """A node could not be reached or did not answer in time."""
 
 
+class UnsafeStep(PgRouteError):
+    """A destructive step refused because it could not prove it changes the right node
+    (the node it would change is the source of the data, or the active node)."""
+
+
 class ActionRefused(PgRouteError):
     """A requested switch was refused; the message says why (HTTP 409, CLI exit 1)."""
 

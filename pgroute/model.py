@@ -53,14 +53,26 @@ class Operation(str, enum.Enum):
 
 @dataclass(frozen=True)
 class HealthSample:
-    """One probe of one node. A probe never raises: failures are samples with ok=False."""
+    """One probe of one node. A probe never raises: failures are samples with ok=False.
+
+    A failed probe is one of three things, and only the first counts against the node:
+    - unreachable (``reached`` False): no answer, connection refused or reset, timeout;
+    - refused (``reached`` True): the server answered with an error (authentication,
+      permissions, missing database, too many connections, starting up, shutting
+      down): the node is alive and pgroute cannot use it;
+    - local (``local`` True): pgroute itself ran out of something (open files,
+      memory, buffers) and never reached the node.
+    """
 
     node: NodeName
     ok: bool
     at: float  # time.time() when the probe finished
     latency: float  # seconds the probe took
     error: str | None = None  # short, password-free reason when not ok
-    read_only: bool | None = None  # default_transaction_read_only = on (fenced)
+    reached: bool = False  # the server answered (ok, or refused with an error)
+    local: bool = False  # the probe failed inside pgroute, not at the node
+    read_only: bool | None = None  # any part of the fence is in force (read-only default or closed to logins)
+    fenced: bool | None = None  # the whole fence is in force
     wal_lsn: int | None = None  # pg_current_wal_lsn() as an integer
     subscription: str | None = None  # name of a pgroute subscription on this node
     subscription_enabled: bool | None = None
@@ -70,6 +82,18 @@ class HealthSample:
     # last_value of every sequence (naming.qualified name -> value); unowned ones are moved
     # past these at promotion since logical replication does not carry sequences.
     sequences: tuple[tuple[str, int], ...] | None = None
+    unfed_sequences: frozenset[str] = frozenset()  # sequences no integer column draws from
+    # This node's own subscription, as its server counts it (stall detection).
+    worker_running: bool | None = None  # an apply worker runs
+    received_lsn: int | None = None  # last publisher position received
+    applied_lsn: int | None = None  # last publisher commit applied (replication origin)
+    apply_errors: int | None = None  # apply + sync errors since the statistics were reset
+    apply_error: str | None = None  # the last apply error's text, when the server log is readable
+
+    @property
+    def refused(self) -> bool:
+        """The server answered but refused pgroute: alive, not usable."""
+        return not self.ok and self.reached
 
 
 @dataclass(frozen=True)

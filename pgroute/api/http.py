@@ -127,7 +127,8 @@ def health_of(status: dict, router: Router) -> tuple[int, dict]:
         return 503, {"status": "unhealthy", "database": None, "timestamp": _now_iso()}
     nodes = status.get("nodes") or {}
     both_up = all((nodes.get(n) or {}).get("up") is True for n in ("primary", "mirror"))
-    healthy = both_up and status.get("replication") == "ok"
+    troubled = any((nodes.get(n) or {}).get("problem") for n in ("primary", "mirror"))
+    healthy = both_up and not troubled and status.get("replication") == "ok"
     return 200, {"status": "healthy" if healthy else "degraded", "database": active, "timestamp": _now_iso()}
 
 

@@ -52,13 +52,13 @@ def check(config_path: str | None, env_file: str | None) -> None:
         fail(f"check could not run: {type(exc).__name__}: {exc}")
     all_ok = config_ok and splice_ok
     for item in items:
-        mark = "✓" if item.ok else "✗"
+        mark = "✗" if not item.ok else "!" if item.warning else "✓"
         detail = f": {item.detail}" if item.detail else ""
         click.echo(mask_dsn(f"{mark} {item.name}{detail}"))
         if not item.ok:
             all_ok = False
-            if item.fix:
-                click.echo(mask_dsn(f"    fix: {item.fix}"))
+        if (not item.ok or item.warning) and item.fix:
+            click.echo(mask_dsn(f"    fix: {item.fix}"))
     if not config_ok:
         sys.exit(EXIT_USAGE)
     sys.exit(EXIT_OK if all_ok else EXIT_FAILED)

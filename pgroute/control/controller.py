@@ -17,12 +17,14 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
+import signal
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from typing import Any
 
 from ..config import Config
-from ..errors import ActionRefused, PgRouteError
+from ..errors import ActionRefused, ConfigError, PgRouteError
 from ..model import Event, HealthSample, NodeName, Operation
 from ..monitor.monitor import Monitor
 from ..monitor.probe import Prober
@@ -32,6 +34,7 @@ from ..proxy.router import Backend, Route, Router
 from .events import EventLog, safe_call
 from .executor import Executor, NodeExecutor
 from .procedures import Context, Op, OpResult
+from .sequences import SequenceHistory
 from .state import (
     Act,
     Action,
@@ -46,11 +49,29 @@ from .state import (
     State,
     transition,
 )
-from .state_store import Resolution, StateFile, Stored, resolve_start
+from .state_store import NodeView, Resolution, StateFile, Stored, resolve_start
 from .status import StatusInputs, build_status
 from .sync_mode import SyncStandbyKeeper
 
 log = logging.getLogger(__name__)
+
+#: Seconds between two warnings about probes failing inside pgroute.
+LOCAL_WARNING_EVERY = 60.0
+#: Seconds between two writes of the active node's WAL position to the state file.
+LSN_PERSIST_EVERY = 5.0
+
+
+def check_distinct(config: Config, views: Mapping[NodeName, NodeView]) -> None:
+    """Refuse two DSNs that reach one database (same system identifier and database
+    oid, whatever the host names say): pgroute would fence it, resync it against
+    itself and empty it."""
+    p, m = views[NodeName.PRIMARY].identity, views[NodeName.MIRROR].identity
+    if p is not None and m is not None and p.same_database(m):
+        raise ConfigError(
+            "mirror.dsn",
+            f"primary.dsn ({config.node_dsn('primary').masked}) and mirror.dsn "
+            f"({config.node_dsn('mirror').masked}) reach the same {p}: the mirror must be another server",
+        )
 
 
 class Controller:
@@ -80,7 +101,9 @@ class Controller:
         )
         self.state = State(active=None, epoch=0, phase=Phase.NO_ROUTABLE_NODE, policy=self.policy, reason="starting")
         self.samples: dict[NodeName, HealthSample] = {}
-        self._good_sequences: dict[NodeName, tuple[tuple[str, int], ...]] = {}
+        self.sequence_history: dict[NodeName, SequenceHistory] = {}
+        self._last_local_warning = -LOCAL_WARNING_EVERY
+        self._lsn_saved_at = -LSN_PERSIST_EVERY
         self.event_log = EventLog()
         self._sample_listeners: list[Callable[[HealthSample], None]] = []
         self._phase_listeners: list[Callable[[Op], None]] = []
@@ -90,6 +113,8 @@ class Controller:
         self.operation: Op | None = None
         self.conflicts: list[dict[str, Any]] = []
         self._last_passive = 0.0
+        # "<operation>:<phase>": SIGKILL this process when that phase starts (tests only).
+        self._crash_at = os.environ.get("PGROUTE_FAULT_CRASH_AT", "")
         self.ctx = Context(
             config,
             router,
@@ -117,8 +142,11 @@ class Controller:
 
     # -- life cycle -------------------------------------------------------------------------
     async def start(self) -> None:
-        """Decide where to route (highest epoch wins, fail closed when unsure), then monitor."""
-        resolution = await self._resolve_start()
+        """Decide where to route (highest epoch wins, fail closed when unsure), then monitor.
+
+        Raises ConfigError when both DSNs reach one database: pgroute would fence,
+        truncate and resubscribe the live database against itself."""
+        resolution, stored = await self._resolve_start()
         view = await self.executor.view(resolution.active) if resolution.active else None
         decision = await self._feed(
             Started(
@@ -128,23 +156,26 @@ class Controller:
                 time.time(),
                 unfinished_promotion=bool(view and view.reachable and view.subscriber),
                 unstamped=bool(view and view.reachable and view.epoch is None),
+                fenced_winner=resolution.unfence,
+                active_lsn=stored.active_lsn if stored is not None and stored.active == resolution.active else None,
             )
         )
         # A promotion to finish runs before anything is routed or probed.
         await self._wait_operations(decision)
         self.monitor.start()
 
-    async def _resolve_start(self) -> Resolution:
+    async def _resolve_start(self) -> tuple[Resolution, Stored | None]:
+        views = {node: await self.executor.view(node) for node in NodeName}
+        check_distinct(self.config, views)
         try:
             stored = self.state_file.load()
         except (ValueError, OSError) as exc:
             # A corrupt file is not a fresh start: fail closed until an operator resolves.
-            return Resolution(None, 0, f"state file {self.state_file.path} unreadable: {exc}")
-        views = {node: await self.executor.view(node) for node in NodeName}
+            return Resolution(None, 0, f"state file {self.state_file.path} unreadable: {exc}"), None
         res = resolve_start(stored, views)
-        if res.active is not None and stored != Stored(res.epoch, res.active):
+        if res.active is not None and (stored is None or (stored.epoch, stored.active) != (res.epoch, res.active)):
             self.state_file.save(Stored(res.epoch, res.active))
-        return res
+        return res, stored
 
     async def close(self) -> None:
         await self.monitor.close()
@@ -163,13 +194,42 @@ class Controller:
     # -- observations ---------------------------------------------------------------------------
     async def on_sample(self, sample: HealthSample) -> None:
         self.samples[sample.node] = sample
-        if sample.ok:
-            self.monitor.cancel_confirm(sample.node)
+        if sample.reached:
+            self.monitor.cancel_confirm(sample.node)  # alive: no need to confirm anything
+        if sample.local:
+            now = time.monotonic()
+            if now - self._last_local_warning >= LOCAL_WARNING_EVERY:
+                self._last_local_warning = now
+                log.warning(
+                    "probe of %s failed inside pgroute (%s): not counted against the node; "
+                    "raise pgroute's open-files limit or lower proxy.max_client_connections",
+                    sample.node.value,
+                    sample.error,
+                )
         if sample.ok and sample.sequences is not None:
-            self._good_sequences[sample.node] = sample.sequences
+            self.sequence_history[sample.node] = self.sequence_history.get(sample.node, SequenceHistory()).add(
+                sample.at, dict(sample.sequences), sample.unfed_sequences
+            )
         for cb in self._sample_listeners:
             safe_call(cb, sample)
         await self._feed(Probed(sample, time.time()))
+        self._persist_active_lsn(sample)
+
+    def _persist_active_lsn(self, sample: HealthSample) -> None:
+        """Keep the active node's WAL position in the state file, at most every
+        ``LSN_PERSIST_EVERY`` seconds: after a restart with the active node down it
+        is what the standby's position is measured against."""
+        s = self.state
+        if not sample.ok or s.active is None or sample.node is not s.active or sample.wal_lsn is None or s.busy:
+            return
+        now = time.monotonic()
+        if now - self._lsn_saved_at < LSN_PERSIST_EVERY:
+            return
+        self._lsn_saved_at = now
+        try:
+            self.state_file.save(Stored(s.epoch, s.active, active_lsn=sample.wal_lsn))
+        except OSError as exc:
+            log.warning("could not record %s's WAL position in %s: %s", s.active.value, self.state_file.path, exc)
 
     def _on_backend_failure(self, backend: str, error: str) -> None:
         # Passive signal: the proxy could not reach the active node. Probe it now rather
@@ -301,15 +361,21 @@ class Controller:
         del self.conflicts[:-200]
 
     def _on_phase(self, op: Op) -> None:
+        if self._crash_at == f"{op.kind.value}:{op.phase_name}":
+            # Fault injection (tests/integration/test_crash_points.py): die like kill -9
+            # at this phase boundary, with nothing cleaned up.
+            log.warning("PGROUTE_FAULT_CRASH_AT=%s: killing pgroute", self._crash_at)
+            os.kill(os.getpid(), signal.SIGKILL)
         for cb in self._phase_listeners:
             safe_call(cb, op)
 
     def _sequences(self) -> dict[str, int] | None:
-        """Sequence values last seen on the active node while it answered: unowned
-        sequences of the promoted node move past them (logical replication does not
-        carry sequences)."""
+        """Sequence values last seen on the active node while it answered, moved on by
+        the draws measured since: the promoted node's sequences move past them
+        (logical replication does not carry sequences)."""
         active = self.state.active
-        return dict(self._good_sequences[active]) if active in self._good_sequences else None
+        history = self.sequence_history.get(active) if active else None
+        return history.projected(time.time()) if history else None
 
     # -- requests (API) ----------------------------------------------------------------------------
     async def request(self, kind: Operation | str, *, force: bool = False, resync: bool = False) -> dict[str, Any]:
@@ -397,6 +463,11 @@ class Controller:
                 if op is None
                 else {"kind": op.kind.value, "phase": op.phase_name, "started_at": op.started_at},
                 conflicts=self.conflicts,
+                unowned_sequences=(
+                    self.sequence_history[self.state.active].exposure()
+                    if self.state.active in self.sequence_history
+                    else ()
+                ),
                 events=self.events(50),
             )
         )

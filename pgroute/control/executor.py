@@ -68,7 +68,8 @@ class NodeExecutor:
             epoch, active = await catalog.read_stamp(conn)
             sub = await repl.subscription_info(conn, self.ctx.sub(node))
             fenced = await fencing.is_fenced(conn)
-            return NodeView(True, epoch, active, subscriber=sub is not None, read_only=fenced)
+            identity = await catalog.read_identity(conn)
+            return NodeView(True, epoch, active, subscriber=sub is not None, read_only=fenced, identity=identity)
         except DB_ERRORS:
             return NodeView(reachable=False)
         finally:

@@ -1,12 +1,14 @@
-"""Fencing: making a node refuse client writes, and undoing it.
+"""Fencing: closing a node to client writes, and opening it again.
 
-A fenced node has ``default_transaction_read_only = on`` in ``postgresql.auto.conf``
-(ALTER SYSTEM) and no client sessions left from before the fence. Control
-connections (``pg.connect``) override the default for their own session only, and
-carry ``application_name = 'pgroute…'`` so :func:`terminate_clients` spares them.
-Subscriptions keep applying on a fenced node (apply workers ignore
-``default_transaction_read_only``), so a fenced node can still follow a publisher.
+A fenced node's database has ``CONNECTION LIMIT 0`` (no non-superuser session can
+start: no setting, startup option or driver flag gets around it), the server has
+``default_transaction_read_only = on`` in ``postgresql.auto.conf`` (superuser
+sessions start read-only), and no client session from before the fence is left.
+Superusers can still log in and write: no fence PostgreSQL offers stops them (the
+README's Limits section says so, and ``pgroute check`` warns about them).
 
+pgroute's own sessions are told apart by backend pid (``pg.connect.own_pids``),
+never by a name. Logical-replication apply workers keep applying on a fenced node.
 Every function here is idempotent and safe to re-run after a crash halfway.
 """
 
@@ -14,12 +16,16 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from collections.abc import Collection
 
 import asyncpg
 
-from ..pg.connect import CONTROL_APPLICATION_NAME
+from ..pg.naming import quote_ident, quote_literal
 
 log = logging.getLogger(__name__)
+
+#: Where fence() keeps the database's connection limit for unfence() to restore.
+SAVED_CONNLIMIT = "pgroute.connlimit_before_fence"
 
 #: Sampling interval of the polling waits.
 POLL_INTERVAL = 0.02
@@ -45,23 +51,25 @@ async def reload_conf(conn: asyncpg.Connection, timeout: float = 5.0) -> None:
         await asyncio.sleep(0.005)
 
 
-async def terminate_clients(conn: asyncpg.Connection, *, wait: float = 5.0) -> int:
-    """Terminate every client session of the server (all databases) except ours and
-    other pgroute control connections; wait up to ``wait`` seconds for them to be
-    gone. Returns how many were signalled.
+async def terminate_clients(conn: asyncpg.Connection, *, spare: Collection[int] = (), wait: float = 5.0) -> int:
+    """Terminate every client session of the server (all databases) except this one
+    and the ``spare`` pids (pgroute's own sessions, see ``pg.connect.own_pids``); wait
+    up to ``wait`` seconds for them to be gone. Returns how many were signalled.
 
-    One pid at a time, so a session we may not signal (a superuser's, when pgroute's
-    role is not superuser) is logged and skipped rather than aborting the sweep.
+    Sessions are told apart by pid only: an application_name is the client's to
+    choose, so a client calling itself "pgroute-..." is terminated like any other.
+    One pid at a time, so a session we may not signal is logged and skipped rather
+    than aborting the sweep.
     """
     rows = await conn.fetch(
         """
-        SELECT pid, usename, application_name
+        SELECT pid, usename
         FROM pg_stat_activity
         WHERE backend_type = 'client backend'
           AND pid <> pg_backend_pid()
-          AND coalesce(application_name, '') NOT LIKE $1 || '%'
+          AND NOT (pid = ANY($1::int[]))
         """,
-        CONTROL_APPLICATION_NAME,
+        list(spare),
     )
     signalled: list[int] = []
     for row in rows:
@@ -86,34 +94,63 @@ async def terminate_clients(conn: asyncpg.Connection, *, wait: float = 5.0) -> i
     return len(signalled)
 
 
-async def fence(conn: asyncpg.Connection) -> None:
-    """Make the node read-only for every client: new sessions start read-only (the
-    server-wide default), and existing sessions, which may be inside a read-write
-    transaction or have overridden the default, are terminated.
+async def _database(conn: asyncpg.Connection) -> tuple[str, int]:
+    row = await conn.fetchrow("SELECT datname, datconnlimit FROM pg_database WHERE datname = current_database()")
+    return row["datname"], row["datconnlimit"]
 
-    Subscriptions keep applying on a fenced node (apply workers ignore
-    default_transaction_read_only), so a fenced node can still follow a publisher.
+
+async def fence(conn: asyncpg.Connection, *, spare: Collection[int] = ()) -> None:
+    """Close the node to client writes, in an order that is safe to re-run:
+
+    1. ``CONNECTION LIMIT 0`` on the database: no session of a non-superuser role
+       can start, whatever its settings, startup options or driver flags (the
+       operator's limit is kept in ``pgroute.connlimit_before_fence`` first);
+    2. ``default_transaction_read_only = on`` server-wide: superuser sessions, which
+       no limit stops, start read-only by default (they can still turn it off);
+    3. every client session from before the fence is terminated (``spare``: pgroute's own).
+
+    Logical-replication apply workers keep applying (they are background workers
+    of a superuser-owned subscription): a fenced node can follow a publisher.
     """
+    db, limit = await _database(conn)
+    if limit != 0:
+        # Only when open: a re-run after a crash must not save our own 0.
+        await conn.execute(f"ALTER DATABASE {quote_ident(db)} SET {SAVED_CONNLIMIT} = {quote_literal(str(limit))}")
+        await conn.execute(f"ALTER DATABASE {quote_ident(db)} CONNECTION LIMIT 0")
     await conn.execute("ALTER SYSTEM SET default_transaction_read_only = on")
     await reload_conf(conn)
-    await terminate_clients(conn)
+    await terminate_clients(conn, spare=spare)
 
 
 async def unfence(conn: asyncpg.Connection) -> None:
-    """Undo fence: new sessions get read-write transactions again."""
+    """Undo fence: the operator's connection limit comes back (unlimited when none was
+    kept), new sessions get read-write transactions again."""
+    db, limit = await _database(conn)
+    saved = await conn.fetchval(
+        "SELECT split_part(c, '=', 2) FROM pg_db_role_setting s, unnest(s.setconfig) c"
+        " WHERE s.setrole = 0 AND s.setdatabase = (SELECT oid FROM pg_database WHERE datname = current_database())"
+        " AND c LIKE $1 || '=%'",
+        SAVED_CONNLIMIT,
+    )
+    if limit == 0:
+        restore = int(saved) if saved is not None and saved.lstrip("-").isdigit() else -1
+        await conn.execute(f"ALTER DATABASE {quote_ident(db)} CONNECTION LIMIT {restore}")
+    if saved is not None:
+        await conn.execute(f"ALTER DATABASE {quote_ident(db)} RESET {SAVED_CONNLIMIT}")
     await conn.execute("ALTER SYSTEM RESET default_transaction_read_only")
     await reload_conf(conn)
-    if await is_fenced(conn):
+    _, read_only = await fence_state(conn)
+    if read_only:
         log.warning(
             "default_transaction_read_only is still on after ALTER SYSTEM RESET: "
             "it is set in a configuration file pgroute does not manage"
         )
 
 
-async def is_fenced(conn: asyncpg.Connection) -> bool:
-    """Whether new sessions get default_transaction_read_only = on from the
-    configuration files (ALTER SYSTEM included). Our own session's value is useless
-    here: connect() overrides it."""
+async def fence_state(conn: asyncpg.Connection) -> tuple[bool, bool]:
+    """(closed to non-superuser logins, new sessions read-only by the configuration
+    files). Our own session's read-only setting is useless here: connect() overrides it."""
+    _, limit = await _database(conn)
     value = await conn.fetchval(
         """
         SELECT setting::boolean FROM pg_file_settings
@@ -121,4 +158,9 @@ async def is_fenced(conn: asyncpg.Connection) -> bool:
         ORDER BY seqno DESC LIMIT 1
         """
     )
-    return bool(value)
+    return limit == 0, bool(value)
+
+
+async def is_fenced(conn: asyncpg.Connection) -> bool:
+    """Whether any part of the fence is in force."""
+    return any(await fence_state(conn))

@@ -5,51 +5,101 @@ hold whatever it last drew itself. Before it takes writes, every sequence is mov
 past what was handed out on the old active node, as far as pgroute can know it:
 the largest value in any integer column the sequence feeds (owned by the column, or
 drawn by its DEFAULT), and the last value sampled on the old active node by the
-probe; plus ``replication.sequence_gap``. Sequences are only ever moved forward, so
+probe (projected forward by the draw rate measured between samples, for sequences
+no column draws from: ``SequenceHistory``); plus ``replication.sequence_gap``. Sequences are only ever moved forward, so
 re-running a move after a crash never hands out an id twice.
 """
 
 from __future__ import annotations
 
 import logging
+import math
+from collections.abc import Mapping
+from dataclasses import dataclass
 
 import asyncpg
 
+from ..pg.catalog import SEQUENCE_FEEDS_SQL
 from ..pg.naming import qualified, quote_ident
 
 log = logging.getLogger(__name__)
 
 
-# Every sequence with the integer columns it feeds: owned by a column (serial and
-# bigserial: deptype 'a'; identity: 'i') or used by a column's nextval() default.
-_SEQUENCES_SQL = """
-WITH feeds AS (
-    SELECT d.objid AS seqid, d.refobjid AS relid, d.refobjsubid AS attnum
-    FROM pg_depend d
-    WHERE d.classid = 'pg_class'::regclass AND d.refclassid = 'pg_class'::regclass
-      AND d.deptype IN ('a', 'i') AND d.refobjsubid > 0
-    UNION
-    SELECT d.refobjid, ad.adrelid, ad.adnum
-    FROM pg_depend d JOIN pg_attrdef ad ON ad.oid = d.objid
-    WHERE d.classid = 'pg_attrdef'::regclass AND d.refclassid = 'pg_class'::regclass
-)
+# Every sequence with the integer columns it feeds (pg.catalog.SEQUENCE_FEEDS_SQL).
+_SEQUENCES_SQL = f"""
 SELECT s.seqrelid AS oid, sn.nspname AS seq_schema, sc.relname AS seq_name,
        s.seqincrement AS increment, s.seqstart AS start, s.seqmin AS min, s.seqmax AS max,
-       coalesce(array_agg(tn.nspname) FILTER (WHERE a.attname IS NOT NULL), '{}') AS tbl_schemas,
-       coalesce(array_agg(tc.relname) FILTER (WHERE a.attname IS NOT NULL), '{}') AS tbl_names,
-       coalesce(array_agg(a.attname::text) FILTER (WHERE a.attname IS NOT NULL), '{}') AS columns
+       coalesce(array_agg(f.tbl_schema) FILTER (WHERE f.col IS NOT NULL), '{{}}') AS tbl_schemas,
+       coalesce(array_agg(f.tbl_name) FILTER (WHERE f.col IS NOT NULL), '{{}}') AS tbl_names,
+       coalesce(array_agg(f.col) FILTER (WHERE f.col IS NOT NULL), '{{}}') AS columns
 FROM pg_sequence s
 JOIN pg_class sc ON sc.oid = s.seqrelid
 JOIN pg_namespace sn ON sn.oid = sc.relnamespace
-LEFT JOIN feeds f ON f.seqid = s.seqrelid
-LEFT JOIN pg_class tc ON tc.oid = f.relid AND tc.relkind IN ('r', 'p')
-LEFT JOIN pg_namespace tn ON tn.oid = tc.relnamespace
-LEFT JOIN pg_attribute a ON a.attrelid = tc.oid AND a.attnum = f.attnum AND NOT a.attisdropped
-     AND a.atttypid IN ('int2'::regtype, 'int4'::regtype, 'int8'::regtype)
+LEFT JOIN ({SEQUENCE_FEEDS_SQL}) f ON f.seqid = s.seqrelid
 WHERE sn.nspname NOT IN ('pg_catalog', 'information_schema') AND sn.nspname NOT LIKE 'pg_temp%'
 GROUP BY 1, 2, 3, 4, 5, 6, 7
 ORDER BY 2, 3
 """
+
+#: How many samples of the active node's sequences are kept to measure draw rates.
+HISTORY = 10
+#: Safety factor on the draws extrapolated since the last sample.
+RATE_SAFETY = 2.0
+
+
+@dataclass(frozen=True)
+class SequenceHistory:
+    """The last samples of one node's sequences, and what they say about draws since.
+
+    A sequence that no column draws from leaves no trace in the data: after the node
+    that handed out its values dies, the last sample is all pgroute knows, and
+    values drawn between that sample and the death would be handed out twice. So
+    the move at promotion starts from a *projection*: the last sample plus the
+    fastest draw rate seen between recent samples, times the time since the last
+    sample, times ``RATE_SAFETY``. Pure: the controller feeds it samples.
+    """
+
+    samples: tuple[tuple[float, Mapping[str, int]], ...] = ()
+    unfed: frozenset[str] = frozenset()
+
+    def add(self, at: float, values: Mapping[str, int], unfed: frozenset[str]) -> SequenceHistory:
+        kept = (*self.samples, (at, dict(values)))[-HISTORY:]
+        return SequenceHistory(kept, unfed)
+
+    def rates(self) -> dict[str, float]:
+        """Per sequence, the fastest draw rate (values per second, signed) between two
+        consecutive samples."""
+        fastest: dict[str, float] = {}
+        for (t0, v0), (t1, v1) in zip(self.samples, self.samples[1:], strict=False):
+            if t1 <= t0:
+                continue
+            for name, value in v1.items():
+                if name in v0:
+                    rate = (value - v0[name]) / (t1 - t0)
+                    if abs(rate) > abs(fastest.get(name, 0.0)):
+                        fastest[name] = rate
+        return fastest
+
+    def projected(self, now: float) -> dict[str, int] | None:
+        """The last sample of each sequence, moved on by the draws that may have
+        happened since; None when nothing was sampled."""
+        if not self.samples:
+            return None
+        at, last = self.samples[-1]
+        rates = self.rates()
+        elapsed = max(0.0, now - at)
+        return {
+            name: value + math.ceil(rates.get(name, 0.0) * elapsed * RATE_SAFETY)
+            if rates.get(name, 0.0) >= 0
+            else value + math.floor(rates[name] * elapsed * RATE_SAFETY)
+            for name, value in last.items()
+        }
+
+    def exposure(self) -> list[dict[str, object]]:
+        """The sequences no column draws from, with their draw rate: what /api/status
+        shows, since their move at promotion rests on samples and rates alone."""
+        rates = self.rates()
+        return [{"name": name, "rate_per_second": round(rates.get(name, 0.0), 3)} for name in sorted(self.unfed)]
 
 
 async def move_sequences(

@@ -16,6 +16,10 @@ Invariants:
   hold or take writes the active node does not have.
 - While an operation runs (failing over, switching, rejoining), probes update
   knowledge but start nothing new.
+
+It runs past 600 lines on purpose: every case of the one transition table (active
+probes, standby probes, requests, results, start-up) is read and table-tested
+together in tests/unit/test_state.py, and splitting the table would scatter it.
 """
 
 from __future__ import annotations
@@ -43,6 +47,8 @@ class Standby(str, enum.Enum):
     UNFENCED = "unfenced"  # up, not a subscriber, writable: must be fenced
     FENCED = "fenced"  # up, read-only, not a subscriber: waits for rejoin
     REJOINING = "rejoining"
+    STALLED = "stalled"  # subscribed, but its apply worker fails or makes no progress
+    REFUSED = "refused"  # answers, but refuses pgroute (authentication, permissions, ...)
 
 
 class Act(str, enum.Enum):
@@ -104,6 +110,10 @@ class Policy:
     max_lag_bytes: int = 16 * 1024 * 1024
     synchronous: str = "off"
     failback_delay: float = 60.0
+    # A follower whose error count rose this recently, or with no apply worker or no
+    # progress (while behind) for this long, is stalled. Apply workers retry every
+    # wal_retrieve_retry_interval (5 s by default): a window of several retries.
+    stall_seconds: float = 30.0
 
 
 @dataclass(frozen=True)
@@ -118,6 +128,19 @@ class State:
     lag_bytes: int | None = None  # standby lag behind the active node, last known
     sync_standby: bool = False  # last sample: the standby's walsender was 'sync'
     standby_ready_since: float | None = None  # following and caught up since (auto failback)
+    active_refused: str | None = None  # the active node answers but refuses pgroute: why
+    standby_refused: str | None = None  # the same for the standby
+    # Stall detection of the standby's subscription (see _stall).
+    standby_errors: int | None = None  # apply + sync errors, last count
+    standby_error_at: float | None = None  # when that count last rose
+    standby_error_rises: int = 0  # rises in a row, each within stall_seconds of the last
+    standby_no_worker_since: float | None = None
+    standby_received: int | None = None  # received position, last seen
+    standby_received_at: float | None = None  # when it last moved
+    standby_stall: str | None = None  # why the standby is stalled
+    # The active node's WAL position last sampled (persisted with the state): with the
+    # standby's applied position it estimates the lag while the active node is down.
+    active_lsn: int | None = None
     reason: str = ""
     policy: Policy = Policy()
 
@@ -160,7 +183,9 @@ class Started:
     now: float
     unfinished_promotion: bool = False  # the active node still holds its subscription
     unstamped: bool = False  # the active node carries no epoch stamp yet
+    fenced_winner: bool = False  # the active node was left fenced by a switch that never promoted
     by_operator: bool = False
+    active_lsn: int | None = None  # its WAL position last sampled (state file)
 
 
 @dataclass(frozen=True)
@@ -187,6 +212,22 @@ class Decision:
     reason: str
 
 
+def _fresh_standby(s: State) -> State:
+    """Forget what was known about the standby (the roles moved, or pgroute started)."""
+    return replace(
+        s,
+        standby_refused=None,
+        active_refused=None,
+        standby_errors=None,
+        standby_error_at=None,
+        standby_error_rises=0,
+        standby_no_worker_since=None,
+        standby_received=None,
+        standby_received_at=None,
+        standby_stall=None,
+    )
+
+
 def _d(state: State, reason: str, *actions: Action) -> Decision:
     return Decision(replace(state, reason=reason) if actions or reason else state, tuple(actions), reason)
 
@@ -211,10 +252,28 @@ def transition(state: State, obs: Observation) -> Decision:
 def _active_probed(s: State, obs: Probed) -> Decision:
     sample, p = obs.sample, s.policy
     name = sample.node.value
+    if sample.local:
+        return _d(s, "")  # pgroute's own trouble (logged by the controller), not the node's
+    if sample.refused:
+        return _active_refused(s, obs)
     if sample.ok:
         lag = sample.publisher_lag_bytes if sample.publisher_lag_bytes is not None else s.lag_bytes
-        new = replace(s, failures=0, active_up=True, lag_bytes=lag, sync_standby=sample.sync_state == "sync")
+        new = replace(
+            s,
+            failures=0,
+            active_up=True,
+            lag_bytes=lag,
+            sync_standby=sample.sync_state == "sync",
+            active_refused=None,
+            active_lsn=sample.wal_lsn if sample.wal_lsn is not None else s.active_lsn,
+        )
         new = _track_ready(new, obs.now)
+        if s.active_refused is not None and not s.busy:
+            return _d(
+                replace(new, phase=Phase.ACTIVE_HEALTHY if s.phase is not Phase.NO_ROUTABLE_NODE else s.phase),
+                f"{name} accepts pgroute again",
+                Action(Act.EVENT, sample.node, detail="node_up"),
+            )
         if sample.read_only and not s.busy:
             return _d(
                 replace(new, phase=Phase.ACTIVE_HEALTHY),
@@ -262,6 +321,25 @@ def _active_probed(s: State, obs: Probed) -> Decision:
     return _try_auto_failover(new, f"{name} down after {failures} failed probes ({sample.error})")
 
 
+def _active_refused(s: State, obs: Probed) -> Decision:
+    """The active node answered with an error: it is alive (and may still serve its
+    clients), so it is never failed over from; health is degraded with the cause."""
+    sample = obs.sample
+    name = sample.node.value
+    new = replace(s, failures=0, active_up=True, active_refused=sample.error or "refused")
+    if s.busy:
+        return _d(new, "")
+    if s.phase in (Phase.ACTIVE_SUSPECT, Phase.ACTIVE_DOWN):
+        new = replace(new, phase=Phase.ACTIVE_HEALTHY)
+    if s.active_refused is None:
+        return _d(
+            new,
+            f"{name} answers but refuses pgroute ({sample.error}): alive, no FAILOVER; fix pgroute's access to it",
+            Action(Act.EVENT, sample.node, detail="node_refused"),
+        )
+    return _d(new, "")
+
+
 def _try_auto_failover(s: State, why: str, repeat: bool = False) -> Decision:
     """The active node is declared down: fail over if policy and the standby allow.
     ``repeat``: it was already declared down; stay quiet unless something changed."""
@@ -291,9 +369,9 @@ def _promotion_blocker(s: State, force: bool) -> str | None:
     target = s.standby_node
     if target is None:
         return "no active node is known"
-    forceable = (Standby.NOT_FOLLOWING, Standby.FENCED, Standby.UNFENCED)
+    forceable = (Standby.NOT_FOLLOWING, Standby.FENCED, Standby.UNFENCED, Standby.STALLED)
     if s.standby is not Standby.FOLLOWING and not (force and s.standby in forceable):
-        return f"{target.value} is {s.standby.value}, not a following standby"
+        return f"{target.value} is {standby_words(s)}, not a following standby"
     synchronous = s.policy.synchronous in ("on", "strict") and s.sync_standby
     if synchronous or force:
         return None
@@ -307,22 +385,106 @@ def _promotion_blocker(s: State, force: bool) -> str | None:
 # -- probes of the standby -------------------------------------------------------------------
 
 
+def standby_words(s: State) -> str:
+    """The standby's status for a person, with its cause when it has one."""
+    if s.standby is Standby.STALLED and s.standby_stall:
+        return f"stalled ({s.standby_stall})"
+    if s.standby is Standby.REFUSED and s.standby_refused:
+        return f"refusing pgroute ({s.standby_refused})"
+    return s.standby.value
+
+
 def _standby_status(sample: HealthSample) -> Standby:
+    if sample.refused:
+        return Standby.REFUSED
     if not sample.ok:
         return Standby.DOWN
     if sample.subscription is not None:
         return Standby.FOLLOWING if sample.subscription_enabled else Standby.NOT_FOLLOWING
-    return Standby.FENCED if sample.read_only else Standby.UNFENCED
+    return Standby.FENCED if sample.fenced else Standby.UNFENCED
+
+
+def _stall(s: State, sample: HealthSample, now: float) -> State:
+    """Track the standby's subscription and say whether it is stalled. Pure: times
+    come from the observation. Stalled, while the active node answers, when:
+
+    - its error count rose at least twice, the last time within ``stall_seconds``
+      (a failing apply worker retries every wal_retrieve_retry_interval; one error
+      alone is also what a publisher's restart costs);
+    - or it has had no apply worker for ``stall_seconds``;
+    - or, while behind, its received position has not moved for ``stall_seconds``.
+
+    While the active node does not answer, a follower cannot receive anything: the
+    tracking restarts and nothing counts as a stall (its errors then are the
+    publisher's absence, and a failover must not wait for them)."""
+    window = s.policy.stall_seconds
+    errors = sample.apply_errors
+    if s.active_up is not True:
+        return replace(
+            s,
+            standby_errors=errors if errors is not None else s.standby_errors,
+            standby_error_at=None,
+            standby_error_rises=0,
+            standby_no_worker_since=None,
+            standby_received=sample.received_lsn,
+            standby_received_at=now,
+            standby_stall=None,
+        )
+    error_at, rises = s.standby_error_at, s.standby_error_rises
+    if errors is not None and s.standby_errors is not None and errors > s.standby_errors:
+        rises = rises + 1 if error_at is not None and now - error_at < window else 1
+        error_at = now
+    no_worker_since = None if sample.worker_running is not False else (s.standby_no_worker_since or now)
+    received, received_at = s.standby_received, s.standby_received_at
+    if sample.received_lsn is not None and sample.received_lsn != received:
+        received, received_at = sample.received_lsn, now
+    behind = s.lag_bytes is not None and s.lag_bytes > 0
+    cause = None
+    if rises >= 2 and error_at is not None and now - error_at < window:
+        cause = f"its apply worker fails: {errors} error(s) counted on {sample.node.value}, see its server log"
+        if sample.apply_error:
+            cause += f": {sample.apply_error}"
+    elif no_worker_since is not None and now - no_worker_since >= window:
+        cause = f"no apply worker for {now - no_worker_since:.0f}s"
+    elif behind and received_at is not None and now - received_at >= window:
+        cause = f"received position not moving for {now - received_at:.0f}s while {s.lag_bytes} bytes behind"
+    return replace(
+        s,
+        standby_errors=errors if errors is not None else s.standby_errors,
+        standby_error_at=error_at,
+        standby_error_rises=rises,
+        standby_no_worker_since=no_worker_since,
+        standby_received=received,
+        standby_received_at=received_at,
+        standby_stall=cause,
+    )
 
 
 def _standby_probed(s: State, obs: Probed) -> Decision:
     sample = obs.sample
-    name = sample.node.value
+    if sample.local:
+        return _d(s, "")  # pgroute's own trouble, not the node's
     if s.active is None:
         return _d(s, "")
-    status = _standby_status(sample)
     if s.standby is Standby.REJOINING:
         return _d(s, "")  # the rejoin reports through Finished, whatever the probes say
+    status = _standby_status(sample)
+    s = replace(s, standby_refused=sample.error if status is Standby.REFUSED else None)
+    if status is Standby.FOLLOWING:
+        s = _stall(s, sample, obs.now)
+        if s.standby_stall is not None:
+            status = Standby.STALLED
+    if s.lag_bytes is None and s.active_up is not True and s.active_lsn is not None and sample.applied_lsn is not None:
+        # The active node is down and its lag was never sampled by this pgroute (a
+        # restart while it was down): estimate it from its last sampled position.
+        s = replace(s, lag_bytes=max(0, s.active_lsn - sample.applied_lsn))
+    return _standby_changed(s, obs, status)
+
+
+def _standby_changed(s: State, obs: Probed, status: Standby) -> Decision:
+    sample = obs.sample
+    name = sample.node.value
+    assert s.active is not None
     if s.busy:
         return _d(replace(s, standby=status) if status is Standby.DOWN else s, "")
     new = _track_ready(replace(s, standby=status), obs.now)
@@ -336,6 +498,22 @@ def _standby_probed(s: State, obs: Probed) -> Decision:
         return _maybe_auto_failback(new, obs.now)
     if status is Standby.DOWN:
         return _d(new, f"standby {name} down ({sample.error})", Action(Act.EVENT, sample.node, detail="node_down"))
+    if status is Standby.REFUSED:
+        return _d(
+            new,
+            f"standby {name} answers but refuses pgroute ({sample.error}): not a FAILOVER target until fixed",
+            Action(Act.EVENT, sample.node, detail="node_refused"),
+        )
+    if status is Standby.STALLED:
+        return _d(
+            new,
+            f"replication to {name} is stalled: {new.standby_stall}; not a FAILOVER target until it applies again",
+            Action(Act.EVENT, sample.node, detail="replication_stalled"),
+        )
+    if s.standby is Standby.STALLED and status is Standby.FOLLOWING:
+        return _d(
+            new, f"replication to {name} applies again", Action(Act.EVENT, sample.node, detail="replication_resumed")
+        )
     if status is Standby.UNFENCED:
         return _d(
             new,
@@ -439,7 +617,7 @@ def _requested(s: State, obs: Requested) -> Decision:
         if not s.active_up:
             return _refuse(s, f"switchover refused: {s.active.value} is not up (use failover)")
         if s.standby is not Standby.FOLLOWING:
-            return _refuse(s, f"switchover refused: {target.value} is {s.standby.value}, not following")
+            return _refuse(s, f"switchover refused: {target.value} is {standby_words(s)}, not following")
         return _d(
             replace(s, phase=Phase.SWITCHING),
             f"switchover to {target.value} requested",
@@ -452,6 +630,14 @@ def _requested(s: State, obs: Requested) -> Decision:
             return _refuse(s, f"failback refused: primary is {s.standby.value}")
         if s.standby is Standby.UNFENCED:
             return _refuse(s, "failback refused: primary is not fenced yet; retry in a moment")
+        if s.standby is Standby.REFUSED:
+            return _refuse(s, f"failback refused: primary is {standby_words(s)}")
+        if s.standby is Standby.STALLED and not obs.force:
+            return _refuse(
+                s,
+                f"failback refused: primary is {standby_words(s)}; fix the cause, or "
+                "`pgroute failback --resync` copies the data afresh",
+            )
         if not s.active_up:
             return _refuse(s, "failback refused: mirror is not up")
         return _d(
@@ -460,8 +646,8 @@ def _requested(s: State, obs: Requested) -> Decision:
             Action(Act.FAILBACK, NodeName.PRIMARY, force=obs.force, manual=True),
         )
     if kind is Operation.REJOIN:
-        if s.standby not in (Standby.FENCED, Standby.NOT_FOLLOWING):
-            return _refuse(s, f"rejoin refused: {standby.value} is {s.standby.value}")
+        if s.standby not in (Standby.FENCED, Standby.NOT_FOLLOWING, Standby.STALLED):
+            return _refuse(s, f"rejoin refused: {standby.value} is {standby_words(s)}")
         return _d(
             replace(s, standby=Standby.REJOINING),
             f"rejoin of {standby.value} requested",
@@ -478,8 +664,9 @@ def _finished(s: State, obs: Finished) -> Decision:
     if kind.moves_role:
         if obs.ok:
             new = replace(
-                s,
+                _fresh_standby(s),
                 active=obs.active,
+                active_lsn=None,
                 epoch=obs.epoch,
                 phase=Phase.ACTIVE_HEALTHY,
                 failures=0,
@@ -508,6 +695,11 @@ def _finished(s: State, obs: Finished) -> Decision:
         )
     node = obs.node.value if obs.node else "?"
     if kind is Operation.UNFENCE:
+        if s.phase is Phase.FAILING_OVER and obs.node is s.active:
+            # The start-up unfence of the node that kept every commit (Started.fenced_winner).
+            if obs.ok:
+                return _d(replace(s, phase=Phase.ACTIVE_HEALTHY), f"FAILOVER: {node} unfenced; routing to it")
+            return _d(replace(s, phase=Phase.NO_ROUTABLE_NODE), f"could not unfence {node}: {obs.detail}")
         return _d(s, f"{node} unfenced" if obs.ok else f"unfencing {node} failed: {obs.detail}")
     if kind is Operation.FENCE:
         if obs.ok:
@@ -540,7 +732,8 @@ def _finished(s: State, obs: Finished) -> Decision:
 
 def _started(s: State, obs: Started) -> Decision:
     new = replace(
-        s,
+        _fresh_standby(s),
+        active_lsn=obs.active_lsn,
         active=obs.active,
         epoch=obs.epoch,
         failures=0,
@@ -562,6 +755,12 @@ def _started(s: State, obs: Started) -> Decision:
             replace(new, phase=Phase.FAILING_OVER),
             f"{why}; FAILOVER: {obs.active.value} is stamped active but still subscribed: finishing its promotion",
             Action(Act.PROMOTE, obs.active),
+        )
+    if obs.fenced_winner:
+        return _d(
+            replace(new, phase=Phase.FAILING_OVER),
+            f"{why}; FAILOVER: {obs.active.value} was left fenced by a switch that promoted nothing: unfencing it",
+            Action(Act.UNFENCE, obs.active),
         )
     stamp = (Action(Act.STAMP, obs.active),) if obs.unstamped else ()
     return _d(replace(new, phase=Phase.ACTIVE_HEALTHY), why, *stamp)

@@ -18,6 +18,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from ..model import NodeName
+from ..pg.catalog import ServerIdentity
 
 log = logging.getLogger(__name__)
 
@@ -26,6 +27,10 @@ log = logging.getLogger(__name__)
 class Stored:
     epoch: int
     active: NodeName | None
+    # The active node's WAL position last sampled (bytes): after a restart with the
+    # active node down, the standby's applied position against it estimates the lag
+    # (Patroni keeps the leader's optime for the same reason).
+    active_lsn: int | None = None
 
 
 class StateFile:
@@ -42,16 +47,24 @@ class StateFile:
         try:
             data = json.loads(raw)
             active = data.get("active")
-            return Stored(epoch=int(data["epoch"]), active=NodeName(active) if active else None)
+            lsn = data.get("active_lsn")
+            if lsn is not None and (not isinstance(lsn, int) or isinstance(lsn, bool) or lsn < 0):
+                raise TypeError(f"active_lsn {lsn!r} is not a WAL position")
+            return Stored(epoch=int(data["epoch"]), active=NodeName(active) if active else None, active_lsn=lsn)
         except (AttributeError, KeyError, TypeError) as exc:
             raise ValueError(f"corrupt state file {self.path}: {exc!r}") from exc
 
     def save(self, stored: Stored) -> None:
         directory = self.path.parent if str(self.path.parent) else Path(".")
         directory.mkdir(parents=True, exist_ok=True)
-        payload = json.dumps(
-            {"epoch": stored.epoch, "active": stored.active.value if stored.active else None, "updated_at": time.time()}
-        )
+        data: dict[str, object] = {
+            "epoch": stored.epoch,
+            "active": stored.active.value if stored.active else None,
+            "updated_at": time.time(),
+        }
+        if stored.active_lsn is not None:
+            data["active_lsn"] = stored.active_lsn
+        payload = json.dumps(data)
         fd, tmp = tempfile.mkstemp(prefix=".pgroute-state-", dir=directory)
         try:
             with os.fdopen(fd, "w", encoding="utf-8") as fh:
@@ -80,7 +93,8 @@ class NodeView:
     epoch: int | None = None  # stamped epoch
     active: str | None = None  # stamped active node name ('primary', 'mirror', 'none')
     subscriber: bool = False  # holds a pgroute subscription
-    read_only: bool = False
+    read_only: bool = False  # any part of the fence is in force
+    identity: ServerIdentity | None = None  # which database the DSN reached
 
 
 @dataclass(frozen=True)
@@ -88,6 +102,7 @@ class Resolution:
     active: NodeName | None
     epoch: int
     reason: str
+    unfence: bool = False  # the active node was left fenced by a switch that promoted nothing
 
 
 def resolve_start(stored: Stored | None, views: dict[NodeName, NodeView]) -> Resolution:
@@ -132,9 +147,29 @@ def resolve_start(stored: Stored | None, views: dict[NodeName, NodeView]) -> Res
         )
     winner_view = views.get(node)
     if winner_view is not None and winner_view.reachable and winner_view.read_only and not winner_view.subscriber:
+        # A switch fenced it and stopped before promoting the other node. That is
+        # certain only when the other node still follows it: a subscriber was not
+        # promoted, and (with the claims above agreeing) no newer epoch exists.
+        other = views.get(node.other)
+        if other is not None and other.reachable and other.subscriber and all(c[1] == winner for c in claims):
+            return Resolution(
+                node,
+                top,
+                f"epoch {top}: {node.value} is active ({sources}) and was left fenced by a switch that "
+                f"promoted nothing ({node.other.value} still follows it): unfencing it",
+                unfence=True,
+            )
+        why = (
+            f"{node.other.value} is unreachable"
+            if other is None or not other.reachable
+            else f"{node.other.value} does not follow it"
+            if not other.subscriber
+            else "an older epoch names another node"
+        )
         return Resolution(
             None,
             top,
-            f"epoch {top} says {node.value} is active but it is fenced (read-only): cannot tell which node is current",
+            f"epoch {top} says {node.value} is active but it is fenced (read-only) and {why}: "
+            "cannot tell which node is current",
         )
     return Resolution(node, top, f"epoch {top}: {node.value} is active ({sources})")

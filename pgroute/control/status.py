@@ -32,6 +32,9 @@ class StatusInputs:
     operation: Mapping[str, Any] | None = None  # kind, phase, started_at
     conflicts: Sequence[Mapping[str, Any]] = ()
     events: Sequence[Mapping[str, Any]] = ()
+    # The active node's sequences that no column draws from, with their draw rates:
+    # their move at promotion rests on samples and rates alone (control.sequences).
+    unowned_sequences: Sequence[Mapping[str, Any]] = ()
 
 
 def iso(ts: float | None) -> str | None:
@@ -67,6 +70,7 @@ def build_status(i: StatusInputs) -> dict[str, Any]:
         "detection_bound_seconds": round(i.detection_bound, 3),
         "operation": dict(i.operation) if i.operation is not None else None,
         "conflicts": [dict(c) for c in i.conflicts[-50:]],
+        "sequences": {"without_column": [dict(x) for x in i.unowned_sequences]},
         "events": [dict(e) for e in i.events],
     }
 
@@ -106,9 +110,24 @@ def replication_health(s: State) -> str:
         return "none"
     if s.standby is Standby.NOT_FOLLOWING:
         return "broken"
+    if s.standby is Standby.STALLED:
+        return "stalled"
+    if s.standby is Standby.REFUSED:
+        return "unknown"
     if s.lag_bytes is not None and s.lag_bytes > s.policy.max_lag_bytes:
         return "lagging"
     return "ok"
+
+
+def _problem(s: State, node: NodeName) -> str | None:
+    """What is wrong with a node that answers: refused, or its replication stalled."""
+    if node is s.active:
+        return f"refuses pgroute: {s.active_refused}" if s.active_refused else None
+    if s.standby is Standby.STALLED and s.standby_stall:
+        return f"replication stalled: {s.standby_stall}"
+    if s.standby is Standby.REFUSED and s.standby_refused:
+        return f"refuses pgroute: {s.standby_refused}"
+    return None
 
 
 def node_status(
@@ -117,6 +136,8 @@ def node_status(
     sample = samples.get(node)
     if node is s.active:
         role = "active" if s.phase is not Phase.ACTIVE_DOWN else "down"
+    elif sample is not None and sample.refused:
+        role = "refusing"
     elif sample is not None and not sample.ok:
         role = "down"
     elif s.active is not None and s.standby in (Standby.FENCED, Standby.UNFENCED, Standby.REJOINING):
@@ -137,6 +158,9 @@ def node_status(
         "last_probe": iso(sample.at) if sample else None,
         "latency_ms": round(sample.latency * 1000, 3) if sample else None,
         "error": mask_dsn(sample.error) if sample and sample.error else None,
+        # Answers, but refuses pgroute (authentication, permissions, ...): alive.
+        "refused": sample.refused if sample else None,
+        "problem": mask_dsn(problem) if (problem := _problem(s, node)) else None,
         "read_only": sample.read_only if sample else None,
         "lag_bytes": lag,
         "lag_seconds": lag_s,

@@ -14,6 +14,7 @@ state of the other node's subscription (read by ``pg.catalog.read_node_facts``).
 from __future__ import annotations
 
 import asyncio
+import errno
 import logging
 import time
 
@@ -21,10 +22,14 @@ import asyncpg
 
 from ..model import HealthSample, NodeName
 from ..pg.catalog import read_node_facts
-from ..pg.connect import describe
+from ..pg.connect import describe, register_own
 from ..pg.dsn import Dsn
 
 log = logging.getLogger(__name__)
+
+#: Errors of pgroute's own process (out of file descriptors, memory or buffers): the
+#: probe never reached the node, so they never count against it.
+LOCAL_ERRNOS = frozenset({errno.EMFILE, errno.ENFILE, errno.ENOMEM, errno.ENOBUFS})
 
 
 class Prober:
@@ -51,13 +56,21 @@ class Prober:
         except TimeoutError:
             self._drop()
             return self._failed(start, f"no answer within {self.timeout:g}s")
-        except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError) as exc:
+        except asyncpg.PostgresError as exc:
+            # The server answered: authentication, permissions, no such database, too
+            # many connections, starting up or shutting down. Alive, not usable.
+            self._drop()
+            return self._failed(start, describe(exc), reached=True)
+        except OSError as exc:
+            self._drop()
+            return self._failed(start, describe(exc), local=exc.errno in LOCAL_ERRNOS)
+        except asyncpg.InterfaceError as exc:
             self._drop()
             return self._failed(start, describe(exc))
-        except Exception as exc:  # a probe never raises
+        except Exception as exc:  # a probe never raises; pgroute's own failure is not the node's
             log.exception("probe of %s failed unexpectedly", self.node.value)
             self._drop()
-            return self._failed(start, describe(exc))
+            return self._failed(start, describe(exc), local=True)
         return sample
 
     async def _probe(self, start: float) -> HealthSample:
@@ -65,24 +78,40 @@ class Prober:
             self._conn = await asyncpg.connect(
                 self.dsn.url, timeout=self.timeout, server_settings={"application_name": "pgroute-probe"}
             )
+            register_own(self.dsn, self._conn)
         facts = await read_node_facts(self._conn, self.own_subscription, self.peer_subscription)
         return HealthSample(
             node=self.node,
             ok=True,
             at=time.time(),
             latency=time.monotonic() - start,
+            reached=True,
             read_only=facts.read_only,
+            fenced=facts.fenced,
             wal_lsn=facts.wal_lsn,
             subscription=self.own_subscription if facts.subscription_enabled is not None else None,
             subscription_enabled=facts.subscription_enabled,
             publisher_lag_bytes=facts.peer_lag_bytes,
             sync_state=facts.peer_sync_state,
             publisher_lag_seconds=facts.peer_lag_seconds,
-            sequences=tuple(facts.sequences.items()),
+            sequences=tuple(facts.sequences.values.items()),
+            unfed_sequences=facts.sequences.unfed,
+            worker_running=facts.worker_running if facts.subscription_enabled is not None else None,
+            received_lsn=facts.received_lsn,
+            applied_lsn=facts.applied_lsn,
+            apply_errors=facts.apply_errors,
         )
 
-    def _failed(self, start: float, error: str) -> HealthSample:
-        return HealthSample(node=self.node, ok=False, at=time.time(), latency=time.monotonic() - start, error=error)
+    def _failed(self, start: float, error: str, *, reached: bool = False, local: bool = False) -> HealthSample:
+        return HealthSample(
+            node=self.node,
+            ok=False,
+            at=time.time(),
+            latency=time.monotonic() - start,
+            error=error,
+            reached=reached,
+            local=local,
+        )
 
     def _drop(self) -> None:
         conn, self._conn = self._conn, None

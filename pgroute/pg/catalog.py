@@ -16,6 +16,7 @@ from dataclasses import dataclass
 
 import asyncpg
 
+from ..errors import UnsafeStep
 from .naming import int_to_lsn, qualified, quote_ident, quote_literal
 
 STAMP_EPOCH = "pgroute.epoch"
@@ -29,6 +30,42 @@ SELECT s.setconfig FROM pg_db_role_setting s
   JOIN pg_database d ON d.oid = s.setdatabase
  WHERE s.setrole = 0 AND d.datname = current_database()
 """
+
+
+# ----------------------------------------------------------------------- identity
+
+
+@dataclass(frozen=True)
+class ServerIdentity:
+    """Which database a connection reached, as the server says: two DSNs naming one
+    server (``127.0.0.1`` and ``localhost``, a proxy, a DNS alias) give one identity."""
+
+    system_identifier: int  # pg_control_system(): unique per initdb
+    database_oid: int
+    database: str
+
+    def same_database(self, other: ServerIdentity) -> bool:
+        return (self.system_identifier, self.database_oid) == (other.system_identifier, other.database_oid)
+
+    def __str__(self) -> str:
+        return f"database {self.database} (oid {self.database_oid}) of system {self.system_identifier}"
+
+
+async def read_identity(conn: asyncpg.Connection) -> ServerIdentity:
+    row = await conn.fetchrow(
+        "SELECT (SELECT system_identifier FROM pg_control_system()) AS sysid, d.oid, d.datname"
+        " FROM pg_database d WHERE d.datname = current_database()"
+    )
+    return ServerIdentity(int(row["sysid"]), int(row["oid"]), row["datname"])
+
+
+async def ensure_distinct(changed: asyncpg.Connection, source: asyncpg.Connection, what: str) -> None:
+    """Right before a destructive step on ``changed`` (truncate, resync, dropping a
+    subscription or slot): raise UnsafeStep unless it is another database than
+    ``source`` (the node the data comes from, the active node)."""
+    mine, theirs = await read_identity(changed), await read_identity(source)
+    if mine.same_database(theirs):
+        raise UnsafeStep(f"refusing to {what}: the node it changes is the source itself ({mine})")
 
 
 # ----------------------------------------------------------------------- settings
@@ -119,14 +156,54 @@ async def current_lsn(conn: asyncpg.Connection) -> int:
     return value
 
 
-async def sample_sequences(conn: asyncpg.Connection) -> dict[str, int]:
+# Which integer column each sequence feeds: owned by the column (serial, bigserial:
+# deptype 'a'; identity: 'i'), or drawn by the column's DEFAULT (nextval('s'), owned
+# or not). One definition for the sample (which sequences feed no column) and for
+# the move at promotion (max() over every column a sequence feeds).
+SEQUENCE_FEEDS_SQL = """
+WITH deps AS (
+    SELECT d.objid AS seqid, d.refobjid AS relid, d.refobjsubid AS attnum
+    FROM pg_depend d
+    WHERE d.classid = 'pg_class'::regclass AND d.refclassid = 'pg_class'::regclass
+      AND d.deptype IN ('a', 'i') AND d.refobjsubid > 0
+    UNION
+    SELECT d.refobjid, ad.adrelid, ad.adnum
+    FROM pg_depend d JOIN pg_attrdef ad ON ad.oid = d.objid
+    WHERE d.classid = 'pg_attrdef'::regclass AND d.refclassid = 'pg_class'::regclass
+)
+SELECT deps.seqid, tn.nspname AS tbl_schema, tc.relname AS tbl_name, a.attname::text AS col
+  FROM deps
+  JOIN pg_class tc ON tc.oid = deps.relid AND tc.relkind IN ('r', 'p')
+  JOIN pg_namespace tn ON tn.oid = tc.relnamespace
+  JOIN pg_attribute a ON a.attrelid = tc.oid AND a.attnum = deps.attnum AND NOT a.attisdropped
+       AND a.atttypid IN ('int2'::regtype, 'int4'::regtype, 'int8'::regtype)
+"""
+
+_SEQUENCE_SAMPLE_SQL = f"""
+SELECT n.nspname, c.relname,
+       coalesce(s.last_value, s.start_value - s.increment_by)::bigint AS value,
+       EXISTS (SELECT 1 FROM ({SEQUENCE_FEEDS_SQL}) f WHERE f.seqid = c.oid) AS fed
+  FROM pg_sequences s
+  JOIN pg_namespace n ON n.nspname = s.schemaname
+  JOIN pg_class c ON c.relnamespace = n.oid AND c.relname = s.sequencename
+"""
+
+
+@dataclass(frozen=True)
+class SequenceSample:
+    values: dict[str, int]  # qualified name -> last value handed out
+    unfed: frozenset[str]  # the sequences no integer column draws from
+
+
+async def sample_sequences(conn: asyncpg.Connection) -> SequenceSample:
     """Qualified sequence name -> last value handed out (start - increment when never
-    called), for every sequence in the database."""
-    rows = await conn.fetch(
-        "SELECT schemaname, sequencename, coalesce(last_value, start_value - increment_by)::bigint AS value "
-        "FROM pg_sequences"
+    called), for every sequence in the database, and which of them feed no column."""
+    rows = await conn.fetch(_SEQUENCE_SAMPLE_SQL)
+    names = {(r["nspname"], r["relname"]): qualified(r["nspname"], r["relname"]) for r in rows}
+    return SequenceSample(
+        values={names[(r["nspname"], r["relname"])]: int(r["value"]) for r in rows},
+        unfed=frozenset(names[(r["nspname"], r["relname"])] for r in rows if not r["fed"]),
     )
-    return {qualified(r["schemaname"], r["sequencename"]): int(r["value"]) for r in rows}
 
 
 # ------------------------------------------------------------------ node snapshot
@@ -134,7 +211,8 @@ async def sample_sequences(conn: asyncpg.Connection) -> dict[str, int]:
 # One round trip. $1: this node's own subscription name; $2: the other node's
 # subscription (= its slot and walsender application_name on this node).
 _NODE_FACTS_SQL = f"""
-SELECT current_setting('default_transaction_read_only') = 'on' AS read_only,
+SELECT current_setting('default_transaction_read_only') = 'on' AS default_read_only,
+       (SELECT datconnlimit = 0 FROM pg_database WHERE datname = current_database()) AS closed,
        CASE WHEN pg_is_in_recovery() THEN NULL
             ELSE (pg_current_wal_lsn() - '0/0'::pg_lsn)::bigint END AS wal_lsn,
        ({_DB_SETTINGS_SQL}) AS dbconfig,
@@ -142,6 +220,13 @@ SELECT current_setting('default_transaction_read_only') = 'on' AS read_only,
          WHERE subname = $1
            AND subdbid = (SELECT oid FROM pg_database WHERE datname = current_database()))
            AS sub_enabled,
+       w.pid AS worker_pid,
+       (w.received_lsn - '0/0'::pg_lsn)::bigint AS received_lsn,
+       (SELECT apply_error_count + sync_error_count FROM pg_stat_subscription_stats
+         WHERE subname = $1) AS apply_errors,
+       (SELECT (o.remote_lsn - '0/0'::pg_lsn)::bigint
+          FROM pg_replication_origin_status o JOIN pg_subscription sub ON o.external_id = 'pg_' || sub.oid
+         WHERE sub.subname = $1) AS applied_lsn,
        (SELECT (pg_current_wal_lsn() - confirmed_flush_lsn)::bigint
           FROM pg_replication_slots WHERE slot_name = $2) AS slot_lag,
        r.sync_state,
@@ -150,6 +235,9 @@ SELECT current_setting('default_transaction_read_only') = 'on' AS read_only,
   FROM (SELECT 1) AS one
   LEFT JOIN LATERAL (SELECT sync_state, flush_lsn, replay_lag FROM pg_stat_replication
                       WHERE application_name = $2 LIMIT 1) r ON true
+  LEFT JOIN LATERAL (SELECT st.pid, st.received_lsn FROM pg_stat_subscription st
+                       JOIN pg_subscription sub ON sub.oid = st.subid
+                      WHERE sub.subname = $1 AND st.relid IS NULL LIMIT 1) w ON true
 """
 
 
@@ -157,7 +245,8 @@ SELECT current_setting('default_transaction_read_only') = 'on' AS read_only,
 class NodeFacts:
     """What one probe reads from a node."""
 
-    read_only: bool  # new sessions start read-only (fenced)
+    read_only: bool  # any part of the fence is in force (read-only default, or closed to logins)
+    fenced: bool  # the whole fence is in force
     wal_lsn: int | None  # pg_current_wal_lsn() as an integer
     epoch: int | None  # pgroute epoch stamped on the node
     active: str | None  # node stamped active with that epoch
@@ -165,7 +254,11 @@ class NodeFacts:
     peer_lag_bytes: int | None  # the other node's subscription lag, seen from here
     peer_sync_state: str | None  # its walsender's sync_state
     peer_lag_seconds: float | None  # its walsender's replay_lag
-    sequences: dict[str, int]
+    sequences: SequenceSample
+    worker_running: bool = False  # own subscription's apply worker
+    received_lsn: int | None = None  # its last received publisher position
+    applied_lsn: int | None = None  # its replication origin: last publisher commit applied
+    apply_errors: int | None = None  # apply + table sync errors counted by the server
 
 
 async def read_node_facts(conn: asyncpg.Connection, own_subscription: str, peer_subscription: str) -> NodeFacts:
@@ -173,7 +266,8 @@ async def read_node_facts(conn: asyncpg.Connection, own_subscription: str, peer_
     epoch, active = parse_stamp(row["dbconfig"])
     lag = row["flush_lag"] if row["flush_lag"] is not None else row["slot_lag"]
     return NodeFacts(
-        read_only=row["read_only"],
+        read_only=bool(row["default_read_only"] or row["closed"]),
+        fenced=bool(row["default_read_only"] and row["closed"]),
         wal_lsn=row["wal_lsn"],
         epoch=epoch,
         active=active,
@@ -182,4 +276,8 @@ async def read_node_facts(conn: asyncpg.Connection, own_subscription: str, peer_
         peer_sync_state=row["sync_state"],
         peer_lag_seconds=row["replay_lag"],
         sequences=await sample_sequences(conn),
+        worker_running=row["worker_pid"] is not None,
+        received_lsn=row["received_lsn"],
+        applied_lsn=row["applied_lsn"],
+        apply_errors=row["apply_errors"],
     )

@@ -9,16 +9,20 @@ Invariants:
   server-side refusal keeps the server's error as ``__cause__`` so callers can tell
   "reached and refused" from "unreachable".
 - ``describe`` turns any exception into one short line without a password.
+- pgroute recognises its own sessions on a server by their backend pids, never by a
+  name a client could copy: every connection pgroute opens is registered
+  (:func:`register_own`) and :func:`own_pids` lists those still open.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
+import weakref
 
 import asyncpg
 
-from ..errors import NodeUnavailable
+from ..errors import NodeUnavailable, UnsafeStep
 from .dsn import Dsn, mask_dsn, parse_dsn
 
 log = logging.getLogger(__name__)
@@ -26,15 +30,37 @@ log = logging.getLogger(__name__)
 #: application_name of pgroute's own control connections.
 CONTROL_APPLICATION_NAME = "pgroute"
 
-#: What talking to a node can raise: the driver's errors, the network's, timeouts,
-#: and NodeUnavailable from connect().
+#: What a step on a node can raise: the driver's errors, the network's, timeouts,
+#: NodeUnavailable from connect(), and UnsafeStep from a guard that refused to act.
 DB_ERRORS: tuple[type[BaseException], ...] = (
+    UnsafeStep,
     OSError,
     asyncio.TimeoutError,
     asyncpg.PostgresError,
     asyncpg.InterfaceError,
     NodeUnavailable,
 )
+
+
+# pgroute's own sessions per server address: pid -> the connection. A pid counts only
+# while its connection is open, so a pid the server later reuses for a client's
+# session is never mistaken for ours.
+_OWN: dict[tuple[str, int], dict[int, weakref.ref[asyncpg.Connection]]] = {}
+
+
+def register_own(dsn: Dsn, conn: asyncpg.Connection) -> None:
+    """Record ``conn`` as one of pgroute's own sessions on ``dsn``'s server."""
+    _OWN.setdefault((dsn.host, dsn.port), {})[conn.get_server_pid()] = weakref.ref(conn)
+
+
+def own_pids(dsn: Dsn) -> set[int]:
+    """Backend pids of pgroute's sessions on ``dsn``'s server that are still open."""
+    sessions = _OWN.get((dsn.host, dsn.port), {})
+    for pid, ref in list(sessions.items()):
+        conn = ref()
+        if conn is None or conn.is_closed():
+            del sessions[pid]
+    return set(sessions)
 
 
 def as_dsn(dsn: Dsn | str) -> Dsn:
@@ -66,7 +92,7 @@ async def connect(
         raise ValueError("control connections must have an application_name starting with 'pgroute'")
     parsed = as_dsn(dsn)
     try:
-        return await asyncpg.connect(
+        conn = await asyncpg.connect(
             dsn=parsed.url,
             timeout=timeout,
             command_timeout=statement_timeout + 5.0,
@@ -89,6 +115,8 @@ async def connect(
     except (OSError, asyncpg.InterfaceError) as exc:
         reason = mask_dsn(str(exc)) or type(exc).__name__
         raise NodeUnavailable(f"{parsed.masked}: {reason}") from None
+    register_own(parsed, conn)
+    return conn
 
 
 async def close(conn: asyncpg.Connection | None) -> None:

@@ -11,7 +11,7 @@ import asyncpg
 
 from ..control.replication import lag_bytes, published_tables, subscription_info, user_tables
 from ..errors import NodeUnavailable
-from ..pg.catalog import setting
+from ..pg.catalog import read_identity, setting
 from ..pg.connect import as_dsn, connect
 from ..pg.dsn import Dsn, mask_conninfo
 
@@ -24,6 +24,7 @@ class CheckItem:
     ok: bool
     detail: str
     fix: str | None = None
+    warning: bool = False  # ok, but worth an operator's attention (does not fail check)
 
 
 async def _try_connect(dsn: Dsn, timeout: float) -> tuple[asyncpg.Connection | None, str]:
@@ -59,9 +60,12 @@ async def check_pair(
                     None if conn is not None else f"start the {label} server or fix {label}.dsn",
                 )
             )
+        if pconn is not None and mconn is not None:
+            items.append(await _check_distinct(pconn, mconn))
         checks = []
         for label, conn in (("primary", pconn), ("mirror", mconn)):
             if conn is not None:
+                checks.append(_check_roles(label, conn))
                 # On the primary, the mirror's own slot is expected: inactive means
                 # the mirror is not consuming, not that the slot is garbage.
                 expected = {subscription} if label == "primary" else set()
@@ -85,6 +89,54 @@ async def check_pair(
         for conn in (pconn, mconn):
             if conn is not None:
                 await conn.close()
+    return items
+
+
+async def _check_distinct(pconn: asyncpg.Connection, mconn: asyncpg.Connection) -> CheckItem:
+    """Two DSNs naming one server (127.0.0.1 and localhost, an alias, a proxy) would
+    make pgroute fence and resync the live database against itself."""
+    p, m = await read_identity(pconn), await read_identity(mconn)
+    if p.same_database(m):
+        return CheckItem(
+            "distinct nodes",
+            False,
+            f"primary.dsn and mirror.dsn reach the same {p}",
+            "point mirror.dsn at the mirror server; pgroute run refuses to start like this",
+        )
+    return CheckItem("distinct nodes", True, f"primary is system {p.system_identifier}, mirror {m.system_identifier}")
+
+
+async def _check_roles(label: str, conn: asyncpg.Connection) -> list[CheckItem]:
+    """pgroute's own role must be a superuser (ALTER SYSTEM, subscriptions, and a fence
+    that closes the database to every other role); any other superuser that can log in
+    can write to a fenced node, since no fence PostgreSQL offers stops a superuser."""
+    me = await conn.fetchrow("SELECT current_user AS name, rolsuper FROM pg_roles WHERE rolname = current_user")
+    items = []
+    if not me["rolsuper"]:
+        items.append(
+            CheckItem(
+                f"{label} pgroute role",
+                False,
+                f"{me['name']} is not a superuser",
+                f"connect pgroute as a superuser on the {label} (fencing, promotion and subscriptions need one)",
+            )
+        )
+    others = [
+        r["rolname"]
+        for r in await conn.fetch(
+            "SELECT rolname FROM pg_roles WHERE rolsuper AND rolcanlogin AND rolname <> current_user ORDER BY 1"
+        )
+    ]
+    if others:
+        items.append(
+            CheckItem(
+                f"{label} superusers",
+                True,
+                f"{', '.join(others)} can log in as superuser(s): a fenced node cannot stop them writing",
+                "give applications roles without SUPERUSER (ALTER ROLE ... NOSUPERUSER)",
+                warning=True,
+            )
+        )
     return items
 
 

@@ -22,7 +22,7 @@ from ..control.replication import (
     user_tables,
 )
 from ..errors import NodeUnavailable, PgRouteError
-from ..pg.catalog import setting
+from ..pg.catalog import read_identity, setting
 from ..pg.clients import libpq_env, pg_binary, run
 from ..pg.connect import as_dsn, connect
 from ..pg.dsn import Dsn
@@ -130,6 +130,12 @@ async def setup_replication(
         if await _ensure_database(mirror):
             steps.append(f"mirror: database {mirror.dbname} created")
         mconn = await connect(mirror, 10.0)
+        p_id, m_id = await read_identity(pconn), await read_identity(mconn)
+        if p_id.same_database(m_id):
+            raise ReplicationSetupError(
+                f"primary.dsn ({primary.masked}) and mirror.dsn ({mirror.masked}) reach the same {p_id}: "
+                "point mirror.dsn at the mirror server; nothing was changed"
+            )
         if await setting(mconn, "wal_level") != "logical":
             steps.append(
                 "mirror: wal_level is not logical (fine for now; set it and restart the mirror "

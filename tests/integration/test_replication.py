@@ -17,6 +17,7 @@ from pgroute.control import replication as r
 from pgroute.errors import NodeUnavailable
 from pgroute.pg import catalog, naming
 from pgroute.pg import connect as pgconn
+from pgroute.pg.dsn import parse_dsn
 from pgroute.tools import check, setup
 
 SUB = "chrispar_sub"
@@ -64,7 +65,9 @@ def test_subscription_name():
 async def test_promote_with_primary_killed(pair):
     pair.primary.sql(SEED, pair.dbname)
     async with control(pair.primary_dsn()) as p:
-        sampled = await catalog.sample_sequences(p)
+        sample = await catalog.sample_sequences(p)
+        sampled = sample.values
+        assert sample.unfed == {naming.qualified("public", "folio_seq")}
         assert sampled[naming.qualified("public", "folio_seq")] == 7
         assert sampled[naming.qualified("public", "usuarios_id_seq")] == 5
         await r.wait_caught_up(p, SUB, await catalog.current_lsn(p), 10)
@@ -106,10 +109,11 @@ async def test_fence_subscriber_and_stamps(pair):
         await victim.execute("BEGIN; INSERT INTO usuarios (nombre) VALUES ('local')")
         assert not await fencing.is_fenced(m)
 
-        await fencing.fence(m)
+        await fencing.fence(m, spare=pgconn.own_pids(parse_dsn(pair.mirror_dsn())))
         assert await fencing.is_fenced(m)
+        assert await fencing.fence_state(m) == (True, True)  # closed to logins, read-only by default
         assert victim.is_closed() or await _is_dead(victim)
-        assert await other_control.fetchval("SELECT 1") == 1  # pgroute sessions survive
+        assert await other_control.fetchval("SELECT 1") == 1  # pgroute's own sessions (by pid) survive
 
         fresh = await client(pair.mirror_dsn())
         try:
@@ -161,7 +165,7 @@ async def test_failover_slot_then_reverse_subscription(pair):
     rev = naming.subscription_name(SUB, "primary")
     async with control(pair.primary_dsn()) as p, control(pair.mirror_dsn()) as m:
         await r.wait_caught_up(p, SUB, await catalog.current_lsn(p), 10)
-        await r.promote(m, SUB, 1000, await catalog.sample_sequences(p))
+        await r.promote(m, SUB, 1000, (await catalog.sample_sequences(p)).values)
         assert await r.ensure_publication(m, PUB) is True
         assert await r.ensure_slot(m, rev) is True
         assert await r.ensure_publication(m, PUB) is False

@@ -101,7 +101,7 @@ def writable(node: NodeName = M, *, now: float = T0) -> Probed:
 
 def fenced(node: NodeName = M, *, now: float = T0) -> Probed:
     """Up, read-only, not a subscriber: fenced, waiting for rejoin."""
-    return Probed(hs(node, at=now, read_only=True, subscription=None), now)
+    return Probed(hs(node, at=now, read_only=True, fenced=True, subscription=None), now)
 
 
 def req(kind: str, force: bool = False, *, now: float = T0) -> Requested:
@@ -1627,7 +1627,334 @@ def test_node_up_event_only_when_node_was_down(before, obs):
 
 # -- purity -----------------------------------------------------------------------------------------
 
-ALL_CASES = ACTIVE_PROBES + STANDBY_PROBES + REQUESTS + FINISHED + AUTO_FAILBACK
+# -- safety under real faults (refused probes, local errors, stalls, restarts) ---------------
+
+
+def refused(node: NodeName = P, *, now: float = T0, error: str = "password authentication failed") -> Probed:
+    """The server answered with an error: alive, not usable by pgroute."""
+    return Probed(hs(node, False, at=now, error=error, reached=True), now)
+
+
+def local_error(node: NodeName = P, *, now: float = T0) -> Probed:
+    """pgroute ran out of file descriptors: the node was never reached."""
+    return Probed(hs(node, False, at=now, error="[Errno 24] Too many open files", local=True), now)
+
+
+def sub_sample(
+    node: NodeName = M,
+    *,
+    now: float = T0,
+    errors: int = 0,
+    worker: bool = True,
+    received: int | None = 100,
+    applied: int | None = None,
+) -> Probed:
+    return Probed(
+        hs(
+            node,
+            at=now,
+            read_only=False,
+            subscription=SUB,
+            subscription_enabled=True,
+            apply_errors=errors,
+            worker_running=worker,
+            received_lsn=received,
+            applied_lsn=applied,
+        ),
+        now,
+    )
+
+
+STALL = Policy().stall_seconds
+STALLED_ST = {
+    "standby": Standby.STALLED,
+    "standby_stall": "its apply worker fails",
+    "standby_errors": 3,
+    "standby_error_at": T0 - 1,
+    "standby_error_rises": 2,
+}
+
+SAFETY = [
+    case(
+        "active-refused-is-alive-no-failover",
+        st(phase=SUSPECT, failures=2),
+        refused(),
+        [event(P, "node_refused")],
+        ["primary answers but refuses pgroute", "password authentication failed", "no FAILOVER"],
+        phase=HEALTHY,
+        failures=0,
+        active_refused="password authentication failed",
+    ),
+    case(
+        "active-refused-again-quiet", st(active_refused="password authentication failed"), refused(), [], [], failures=0
+    ),
+    case(
+        "active-refused-after-declared-down-is-alive",
+        st(phase=ACTIVE_DOWN, active_up=False, failures=4),
+        refused(),
+        [event(P, "node_refused")],
+        ["refuses pgroute"],
+        phase=HEALTHY,
+        active_up=True,
+    ),
+    case(
+        "active-accepts-again",
+        st(active_refused="password authentication failed"),
+        up(),
+        [event(P, "node_up")],
+        ["primary accepts pgroute again"],
+        active_refused=None,
+    ),
+    case("active-local-error-not-counted", st(), local_error(), [], [], failures=0),
+    case("standby-local-error-not-counted", st(), local_error(M), [], [], standby=Standby.FOLLOWING),
+    case(
+        "standby-refused-is-no-target",
+        st(),
+        refused(M),
+        [event(M, "node_refused")],
+        ["standby mirror answers but refuses pgroute"],
+        standby=Standby.REFUSED,
+    ),
+    case(
+        "standby-refused-accepts-again",
+        st(standby=Standby.REFUSED, standby_refused="x"),
+        following(),
+        [],
+        ["standby mirror is following"],
+        standby=Standby.FOLLOWING,
+        standby_refused=None,
+    ),
+    case(
+        "failover-refused-to-refusing-standby",
+        st(standby=Standby.REFUSED, standby_refused="no such database"),
+        down(),
+        [A(Act.CONFIRM_PROBE, P, detail="3")],
+        ["confirming"],
+        phase=SUSPECT,
+    ),
+    case(
+        "standby-one-error-rise-is-not-a-stall",
+        st(standby_errors=3),
+        sub_sample(errors=4),
+        [],
+        [],
+        standby=Standby.FOLLOWING,
+        standby_error_rises=1,
+        standby_error_at=T0,
+    ),
+    case(
+        "standby-errors-stop-rising-no-stall",
+        st(standby_errors=4, standby_error_rises=1, standby_error_at=T0 - STALL - 1),
+        sub_sample(errors=5),
+        [],
+        [],
+        standby=Standby.FOLLOWING,
+        standby_error_rises=1,
+    ),
+    case(
+        "standby-errors-while-active-down-are-no-stall",
+        st(standby_errors=3, standby_error_rises=1, standby_error_at=T0 - 5, active_up=False, phase=ACTIVE_DOWN),
+        sub_sample(errors=5, worker=False),
+        [],
+        [],
+        standby=Standby.FOLLOWING,
+        standby_error_rises=0,
+    ),
+    case(
+        "standby-errors-rising-stalls",
+        st(standby_errors=3, standby_error_rises=1, standby_error_at=T0 - 5),
+        sub_sample(errors=5),
+        [event(M, "replication_stalled")],
+        ["replication to mirror is stalled", "5 error(s)", "not a FAILOVER target"],
+        standby=Standby.STALLED,
+        standby_error_at=T0,
+        standby_error_rises=2,
+    ),
+    case(
+        "standby-first-error-count-is-a-baseline",
+        st(),
+        sub_sample(errors=5),
+        [],
+        [],
+        standby=Standby.FOLLOWING,
+        standby_errors=5,
+    ),
+    case(
+        "stalled-stays-stalled-between-retries",
+        st(**STALLED_ST),
+        sub_sample(errors=3, worker=False),
+        [],
+        [],
+        standby=Standby.STALLED,
+    ),
+    case(
+        "stalled-recovers-after-quiet-window",
+        st(**{**STALLED_ST, "standby_error_at": T0 - STALL - 1}),
+        sub_sample(errors=3),
+        [event(M, "replication_resumed")],
+        ["replication to mirror applies again"],
+        standby=Standby.FOLLOWING,
+        standby_stall=None,
+    ),
+    case(
+        "no-apply-worker-for-the-window-stalls",
+        st(standby_no_worker_since=T0 - STALL),
+        sub_sample(worker=False),
+        [event(M, "replication_stalled")],
+        ["no apply worker for 30s"],
+        standby=Standby.STALLED,
+    ),
+    case(
+        "no-progress-while-behind-stalls",
+        st(lag_bytes=5000, standby_received=100, standby_received_at=T0 - STALL),
+        sub_sample(received=100),
+        [event(M, "replication_stalled")],
+        ["received position not moving", "5000 bytes behind"],
+        standby=Standby.STALLED,
+    ),
+    case(
+        "no-progress-while-caught-up-is-fine",
+        st(lag_bytes=0, standby_received=100, standby_received_at=T0 - STALL),
+        sub_sample(received=100),
+        [],
+        [],
+        standby=Standby.FOLLOWING,
+    ),
+    case(
+        "stalled-standby-blocks-automatic-failover",
+        st(**STALLED_ST, phase=SUSPECT, failures=3),
+        down(),
+        [event(P, "node_down")],
+        ["FAILOVER not started", "mirror is stalled (its apply worker fails)"],
+        phase=ACTIVE_DOWN,
+    ),
+    case(
+        "stalled-standby-manual-failover-refused-with-cause",
+        st(**STALLED_ST),
+        req("failover"),
+        [REFUSE()],
+        ["failover refused: mirror is stalled (its apply worker fails)"],
+    ),
+    case(
+        "stalled-standby-forced-failover",
+        st(**STALLED_ST),
+        req("failover", force=True),
+        [A(Act.FAILOVER, M, force=True, manual=True)],
+        ["forced"],
+        phase=Phase.FAILING_OVER,
+    ),
+    case(
+        "stalled-standby-switchover-refused-with-cause",
+        st(**STALLED_ST),
+        req("switchover"),
+        [REFUSE()],
+        ["switchover refused: mirror is stalled (its apply worker fails)"],
+    ),
+    case(
+        "stalled-primary-failback-refused-with-cause",
+        st(**{**STALLED_ST, "active": M}),
+        req("failback"),
+        [REFUSE()],
+        ["failback refused: primary is stalled (its apply worker fails)", "--resync"],
+    ),
+    case(
+        "stalled-primary-failback-resync",
+        st(**{**STALLED_ST, "active": M}),
+        req("failback", force=True),
+        [A(Act.FAILBACK, P, force=True, manual=True)],
+        ["FAILBACK"],
+        phase=SWITCHING,
+    ),
+    case(
+        "stalled-standby-rejoin-allowed",
+        st(**STALLED_ST),
+        req("rejoin", force=True),
+        [A(Act.REJOIN, M, force=True, manual=True)],
+        ["rejoin of mirror requested"],
+        standby=Standby.REJOINING,
+    ),
+    # Restarted while the active node is down: its lag is estimated from the position
+    # recorded in the state file and the standby's applied position.
+    case(
+        "restart-lag-estimated-from-recorded-position",
+        st(lag_bytes=None, active_up=None, active_lsn=10_000, standby=Standby.UNKNOWN),
+        sub_sample(applied=9_000),
+        [],
+        ["standby mirror is following"],
+        lag_bytes=1_000,
+        standby=Standby.FOLLOWING,
+    ),
+    case(
+        "restart-lag-not-estimated-while-active-answers",
+        st(lag_bytes=None, active_up=True, active_lsn=10_000, standby=Standby.UNKNOWN),
+        sub_sample(applied=9_000),
+        [],
+        ["standby mirror is following"],
+        lag_bytes=None,
+        standby=Standby.FOLLOWING,
+    ),
+    case(
+        "restart-estimated-lag-lets-failover-proceed",
+        st(lag_bytes=1_000, active_up=None, active_lsn=10_000, phase=SUSPECT, failures=3),
+        down(),
+        [event(P, "node_down"), A(Act.FAILOVER, M)],
+        ["FAILOVER to mirror"],
+        phase=Phase.FAILING_OVER,
+    ),
+    case(
+        "start-unfences-a-winner-left-fenced",
+        st(**NOT_ROUTING),
+        Started(P, 3, "epoch 3: primary is active", T0, fenced_winner=True),
+        [A(Act.UNFENCE, P)],
+        ["left fenced by a switch that promoted nothing"],
+        active=P,
+        epoch=3,
+        phase=Phase.FAILING_OVER,
+    ),
+    case(
+        "start-unfence-done-routes",
+        st(phase=Phase.FAILING_OVER, standby=Standby.UNKNOWN),
+        fin("unfence", True, node=P, active=P, epoch=3),
+        [],
+        ["primary unfenced; routing to it"],
+        phase=HEALTHY,
+    ),
+    case(
+        "start-unfence-failed-fails-closed",
+        st(phase=Phase.FAILING_OVER, standby=Standby.UNKNOWN),
+        fin("unfence", False, node=P, epoch=3, detail="timeout"),
+        [],
+        ["could not unfence primary: timeout"],
+        phase=Phase.NO_ROUTABLE_NODE,
+    ),
+    case(
+        "start-records-the-active-position",
+        st(**NOT_ROUTING),
+        Started(P, 3, "epoch 3", T0, active_lsn=77),
+        [],
+        ["epoch 3"],
+        active=P,
+        epoch=3,
+        phase=HEALTHY,
+        active_lsn=77,
+    ),
+    case(
+        "partly-fenced-standby-is-fenced-again",
+        st(standby=Standby.UNKNOWN),
+        Probed(hs(M, read_only=True, fenced=False, subscription=None), T0),
+        [A(Act.FENCE, M)],
+        ["fencing it"],
+        standby=Standby.UNFENCED,
+    ),
+]
+
+
+@pytest.mark.parametrize("state, obs, actions, reason, after", SAFETY)
+def test_safety(state, obs, actions, reason, after):
+    check(state, transition(state, obs), actions, reason, after)
+
+
+ALL_CASES = ACTIVE_PROBES + STANDBY_PROBES + REQUESTS + FINISHED + AUTO_FAILBACK + SAFETY
 
 
 @pytest.mark.parametrize("state, obs, actions, reason, after", ALL_CASES)

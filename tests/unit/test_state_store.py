@@ -304,14 +304,43 @@ RESOLVE = [
         1,
         ["epoch 1 claims disagree", "stamp on primary", "stamp on mirror"],
     ),
+    # pgroute was killed between fencing the active node and promoting the other:
+    # every claim agrees and the other node still follows, so nothing was promoted.
     (
-        "winner-fenced-not-subscriber",
+        "winner-left-fenced-by-a-switch-that-promoted-nothing",
         Stored(1, M),
         stamp(1, "mirror", subscriber=True),
         stamp(1, "mirror", read_only=True),
+        M,
+        1,
+        ["mirror is active", "left fenced by a switch that promoted nothing", "unfencing it"],
+    ),
+    (
+        "winner-fenced-other-unreachable",
+        Stored(1, M),
+        UNREACHABLE,
+        stamp(1, "mirror", read_only=True),
         None,
         1,
-        ["mirror is active but it is fenced", "cannot tell"],
+        ["mirror is active but it is fenced", "primary is unreachable", "cannot tell"],
+    ),
+    (
+        "winner-fenced-other-not-following",
+        Stored(1, M),
+        stamp(1, "mirror"),
+        stamp(1, "mirror", read_only=True),
+        None,
+        1,
+        ["mirror is active but it is fenced", "primary does not follow it", "cannot tell"],
+    ),
+    (
+        "winner-fenced-older-claim-disagrees",
+        Stored(1, M),
+        stamp(0, "primary", subscriber=True),
+        stamp(1, "mirror", read_only=True),
+        None,
+        1,
+        ["mirror is active but it is fenced", "older epoch names another node", "cannot tell"],
     ),
     # pgroute stopped after stamping the mirror and before detaching its subscription:
     # the newer stamp wins and the controller finishes the (idempotent) promotion.
@@ -346,6 +375,13 @@ def test_resolve_start(stored, primary, mirror, active, epoch, reason):
     assert res.epoch == epoch, res.reason
     for words in reason:
         assert words in res.reason, f"{words!r} not in {res.reason!r}"
+
+
+def test_only_the_agreed_fenced_winner_is_unfenced():
+    agreed = resolve_start(Stored(1, M), views(stamp(1, "mirror", subscriber=True), stamp(1, "mirror", read_only=True)))
+    assert agreed.unfence and agreed.active is M
+    plain = resolve_start(Stored(1, M), views(stamp(1, "mirror", subscriber=True), stamp(1, "mirror")))
+    assert not plain.unfence and plain.active is M
 
 
 def test_resolve_start_is_pure():

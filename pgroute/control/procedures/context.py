@@ -19,7 +19,7 @@ import asyncpg
 
 from ...config import Config
 from ...model import NodeName, Operation
-from ...pg.connect import DB_ERRORS, connect, describe
+from ...pg.connect import DB_ERRORS, connect, describe, own_pids
 from ...pg.dsn import Dsn
 from ...pg.naming import subscription_name
 from ...proxy.router import Backend, Route, Router
@@ -104,6 +104,10 @@ class Context:
         except DB_ERRORS as exc:
             log.info("%s unreachable: %s", node.value, describe(exc))
             return None
+
+    def own_pids(self, node: NodeName) -> set[int]:
+        """pgroute's own open sessions on ``node``: fencing spares exactly these."""
+        return own_pids(self.dsn(node))
 
     def route_to(self, node: NodeName | None, epoch: int, reason: str = "") -> None:
         backend = self.backends[node] if node else None

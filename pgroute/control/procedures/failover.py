@@ -50,7 +50,7 @@ async def failover(ctx: Context, op: Op, target: NodeName, epoch: int, *, manual
             old_lsn = None
             if old_conn is not None:
                 try:
-                    await asyncio.wait_for(fencing.fence(old_conn), cfg.health.timeout)
+                    await asyncio.wait_for(fencing.fence(old_conn, spare=ctx.own_pids(old)), cfg.health.timeout)
                     old_lsn = await catalog.current_lsn(old_conn)
                     op.details["old_active_fenced"] = "yes"
                 except DB_ERRORS as exc:
@@ -85,7 +85,7 @@ async def failover(ctx: Context, op: Op, target: NodeName, epoch: int, *, manual
 
         with op.phase("promote"):
             try:
-                report = await promote_node(ctx, target, new_epoch)
+                report = await promote_node(ctx, target, new_epoch, old_conn)
             except DB_ERRORS as exc:
                 if old_conn is not None:
                     epoch = await abort_to(ctx, old, old_conn, epoch, f"promotion failed: {describe(exc)}")
@@ -120,12 +120,17 @@ async def failover(ctx: Context, op: Op, target: NodeName, epoch: int, *, manual
         await close(old_conn)
 
 
-async def promote_node(ctx: Context, target: NodeName, new_epoch: int) -> dict[str, str]:
+async def promote_node(
+    ctx: Context, target: NodeName, new_epoch: int, other: asyncpg.Connection | None = None
+) -> dict[str, str]:
     """Stamp, detach, move sequences, open the reverse publication + slot, unfence.
-    Every step is idempotent; raises on node errors."""
+    Every step is idempotent; raises on node errors. ``other``: a connection to the
+    other node when it answers, to prove the subscription dropped is not its own."""
     cfg = ctx.config
     conn = await ctx.connect(target)
     try:
+        if other is not None:
+            await catalog.ensure_distinct(conn, other, f"promote {target.value}")
         await catalog.write_stamp(conn, new_epoch, target.value)
         await catalog.record_applied_lsn(conn, ctx.sub(target))
         report = await repl.promote(conn, ctx.sub(target), cfg.replication.sequence_gap, ctx.sequences())

@@ -15,7 +15,7 @@ async def fence(ctx: Context, node: NodeName, epoch: int, active: NodeName | Non
     if conn is None:
         return OpResult(False, active, epoch, f"{node.value} unreachable")
     try:
-        await fencing.fence(conn)
+        await fencing.fence(conn, spare=ctx.own_pids(node))
         await catalog.write_stamp(conn, epoch, active.value if active else "none")
         return OpResult(True, active, epoch, f"{node.value} read-only, sessions terminated, epoch {epoch} stamped")
     except DB_ERRORS as exc:

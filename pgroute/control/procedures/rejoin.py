@@ -59,6 +59,7 @@ async def rejoin(
     try:
         node_conn = await ctx.connect(node)
         active_conn = await ctx.connect(active)
+        await catalog.ensure_distinct(node_conn, active_conn, f"rejoin {node.value} to {active.value}")
         old_slot = ctx.sub(active)  # active's old subscription slot on node
         with op.phase("divergence"):
             applied = await catalog.read_applied_lsn(active_conn)
@@ -96,6 +97,7 @@ async def rejoin(
                     record_conflicts(conflicts)
         with op.phase("drop_orphaned_slot"):
             if divset.slot_found:
+                await catalog.ensure_distinct(node_conn, active_conn, f"drop slot {old_slot} on {node.value}")
                 await repl.drop_slot(node_conn, old_slot)
         with op.phase("subscribe"):
             sub = ctx.sub(node)
@@ -117,6 +119,9 @@ async def rejoin(
                 mode = "full resync"
                 dump = await _dump(ctx, node, epoch)
                 op.details["pg_dump"] = str(dump)
+                # The dump stays whatever happens; nothing is emptied unless the node
+                # being emptied is provably not the one the copy comes from.
+                await catalog.ensure_distinct(node_conn, active_conn, f"resync {node.value} from {active.value}")
                 if existing is not None:
                     await repl.drop_subscription(node_conn, sub, publisher_reachable=True)
                 await repl.drop_slot(active_conn, sub)

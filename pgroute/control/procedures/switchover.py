@@ -61,7 +61,7 @@ async def switchover(ctx: Context, op: Op, target: NodeName, epoch: int) -> OpRe
             op.details["sessions_closed"] = str(
                 ctx.router.close_sessions(backend=old.value, reason=f"{op.tag}: switching to {target.value}")
             )
-            await fencing.fence(old_conn)
+            await fencing.fence(old_conn, spare=ctx.own_pids(old))
             lsn = await catalog.current_lsn(old_conn)
         with op.phase("catch_up"):
             try:
@@ -73,7 +73,7 @@ async def switchover(ctx: Context, op: Op, target: NodeName, epoch: int) -> OpRe
                 )
         with op.phase("promote"):
             try:
-                op.details.update(await promote_node(ctx, target, new_epoch))
+                op.details.update(await promote_node(ctx, target, new_epoch, old_conn))
             except DB_ERRORS as exc:
                 epoch = await abort_to(ctx, old, old_conn, epoch, f"promotion failed: {describe(exc)}")
                 return OpResult(
