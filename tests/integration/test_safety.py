@@ -353,3 +353,16 @@ async def test_restart_while_primary_down_fails_over_from_recorded_position(pair
         assert time.monotonic() - started < 30
         st = _status(running)
         assert any(e["kind"] == "failover" and e["result"] == "ok" for e in st["events"])
+
+
+async def test_check_warns_about_superusers_a_fence_cannot_stop(pair, tmp_path):
+    pair.primary.sql("CREATE ROLE reporting LOGIN SUPERUSER", pair.dbname)
+    cfg = tmp_path / "pgroute.toml"
+    cfg.write_text(
+        f'[primary]\ndsn = "{pair.primary_dsn()}"\n[mirror]\ndsn = "{pair.mirror_dsn()}"\n'
+        f'[replication]\npublication = "{pair.publication}"\nsubscription = "{pair.subscription}"\n'
+    )
+    check = await asyncio.to_thread(_pgroute, "check", "--config", str(cfg))
+    assert "! primary superusers: reporting can log in as superuser(s)" in check.stdout, check.stdout
+    assert "mirror superusers" not in check.stdout
+    assert "✓ distinct nodes" in check.stdout
