@@ -32,7 +32,10 @@ __all__ = [
     "proxy_dsn",
     "running_pgroute",
     "setup_test_logging",
+    "status",
+    "wait_following",
     "wait_for",
+    "wait_state",
 ]
 
 FAST_HEALTH = {"interval": 0.5, "max_retries": 2, "retry_interval": 0.2, "timeout": 1.0}
@@ -98,3 +101,23 @@ async def api_async(
 
 def setup_test_logging() -> None:
     logging.getLogger("pgroute").setLevel(logging.INFO)
+
+
+def status(running: app.Running) -> dict[str, Any]:
+    """/api/status of a pgroute running in this event loop."""
+    return running.controller.status()
+
+
+async def wait_state(running: app.Running, predicate: Any, timeout: float = 30.0, what: str = "state") -> Any:
+    """Until ``predicate(status)`` holds."""
+    return await wait_for(lambda: predicate(status(running)), timeout, what=what)
+
+
+async def wait_following(running: app.Running, timeout: float = 30.0) -> None:
+    """Until the standby (whichever node it is) follows and its lag has been sampled."""
+
+    def ok(s: dict[str, Any]) -> bool:
+        standby = "mirror" if s["active"] == "primary" else "primary"
+        return bool(s["replication"] == "ok" and s["nodes"][standby]["lag_bytes"] is not None)
+
+    await wait_state(running, ok, timeout, "standby following")

@@ -11,29 +11,15 @@ from pathlib import Path
 import asyncpg
 import pytest
 
-from .harness import Writer, api_async, make_config, missing, proxy_dsn, running_pgroute, wait_for
+from .harness import Writer, api_async, make_config, missing, proxy_dsn, running_pgroute, wait_for, wait_state
+from .harness import status as _st
+from .harness import wait_following as _following
 
 pytestmark = pytest.mark.asyncio
 
 
-def _st(running) -> dict:
-    return running.controller.status()
-
-
 async def _wait(running, pred, timeout=60.0, what="state"):
-    return await wait_for(lambda: pred(_st(running)), timeout, what=what)
-
-
-async def _following(running, timeout=30.0):
-    await _wait(
-        running,
-        lambda s: (
-            s["replication"] == "ok"
-            and s["nodes"][("mirror" if s["active"] == "primary" else "primary")]["lag_bytes"] is not None
-        ),
-        timeout,
-        "standby following",
-    )
+    return await wait_state(running, pred, timeout, what)
 
 
 async def _rows(dsn: str) -> dict[str, set]:

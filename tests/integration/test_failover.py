@@ -11,26 +11,11 @@ import asyncpg
 import pytest
 
 from .harness import Writer, api_async, make_config, missing, proxy_dsn, running_pgroute, wait_for
+from .harness import status as _status
+from .harness import wait_following as _wait_following
+from .harness import wait_state as _wait_state
 
 pytestmark = pytest.mark.asyncio
-
-
-def _status(running) -> dict:
-    return running.controller.status()
-
-
-async def _wait_state(running, predicate, timeout=30.0, what="state"):
-    return await wait_for(lambda: predicate(_status(running)), timeout, what=what)
-
-
-async def _wait_following(running, timeout=30.0):
-    """Until the monitor has seen the mirror following and a lag sample of it."""
-    await _wait_state(
-        running,
-        lambda s: s["replication"] == "ok" and s["nodes"]["mirror"]["lag_bytes"] is not None,
-        timeout,
-        "mirror following",
-    )
 
 
 async def test_kill9_primary_under_writer_fails_over_to_mirror(pair, tmp_path, caplog):

@@ -25,31 +25,14 @@ from pgroute.model import NodeName, Operation
 from pgroute.proxy.router import Backend, Route, Router
 
 from .harness import FAST_HEALTH, api_async, make_config, proxy_dsn, running_pgroute, wait_for
+from .harness import status as _status
+from .harness import wait_following as _wait_following
+from .harness import wait_state as _wait_state
 
 pytestmark = pytest.mark.asyncio
 
 APP_ROLE = "app"
 APP_PASSWORD = "app-secret"
-
-
-def _status(running) -> dict:
-    return running.controller.status()
-
-
-async def _wait_state(running, predicate, timeout=30.0, what="state"):
-    return await wait_for(lambda: predicate(_status(running)), timeout, what=what)
-
-
-async def _wait_following(running, timeout=30.0):
-    await _wait_state(
-        running,
-        lambda s: (
-            s["replication"] == "ok"
-            and s["nodes"]["mirror" if s["active"] == "primary" else "primary"]["lag_bytes"] is not None
-        ),
-        timeout,
-        "standby following",
-    )
 
 
 def _create_app_role(pair) -> None:
