@@ -152,7 +152,9 @@ async def test_fence_subscriber_and_stamps(pair):
 async def _is_dead(conn: asyncpg.Connection) -> bool:
     try:
         await conn.fetchval("SELECT 1")
-    except (asyncpg.PostgresError, asyncpg.InterfaceError, OSError):
+    # InternalClientError: asyncpg's report of a connection the server terminated while
+    # the driver was between states (seen 1 in ~10 runs); the session is gone all the same.
+    except (asyncpg.PostgresError, asyncpg.InterfaceError, asyncpg.InternalClientError, OSError):
         return True
     return False
 
