@@ -222,6 +222,8 @@ class Controller:
         s = self.state
         if not sample.ok or s.active is None or sample.node is not s.active or sample.wal_lsn is None or s.busy:
             return
+        if s.phase is Phase.NO_ROUTABLE_NODE:
+            return  # failing closed: the file keeps what it said
         now = time.monotonic()
         if now - self._lsn_saved_at < LSN_PERSIST_EVERY:
             return
