@@ -11,8 +11,9 @@ from __future__ import annotations
 import asyncio
 import logging
 import signal
+from collections.abc import Awaitable
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, TypeVar
 
 from .config import Config
 from .errors import ConfigError
@@ -29,6 +30,8 @@ if TYPE_CHECKING:
     from .control.controller import Controller
 
 log = logging.getLogger(__name__)
+
+T = TypeVar("T")
 
 
 @dataclass
@@ -101,21 +104,35 @@ async def start(config: Config) -> Running:
             splice=splice,
         )
 
-    proxy = proxy_server(p.host, p.port, p.splice)
-    await proxy.start()
-    piped = None
-    if p.listen_piped:
-        piped = proxy_server(p.piped_host, p.piped_port, "off")
-        try:
-            await piped.start()
-        except BaseException:
-            await proxy.close()
-            raise
-        log.info("piped listener (proxy.listen_piped) on %s:%d", p.piped_host, piped.port)
-    app = make_app(controller, router, config, registry)
-    api_runner = await start_api(app, config.api.host, config.api.port)
+    started: list[ProxyServer] = []
+    try:
+        proxy = proxy_server(p.host, p.port, p.splice)
+        await _listen("proxy.listen", p.listen, proxy.start())
+        started.append(proxy)
+        piped = None
+        if p.listen_piped:
+            piped = proxy_server(p.piped_host, p.piped_port, "off")
+            await _listen("proxy.listen_piped", p.listen_piped, piped.start())
+            started.append(piped)
+            log.info("piped listener (proxy.listen_piped) on %s:%d", p.piped_host, piped.port)
+        app = make_app(controller, router, config, registry)
+        api_runner = await _listen("api.listen", config.api.listen, start_api(app, config.api.host, config.api.port))
+    except BaseException:
+        await asyncio.gather(*(s.close() for s in started))
+        await controller.close()
+        await alerter.close()
+        raise
     log.info("pgroute listening on %s:%d (API %s)", p.host, proxy.port, config.api.listen)
     return Running(config, router, proxy, controller, api_runner, alerter, piped)
+
+
+async def _listen(key: str, address: str, starting: Awaitable[T]) -> T:
+    """Await a listener's start; an OSError (address already in use, cannot assign
+    the address, permission denied) names the configuration key to change."""
+    try:
+        return await starting
+    except OSError as exc:
+        raise OSError(exc.errno, f"{key} = {address!r}: {exc.strerror or exc}") from exc
 
 
 async def _main(config: Config) -> int:

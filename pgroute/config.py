@@ -15,13 +15,37 @@ import ipaddress
 import os
 import tomllib
 from collections.abc import Mapping
-from pathlib import Path
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from .errors import ConfigError
+from .files import read_regular_file
 from .pg.dsn import Dsn, mask_dsn, parse_dsn
+
+
+def _seconds(default: float, low: float, high: float) -> Any:
+    """A duration in seconds within [low, high]: finite (inf and NaN are refused)."""
+    return Field(default, ge=low, le=high, allow_inf_nan=False)
+
+
+def _count(default: int, low: int, high: int) -> Any:
+    return Field(default, ge=low, le=high)
+
+
+# Ranges. Every number has both bounds: a value that validates must not break
+# pgroute later (10,000,000 retries froze it, 1e-9 s of timeout declared a healthy
+# primary down, inf stopped probing). The README's configuration reference and
+# config/pgroute.example.toml document the same ranges (a unit test compares them).
+#
+# Open file descriptors: two per client (client and backend socket); Linux's
+# nr_open default is 1,048,576.
+MAX_CLIENTS = 1_000_000
+# Promotion adds the gap to every sequence: a serial (int4) column ends at 2,147,483,647.
+MAX_SEQUENCE_GAP = 1_000_000_000
+# A mirror a terabyte behind is not a failover target; beyond that the check is off
+# in practice (and `failover --force` exists for that case).
+MAX_LAG_BYTES = 1 << 40
 
 
 def parse_listen(value: str) -> tuple[str, int]:
@@ -78,13 +102,18 @@ class _Listener(_Section):
 
 class ProxyConfig(_Listener):
     listen: str = "127.0.0.1:6432"
-    max_client_connections: int = Field(1000, gt=0)
-    connect_timeout: float = Field(5.0, gt=0)
-    pause_timeout: float = Field(30.0, gt=0)
-    # How long a silent or slow client may take to send its first packet.
-    startup_timeout: float = Field(10.0, gt=0)
-    # SIGTERM: how long sessions may finish before they are closed.
-    shutdown_timeout: float = Field(10.0, ge=0)
+    max_client_connections: int = _count(1000, 1, MAX_CLIENTS)
+    # A backend connect is a TCP (and TLS) handshake: under 0.1 s fails a healthy node
+    # across a busy network; past 5 minutes no client waits that long.
+    connect_timeout: float = _seconds(5.0, 0.1, 300.0)
+    # Held clients wait this long; an hour is far past any driver's own timeout.
+    pause_timeout: float = _seconds(30.0, 0.1, 3600.0)
+    # How long a silent or slow client may take to send its first packet. Capped
+    # like PostgreSQL's authentication_timeout (600 s); 0.5 s leaves a TLS handshake
+    # over a long link its round trips.
+    startup_timeout: float = _seconds(10.0, 0.5, 600.0)
+    # SIGTERM: how long sessions may finish before they are closed (0: at once).
+    shutdown_timeout: float = _seconds(10.0, 0.0, 3600.0)
     # Kernel splicing (BPF sockhash): "auto" uses it when the kernel allows, "on"
     # refuses to start without it, "off" always pipes bytes through pgroute.
     splice: Literal["auto", "on", "off"] = "auto"
@@ -136,20 +165,27 @@ class ReplicationConfig(_Section):
     publication: str = Field("chrispar_pub", pattern=r"^[a-z_][a-z0-9_]{0,62}$")
     subscription: str = Field("chrispar_sub", pattern=r"^[a-z_][a-z0-9_]{0,62}$")
     synchronous: Literal["off", "on", "strict"] = "off"
-    sequence_gap: int = Field(1000, ge=0)
+    sequence_gap: int = _count(1000, 0, MAX_SEQUENCE_GAP)
 
 
 class HealthConfig(_Section):
     auto_failover: bool = True
-    interval: float = Field(30.0, gt=0)
-    max_retries: int = Field(3, ge=0)
-    timeout: float = Field(5.0, gt=0)
-    retry_interval: float = Field(1.0, gt=0)
+    # 0.1 s: ten fresh connections a second per node is the most a probe should
+    # cost; 600 s: detection slower than ten minutes is no failover at all.
+    interval: float = _seconds(30.0, 0.1, 600.0)
+    # Confirming probes start at once, retry_interval apart, each its own connection
+    # and task: 100 is far past any useful certainty and keeps that burst bounded.
+    max_retries: int = _count(3, 0, 100)
+    # A probe opens a connection, authenticates (scram hashing, maybe TLS) and runs a
+    # query: a healthy server under load can take hundreds of milliseconds, so below
+    # 0.5 s probes fail nodes that are fine.
+    timeout: float = _seconds(5.0, 0.5, 300.0)
+    retry_interval: float = _seconds(1.0, 0.05, 60.0)
     auto_failback: bool = False
     # Extension: how long the returned primary must stay healthy and caught up
-    # before an automatic failback starts.
-    failback_delay: float = Field(60.0, ge=0)
-    max_lag_bytes: int = Field(16 * 1024 * 1024, ge=0)
+    # before an automatic failback starts (at most a day).
+    failback_delay: float = _seconds(60.0, 0.0, 86400.0)
+    max_lag_bytes: int = _count(16 * 1024 * 1024, 0, MAX_LAG_BYTES)
 
     @property
     def detection_bound(self) -> float:
@@ -177,8 +213,9 @@ class AlertsConfig(_Section):
     email_to: tuple[str, ...] = Field((), strict=False)
     email_from: str = "pgroute@localhost"
     smtp_url: str = ""
-    timeout: float = Field(5.0, gt=0)
-    retries: int = Field(3, ge=0)
+    timeout: float = _seconds(5.0, 0.1, 300.0)
+    # Backoff doubles from 0.5 s: 10 retries already span about 8.5 minutes.
+    retries: int = _count(3, 0, 10)
 
     @field_validator("webhook_urls")
     @classmethod
@@ -229,10 +266,7 @@ LIST_KEYS = {("alerts", "webhook_urls"), ("alerts", "email_to")}
 def read_env_file(path: str | os.PathLike[str]) -> dict[str, str]:
     """Parse a dotenv file: KEY=VALUE lines, # comments, optional quotes, optional 'export'."""
     values: dict[str, str] = {}
-    try:
-        text = Path(path).read_text(encoding="utf-8")
-    except OSError as exc:
-        raise ConfigError("--env-file", f"cannot read {path}: {exc.strerror}") from None
+    text = _read_text(path, "--env-file")
     for lineno, raw in enumerate(text.splitlines(), 1):
         line = raw.strip()
         if not line or line.startswith("#"):
@@ -315,26 +349,112 @@ def _location(loc: tuple[Any, ...]) -> str:
     return ".".join(str(p) for p in loc if not isinstance(p, int)) or "config"
 
 
+def _read_text(path: str | os.PathLike[str], option: str) -> str:
+    """A regular file's text (UTF-8, as TOML requires), or ConfigError naming ``option``
+    and the file: a FIFO or a directory must not hang or crash pgroute."""
+    try:
+        raw = read_regular_file(path)
+    except OSError as exc:
+        raise ConfigError(option, f"cannot read {path}: {exc.strerror or exc}") from None
+    try:
+        return raw.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        line = raw[: exc.start].count(b"\n") + 1
+        raise ConfigError(option, f"{path} is not UTF-8 text (invalid byte at line {line})") from None
+
+
+def _field(section: str, key: str) -> Any:
+    model = Config.model_fields[section].annotation
+    fields = getattr(model, "model_fields", {})
+    return fields.get(key)
+
+
+def value_range(section: str, key: str) -> tuple[float, float] | None:
+    """(low, high) of a numeric key, both inclusive; None for a key without one."""
+    field = _field(section, key)
+    if field is None:
+        return None
+    low = next((m.ge for m in field.metadata if getattr(m, "ge", None) is not None), None)
+    high = next((m.le for m in field.metadata if getattr(m, "le", None) is not None), None)
+    if low is None or high is None:
+        return None
+    return low, high
+
+
+def _required(section: str, key: str) -> str:
+    names = [f"PGROUTE_{section.upper()}_{key.upper()}"]
+    names += [var for var, target in SEED_ENV.items() if target == (section, key)]
+    return f"required: set {key} in [{section}] of the config file, or {' or '.join(names)}"
+
+
+def _problems(exc: ValidationError, sources: Mapping[tuple[str, str], str]) -> list[tuple[str, str]]:
+    """Every validation error as (key, message): the key names the variable when the
+    value came from the environment; pydantic's own prefixes are dropped."""
+    problems: list[tuple[str, str]] = []
+    for err in exc.errors():
+        loc = tuple(p for p in err["loc"] if not isinstance(p, int))
+        kind = err["type"]
+        msg = str(err["msg"]).removeprefix("Value error, ")
+        if kind == "missing" and len(loc) == 1 and loc[0] in ("primary", "mirror"):
+            loc = (loc[0], "dsn")  # a missing [primary] table is a missing primary.dsn
+        if kind == "extra_forbidden":
+            msg = "unknown key"
+        elif kind == "missing":
+            msg = _required(*loc) if len(loc) == 2 else "required"
+        elif len(loc) == 2 and (bounds := value_range(*loc)) is not None and kind not in ("int_type", "float_type"):
+            low, high = bounds
+            if kind == "finite_number":
+                msg = f"must be a finite number, {low:g} to {high:g}"
+            else:
+                msg = f"{err.get('input')!r} is out of range: {low:g} to {high:g}"
+        key = _location(loc)
+        source = sources.get((loc[0], loc[1])) if len(loc) >= 2 else None
+        if source:
+            key = f"{key} (from {source})"
+        problems.append((key, mask_dsn(msg)))
+    return problems
+
+
+def _raise(problems: list[tuple[str, str]]) -> None:
+    if problems:
+        (key, message), *more = problems
+        raise ConfigError(key, message, more=more)
+
+
+# Keys naming paths that a relative value in the file resolves against the file's
+# directory (from the environment or the defaults: the working directory).
+PATH_KEYS = (("state", "path"), ("state", "recovery_dir"))
+
+
 def load_config(
     path: str | os.PathLike[str] | None = None,
     env_file: str | os.PathLike[str] | None = None,
     environ: Mapping[str, str] | None = None,
 ) -> Config:
-    """Load, merge and validate. Raises ConfigError naming the first bad key."""
+    """Load, merge and validate. Raises ConfigError naming every bad key at once."""
     data: dict[str, Any] = {}
     if path is not None:
+        text = _read_text(path, "--config")
         try:
-            with open(path, "rb") as fh:
-                data = tomllib.load(fh)
-        except OSError as exc:
-            raise ConfigError("--config", f"cannot read {path}: {exc.strerror}") from None
+            data = tomllib.loads(text)
         except tomllib.TOMLDecodeError as exc:
             raise ConfigError("--config", f"{path} is not valid TOML: {exc}") from None
-    for section, value in data.items():
+    problems: list[tuple[str, str]] = []
+    for section, value in list(data.items()):
         if section not in Config.model_fields:
-            raise ConfigError(section, "unknown section")
-        if not isinstance(value, dict):
-            raise ConfigError(section, "must be a table, e.g. [" + section + "]")
+            problems.append((section, "unknown section"))
+            del data[section]
+        elif not isinstance(value, dict):
+            problems.append((section, "must be a table, e.g. [" + section + "]"))
+            del data[section]
+    if path is not None:
+        # A relative path in the file means "next to this file", wherever pgroute
+        # runs from (a service manager's working directory is often /).
+        base = os.path.dirname(os.path.abspath(path))
+        for section, key in PATH_KEYS:
+            value = data.get(section, {}).get(key)
+            if isinstance(value, str) and value and not os.path.isabs(value):
+                data[section][key] = os.path.join(base, value)
 
     env: dict[str, str] = {}
     if env_file is not None:
@@ -346,20 +466,12 @@ def load_config(
         sources[(section, key)] = var
 
     try:
-        return Config.model_validate(data)
+        config = Config.model_validate(data)
     except ValidationError as exc:
-        err = exc.errors()[0]
-        loc = tuple(p for p in err["loc"] if not isinstance(p, int))
-        key = _location(loc)
-        source = sources.get((loc[0], loc[1])) if len(loc) >= 2 else None
-        if source:
-            key = f"{key} (from {source})"
-        msg = err["msg"]
-        if err["type"] == "extra_forbidden":
-            msg = "unknown key"
-        elif err["type"] == "missing":
-            msg = "required"
-        raise ConfigError(key, mask_dsn(msg)) from None
+        _raise(problems + _problems(exc, sources))
+        raise  # unreachable: a ValidationError has at least one error
+    _raise(problems)
+    return config
 
 
 def validate_runtime(config: Config) -> None:

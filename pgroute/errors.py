@@ -1,15 +1,28 @@
 """Exception hierarchy shared by every layer of pgroute."""
 
+from __future__ import annotations
+
+from collections.abc import Sequence
+
 
 class PgRouteError(Exception):
     """Base class of every error pgroute raises on purpose."""
 
 
 class ConfigError(PgRouteError):
-    """Invalid configuration; the message names the offending key."""
+    """Invalid configuration; the message names the offending key.
 
-    def __init__(self, key: str, message: str) -> None:
-        super().__init__(f"{key}: {message}")
+    ``more`` carries the other problems found in the same pass, so an operator fixes
+    them all at once instead of one per run; ``key`` and ``message`` are the first."""
+
+    def __init__(self, key: str, message: str, *, more: Sequence[tuple[str, str]] = ()) -> None:
+        self.problems: tuple[tuple[str, str], ...] = ((key, message), *more)
+        if more:
+            lines = [f"{k}: {m}" for k, m in self.problems]
+            text = f"{len(lines)} problems:\n  " + "\n  ".join(lines)
+        else:
+            text = f"{key}: {message}"
+        super().__init__(text)
         self.key = key
         self.message = message
 

@@ -48,8 +48,6 @@ ACTION_OPTIONS: dict[str, tuple[str, ...]] = {
     "rejoin": ("resync",),
 }
 MAX_EVENTS = 1000
-_TRUE = {"1", "true", "yes", "on"}
-_FALSE = {"0", "false", "no", "off", ""}
 
 CONTROL_KEY: web.AppKey[ControlPlane] = web.AppKey("control")
 ROUTER_KEY = web.AppKey("router", Router)
@@ -95,18 +93,19 @@ def _now_iso() -> str:
     return datetime.now(UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
 
 
-def _parse_bool(name: str, value: Any) -> bool:
+def _body_bool(name: str, value: Any) -> bool:
+    # Only a real JSON boolean: "yes", "false" or 1 in a body is a client bug, and
+    # reading "false" as true would fail over on a typo.
     if isinstance(value, bool):
         return value
-    if isinstance(value, (int, float)) and value in (0, 1):
-        return bool(value)
-    if isinstance(value, str):
-        v = value.strip().lower()
-        if v in _TRUE:
-            return True
-        if v in _FALSE:
-            return False
-    raise web.HTTPBadRequest(reason=f"{name} must be true or false")
+    raise web.HTTPBadRequest(reason=f"{name} must be a JSON boolean (true or false), not {json.dumps(value)}")
+
+
+def _query_bool(name: str, value: str) -> bool:
+    # A query string has only text: exactly "true" or "false".
+    if value.lower() in ("true", "false"):
+        return value.lower() == "true"
+    raise web.HTTPBadRequest(reason=f"{name} must be true or false, not {value!r}")
 
 
 def health_of(status: dict, router: Router) -> tuple[int, dict]:
@@ -202,7 +201,8 @@ def _authorized(request: web.Request) -> bool:
 
 
 async def _options(request: web.Request, allowed: tuple[str, ...]) -> dict[str, bool]:
-    values: dict[str, Any] = dict(request.query)
+    query = dict(request.query)
+    body: dict[str, Any] = {}
     if request.can_read_body:
         raw = await request.read()
         if raw.strip():
@@ -212,11 +212,12 @@ async def _options(request: web.Request, allowed: tuple[str, ...]) -> dict[str, 
                 raise web.HTTPBadRequest(reason="body must be a JSON object") from None
             if not isinstance(body, dict):
                 raise web.HTTPBadRequest(reason="body must be a JSON object")
-            values.update(body)
-    unknown = sorted(set(values) - set(allowed))
+    unknown = sorted((set(query) | set(body)) - set(allowed))
     if unknown:
         raise web.HTTPBadRequest(reason=f"unknown option(s): {', '.join(unknown)}")
-    return {name: _parse_bool(name, values[name]) for name in allowed if name in values}
+    values = {name: _query_bool(name, value) for name, value in query.items()}
+    values.update({name: _body_bool(name, value) for name, value in body.items()})
+    return values
 
 
 def _action(kind: str) -> Callable[[web.Request], Awaitable[web.Response]]:

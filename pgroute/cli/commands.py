@@ -60,7 +60,8 @@ def _check_http(client: ApiClient, what: str, code: int, body: Any) -> None:
     if code == 401:
         fail(f"{what}: unauthorized ({error}); set PGROUTE_API_TOKEN to the daemon's api.token", EXIT_USAGE)
     if code == 409:
-        fail(f"{what} refused: {error}")
+        # The controller's reasons already say "<kind> refused: ..." (state.py).
+        fail(error if error.startswith(f"{what} refused") else f"{what} refused: {error}")
     if code == 400:
         fail(f"{what}: {error}", EXIT_USAGE)
     if code == 404:

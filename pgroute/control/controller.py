@@ -171,7 +171,8 @@ class Controller:
             stored = self.state_file.load()
         except (ValueError, OSError) as exc:
             # A corrupt file is not a fresh start: fail closed until an operator resolves.
-            return Resolution(None, 0, f"state file {self.state_file.path} unreadable: {exc}"), None
+            # Both kinds of message already name the file.
+            return Resolution(None, 0, f"state file unreadable: {exc}"), None
         res = resolve_start(stored, views)
         if res.active is not None and (stored is None or (stored.epoch, stored.active) != (res.epoch, res.active)):
             self.state_file.save(Stored(res.epoch, res.active))

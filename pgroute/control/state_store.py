@@ -16,11 +16,23 @@ import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TypeGuard
 
+from ..files import NotRegularFile, read_regular_file
 from ..model import NodeName
 from ..pg.catalog import ServerIdentity
 
 log = logging.getLogger(__name__)
+
+#: Epochs count switches: PostgreSQL's largest bigint is far past any real count.
+#: WAL positions (pg_lsn) are 64-bit unsigned.
+MAX_EPOCH = 2**63 - 1
+MAX_LSN = 2**64 - 1
+
+
+def _is_int(value: object, high: int) -> TypeGuard[int]:
+    # bool is an int subclass: true must not pass as epoch 1.
+    return isinstance(value, int) and not isinstance(value, bool) and 0 <= value <= high
 
 
 @dataclass(frozen=True)
@@ -38,21 +50,33 @@ class StateFile:
         self.path = Path(path)
 
     def load(self) -> Stored | None:
-        """None when the file does not exist. A corrupt file raises ValueError: that
-        is not a fresh start and must not be treated as one."""
+        """None when the file does not exist. A corrupt file raises ValueError naming
+        the file: that is not a fresh start and must not be treated as one. Corrupt
+        includes any epoch but a JSON integer 0..2**63-1 (1.9 is not epoch 1, 1e400 is
+        not a number pgroute can stamp, true is not 1) and an active_lsn that is not
+        a 64-bit WAL position. Only a regular file is read (a FIFO would hang)."""
         try:
-            raw = self.path.read_text(encoding="utf-8")
+            raw = read_regular_file(self.path)
         except FileNotFoundError:
             return None
+        except NotRegularFile as exc:
+            raise ValueError(f"corrupt state file {self.path}: {exc.strerror}") from None
         try:
-            data = json.loads(raw)
-            active = data.get("active")
-            lsn = data.get("active_lsn")
-            if lsn is not None and (not isinstance(lsn, int) or isinstance(lsn, bool) or lsn < 0):
-                raise TypeError(f"active_lsn {lsn!r} is not a WAL position")
-            return Stored(epoch=int(data["epoch"]), active=NodeName(active) if active else None, active_lsn=lsn)
-        except (AttributeError, KeyError, TypeError) as exc:
-            raise ValueError(f"corrupt state file {self.path}: {exc!r}") from exc
+            data = json.loads(raw.decode("utf-8"))
+        except ValueError as exc:  # UnicodeDecodeError and JSONDecodeError alike
+            raise ValueError(f"corrupt state file {self.path}: not JSON ({exc})") from None
+        if not isinstance(data, dict):
+            raise ValueError(f"corrupt state file {self.path}: not a JSON object")
+        epoch = data.get("epoch")
+        if not _is_int(epoch, MAX_EPOCH):
+            raise ValueError(f"corrupt state file {self.path}: epoch {epoch!r} is not an integer 0..{MAX_EPOCH}")
+        lsn = data.get("active_lsn")
+        if lsn is not None and not _is_int(lsn, MAX_LSN):
+            raise ValueError(f"corrupt state file {self.path}: active_lsn {lsn!r} is not a WAL position")
+        active = data.get("active")
+        if active is not None and active not in {n.value for n in NodeName}:
+            raise ValueError(f"corrupt state file {self.path}: active {active!r} is not a node")
+        return Stored(epoch=epoch, active=NodeName(active) if active else None, active_lsn=lsn)
 
     def save(self, stored: Stored) -> None:
         directory = self.path.parent if str(self.path.parent) else Path(".")

@@ -290,6 +290,22 @@ async def test_command_options_from_body_and_query(client, fake):
     assert fake.requests[-1] == ("failover", {"force": False, "resync": False})
 
 
+@pytest.mark.parametrize("value", ["yes", "true", "false", 1, 0, None, [True], {"x": 1}])
+async def test_command_options_must_be_json_booleans(client, fake, value):
+    resp = await client.post("/api/failover", json={"force": value})
+    assert resp.status == 400 and resp.content_type == "application/json"
+    error = (await resp.json())["error"]
+    assert "force must be a JSON boolean" in error, error
+    assert fake.requests == []
+
+
+async def test_command_query_options_are_true_or_false(client, fake):
+    assert (await client.post("/api/failover?force=TRUE")).status == 200
+    assert fake.requests[-1] == ("failover", {"force": True, "resync": False})
+    resp = await client.post("/api/failover?force=yes")
+    assert resp.status == 400 and "force must be true or false" in (await resp.json())["error"]
+
+
 async def test_command_bad_options(client, fake):
     resp = await client.post("/api/failover", json={"force": "maybe"})
     assert resp.status == 400

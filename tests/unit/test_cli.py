@@ -186,6 +186,14 @@ def test_refused_exits_1_with_reason(daemon):
     assert "refused: mirror is 32 MiB behind" in res.stderr
 
 
+def test_refusal_is_not_prefixed_twice(daemon):
+    # The controller's reasons start with "<kind> refused:" (control/state.py).
+    daemon.fake.refuse = "failback refused: primary is already active"
+    res = invoke(["failback", "--yes", "--api", daemon.url])
+    assert res.exit_code == 1
+    assert res.stderr.strip() == "pgroute: failback refused: primary is already active"
+
+
 def test_failed_result_exits_1(daemon):
     daemon.fake.result = "failed"
     res = invoke(["switchover", "--yes", "--api", daemon.url])

@@ -7,7 +7,7 @@ import pytest
 from click.testing import CliRunner
 
 from pgroute.cli import main
-from pgroute.config import Config, ConfigError, load_config, validate_runtime
+from pgroute.config import PATH_KEYS, Config, ConfigError, load_config, validate_runtime, value_range
 from pgroute.pg.dsn import mask_dsn
 
 DSNS = (
@@ -246,6 +246,10 @@ def test_example_config_loads_and_sets_every_key():
         defaults = Config.model_fields[section].default
         for key, value in values.items():
             expected = getattr(defaults, key)
+            if (section, key) in PATH_KEYS:
+                # Relative paths in the file resolve against the file's directory.
+                assert getattr(config, section).model_dump()[key] == str(path.parent / value), (section, key)
+                continue
             assert (list(expected) if isinstance(expected, tuple) else expected) == value, (section, key)
 
 
@@ -256,3 +260,161 @@ def test_example_env_file_loads():
     config = load_config(None, path, environ={})
     assert config.health.interval == 30 and config.health.max_retries == 3
     assert config.mirror.parsed.port == 5433
+
+
+# -- every number has a range ------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "toml, env, key",
+    [
+        ("[health]\nmax_retries = 10000000\n", {}, "health.max_retries"),  # froze pgroute
+        ("[health]\ninterval = inf\n", {}, "health.interval"),  # stopped probing
+        ("[health]\ninterval = nan\n", {}, "health.interval"),
+        ("[health]\ntimeout = 1e-9\n", {}, "health.timeout"),  # failed a healthy primary
+        ("[health]\nretry_interval = 1e9\n", {}, "health.retry_interval"),
+        ("[health]\nfailback_delay = -1.0\n", {}, "health.failback_delay"),
+        ("[health]\nmax_lag_bytes = 9223372036854775807\n", {}, "health.max_lag_bytes"),
+        ("[proxy]\nmax_client_connections = 1000000000\n", {}, "proxy.max_client_connections"),
+        ("[proxy]\npause_timeout = inf\n", {}, "proxy.pause_timeout"),
+        ("[proxy]\nstartup_timeout = 0.001\n", {}, "proxy.startup_timeout"),
+        ("[replication]\nsequence_gap = 5000000000\n", {}, "replication.sequence_gap"),
+        ("[alerts]\nretries = 1000\n", {}, "alerts.retries"),
+        ("[alerts]\ntimeout = nan\n", {}, "alerts.timeout"),
+        ("", {"HEALTH_CHECK_INTERVAL": "inf"}, "health.interval (from HEALTH_CHECK_INTERVAL)"),
+        ("", {"HEALTH_CHECK_MAX_RETRIES": "10000000"}, "health.max_retries (from HEALTH_CHECK_MAX_RETRIES)"),
+    ],
+)
+def test_numbers_out_of_range_exit_2_naming_the_key_and_range(tmp_path, toml, env, key):
+    res = run_cli(["run", "--config", write(tmp_path, DSNS + toml)], env=env)
+    assert res.exit_code == 2, res.output
+    assert key in res.stderr and " to " in res.stderr, res.stderr
+    assert "Traceback" not in res.output
+
+
+def _numeric_keys() -> list[tuple[str, str]]:
+    keys = []
+    for section, field in Config.model_fields.items():
+        for key, sub in field.annotation.model_fields.items():  # type: ignore[union-attr]
+            if sub.annotation in (int, float):
+                keys.append((section, key))
+    return keys
+
+
+def test_every_number_has_a_range_documented_in_readme_and_example():
+    import re
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[2]
+    readme = (root / "README.md").read_text()
+    example = (root / "config" / "pgroute.example.toml").read_text()
+
+    def number(text: str) -> float:
+        return float(text.replace(",", ""))
+
+    for section, key in _numeric_keys():
+        bounds = value_range(section, key)
+        assert bounds is not None, f"{section}.{key} has no range"
+        row = re.search(rf"^\| `{section}\.{key}` \| [^|]* \| ([0-9.,]+) to ([0-9.,]+) \|", readme, re.M)
+        assert row, f"README: no range for {section}.{key}"
+        assert (number(row[1]), number(row[2])) == bounds, (section, key)
+        block = example.split(f"[{section}]", 1)[1]
+        doc = re.search(rf"# Range: ([0-9.,]+) to ([0-9.,]+)[^\n]*\n(?:#[^\n]*\n)*{key} =", block)
+        assert doc, f"example: no range for {section}.{key}"
+        assert (number(doc[1]), number(doc[2])) == bounds, (section, key)
+
+
+def test_detection_formula_is_the_same_in_readme_and_example():
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[2]
+    formula = "interval + timeout + max_retries * retry_interval + timeout"
+    assert formula in " ".join((root / "config" / "pgroute.example.toml").read_text().replace("#", " ").split())
+    assert formula.replace("*", "\N{MULTIPLICATION SIGN}") in (root / "README.md").read_text()
+
+
+# -- files that are not configuration ----------------------------------------------------
+
+
+def test_invalid_utf8_config_exits_2_naming_the_file(tmp_path):
+    path = tmp_path / "latin1.toml"
+    path.write_bytes(DSNS.encode() + b'[alerts]\nemail_from = "caf\xe9@example.com"\n')
+    res = run_cli(["run", "--config", str(path)])
+    assert res.exit_code == 2, res.output
+    assert str(path) in res.stderr and "UTF-8" in res.stderr and "line 6" in res.stderr
+    assert "Traceback" not in res.output
+
+
+def test_invalid_utf8_env_file_exits_2(tmp_path):
+    env_file = tmp_path / "backend.env"
+    env_file.write_bytes(b"DATABASE_URL=postgresql://u:p\xff@h/db\n")
+    res = run_cli(["run", "--config", write(tmp_path, DSNS), "--env-file", str(env_file)])
+    assert res.exit_code == 2 and "--env-file" in res.stderr and "UTF-8" in res.stderr
+
+
+def test_config_that_is_a_fifo_does_not_hang(tmp_path):
+    import os
+    import subprocess
+    import sys
+
+    fifo = tmp_path / "pgroute.toml"
+    os.mkfifo(fifo)
+    code = f"from pgroute.config import load_config; load_config({str(fifo)!r}, environ={{}})"
+    # A subprocess: the bug is a hang, and the test must fail rather than hang with it.
+    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=30)
+    assert "is a FIFO, not a regular file" in res.stderr, res.stderr
+    with pytest.raises(ConfigError) as exc:
+        load_config(tmp_path, environ={})
+    assert exc.value.key == "--config" and "is a directory" in exc.value.message
+
+
+def test_config_that_is_a_device_is_refused(tmp_path):
+    with pytest.raises(ConfigError) as exc:
+        load_config("/dev/zero", environ={})
+    assert exc.value.key == "--config" and "is a device" in exc.value.message
+
+
+# -- messages ----------------------------------------------------------------------------
+
+
+def test_missing_dsns_name_key_and_variables_and_every_error_at_once(tmp_path):
+    res = run_cli(["run", "--config", write(tmp_path, '[health]\ntimeout = 0\n[proxy]\nlisten = "x"\n')])
+    assert res.exit_code == 2, res.output
+    err = res.stderr
+    assert "4 problems" in err
+    assert "primary.dsn: required" in err and "PGROUTE_PRIMARY_DSN" in err and "DATABASE_URL" in err
+    assert "mirror.dsn: required" in err and "PGROUTE_MIRROR_DSN" in err and "MIRROR_DATABASE_URL" in err
+    assert "health.timeout" in err and "proxy.listen: expected host:port" in err
+    assert "Value error" not in err
+
+
+def test_unknown_sections_are_listed_with_the_other_errors(tmp_path):
+    with pytest.raises(ConfigError) as exc:
+        load_config(write(tmp_path, DSNS + "[bogus]\nx = 1\n[health]\nintervall = 3\n"), environ={})
+    assert [k for k, _ in exc.value.problems] == ["bogus", "health.intervall"]
+
+
+def test_validator_messages_have_no_pydantic_prefix(tmp_path):
+    with pytest.raises(ConfigError) as exc:
+        load_config(write(tmp_path, DSNS + '[alerts]\nwebhook_urls = ["ftp://x"]\n'), environ={})
+    assert exc.value.key == "alerts.webhook_urls"
+    assert exc.value.message.startswith("webhook URL must start with"), exc.value.message
+
+
+# -- relative paths ----------------------------------------------------------------------
+
+
+def test_relative_state_path_in_file_is_relative_to_the_file(tmp_path, monkeypatch):
+    conf_dir = tmp_path / "etc"
+    conf_dir.mkdir()
+    monkeypatch.chdir(tmp_path)
+    path = write(conf_dir, DSNS + '[state]\npath = "state/pgroute.json"\nrecovery_dir = "rec"\n')
+    config = load_config(path, environ={})
+    assert config.state.path == str(conf_dir / "state" / "pgroute.json")
+    assert config.state.recovery_dir == str(conf_dir / "rec")
+    # From the environment, or the default: the working directory, as before.
+    env = load_config(path, environ={"PGROUTE_STATE_PATH": "here.json"})
+    assert env.state.path == "here.json"
+    assert load_config(write(conf_dir, DSNS, "plain.toml"), environ={}).state.path == "pgroute-state.json"
+    absolute = load_config(write(conf_dir, DSNS + f'[state]\npath = "{tmp_path}/s.json"\n', "abs.toml"), environ={})
+    assert absolute.state.path == f"{tmp_path}/s.json"

@@ -139,6 +139,18 @@ async def test_corrupt_state_file_fails_closed_and_still_monitors(tmp_path):
     assert mon.started and ex.runs == []
 
 
+@pytest.mark.parametrize("epoch", ["1e400", "1.9", "-1", "true"])
+async def test_state_file_with_a_bad_epoch_fails_closed_naming_the_file(tmp_path, epoch):
+    path = tmp_path / "state.json"
+    path.write_text(f'{{"epoch": {epoch}, "active": "primary"}}')
+    ctl, ex, mon, router = await make(tmp_path, FOLLOWING_PAIR)
+    assert router.route.backend is None
+    assert str(path) in router.route.reason and "epoch" in router.route.reason
+    assert "state file unreadable: corrupt state file" in router.route.reason
+    assert ctl.state.phase is Phase.NO_ROUTABLE_NODE
+    assert mon.started and ex.runs == []
+
+
 async def test_interrupted_promotion_is_finished_before_anything_is_routed(tmp_path):
     views = {P: NodeView(False), M: NodeView(True, 4, "mirror", subscriber=True)}
     ctl, ex, _mon, router = await make(tmp_path, views, Stored(4, M))

@@ -113,6 +113,19 @@ def test_state_file_relative_path(tmp_path, monkeypatch):
         '[1, "mirror"]',
         "null",
         '{"epoch": null, "active": "mirror"}',
+        '{"epoch": 1e400, "active": "mirror"}',
+        '{"epoch": 1.9, "active": "mirror"}',
+        '{"epoch": 2.0, "active": "mirror"}',
+        '{"epoch": -1, "active": "mirror"}',
+        '{"epoch": true, "active": "mirror"}',
+        '{"epoch": "3", "active": "mirror"}',
+        '{"epoch": 9223372036854775808, "active": "mirror"}',
+        '{"epoch": 3, "active": 1}',
+        '{"epoch": 3, "active": "mirror", "active_lsn": -1}',
+        '{"epoch": 3, "active": "mirror", "active_lsn": 1.5}',
+        '{"epoch": 3, "active": "mirror", "active_lsn": true}',
+        '{"epoch": 3, "active": "mirror", "active_lsn": "0/16B3748"}',
+        '{"epoch": 3, "active": "mirror", "active_lsn": 18446744073709551616}',
     ],
     ids=[
         "garbage",
@@ -125,6 +138,19 @@ def test_state_file_relative_path(tmp_path, monkeypatch):
         "json-list",
         "json-null",
         "epoch-null",
+        "epoch-overflows",
+        "epoch-fraction",
+        "epoch-float",
+        "epoch-negative",
+        "epoch-bool",
+        "epoch-string",
+        "epoch-past-bigint",
+        "active-number",
+        "lsn-negative",
+        "lsn-fraction",
+        "lsn-bool",
+        "lsn-text",
+        "lsn-past-64-bits",
     ],
 )
 def test_state_file_corrupt_raises_value_error(tmp_path, content):
@@ -135,8 +161,24 @@ def test_state_file_corrupt_raises_value_error(tmp_path, content):
         path.write_bytes(content)
     else:
         path.write_text(content)
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError) as exc:
         StateFile(path).load()
+    assert str(path) in str(exc.value)
+
+
+def test_state_file_that_is_a_fifo_is_corrupt_not_a_hang(tmp_path):
+    import os
+
+    path = tmp_path / "pgroute-state.json"
+    os.mkfifo(path)
+    with pytest.raises(ValueError, match="FIFO"):
+        StateFile(path).load()
+
+
+def test_state_file_with_large_valid_values_loads(tmp_path):
+    path = tmp_path / "pgroute-state.json"
+    path.write_text('{"epoch": 9223372036854775807, "active": null, "active_lsn": 18446744073709551615}')
+    assert StateFile(path).load() == Stored(2**63 - 1, None, 2**64 - 1)
 
 
 # -- resolve_start --------------------------------------------------------------------------------
