@@ -24,18 +24,12 @@ from .base import EXIT_FAILED, EXIT_OK, EXIT_USAGE, config_option, env_file_opti
 def check(config_path: str | None, env_file: str | None) -> None:
     """Validate the config, reach both nodes, verify the replication setup."""
     config = load_config_or_exit(config_path, env_file)
-    click.echo(f"✓ configuration: {config_path or 'defaults and environment'} is valid")
-    config_ok = True
+    config_error = None
     try:
         validate_runtime(config)
     except ConfigError as exc:
-        config_ok = False
-        click.echo(mask_dsn(f"✗ configuration: {exc}"))
-    splice_ok, splice_line, splice_fix = check_splice(config.proxy.splice)
-    click.echo(f"{'✓' if splice_ok else '✗'} {splice_line}")
-    if splice_fix:
-        click.echo(f"    fix: {splice_fix}")
-    from ..tools.check import check_pair
+        config_error = str(exc)
+    from ..tools.check import SAME_DATABASE_ITEM, check_pair
 
     try:
         items = asyncio.run(
@@ -50,7 +44,24 @@ def check(config_path: str | None, env_file: str | None) -> None:
         )
     except Exception as exc:  # check_pair should report, not raise; say what broke anyway
         fail(f"check could not run: {type(exc).__name__}: {exc}")
-    all_ok = config_ok and splice_ok
+    # Two DSNs that reach one database (whatever their host names say) are a
+    # configuration error, as `pgroute run` reports it (exit 2): one verdict, on the
+    # configuration line, and no advice about replication between a database and itself.
+    same = next((i for i in items if i.name == SAME_DATABASE_ITEM and not i.ok), None)
+    if same is not None:
+        items = [i for i in items if i is not same]
+        config_error = config_error or f"mirror.dsn: {same.detail}"
+    if config_error is None:
+        click.echo(f"✓ configuration: {config_path or 'defaults and environment'} is valid")
+    else:
+        click.echo(mask_dsn(f"✗ configuration: {config_error}"))
+        if same is not None and same.fix:
+            click.echo(mask_dsn(f"    fix: {same.fix}"))
+    splice_ok, splice_line, splice_fix = check_splice(config.proxy.splice)
+    click.echo(f"{'✓' if splice_ok else '✗'} {splice_line}")
+    if splice_fix:
+        click.echo(f"    fix: {splice_fix}")
+    all_ok = config_error is None and splice_ok
     for item in items:
         mark = "✗" if not item.ok else "!" if item.warning else "✓"
         detail = f": {item.detail}" if item.detail else ""
@@ -59,7 +70,7 @@ def check(config_path: str | None, env_file: str | None) -> None:
             all_ok = False
         if (not item.ok or item.warning) and item.fix:
             click.echo(mask_dsn(f"    fix: {item.fix}"))
-    if not config_ok:
+    if config_error is not None:
         sys.exit(EXIT_USAGE)
     sys.exit(EXIT_OK if all_ok else EXIT_FAILED)
 
@@ -129,7 +140,7 @@ def setup_replication_cmd(config_path: str | None, env_file: str | None) -> None
     import asyncpg
 
     from ..errors import PgRouteError
-    from ..tools.setup import setup_replication
+    from ..tools.setup import SameDatabaseError, setup_replication
 
     managed = asyncio.run(_managed_by_pgroute(config))
     if managed:
@@ -147,10 +158,13 @@ def setup_replication_cmd(config_path: str | None, env_file: str | None) -> None
                 config.primary.dsn, config.mirror.dsn, config.replication.publication, config.replication.subscription
             )
         )
+    except SameDatabaseError as exc:
+        fail(f"configuration error: mirror.dsn: {exc}", EXIT_USAGE)
     except (PgRouteError, OSError, asyncpg.PostgresError, asyncpg.InterfaceError) as exc:
         # OSError covers TimeoutError (initial copy too slow) and refused connections.
         fail(f"setup-replication failed: {exc}")
     for step in steps:
-        click.echo(mask_dsn(f"✓ {step}"))
+        warning = step.removeprefix("warning: ")
+        click.echo(mask_dsn(f"! {warning}" if warning != step else f"✓ {step}"))
     if not steps:
         click.echo("nothing to do: publication and subscription already exist")

@@ -281,3 +281,74 @@ async def read_node_facts(conn: asyncpg.Connection, own_subscription: str, peer_
         applied_lsn=row["applied_lsn"],
         apply_errors=row["apply_errors"],
     )
+
+
+# ------------------------------------------------------------------ table shapes
+
+
+async def tables_without_replica_identity(conn: asyncpg.Connection, tables: list[str]) -> list[str]:
+    """Of ``tables`` (quoted 'schema.table'), those an UPDATE or DELETE cannot be
+    published for: replica identity DEFAULT with no primary key, or NOTHING (the
+    publisher then refuses the statement: "does not have a replica identity")."""
+    if not tables:
+        return []
+    rows = await conn.fetch(
+        """
+        SELECT format('%I.%I', n.nspname, c.relname) AS name
+        FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace
+        WHERE format('%I.%I', n.nspname, c.relname) = ANY($1::text[]) AND c.relkind = 'r'
+          AND (c.relreplident = 'n'
+               OR (c.relreplident = 'd'
+                   AND NOT EXISTS (SELECT 1 FROM pg_index i WHERE i.indrelid = c.oid AND i.indisprimary)))
+        ORDER BY 1
+        """,
+        tables,
+    )
+    return [r["name"] for r in rows]
+
+
+async def table_columns(conn: asyncpg.Connection, tables: list[str]) -> dict[str, dict[str, tuple[str, bool]]]:
+    """{quoted table: {column: (type as format_type shows it, NOT NULL)}} for those
+    of ``tables`` that exist on this node (dropped and system columns left out)."""
+    rows = await conn.fetch(
+        """
+        SELECT format('%I.%I', n.nspname, c.relname) AS tbl, a.attname AS col,
+               format_type(a.atttypid, a.atttypmod) AS type, a.attnotnull AS notnull
+        FROM pg_class c
+        JOIN pg_namespace n ON n.oid = c.relnamespace
+        JOIN pg_attribute a ON a.attrelid = c.oid AND a.attnum > 0 AND NOT a.attisdropped
+        WHERE format('%I.%I', n.nspname, c.relname) = ANY($1::text[]) AND c.relkind IN ('r', 'p')
+        ORDER BY 1, a.attnum
+        """,
+        tables,
+    )
+    shapes: dict[str, dict[str, tuple[str, bool]]] = {}
+    for r in rows:
+        shapes.setdefault(r["tbl"], {})[r["col"]] = (r["type"], r["notnull"])
+    return shapes
+
+
+def column_differences(
+    primary: dict[str, dict[str, tuple[str, bool]]], mirror: dict[str, dict[str, tuple[str, bool]]]
+) -> list[str]:
+    """What a failover onto the mirror would change for the applications, one line
+    per table or column: missing tables and columns, other types, other NOT NULL."""
+    out = []
+    for table, columns in sorted(primary.items()):
+        theirs = mirror.get(table)
+        if theirs is None:
+            out.append(f"{table} is missing on the mirror")
+            continue
+        for col, (type_, notnull) in columns.items():
+            if col not in theirs:
+                out.append(f"{table}.{col} is missing on the mirror")
+                continue
+            m_type, m_notnull = theirs[col]
+            if m_type != type_:
+                out.append(f"{table}.{col} is {type_} on the primary, {m_type} on the mirror")
+            if m_notnull != notnull:
+                p_null = "NOT NULL" if notnull else "nullable"
+                m_null = "NOT NULL" if m_notnull else "nullable"
+                out.append(f"{table}.{col} is {p_null} on the primary, {m_null} on the mirror")
+        out += [f"{table}.{col} exists only on the mirror" for col in theirs if col not in columns]
+    return out

@@ -1,8 +1,9 @@
 """PostgreSQL's client programs (pg_dump, psql) as pgroute runs them: which binary,
 with which environment, bounded in time, with masked errors.
 
-Invariant: a password travels in the child's environment (``PGPASSWORD``), never on
-its command line, and never in an error message (stderr is masked).
+Invariant: a password travels in the child's environment (``PGPASSWORD``, or the
+files libpq reads itself), never on its command line, and never in an error message
+(stderr is masked).
 """
 
 from __future__ import annotations
@@ -41,22 +42,27 @@ def pg_binary(name: str) -> str:
 
 
 def libpq_env(dsn: Dsn) -> dict[str, str]:
-    """Environment for a libpq client: the password goes in PGPASSWORD, never on a
-    command line; PGOPTIONS makes the session writable on a fenced node."""
+    """Environment for a libpq client started with :func:`libpq_target`: the DSN's
+    password, when it has one, goes in PGPASSWORD (never on a command line);
+    otherwise libpq finds one itself, as any libpq program does: PGPASSWORD,
+    PGSERVICE / the URL's ``service=``, PGPASSFILE or ~/.pgpass are passed through.
+    PGOPTIONS makes the session writable on a fenced node."""
     env = dict(os.environ)
     env.update(
-        PGHOST=dsn.host,
-        PGPORT=str(dsn.port),
-        PGUSER=dsn.user,
-        PGDATABASE=dsn.dbname,
         PGAPPNAME=CONTROL_APPLICATION_NAME,
         PGOPTIONS="-c default_transaction_read_only=off",
         PGCONNECT_TIMEOUT="10",
     )
-    env.pop("PGPASSWORD", None)
     if dsn.password:
         env["PGPASSWORD"] = dsn.password
     return env
+
+
+def libpq_target(dsn: Dsn) -> list[str]:
+    """``-d URL`` for pg_dump/psql: the DSN without its password. Given on the
+    command line, host, port, user and database win over a connection service
+    (PGSERVICE) that names other ones, as they do for pgroute's own connections."""
+    return ["-d", dsn.url_without_password()]
 
 
 async def run(argv: list[str], env: dict[str, str], stdin: bytes | None, timeout: float) -> bytes:
@@ -84,5 +90,7 @@ async def run(argv: list[str], env: dict[str, str], stdin: bytes | None, timeout
 async def dump_database(dsn: Dsn, path: Path, *, timeout: float = 600.0) -> Path:
     """pg_dump of the DSN's database (schema and data) into ``path``."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    await run([pg_binary("pg_dump"), "--no-password", "-f", str(path)], libpq_env(dsn), None, timeout)
+    await run(
+        [pg_binary("pg_dump"), "--no-password", *libpq_target(dsn), "-f", str(path)], libpq_env(dsn), None, timeout
+    )
     return path

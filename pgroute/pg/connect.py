@@ -24,6 +24,7 @@ import asyncpg
 
 from ..errors import NodeUnavailable, UnsafeStep
 from .dsn import Dsn, mask_dsn, parse_dsn
+from .passwords import service_name
 
 log = logging.getLogger(__name__)
 
@@ -94,6 +95,11 @@ async def connect(
     try:
         conn = await asyncpg.connect(
             dsn=parsed.url,
+            # The password the libpq way when the DSN has none: asyncpg reads
+            # PGPASSWORD, PGPASSFILE / ~/.pgpass and a service named in the URL
+            # itself, but not PGSERVICE (it looks at it after reading the service
+            # file): name the service here, the URL's own wins as in libpq.
+            service=service_name(parsed),
             timeout=timeout,
             command_timeout=statement_timeout + 5.0,
             # Control connections run DDL (ALTER SUBSCRIPTION, TRUNCATE ...): no

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass
-from urllib.parse import unquote, urlsplit
+from urllib.parse import unquote, urlsplit, urlunsplit
 
 
 @dataclass(frozen=True)
@@ -29,12 +29,24 @@ class Dsn:
     def masked(self) -> str:
         return mask_dsn(self.url)
 
-    def libpq_conninfo(self) -> str:
-        """Keyword/value form for CREATE SUBSCRIPTION ... CONNECTION."""
+    def libpq_conninfo(self, *, password: str | None = None) -> str:
+        """Keyword/value form for CREATE SUBSCRIPTION ... CONNECTION; ``password``
+        (one found outside the DSN) when the DSN has none."""
         parts = {"host": self.host, "port": str(self.port), "user": self.user, "dbname": self.dbname}
-        if self.password:
-            parts["password"] = self.password
+        if self.password or password:
+            parts["password"] = self.password or password or ""
         return " ".join(f"{k}={_quote_conninfo(v)}" for k, v in parts.items())
+
+    def url_without_password(self) -> str:
+        """The URL with no password in it (user-info or ``password=`` parameter): for
+        a command line, where other users of the machine can read it."""
+        parts = urlsplit(self.url)
+        netloc = parts.netloc
+        if "@" in netloc:
+            userinfo, _, hostport = netloc.rpartition("@")
+            netloc = userinfo.partition(":")[0] + "@" + hostport
+        query = "&".join(p for p in parts.query.split("&") if p and not p.lower().startswith("password="))
+        return urlunsplit(parts._replace(netloc=netloc, query=query))
 
     def with_dbname(self, dbname: str) -> Dsn:
         return parse_dsn(_replace_path(self.url, dbname))

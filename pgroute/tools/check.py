@@ -11,7 +11,7 @@ import asyncpg
 
 from ..control.replication import lag_bytes, published_tables, subscription_info, user_tables
 from ..errors import NodeUnavailable
-from ..pg.catalog import read_identity, setting
+from ..pg.catalog import column_differences, read_identity, setting, table_columns, tables_without_replica_identity
 from ..pg.connect import as_dsn, connect
 from ..pg.dsn import Dsn, mask_conninfo
 
@@ -27,11 +27,36 @@ class CheckItem:
     warning: bool = False  # ok, but worth an operator's attention (does not fail check)
 
 
-async def _try_connect(dsn: Dsn, timeout: float) -> tuple[asyncpg.Connection | None, str]:
+#: The name of the item that says both DSNs reach one database; when it fails,
+#: check_pair returns nothing after it (every other verdict would be about one
+#: database seen twice) and the CLI reports it as the configuration error it is.
+SAME_DATABASE_ITEM = "distinct nodes"
+
+
+def _unreachable_fix(label: str, exc: NodeUnavailable) -> str:
+    """The fix for a node that could not be reached, after what the server said."""
+    cause = exc.__cause__
+    if isinstance(cause, asyncpg.InvalidCatalogNameError):
+        if label == "mirror":
+            return "pgroute setup-replication (it creates the mirror's database)"
+        return "create the database on the primary, or fix the database name in primary.dsn"
+    if isinstance(cause, (asyncpg.InvalidPasswordError, asyncpg.InvalidAuthorizationSpecificationError)) or (
+        "password" in str(exc).lower()
+    ):
+        return (
+            f"fix the credentials for the {label}: the user and password in {label}.dsn, or PGPASSWORD, "
+            "PGPASSFILE / ~/.pgpass or PGSERVICE, and the server's pg_hba.conf"
+        )
+    if isinstance(cause, asyncpg.PostgresError):
+        return f"the {label} server refused the connection: see the message above and its log"
+    return f"start the {label} server or fix the host and port in {label}.dsn"
+
+
+async def _try_connect(dsn: Dsn, timeout: float) -> tuple[asyncpg.Connection | None, str, NodeUnavailable | None]:
     try:
-        return await connect(dsn, timeout, statement_timeout=max(timeout, 5.0)), "reachable"
+        return await connect(dsn, timeout, statement_timeout=max(timeout, 5.0)), "reachable", None
     except NodeUnavailable as exc:
-        return None, str(exc)
+        return None, str(exc), exc
 
 
 async def check_pair(
@@ -47,21 +72,24 @@ async def check_pair(
     ok=False and a fix. Never raises for a node problem."""
     primary, mirror = as_dsn(primary_dsn), as_dsn(mirror_dsn)
     items: list[CheckItem] = []
-    pconn, pdetail = await _try_connect(primary, timeout)
-    mconn, mdetail = await _try_connect(mirror, timeout)
+    pconn, pdetail, perror = await _try_connect(primary, timeout)
+    mconn, mdetail, merror = await _try_connect(mirror, timeout)
     try:
-        nodes = (("primary", primary, pconn, pdetail), ("mirror", mirror, mconn, mdetail))
-        for label, dsn, conn, detail in nodes:
+        nodes = (("primary", primary, pconn, pdetail, perror), ("mirror", mirror, mconn, mdetail, merror))
+        for label, dsn, conn, detail, error in nodes:
             items.append(
                 CheckItem(
                     f"{label} reachable",
                     conn is not None,
                     f"{dsn.masked}: {detail}" if conn is not None else detail,
-                    None if conn is not None else f"start the {label} server or fix {label}.dsn",
+                    None if error is None else _unreachable_fix(label, error),
                 )
             )
         if pconn is not None and mconn is not None:
-            items.append(await _check_distinct(pconn, mconn))
+            distinct = await _check_distinct(pconn, mconn)
+            items.append(distinct)
+            if not distinct.ok:
+                return items
         checks = []
         for label, conn in (("primary", pconn), ("mirror", mconn)):
             if conn is not None:
@@ -76,7 +104,10 @@ async def check_pair(
                 ]
         if pconn is not None:
             checks.append(_check_publication(pconn, publication))
+            checks.append(_check_replica_identity(pconn, publication))
             checks.append(_check_lag(pconn, subscription, max_lag_bytes))
+        if pconn is not None and mconn is not None:
+            checks.append(_check_schema(pconn, mconn, publication))
         if mconn is not None:
             checks.append(_check_subscription(mconn, subscription, publication))
         for check in checks:
@@ -98,12 +129,56 @@ async def _check_distinct(pconn: asyncpg.Connection, mconn: asyncpg.Connection) 
     p, m = await read_identity(pconn), await read_identity(mconn)
     if p.same_database(m):
         return CheckItem(
-            "distinct nodes",
+            SAME_DATABASE_ITEM,
             False,
             f"primary.dsn and mirror.dsn reach the same {p}",
             "point mirror.dsn at the mirror server; pgroute run refuses to start like this",
         )
     return CheckItem("distinct nodes", True, f"primary is system {p.system_identifier}, mirror {m.system_identifier}")
+
+
+async def _published_or_user_tables(conn: asyncpg.Connection, publication: str) -> list[str]:
+    """The tables the publication publishes; every user table while it does not
+    exist (setup-replication creates it FOR ALL TABLES)."""
+    if await conn.fetchval("SELECT 1 FROM pg_publication WHERE pubname = $1", publication):
+        return await published_tables(conn, publication)
+    return await user_tables(conn)
+
+
+async def _check_replica_identity(conn: asyncpg.Connection, publication: str) -> list[CheckItem]:
+    """A published table with no primary key and no replica identity: the primary
+    refuses the first UPDATE or DELETE on it."""
+    unkeyed = await tables_without_replica_identity(conn, await _published_or_user_tables(conn, publication))
+    if not unkeyed:
+        return [CheckItem("replica identity", True, "every published table has a primary key or replica identity")]
+    return [
+        CheckItem(
+            "replica identity",
+            True,
+            f"{', '.join(unkeyed)} have no primary key or replica identity: once published, "
+            "the first UPDATE or DELETE on them fails on the primary",
+            f"add a primary key, or ALTER TABLE {unkeyed[0]} REPLICA IDENTITY FULL (slower on the mirror)",
+            warning=True,
+        )
+    ]
+
+
+async def _check_schema(pconn: asyncpg.Connection, mconn: asyncpg.Connection, publication: str) -> list[CheckItem]:
+    """Logical replication carries no DDL: a column added on the primary only stops
+    the apply worker, and a failover onto a mirror without it breaks applications."""
+    tables = await _published_or_user_tables(pconn, publication)
+    differences = column_differences(await table_columns(pconn, tables), await table_columns(mconn, tables))
+    if not differences:
+        return [CheckItem("schema", True, f"the mirror has the {len(tables)} published table(s) column for column")]
+    shown = "; ".join(differences[:20]) + (f"; and {len(differences) - 20} more" if len(differences) > 20 else "")
+    return [
+        CheckItem(
+            "schema",
+            False,
+            f"the mirror differs from the primary: {shown}",
+            "run the same DDL on the mirror as on the primary (logical replication does not carry DDL)",
+        )
+    ]
 
 
 async def _check_roles(label: str, conn: asyncpg.Connection) -> list[CheckItem]:

@@ -144,7 +144,7 @@ def test_check_all_ok_then_each_failure_with_its_fix(pair: local.LocalPair, tmp_
     assert down.exit_code == 1, down.output
     marks = _marks(down.stdout)
     assert marks["mirror reachable"] == "✗" and marks["primary reachable"] == "✓", down.output
-    assert "    fix: start the mirror server or fix mirror.dsn" in down.stdout
+    assert "    fix: start the mirror server or fix the host and port in mirror.dsn" in down.stdout
     assert PASSWORD not in down.output
 
 
