@@ -247,3 +247,17 @@ async def test_resolve_after_fail_closed_start_stamps_above_every_epoch(tmp_path
     assert router.route.backend is not None and router.route.backend.name == "mirror"
     assert router.route.epoch == 8
     assert ev["kind"] == "resolve" and "operator resolved the active node: mirror" in ctl.state.reason
+
+
+def test_subscriptions_carry_the_password_pgroute_found_outside_the_dsn(tmp_path, monkeypatch):
+    """The subscriber's server cannot read pgroute's PGPASSWORD or password file: the
+    rejoin and switchover subscriptions get the password pgroute itself would send."""
+    from pgroute.control.procedures import Context
+
+    cfg = config(tmp_path)
+    ctx = Context(cfg, Router(Route(None, 0)), StateFile(tmp_path / "s.json"), {}, lambda: False, lambda: None)
+    monkeypatch.delenv("PGPASSWORD", raising=False)
+    monkeypatch.setenv("PGPASSFILE", str(tmp_path / "none"))
+    assert "password" not in ctx.publisher_conninfo(P)
+    monkeypatch.setenv("PGPASSWORD", "from-env")
+    assert "password='from-env'" in ctx.publisher_conninfo(P)

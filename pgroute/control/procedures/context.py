@@ -22,6 +22,7 @@ from ...model import NodeName, Operation
 from ...pg.connect import DB_ERRORS, connect, describe, own_pids
 from ...pg.dsn import Dsn
 from ...pg.naming import subscription_name
+from ...pg.passwords import find_password
 from ...proxy.router import Backend, Route, Router
 from ..state_store import StateFile, Stored
 
@@ -89,6 +90,16 @@ class Context:
 
     def dsn(self, node: NodeName) -> Dsn:
         return self.config.node_dsn(node.value)
+
+    def publisher_conninfo(self, publisher: NodeName) -> str:
+        """How the other node's server reaches ``publisher`` when it subscribes: the DSN
+        pgroute uses, with the password pgroute itself would send (the DSN's, the
+        service file's, PGPASSWORD or the password file's), since the subscriber's
+        server cannot read pgroute's environment. CREATE SUBSCRIPTION keeps it in
+        pg_subscription, which only superusers read."""
+        dsn = self.dsn(publisher)
+        found = find_password(dsn)
+        return dsn.libpq_conninfo(password=found.value if found else None)
 
     def sub(self, subscriber: NodeName) -> str:
         """Name of the subscription held by ``subscriber`` (= its slot on the publisher)."""

@@ -104,7 +104,7 @@ async def rejoin(
             existing = await repl.subscription_info(node_conn, sub)
             retention = await repl.slot_info(active_conn, sub)
             catch_up = not resync and not diverged and divset.slot_found and retention is not None
-            conninfo = ctx.dsn(active).libpq_conninfo()
+            conninfo = ctx.publisher_conninfo(active)
             if existing is not None and not resync:
                 mode = "already subscribed"
                 await repl.subscribe(

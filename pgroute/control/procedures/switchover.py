@@ -97,7 +97,7 @@ async def switchover(ctx: Context, op: Op, target: NodeName, epoch: int) -> OpRe
                 await repl.subscribe(
                     old_conn,
                     ctx.sub(old),
-                    ctx.dsn(target).libpq_conninfo(),
+                    ctx.publisher_conninfo(target),
                     cfg.replication.publication,
                     copy_data=False,
                     create_slot=False,
