@@ -14,6 +14,11 @@ background tasks. Invariants:
 - Failures are logged without secrets (webhook URLs are shown as scheme+host
   only, since Slack-style URLs carry their token in the path; DSNs are masked)
   and reported through ``on_failure(channel)`` (the metrics counter).
+- A node that flaps is damped (``FlapDamper``): of the state changes of one node
+  (down, up, refusing, replication stalled or resumed), at most ``FLAP_LIMIT`` are
+  alerted per ``FLAP_WINDOW``; the rest are counted, and the next alert of that
+  node after the window says how many were held back. Switches, fences, rejoins
+  and failures are never damped.
 - Webhooks and email are retried ``alerts.retries`` times with exponential
   backoff; the command hook is not retried, because a hook may have side effects
   (a page, a ticket) and a retry after a timeout could fire them twice.
@@ -29,6 +34,7 @@ import re
 import signal
 import smtplib
 import ssl
+import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -45,6 +51,10 @@ from .pg.dsn import mask_dsn
 log = logging.getLogger(__name__)
 
 SWITCH_KINDS = frozenset({"failover", "failback", "switchover"})
+#: Events that say how a node is, as opposed to what pgroute did: the damped ones.
+NODE_STATE_KINDS = frozenset({"node_down", "node_up", "node_refused", "replication_stalled", "replication_resumed"})
+FLAP_LIMIT = 3
+FLAP_WINDOW = 300.0
 QUEUE_SIZE = 1000
 MAX_BACKOFF = 30.0
 
@@ -134,6 +144,31 @@ def event_payload(event: Event) -> dict[str, Any]:
     return json.loads(mask_dsn(json.dumps(payload, default=str)))
 
 
+class FlapDamper:
+    """Decides which node-state events are alerted (see the module docstring). Pure
+    apart from the times it is given."""
+
+    def __init__(self, limit: int = FLAP_LIMIT, window: float = FLAP_WINDOW) -> None:
+        self.limit = limit
+        self.window = window
+        self._sent: dict[str, list[float]] = {}  # node -> times of alerted state events
+        self._held: dict[str, int] = {}  # node -> state events held back since the last alert
+
+    def admit(self, event: Event, now: float) -> int | None:
+        """None: hold this event back. Else: alert it, and the number returned is how
+        many state events of its node were held back before it."""
+        if event.kind not in NODE_STATE_KINDS:
+            return 0
+        node = str(dict(event.details).get("node", ""))
+        sent = [t for t in self._sent.get(node, []) if now - t < self.window]
+        if len(sent) >= self.limit:
+            self._sent[node] = sent
+            self._held[node] = self._held.get(node, 0) + 1
+            return None
+        self._sent[node] = [*sent, now]
+        return self._held.pop(node, 0)
+
+
 # -- channels ----------------------------------------------------------------------------
 @dataclass
 class _Channel:
@@ -157,6 +192,7 @@ class Alerter:
         self._session: aiohttp.ClientSession | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
         self._closed = False
+        self._damper = FlapDamper()
         self._channels: list[_Channel] = []
         for url in config.webhook_urls:
             self._channels.append(_Channel("webhook", mask_url(url), self._webhook_sender(url), config.retries))
@@ -178,7 +214,14 @@ class Alerter:
                 return
             if event.ended_at is None and event.kind not in SWITCH_KINDS:
                 return
+            held = self._damper.admit(event, time.monotonic())
+            if held is None:
+                log.info("alert for %s event %d held back: the node is flapping", event.kind, event.id)
+                return
             payload = event_payload(event)
+            if held:
+                payload["held_back"] = held
+                payload["text"] += f" ({held} earlier change(s) of this node not alerted: flapping)"
             loop = self._loop
             try:
                 running = asyncio.get_running_loop()

@@ -96,6 +96,10 @@ class HealthSample:
         return not self.ok and self.reached
 
 
+#: An event detail's value, as it appears in JSON.
+Detail = str | int | float | bool
+
+
 @dataclass(frozen=True)
 class Event:
     """A recorded control-plane event (for the API, metrics and alerts)."""
@@ -107,7 +111,7 @@ class Event:
     ended_at: float | None = None
     result: str | None = None  # ok, failed, refused, None while running
     phases: tuple[tuple[str, float], ...] = ()  # (phase, seconds)
-    details: tuple[tuple[str, str], ...] = ()
+    details: tuple[tuple[str, Detail], ...] = ()  # JSON-typed: counts are ints, flags bools
 
     def to_json(self) -> dict:
         return {

@@ -14,7 +14,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import replace
 from typing import Any
 
-from ..model import Event, NodeName
+from ..model import Detail, Event, NodeName
 from ..pg.dsn import mask_dsn
 
 log = logging.getLogger(__name__)
@@ -49,7 +49,7 @@ class EventLog:
         *,
         epoch: int,
         active: NodeName | None,
-        details: Mapping[str, str] | None = None,
+        details: Mapping[str, Detail] | None = None,
         phases: tuple[tuple[str, float], ...] | None = None,
         detail: str = "",
     ) -> Event:
@@ -58,7 +58,7 @@ class EventLog:
         merged.update(details or {})
         if detail:
             merged["result"] = detail
-        merged["epoch"] = str(epoch)
+        merged["epoch"] = epoch
         if active is not None:
             merged["active"] = active.value
         done = replace(
@@ -66,7 +66,7 @@ class EventLog:
             ended_at=time.time(),
             result=result,
             phases=phases if phases is not None else ev.phases,
-            details=tuple((k, mask_dsn(str(v))) for k, v in merged.items()),
+            details=tuple((k, mask_dsn(v) if isinstance(v, str) else v) for k, v in merged.items()),
         )
         for i, existing in enumerate(self._events):
             if existing.id == ev.id:

@@ -680,6 +680,11 @@ def _finished(s: State, obs: Finished) -> Decision:
             return _d(
                 new, f"{tag} to {obs.active.value if obs.active else 'none'} completed: {obs.detail}".rstrip(": ")
             )
+        if kind is Operation.FAILOVER:
+            # The target could not be promoted: it is no automatic target again until a
+            # probe sees it following (else every failed probe of the dead active node
+            # would start, and fail, another failover: one failure event per attempt).
+            s = replace(s, standby=Standby.UNKNOWN)
         if obs.active is None:
             # Keep `active` (the node that holds the data) so that it can be routed to
             # again when it answers, or an operator can retry the failover.

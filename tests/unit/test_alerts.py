@@ -15,7 +15,7 @@ from typing import cast
 import pytest
 from aiohttp import web
 
-from pgroute.alerts import Alerter, alert_text, event_payload, mask_url
+from pgroute.alerts import Alerter, FlapDamper, alert_text, event_payload, mask_url
 from pgroute.config import AlertsConfig
 from pgroute.model import Event
 
@@ -252,3 +252,35 @@ async def test_email_via_smtp():
     finally:
         server.shutdown()
         server.server_close()
+
+
+def _state_event(i: int, kind: str, node: str = "mirror") -> Event:
+    return Event(i, kind, f"standby {node} {kind}", NOW, NOW, "ok", (), (("node", node),))
+
+
+def test_flap_damper_holds_back_a_flapping_node_and_counts():
+    damper = FlapDamper(limit=3, window=300.0)
+    kinds = ["node_down", "node_up"] * 5  # a follower flapping every 2 s
+    admitted = [damper.admit(_state_event(i, k), now=2.0 * i) for i, k in enumerate(kinds)]
+    assert admitted[:3] == [0, 0, 0] and admitted[3:] == [None] * 7
+    # Another node is not held back by this one; a switch never is.
+    assert damper.admit(_state_event(50, "node_down", "primary"), now=20.0) == 0
+    assert damper.admit(FAILOVER_DONE, now=20.0) == 0
+    # After the window, the next change is alerted and says how many were held back.
+    assert damper.admit(_state_event(99, "node_up"), now=2.0 * 3 + 300.0) == 7
+    assert damper.admit(_state_event(100, "node_down"), now=2.0 * 3 + 301.0) == 0
+
+
+async def test_flapping_node_alerts_are_damped(receiver):
+    url, received, _ = receiver
+    alerter = Alerter(AlertsConfig(webhook_urls=(url,), timeout=2.0))
+    await alerter.start()
+    try:
+        for i in range(10):
+            alerter.emit(_state_event(i, "node_down" if i % 2 == 0 else "node_up"))
+        alerter.emit(FAILOVER_DONE)
+        await wait_for(lambda: len(received) == 4)
+        await asyncio.sleep(0.2)  # nothing else arrives
+    finally:
+        await alerter.close(2.0)
+    assert [r["kind"] for r in received] == ["node_down", "node_up", "node_down", "failover"]

@@ -187,7 +187,7 @@ async def test_requested_failover_runs_and_routes_to_the_new_epoch(tmp_path):
     assert result["result"] == "ok" and result["kind"] == "failover"
     assert router.route.backend is not None and router.route.backend.name == "mirror"
     assert router.route.epoch == 4 and ctl.state.epoch == 4
-    assert result["details"]["epoch"] == "4"
+    assert result["details"]["epoch"] == 4  # JSON-typed details: a number, not "4"
     assert set(mon.soon) == {P, M}  # stale samples: both probed at once
 
 

@@ -1111,6 +1111,7 @@ FINISHED = [
         active=P,
         epoch=1,
         phase=Phase.NO_ROUTABLE_NODE,
+        standby=Standby.UNKNOWN,
     ),
     case(
         "failover-failed-no-node-keeps-higher-epoch",
@@ -1121,6 +1122,7 @@ FINISHED = [
         active=P,
         epoch=3,
         phase=Phase.NO_ROUTABLE_NODE,
+        standby=Standby.UNKNOWN,
     ),
     case(
         "failover-failed-still-routing-to-down-active",
@@ -1131,6 +1133,7 @@ FINISHED = [
         active=P,
         epoch=0,
         phase=ACTIVE_DOWN,
+        standby=Standby.UNKNOWN,
     ),
     case(
         "manual-failover-failed-active-up",
@@ -1140,6 +1143,7 @@ FINISHED = [
         ["failover failed, still routing to primary"],
         active=P,
         phase=HEALTHY,
+        standby=Standby.UNKNOWN,
     ),
     case(
         "switchover-ok",
@@ -1246,6 +1250,20 @@ FINISHED = [
         active=M,
     ),
 ]
+
+
+def test_a_failed_failover_is_not_retried_until_the_target_is_seen_again():
+    """Both nodes down: one failover attempt, one failure, then quiet repeats; the
+    mirror answering again makes it a target again."""
+    s = st(phase=SUSPECT, failures=3, lag_bytes=0)
+    d = run(s, down())
+    assert kinds(d[0]) == [Act.EVENT, Act.FAILOVER]
+    failed = transition(d[0].state, fin("failover", False, node=M, active=None, epoch=0, detail="mirror unreachable"))
+    assert failed.state.standby is Standby.UNKNOWN
+    repeats = run(failed.state, down(), down(), down())
+    assert all(not x.actions for x in repeats), [x.reason for x in repeats]
+    back = run(repeats[-1].state, following(), down())
+    assert kinds(back[-1]) == [Act.FAILOVER]
 
 
 def test_unknown_result_or_request_cannot_be_observed():

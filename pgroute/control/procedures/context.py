@@ -18,7 +18,7 @@ from pathlib import Path
 import asyncpg
 
 from ...config import Config
-from ...model import NodeName, Operation
+from ...model import Detail, NodeName, Operation
 from ...pg.connect import DB_ERRORS, connect, describe, own_pids
 from ...pg.dsn import Dsn
 from ...pg.naming import subscription_name
@@ -37,7 +37,7 @@ class Op:
     started_at: float = field(default_factory=time.time)
     phase_name: str = "starting"
     phases: list[tuple[str, float]] = field(default_factory=list)
-    details: dict[str, str] = field(default_factory=dict)
+    details: dict[str, Detail] = field(default_factory=dict)  # JSON-typed (see model.Event)
     # Called as each phase starts (progress listeners; tests kill nodes at a phase).
     on_phase: Callable[[Op], None] | None = None
 

@@ -20,7 +20,7 @@ import logging
 
 import asyncpg
 
-from ...model import NodeName
+from ...model import Detail, NodeName
 from ...pg import catalog
 from ...pg.connect import DB_ERRORS, close, describe
 from ...pg.naming import int_to_lsn
@@ -41,7 +41,7 @@ async def failover(ctx: Context, op: Op, target: NodeName, epoch: int, *, manual
         with op.phase("fence"):
             ctx.hold(epoch, f"FAILOVER to {target.value} in progress")
             closed = ctx.router.close_sessions(backend=old.value, reason="FAILOVER: old active node fenced")
-            op.details["sessions_closed"] = str(closed)
+            op.details["sessions_closed"] = closed
             # Automatic: the node was just declared down (a hung one accepts TCP and
             # never answers), so one short attempt, not a full probe timeout, on the
             # critical path. Manual: the node is expected up and must be fenced.
@@ -122,7 +122,7 @@ async def failover(ctx: Context, op: Op, target: NodeName, epoch: int, *, manual
 
 async def promote_node(
     ctx: Context, target: NodeName, new_epoch: int, other: asyncpg.Connection | None = None
-) -> dict[str, str]:
+) -> dict[str, Detail]:
     """Stamp, detach, move sequences, open the reverse publication + slot, unfence.
     Every step is idempotent; raises on node errors. ``other``: a connection to the
     other node when it answers, to prove the subscription dropped is not its own."""
@@ -143,8 +143,8 @@ async def promote_node(
         await repl.set_synchronous(conn, slot if strict else None)
         await fencing.unfence(conn)
         return {
-            "subscription_dropped": str(report.get("subscription_dropped")),
-            "sequences_moved": str(len(report.get("sequences", {}))),
+            "subscription_dropped": bool(report.get("subscription_dropped")),
+            "sequences_moved": len(report.get("sequences", {})),
             "retention_slot": f"{slot} ({'created' if created else 'existed'})",
         }
     finally:

@@ -69,7 +69,7 @@ async def rejoin(
             op.details["applied_lsn"] = applied or "unknown"
             diverged = not divset.empty
             op.details["orphaned_slot"] = "found" if divset.slot_found else "absent"
-            op.details["divergent_transactions"] = str(len(divset.transactions))
+            op.details["divergent_transactions"] = len(divset.transactions)
             if diverged:
                 label = f"divergent-{node.value}-epoch{epoch}-{int(time.time())}"
                 # Files first: whatever happens next, the divergent commits are on disk.
@@ -80,9 +80,9 @@ async def rejoin(
                     {
                         "recovery_jsonl": str(jsonl),
                         "recovery_sql": str(sql),
-                        "divergent_applied": str(report.applied),
-                        "divergent_identical": str(report.skipped_identical),
-                        "conflicts": str(len(report.conflicts)),
+                        "divergent_applied": report.applied,
+                        "divergent_identical": report.skipped_identical,
+                        "conflicts": len(report.conflicts),
                     }
                 )
                 conflicts = [_conflict_json(c, jsonl) for c in report.conflicts]

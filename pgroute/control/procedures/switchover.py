@@ -58,8 +58,8 @@ async def switchover(ctx: Context, op: Op, target: NodeName, epoch: int) -> OpRe
         with op.phase("fence"):
             # Writes stop here: open sessions could still commit during the drain.
             t_stop = time.monotonic()
-            op.details["sessions_closed"] = str(
-                ctx.router.close_sessions(backend=old.value, reason=f"{op.tag}: switching to {target.value}")
+            op.details["sessions_closed"] = ctx.router.close_sessions(
+                backend=old.value, reason=f"{op.tag}: switching to {target.value}"
             )
             await fencing.fence(old_conn, spare=ctx.own_pids(old))
             lsn = await catalog.current_lsn(old_conn)
@@ -87,8 +87,8 @@ async def switchover(ctx: Context, op: Op, target: NodeName, epoch: int) -> OpRe
             ctx.router.close_sessions(before_epoch=new_epoch, reason=f"{op.tag}: epoch changed")
             now = time.monotonic()
             stall = now - t_stop
-            op.details["write_stall_ms"] = f"{stall * 1000:.0f}"
-            op.details["new_connections_held_ms"] = f"{(now - t_hold) * 1000:.0f}"
+            op.details["write_stall_ms"] = round(stall * 1000)
+            op.details["new_connections_held_ms"] = round((now - t_hold) * 1000)
         with op.phase("resubscribe"):
             try:
                 await catalog.write_stamp(old_conn, new_epoch, target.value)
