@@ -23,9 +23,12 @@ import json
 import logging
 from collections.abc import Awaitable, Callable
 from datetime import UTC, datetime
+from http import HTTPStatus
 from typing import Any, Protocol
 
 from aiohttp import web
+from aiohttp.web_protocol import RequestHandler
+from aiohttp.web_request import BaseRequest
 from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.exposition import CONTENT_TYPE_PLAIN_0_0_4
 
@@ -282,10 +285,49 @@ def make_app(
     return app
 
 
+class _JsonErrorHandler(RequestHandler):
+    """aiohttp answers a request it cannot parse (a header over 8 KB, a negative
+    Content-Length, garbage) before any handler or middleware runs, with text/plain
+    that echoes the input and a traceback in the log at ERROR. Here: one log line
+    and a JSON error that repeats nothing the client sent."""
+
+    def handle_error(
+        self, request: BaseRequest, status: int = 500, exc: BaseException | None = None, message: str | None = None
+    ) -> web.StreamResponse:
+        log.warning(
+            "API: unusable HTTP request from %s: %s (%s)", request.remote, status, type(exc).__name__ if exc else "-"
+        )
+        if request.writer.output_size > 0:  # a response is already under way: nothing more can be said
+            raise ConnectionError("response already started")
+        try:
+            phrase = HTTPStatus(status).phrase
+        except ValueError:
+            phrase = "error"
+        resp = web.json_response({"error": f"{status} {phrase}: malformed or oversized HTTP request"}, status=status)
+        resp.force_close()
+        return resp
+
+
+class _JsonErrorServer(web.Server):
+    def __call__(self) -> RequestHandler:
+        return _JsonErrorHandler(self, loop=self._loop, **self._kwargs)
+
+
+class _ApiRunner(web.AppRunner):
+    """An AppRunner whose connections answer unparseable requests with JSON.
+    (aiohttp offers no public hook for this: tests/unit/test_api.py pins the
+    behaviour, so an aiohttp upgrade that changes the internals fails there.)"""
+
+    async def _make_server(self) -> web.Server:
+        server = await super()._make_server()
+        server.__class__ = _JsonErrorServer
+        return server
+
+
 async def start_api(app: web.Application, host: str, port: int) -> web.AppRunner:
     """Serve ``app`` on host:port (port 0: any free port; see ``bound_port``)."""
     # No access log: Prometheus scrapes would drown the log; commands are logged above.
-    runner = web.AppRunner(app, access_log=None, handle_signals=False)
+    runner = _ApiRunner(app, access_log=None, handle_signals=False)
     await runner.setup()
     site = web.TCPSite(runner, host, port, reuse_address=True)
     try:

@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import asyncio
 import copy
+import json
+import logging
 import time
 from collections.abc import Callable
 
@@ -367,3 +370,36 @@ async def test_no_password_in_any_response(client, fake):
     fake.refuse = f"refused: {LEAKY_DSN}"
     text = await (await client.post("/api/failover")).text()
     assert SECRET not in text and "postgres:***@" in text
+
+
+@pytest.mark.parametrize(
+    "raw",
+    [
+        b"GET /api/health HTTP/1.1\r\nHost: x\r\nX-Big: " + b"A" * 9000 + b"\r\n\r\n",
+        b"POST /api/pause HTTP/1.1\r\nHost: x\r\nContent-Length: -1\r\n\r\n",
+        b"GET /api/health HTTP/1.1\r\nHost: x\r\nBad Header With Spaces: <script>\r\n\r\n",
+    ],
+    ids=["header-over-8k", "negative-content-length", "invalid-header"],
+)
+async def test_malformed_http_gets_json_and_one_log_line(fake, router, raw, caplog):
+    from pgroute.api.http import bound_port, start_api, stop_api
+
+    app = make_app(fake, router, make_config(), None)
+    runner = await start_api(app, "127.0.0.1", 0)
+    try:
+        caplog.clear()
+        reader, writer = await asyncio.open_connection("127.0.0.1", bound_port(runner))
+        writer.write(raw)
+        await writer.drain()
+        response = await asyncio.wait_for(reader.read(), 5)
+        writer.close()
+    finally:
+        await stop_api(runner)
+    head, _, body = response.partition(b"\r\n\r\n")
+    assert head.split(b" ")[1].startswith(b"4"), head  # aiohttp answers a broken request as HTTP/1.0
+    assert b"application/json" in head
+    data = json.loads(body)
+    assert "malformed" in data["error"]
+    assert b"AAAA" not in body and b"script" not in body
+    assert not [r for r in caplog.records if r.levelno >= logging.ERROR or r.exc_info]
+    assert len([r for r in caplog.records if "unusable HTTP request" in r.getMessage()]) == 1
