@@ -17,7 +17,7 @@ import tomllib
 from collections.abc import Mapping
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator
 
 from .errors import ConfigError
 from .files import read_regular_file
@@ -123,16 +123,13 @@ class ProxyConfig(_Listener):
 
     @field_validator("listen_piped")
     @classmethod
-    def _listen_piped(cls, v: str) -> str:
+    def _listen_piped(cls, v: str, info: ValidationInfo) -> str:
         if v:
-            parse_listen(v)
+            host, port = parse_listen(v)
+            listen = info.data.get("listen")  # validated first (declared first)
+            if port != 0 and isinstance(listen, str) and parse_listen(listen) == (host, port):
+                raise ValueError("must differ from proxy.listen")
         return v
-
-    @model_validator(mode="after")
-    def _distinct_listeners(self) -> ProxyConfig:
-        if self.listen_piped and self.piped_port != 0 and self.piped_port == self.port and self.piped_host == self.host:
-            raise ValueError("listen_piped must differ from listen")
-        return self
 
     @property
     def piped_host(self) -> str:

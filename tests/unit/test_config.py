@@ -55,6 +55,7 @@ def run_cli(args, env=None):
         (DSNS + '[api]\nlisten = "0.0.0.0:65536"\n', "api.listen"),
         (DSNS + '[replication]\nsynchronous = "maybe"\n', "replication.synchronous"),
         (DSNS + '[proxy]\nsplice = "yes"\n', "proxy.splice"),
+        (DSNS + '[proxy]\nlisten = "127.0.0.1:7000"\nlisten_piped = "127.0.0.1:7000"\n', "proxy.listen_piped"),
         (DSNS + '[alerts]\nwebhook_urls = ["ftp://x"]\n', "alerts.webhook_urls"),
         ('[mirror]\ndsn = "postgresql://u@h/db"\n', "primary"),  # missing DSN
         ("[health\n", "--config"),  # not TOML
