@@ -219,6 +219,8 @@ class ClientProtocol(_Leg):
         "epoch",
         "backend_name",
         "admitted",
+        "refusing",
+        "deadline",
         "handshake",
         "_on_made",
         "_on_lost",
@@ -235,7 +237,9 @@ class ClientProtocol(_Leg):
         super().__init__(stats)
         self.epoch = -1
         self.backend_name = ""
-        self.admitted = False  # counted against max_client_connections
+        self.admitted = False  # holds one of the max_client_connections slots
+        self.refusing = False  # over the limit: in the server's refusal pool
+        self.deadline = 0.0  # loop time by which the client must have sent its startup packet
         self.handshake: asyncio.Task[None] | None = None
         self._on_made = on_made
         self._on_lost = on_lost

@@ -120,6 +120,17 @@ class Router:
             self.stats.waiting -= 1
         return route
 
+    async def wait_changed(self, since: Route, timeout: float) -> Route:
+        """The current route once it differs from ``since``, or after ``timeout``
+        seconds whatever it is (the caller compares)."""
+        if self._route == since:
+            try:
+                async with asyncio.timeout(timeout):  # not wait_for: gh-86296
+                    await self._changed.wait()
+            except TimeoutError:
+                pass
+        return self._route
+
     # -- sessions ----------------------------------------------------------------
     def register(self, session: Session) -> bool:
         """Track a session for fencing. A session routed under an epoch older than the

@@ -1,9 +1,10 @@
 """The proxy's listening server: admission, routing and backend connection per client.
 
-For each accepted client a handshake task reads the first packet (within
-``startup_timeout``), admits it against ``max_client_connections``, asks the Router
+Each accepted socket takes one of ``max_client_connections`` slots at once; a
+handshake task reads its first packet (within ``startup_timeout``), asks the Router
 for the active node (waiting up to ``pause_timeout`` while paused), connects to it
-(within ``connect_timeout``), forwards the first packet and pairs the two legs. With
+(within ``connect_timeout``; a failed connect holds the session for the failover it
+signals, see ``_connect_session``), forwards the first packet and pairs the two legs. With
 kernel splicing (``splice`` auto/on, ``sockmap.py``) the pair is the two sockets in
 the kernel's sockhash and ``spliced.py`` watches for its end; otherwise (``splice``
 off, a kernel that refuses, a client that pipelined past its first packet, a
@@ -26,12 +27,19 @@ Invariants:
 - A spliced session's first packet is written by pgroute before the client can send
   anything else, so nothing the kernel forwards can overtake it; a client that has
   already sent more is piped instead.
-- A misbehaving client (garbage, a huge announced length, silence, a truncated packet)
-  costs one handshake task and one socket for at most ``startup_timeout``; nothing it
-  does reaches other sessions.
-- CancelRequests are not counted against ``max_client_connections`` (they are
-  short-lived and most needed when the server is overloaded) and go to the active
-  node without waiting on a pause.
+- A misbehaving client (garbage, a huge announced length, silence, a truncated packet,
+  an SSLRequest or GSSENCRequest followed by silence) costs one slot and at most two
+  sockets for at most ``startup_timeout``; nothing it does reaches other sessions.
+  The file descriptors of every slot are reserved at start (``limits.py``).
+- A socket accepted beyond the limit joins a small refusal pool, read within the same
+  deadline to answer 53300 (or to forward a CancelRequest: those are short-lived and
+  most needed when the server is overloaded, and go to the active node without
+  waiting on a pause); beyond the pool it is closed unread. Either way it is counted.
+- Every refusal goes through ``_reject``: the metric by reason, a rate-limited log line.
+- A new session whose backend connect fails is refused only once ``pause_timeout``
+  has passed with no node it could reach, or the Router says no node is routable.
+
+At a little over 600 lines: the handshake reads as one sequence, kept in one place.
 """
 
 from __future__ import annotations
@@ -43,10 +51,11 @@ import socket
 import time
 from typing import Literal, cast, overload
 
-from . import startup
+from . import limits, startup
 from .backend_socket import open_socket
+from .guards import RateLimitedLog, watch_encryption
 from .protocols import CLOSE_FLUSH_TIMEOUT, BackendProtocol, ClientGone, ClientProtocol, tune_listening_socket
-from .router import Route, Router
+from .router import Backend, Route, Router
 from .sockmap import TRUSTED_KERNEL, Splicer, SpliceUnavailable, trusted_kernel
 from .spliced import SplicedSession, SpliceWatcher, inq
 from .startup import FirstPacket, PacketKind, StartupError
@@ -61,6 +70,12 @@ REJECT_BACKEND_UNREACHABLE = "backend_unreachable"
 REJECT_STARTUP_TIMEOUT = "startup_timeout"
 REJECT_INVALID_STARTUP = "invalid_startup"
 REJECT_SHUTDOWN = "shutdown"
+REJECT_ENCRYPTION_TIMEOUT = "encryption_timeout"
+
+# A new session whose backend connect fails retries the same node this often (doubling
+# up to the maximum) while it waits for the control path to publish another route.
+_RETRY_FIRST = 0.1
+_RETRY_MAX = 1.0
 
 # A connect failure is logged at most this often per backend: when a node dies, every
 # new client fails the same way and the control path already hears each one.
@@ -98,7 +113,11 @@ class ProxyServer:
         self.shutdown_timeout = shutdown_timeout
         self._server: asyncio.Server | None = None
         self._clients: set[ClientProtocol] = set()
-        self._admitted = 0
+        self._admitted = 0  # sockets holding a slot (handshaking, piped or spliced)
+        self._refusing = 0  # sockets beyond the limit, in their refusal
+        self._refusal_pool = limits.refusal_pool(max_client_connections)
+        self._fd_reservation = 0
+        self._refusal_log = RateLimitedLog(log, "refused a client connection")
         self._closing = False
         self._failure_logged: dict[str, float] = {}
         self._all_closed: asyncio.Event | None = None
@@ -112,7 +131,13 @@ class ProxyServer:
         self._all_closed = asyncio.Event()
         self._all_closed.set()
         stats = self.router.stats
-        self._start_splicing(loop)
+        # Before anything is opened: a limit that cannot be honoured is a failed start.
+        self._fd_reservation = limits.reserve(self.max_client_connections)
+        try:
+            self._start_splicing(loop)
+        except BaseException:
+            self._release_descriptors()
+            raise
         try:
             self._server = await loop.create_server(
                 lambda: ClientProtocol(stats, self._client_made, self._client_lost),
@@ -124,6 +149,7 @@ class ProxyServer:
             )
         except BaseException:
             self._stop_splicing()  # e.g. the port is taken: release the BPF objects
+            self._release_descriptors()
             raise
         # Before the first accept: accepted sockets inherit the listener's options.
         for sock in self._server.sockets:
@@ -216,7 +242,12 @@ class ProxyServer:
                 await asyncio.sleep(0)
         await self._server.wait_closed()
         self._stop_splicing()
+        self._release_descriptors()
         log.info("proxy closed")
+
+    def _release_descriptors(self) -> None:
+        limits.release(self._fd_reservation)
+        self._fd_reservation = 0
 
     def _stop_splicing(self) -> None:
         if self._spliced is not None:
@@ -229,10 +260,27 @@ class ProxyServer:
 
     # -- per-connection bookkeeping (called by ClientProtocol) ---------------------------
     def _client_made(self, client: ClientProtocol) -> None:
+        """Every accepted socket takes a slot from its first moment: a socket that
+        never sends a byte costs a descriptor like any other."""
+        loop = asyncio.get_running_loop()
+        client.deadline = loop.time() + self.startup_timeout
         self._clients.add(client)
         assert self._all_closed is not None
         self._all_closed.clear()
-        client.handshake = asyncio.get_running_loop().create_task(self._handshake(client))
+        if self._admitted < self.max_client_connections:
+            client.admitted = True
+            self._admitted += 1
+            self.router.stats.connections_current += 1  # open sockets, as the limit sees them
+            client.handshake = loop.create_task(self._handshake(client))
+        elif self._refusing < self._refusal_pool:
+            # Read its first packet (within the same deadline) to answer 53300 where
+            # the driver reads it, or to forward a CancelRequest.
+            client.refusing = True
+            self._refusing += 1
+            client.handshake = loop.create_task(self._handshake(client, over_limit=True))
+        else:
+            self._reject(REJECT_MAX_CONNECTIONS, "limit reached and refusal pool full: closed unread")
+            client.abort()
 
     def _client_lost(self, client: ClientProtocol) -> None:
         self._clients.discard(client)
@@ -241,6 +289,9 @@ class ProxyServer:
             self._admitted -= 1
             self.router.stats.connections_current -= 1
             self.router.unregister(client)
+        if client.refusing:
+            client.refusing = False
+            self._refusing -= 1
         self._maybe_all_closed()
 
     def _spliced_closed(self, session: SplicedSession) -> None:
@@ -254,9 +305,9 @@ class ProxyServer:
             self._all_closed.set()
 
     # -- handshake -------------------------------------------------------------------------
-    async def _handshake(self, client: ClientProtocol) -> None:
+    async def _handshake(self, client: ClientProtocol, over_limit: bool = False) -> None:
         try:
-            await self._handshake_steps(client)
+            await self._handshake_steps(client, over_limit)
         except ClientGone:
             client.abort()
         except asyncio.CancelledError:
@@ -269,36 +320,38 @@ class ProxyServer:
             # A finished task held for the whole session is memory per connection.
             client.handshake = None
 
-    async def _handshake_steps(self, client: ClientProtocol) -> None:
+    async def _handshake_steps(self, client: ClientProtocol, over_limit: bool) -> None:
         stats = self.router.stats
+        loop = asyncio.get_running_loop()
         try:
-            first = await client.read_packet(self.startup_timeout)
+            first = await client.read_packet(max(0.0, client.deadline - loop.time()))
         except StartupError as e:
-            stats.reject(REJECT_INVALID_STARTUP)
-            log.debug("invalid startup packet: %s", e.message)
+            self._reject(REJECT_INVALID_STARTUP, e.message)
             self._send_error_and_close(client, e.sqlstate, e.message)
             return
         except TimeoutError:
-            stats.reject(REJECT_STARTUP_TIMEOUT)
+            self._reject(REJECT_STARTUP_TIMEOUT, f"no startup packet within {self.startup_timeout:g}s")
             self._send_error_and_close(client, "08P01", "timeout expired waiting for the startup packet")
             return
+        # What is left of startup_timeout is the client's for the rest of its part of
+        # the handshake (after an SSL/GSS request: starting the negotiation); time spent
+        # waiting on pgroute (a pause, a failover) is not charged to it.
+        budget = client.deadline - loop.time()
 
         if first.kind is PacketKind.CANCEL_REQUEST:
             await self._forward_cancel(client, first)
             return
-
+        if over_limit:
+            await self._refuse(
+                client, first, "53300", "sorry, too many clients already", REJECT_MAX_CONNECTIONS, timeout=budget
+            )
+            return
         if self._closing:
             await self._refuse(
                 client, first, "57P01", "terminating connection: pgroute is shutting down", REJECT_SHUTDOWN
             )
             return
-        if self._admitted >= self.max_client_connections:
-            await self._refuse(client, first, "53300", "sorry, too many clients already", REJECT_MAX_CONNECTIONS)
-            return
-        client.admitted = True
-        self._admitted += 1
-        stats.connections_current += 1
-        stats.connections_total += 1
+        stats.connections_total += 1  # sessions: a CancelRequest is not one
 
         route = self.router.route
         if not route.routable:
@@ -306,33 +359,34 @@ class ProxyServer:
             if not route.routable:
                 await self._refuse_unroutable(client, first, route)
                 return
-        backend = route.backend
-        assert backend is not None
 
-        transport: asyncio.Transport | None
+        transport: asyncio.Transport
         if self._spliced is not None:
-            sock = await self._connect(client, first, route, raw=True)
-            if sock is None:
+            connected = await self._connect_session(client, first, route, raw=True)
+            if connected is None:
                 return
+            route, sock = connected
             if client.closed:
                 sock.close()
                 return
-            if await self._splice(client, first, route, sock):
+            if await self._splice(client, first, route, sock, budget):
                 return
             # Not spliced (a pipelining client): the same backend connection, piped.
-            transport, _ = await asyncio.get_running_loop().create_connection(
-                lambda: BackendProtocol(client, stats), sock=sock
-            )
+            transport, _ = await loop.create_connection(lambda: BackendProtocol(client, stats), sock=sock)
         else:
-            transport = await self._connect(client, first, route)
-            if transport is None:
+            piped = await self._connect_session(client, first, route)
+            if piped is None:
                 return
+            route, transport = piped
         if client.closed:
             transport.close()
             return
+        backend = route.backend
+        assert backend is not None
         # Both connects above build the transport with a BackendProtocol factory.
         client.attach(cast(BackendProtocol, transport.get_protocol()), first.raw, route.epoch, backend.name)
-        self.router.register(client)
+        if self.router.register(client) and first.wants_encryption:
+            watch_encryption(client, len(first.raw), budget, self._encryption_stalled)
         if log.isEnabledFor(logging.DEBUG):
             who = (
                 f"{first.user}@{first.database}" if first.kind is PacketKind.STARTUP else first.kind.value
@@ -340,7 +394,7 @@ class ProxyServer:
             log.debug("session %s -> %s (epoch %d)", who, backend.name, route.epoch)
 
     async def _splice(
-        self, client: ClientProtocol, first: FirstPacket, route: Route, backend_sock: socket.socket
+        self, client: ClientProtocol, first: FirstPacket, route: Route, backend_sock: socket.socket, budget: float
     ) -> bool:
         """Hand the session to the kernel; False (nothing changed) when the client
         cannot be spliced safely or the kernel refuses the pair."""
@@ -380,26 +434,79 @@ class ProxyServer:
             log.warning("client sent data before the server answered its startup packet; closing the session")
             session.close("client did not wait for the server")
             return True
-        self.router.register(session)
+        if self.router.register(session) and first.wants_encryption:
+            watch_encryption(session, len(first.raw), budget, self._encryption_stalled)
         return True
 
     @overload
-    async def _connect(
+    async def _connect_session(
         self, client: ClientProtocol, first: FirstPacket, route: Route, raw: Literal[False] = False
-    ) -> asyncio.Transport | None: ...
+    ) -> tuple[Route, asyncio.Transport] | None: ...
 
     @overload
-    async def _connect(
+    async def _connect_session(
         self, client: ClientProtocol, first: FirstPacket, route: Route, raw: Literal[True]
-    ) -> socket.socket | None: ...
+    ) -> tuple[Route, socket.socket] | None: ...
 
-    async def _connect(
+    async def _connect_session(
         self, client: ClientProtocol, first: FirstPacket, route: Route, raw: bool = False
-    ) -> asyncio.Transport | socket.socket | None:
-        """A transport to the route's backend (with ``raw``, a connected non-blocking
-        socket instead), or None after refusing the client."""
-        backend = route.backend
-        assert backend is not None
+    ) -> tuple[Route, asyncio.Transport | socket.socket] | None:
+        """The route a new session ended up on and its backend connection, or None
+        after refusing the client.
+
+        A failed connect does not refuse the client at once: between a crash and its
+        detection the node is dead while still routed. The failure is reported (the
+        controller probes the node now), and the session is held for up to
+        ``pause_timeout``: it retries the node (a passing failure) and follows the
+        route the control path publishes (a failover's new epoch). It is refused only
+        when that wait ends with no routable node, or with the node still failing."""
+        loop = asyncio.get_running_loop()
+        stats = self.router.stats
+        deadline: float | None = None
+        delay = _RETRY_FIRST
+        try:
+            while True:
+                backend = route.backend
+                assert backend is not None
+                try:
+                    return route, await self._open(client, backend, raw)
+                except (OSError, TimeoutError) as e:
+                    error = str(e) or f"timeout after {self.connect_timeout:g}s"
+                self._note_backend_failure(backend.name, backend.host, backend.port, error)
+                now = loop.time()
+                if deadline is None:
+                    deadline = now + self.pause_timeout
+                    stats.waiting += 1
+                if first.kind is PacketKind.CANCEL_REQUEST or now >= deadline:
+                    self._reject(REJECT_BACKEND_UNREACHABLE, f"{backend.name}: {error}")
+                    if first.kind is PacketKind.CANCEL_REQUEST:
+                        client.abort()
+                    else:
+                        await self._refuse(
+                            client,
+                            first,
+                            "08006",
+                            f'pgroute could not connect to node "{backend.name}" '
+                            f"({backend.host}:{backend.port}): {error}",
+                            None,
+                        )
+                    return None
+                new = await self.router.wait_changed(route, min(delay, deadline - now))
+                delay = min(delay * 2, _RETRY_MAX)
+                if new != route:
+                    if not new.routable:
+                        new = await self.router.wait_routable(max(0.0, deadline - loop.time()))
+                        if not new.routable:
+                            await self._refuse_unroutable(client, first, new)
+                            return None
+                    route, delay = new, _RETRY_FIRST
+        finally:
+            if deadline is not None:
+                stats.waiting -= 1
+
+    async def _open(self, client: ClientProtocol, backend: Backend, raw: bool) -> asyncio.Transport | socket.socket:
+        """A transport to ``backend`` (with ``raw``, a connected non-blocking socket
+        instead) within ``connect_timeout``; OSError or TimeoutError otherwise."""
         loop = asyncio.get_running_loop()
         stats = self.router.stats
         # The connect timeout is asyncio.timeout's mechanism without its Python-level
@@ -411,36 +518,18 @@ class ProxyServer:
         expired: list[bool] = []
         timer = loop.call_later(self.connect_timeout, _cancel_on_timeout, task, expired)
         try:
-            try:
-                connected: asyncio.Transport | socket.socket
-                if raw:
-                    connected = await open_socket(loop, backend.host, backend.port)
-                else:
-                    connected, _ = await loop.create_connection(
-                        lambda: BackendProtocol(client, stats), backend.host, backend.port
-                    )
-            except asyncio.CancelledError:
-                if expired and task.uncancel() <= cancelling:
-                    raise TimeoutError() from None
-                raise  # connection_lost cancelled the handshake: the client is gone
-            finally:
-                timer.cancel()
-        except (OSError, TimeoutError) as e:
-            error = str(e) or f"timeout after {self.connect_timeout:g}s"
-            self._note_backend_failure(backend.name, backend.host, backend.port, error)
-            stats.reject(REJECT_BACKEND_UNREACHABLE)
-            if first.kind is not PacketKind.CANCEL_REQUEST:
-                await self._refuse(
-                    client,
-                    first,
-                    "08006",
-                    f'pgroute could not connect to node "{backend.name}" ({backend.host}:{backend.port}): {error}',
-                    None,
-                )
-            else:
-                client.abort()
-            return None
-        return connected
+            if raw:
+                return await open_socket(loop, backend.host, backend.port)
+            transport, _ = await loop.create_connection(
+                lambda: BackendProtocol(client, stats), backend.host, backend.port
+            )
+            return transport
+        except asyncio.CancelledError:
+            if expired and task.uncancel() <= cancelling:
+                raise TimeoutError() from None
+            raise  # connection_lost cancelled the handshake: the client is gone
+        finally:
+            timer.cancel()
 
     def _note_backend_failure(self, name: str, host: str, port: int, error: str) -> None:
         self.router.report_backend_failure(name, error)
@@ -457,9 +546,10 @@ class ProxyServer:
         if route.backend is None:
             client.abort()
             return
-        transport = await self._connect(client, first, route)
-        if transport is None:
+        connected = await self._connect_session(client, first, route)
+        if connected is None:
             return
+        _, transport = connected
         if client.closed:
             transport.close()
             return
@@ -479,7 +569,13 @@ class ProxyServer:
         )
 
     async def _refuse(
-        self, client: ClientProtocol, first: FirstPacket, sqlstate: str, message: str, reason: str | None
+        self,
+        client: ClientProtocol,
+        first: FirstPacket,
+        sqlstate: str,
+        message: str,
+        reason: str | None,
+        timeout: float | None = None,
     ) -> None:
         """Send an ErrorResponse the client will actually read, then close.
 
@@ -488,12 +584,13 @@ class ProxyServer:
         plaintext, the way a server refusing encryption would; only then is an error
         where libpq, asyncpg and psycopg look for it. Reading that packet also means
         no unread client bytes are pending when we close, so the kernel sends a FIN,
-        not a RST that could discard the error before the client reads it."""
+        not a RST that could discard the error before the client reads it. The client
+        has ``timeout`` seconds for that (default ``startup_timeout``)."""
         if reason is not None:
-            self.router.stats.reject(reason)
+            self._reject(reason, message)
         if first.wants_encryption:
             try:
-                async with asyncio.timeout(self.startup_timeout):
+                async with asyncio.timeout(self.startup_timeout if timeout is None else max(0.0, timeout)):
                     # libpq may try GSS first and then SSL: refuse each in turn.
                     for _ in range(2):
                         client.write(startup.ENCRYPTION_REFUSED)
@@ -504,6 +601,17 @@ class ProxyServer:
                 client.abort()
                 return
         self._send_error_and_close(client, sqlstate, message)
+
+    # -- refusals -------------------------------------------------------------------------
+    def _reject(self, reason: str, detail: str) -> None:
+        """Count a refusal by reason (the metric) and log it, rate-limited."""
+        self.router.stats.reject(reason)
+        self._refusal_log.note(reason, detail)
+
+    def _encryption_stalled(self, session: ClientProtocol | SplicedSession) -> None:
+        detail = f"SSL/GSS negotiation not under way within proxy.startup_timeout ({self.startup_timeout:g}s)"
+        self._reject(REJECT_ENCRYPTION_TIMEOUT, detail)
+        session.close(detail)
 
     def _send_error_and_close(self, client: ClientProtocol, sqlstate: str, message: str) -> None:
         client.write(startup.error_response(sqlstate, message))

@@ -66,6 +66,11 @@ def _tcp_info(sock: socket.socket) -> tuple[int, int, int]:
     return state, struct.unpack_from("<Q", raw, _TCPI_BYTES_ACKED)[0], received
 
 
+def bytes_received(sock: socket.socket) -> int:
+    """Data bytes a TCP socket has received from its peer so far (0 once it is gone)."""
+    return _tcp_info(sock)[2]
+
+
 def _outq(sock: socket.socket) -> int:
     """Bytes written to a socket and not yet acknowledged by its peer (SIOCOUTQ)."""
     try:

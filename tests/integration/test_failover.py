@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
+import time
 
 import asyncpg
 import pytest
@@ -188,3 +189,69 @@ async def test_lag_gate_refuses_automatic_failover(pair, tmp_path, caplog):
         assert "max_lag_bytes" in st["reason"]
         blocker.terminate()
     assert any("FAILOVER not started" in r.getMessage() for r in caplog.records)
+
+
+@pytest.mark.parametrize("splice", ["on", "off"])
+async def test_new_connections_during_kill9_failover_see_only_a_delay(pair, tmp_path, splice):
+    """A client that opens a fresh connection for every ``SELECT 1``, through a kill -9
+    of the primary: between the crash and its detection its connects used to fail
+    (08006, "could not connect to node primary"); now the proxy holds them until the
+    mirror is routed."""
+    config = make_config(pair, tmp_path, proxy={"splice": splice})
+    async with running_pgroute(config) as running:
+        await _wait_following(running)
+        dsn = proxy_dsn(running)
+        connect_errors: list[str] = []
+        query_errors: list[str] = []
+        served = 0
+        slowest = 0.0
+        stop = asyncio.Event()
+
+        async def client() -> None:
+            nonlocal served, slowest
+            while not stop.is_set():
+                started = time.monotonic()
+                try:
+                    conn = await asyncpg.connect(dsn, timeout=30)
+                except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError) as e:
+                    connect_errors.append(repr(e))
+                    await asyncio.sleep(0.01)
+                    continue
+                try:
+                    assert await conn.fetchval("SELECT 1") == 1
+                    served += 1
+                except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError) as e:
+                    # A session opened just before the kill dies with its server: that
+                    # is not a new connection refused.
+                    query_errors.append(repr(e))
+                finally:
+                    conn.terminate()
+                slowest = max(slowest, time.monotonic() - started)
+
+        task = asyncio.create_task(client())
+        try:
+            await wait_for(lambda: served >= 20, 30, what="connections before the kill")
+            pair.primary.kill()
+            killed_at = served
+            await _wait_state(running, lambda s: s["active"] == "mirror", 30, "failover to mirror")
+            await wait_for(lambda: served >= killed_at + 20, 30, what="connections after the failover")
+        finally:
+            stop.set()
+            await task
+        rejected = dict(running.router.stats.rejected)
+    logging.getLogger(__name__).info(
+        "splice=%s served=%d connect errors=%d query errors=%d slowest=%.2fs rejected=%s",
+        splice,
+        served,
+        len(connect_errors),
+        len(query_errors),
+        slowest,
+        rejected,
+    )
+    # No connection is refused: none says pgroute could not connect to the primary.
+    assert not [e for e in connect_errors if "could not connect" in e], connect_errors
+    assert "backend_unreachable" not in rejected
+    # The loop is sequential, so one connection at most is in flight at the kill. If
+    # the proxy had already handed it to the primary (connecting, authenticating or
+    # querying), it dies with its server: pgroute cannot replay a conversation.
+    assert len(connect_errors) + len(query_errors) <= 1, (connect_errors, query_errors)

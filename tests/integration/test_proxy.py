@@ -409,6 +409,56 @@ async def test_over_max_client_connections(local_cluster, make_proxy):
         await c.close()
 
 
+async def test_silent_sockets_count_against_max_client_connections(local_cluster, make_proxy):
+    router = Router(Route(backend_of(local_cluster), 1))
+    proxy = await make_proxy(router, max_client_connections=3, startup_timeout=1.0)
+    silent = [await asyncio.open_connection("127.0.0.1", proxy.port) for _ in range(3)]
+    await eventually(lambda: proxy.client_count == 3)
+    # The three sockets that never sent a byte hold the three slots.
+    with pytest.raises(asyncpg.TooManyConnectionsError):
+        await apg_connect(local_cluster, proxy)
+    for r, w in silent:  # closed with 08P01 at startup_timeout: the slots come back
+        assert startup.parse_error_response(await read_until_closed(r))["C"] == "08P01"
+        w.close()
+    await assert_serving(local_cluster, proxy)
+    assert router.stats.rejected == {"max_connections": 1, "startup_timeout": 3}
+
+
+async def test_handshake_flood_leaves_legitimate_clients_served(local_cluster, make_proxy):
+    """150 sockets that go silent (50 plain, 50 after an SSLRequest, 50 after a
+    GSSENCRequest) while legitimate clients connect: they are served, and every flood
+    socket is closed once startup_timeout has passed."""
+    router = Router(Route(backend_of(local_cluster), 1))
+    proxy = await make_proxy(router, max_client_connections=170, startup_timeout=1.5)
+    requests = [b"", startup.ssl_request(), startup.gssenc_request()]
+    flood = []
+    started = time.monotonic()
+    for i in range(150):
+        r, w = await asyncio.open_connection("127.0.0.1", proxy.port)
+        w.write(requests[i % 3])
+        flood.append((r, w))
+    served = 0
+    while time.monotonic() - started < 1.0:
+        await assert_serving(local_cluster, proxy)
+        served += 1
+    assert served >= 3
+
+    async def closed(r: asyncio.StreamReader) -> bytes:
+        return await read_until_closed(r, timeout=6.0)
+
+    replies = await asyncio.gather(*(closed(r) for r, _ in flood))
+    elapsed = time.monotonic() - started
+    for _, w in flood:
+        w.close()
+    assert 1.4 < elapsed < 6.0, elapsed
+    # Plain: 08P01; after a request: the server's one-byte answer, then the drop.
+    assert all(startup.parse_error_response(reply)["C"] == "08P01" for reply in replies[0::3])
+    assert all(len(reply) <= 1 for i, reply in enumerate(replies) if i % 3)
+    assert router.stats.rejected == {"startup_timeout": 50, "encryption_timeout": 100}
+    await eventually(lambda: proxy.client_count == 0 and router.stats.connections_current == 0)
+    await assert_serving(local_cluster, proxy)
+
+
 # -- backpressure -----------------------------------------------------------------------------
 async def test_slow_reader_bounds_proxy_buffers(local_cluster, proxy):
     reader, writer = await raw_session(local_cluster, proxy)
@@ -504,15 +554,18 @@ async def test_unreachable_backend_reports_08006_and_failure(local_cluster, make
     router = Router(Route(Backend("mirror", "127.0.0.1", dead_port), 1))
     failures = []
     router.add_failure_listener(lambda name, error: failures.append((name, error)))
-    proxy = await make_proxy(router)
+    # A failed connect holds the session (a failover may be under way) for up to
+    # pause_timeout, retrying; nothing changes here, so it is refused after it.
+    proxy = await make_proxy(router, pause_timeout=0.3)
     with pytest.raises(psycopg.OperationalError, match='node "mirror"') as e:
         await psycopg.AsyncConnection.connect(conninfo(local_cluster, proxy, password="s3cret"))
     assert "s3cret" not in str(e.value)
     with pytest.raises(asyncpg.ConnectionFailureError, match='node "mirror"') as e:
         await apg_connect(local_cluster, proxy)
     assert e.value.sqlstate == "08006"
-    assert [name for name, _ in failures] == ["mirror", "mirror"]
+    assert len(failures) >= 4 and {name for name, _ in failures} == {"mirror"}
     assert router.stats.rejected == {"backend_unreachable": 2}
+    assert router.stats.waiting == 0
 
 
 @pytest.fixture
@@ -539,13 +592,14 @@ async def test_connect_timeout_reports_08006(local_cluster, make_proxy, silent_b
     router = Router(Route(silent_backend, 1))
     failures = []
     router.add_failure_listener(lambda name, error: failures.append((name, error)))
-    proxy = await make_proxy(router, connect_timeout=0.3)
+    proxy = await make_proxy(router, connect_timeout=0.3, pause_timeout=0.2)
     started = time.monotonic()
     with pytest.raises(asyncpg.ConnectionFailureError, match=r"timeout after 0\.3s") as e:
         await apg_connect(local_cluster, proxy)
-    assert 0.25 < time.monotonic() - started < 3
+    # One connect timeout, a retry after 0.1 s (still within pause_timeout), another.
+    assert 0.65 < time.monotonic() - started < 3
     assert e.value.sqlstate == "08006"
-    assert failures == [("mirror", "timeout after 0.3s")]
+    assert failures == [("mirror", "timeout after 0.3s")] * 2
     assert router.stats.rejected == {"backend_unreachable": 1}
     await eventually(lambda: proxy.client_count == 0 and router.stats.connections_current == 0)
 
