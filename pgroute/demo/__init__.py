@@ -11,9 +11,11 @@ under a writer and checks that no acknowledged write was lost.
 Invariants:
 
 - Everything lives in one directory (``.pgroute-demo/demo-*`` under the current
-  directory, else under the system temporary directory), and Ctrl-C, SIGTERM or
-  the end of the tour destroys both servers and that directory. A run killed with
-  SIGKILL leaves it behind; the next run removes it (``local.cleanup_abandoned``).
+  directory, else under the system temporary directory), and Ctrl-C, SIGTERM,
+  closing the terminal (SIGHUP) or the end of the tour destroys both servers and
+  that directory. Only recovery files pgroute wrote (divergent commits, pg_dump)
+  are kept, moved to ``.pgroute-demo/recovery-<time>``. A run killed with SIGKILL
+  leaves its directory behind; the next run removes it (``local.cleanup_abandoned``).
 - The demo configuration ignores the process environment: a ``DATABASE_URL`` in the
   shell must not point the demo's pgroute at somebody's real database.
 - Blocking server management (start, kill, psql) runs in threads so the proxy and
@@ -39,15 +41,36 @@ from pgroute import local
 from pgroute.errors import LocalClusterError, PgRouteError
 
 from .interactive import interactive
-from .setup import DEMO_DIR, HEALTH, RUN_PREFIX, Demo, make_demo_dir, prepare, remove_demo_dir, say
+from .setup import (
+    DEMO_DIR,
+    HEALTH,
+    RECOVERY_PREFIX,
+    RUN_PREFIX,
+    Demo,
+    ignore_stop_signals,
+    keep_recovery_files,
+    make_demo_dir,
+    prepare,
+    remove_demo_dir,
+    say,
+    stop_signals,
+)
 from .tour import TOUR_WRITES_BEFORE_KILL, tour_main
 
-__all__ = ["DEMO_DIR", "HEALTH", "RUN_PREFIX", "TOUR_WRITES_BEFORE_KILL", "main"]
+__all__ = [
+    "DEMO_DIR",
+    "HEALTH",
+    "RECOVERY_PREFIX",
+    "RUN_PREFIX",
+    "TOUR_WRITES_BEFORE_KILL",
+    "keep_recovery_files",
+    "main",
+]
 
 
 def main(tour: bool = False) -> int:
     """Run the demo; returns the exit status (0 ok, 1 failed or lost writes, 130 interrupted)."""
-    previous_term = _sigterm_as_interrupt()
+    previous = _stop_signals_as_interrupt()
     base: Path | None = None
     demo: Demo | None = None
     try:
@@ -83,28 +106,49 @@ def main(tour: bool = False) -> int:
         say("pgroute demo: interrupted", err=True)
         return 130
     finally:
-        # Cleanup must finish: a second Ctrl-C here would leave servers behind.
-        old_int = signal.signal(signal.SIGINT, signal.SIG_IGN)
-        signal.signal(signal.SIGTERM, signal.SIG_IGN)
+        # Cleanup must finish: a second Ctrl-C (or SIGTERM, SIGHUP) here would leave
+        # servers behind.
+        if threading.current_thread() is threading.main_thread():
+            ignore_stop_signals()
         try:
-            if demo is not None:
-                demo.pair.destroy()
-            if base is not None:
-                remove_demo_dir(base)
-                if demo is not None:
-                    say(f"pgroute demo: primary and mirror destroyed, {base} removed")
+            _clean_up(base, demo, tour)
         finally:
-            signal.signal(signal.SIGINT, old_int)
-            signal.signal(signal.SIGTERM, previous_term)
+            for sig, handler in previous.items():
+                signal.signal(sig, handler)
 
 
-def _sigterm_as_interrupt() -> Any:
-    """SIGTERM during the (blocking) setup ends it like Ctrl-C, so cleanup runs.
-    Returns the previous SIGTERM handler (whatever signal.signal returns)."""
+def _clean_up(base: Path | None, demo: Demo | None, tour: bool) -> None:
+    """Destroy both servers and remove the run's directory, keeping the recovery files."""
+    if demo is not None:
+        demo.pair.destroy()
+    if base is None:
+        return
+    try:
+        kept = keep_recovery_files(base)
+    except OSError as exc:
+        say(f"pgroute demo: cannot move the recovery files out of {base} ({exc}); left it in place", err=True)
+        return
+    remove_demo_dir(base)
+    if demo is not None:
+        say(f"pgroute demo: primary and mirror destroyed, {base} removed")
+    if kept is not None:
+        say(f"pgroute demo: recovery files (divergent commits, pg_dump before a resync) kept in {kept}")
+    elif tour and demo is not None:
+        say("pgroute demo: no recovery files: no commit diverged, no node was resynchronised")
+
+
+def _stop_signals_as_interrupt() -> dict[int, Any]:
+    """SIGTERM and SIGHUP (closing the terminal) during the (blocking) setup end it
+    like Ctrl-C, so cleanup runs; a SIGHUP ignored at start (``nohup``) stays ignored.
+    Returns the original handlers of SIGINT, SIGTERM and SIGHUP, to restore at the end."""
 
     def handler(signum: int, frame: FrameType | None) -> None:
         raise KeyboardInterrupt(f"signal {signum}")
 
+    previous: dict[int, Any] = {sig: signal.getsignal(sig) for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)}
     if threading.current_thread() is not threading.main_thread():
-        return signal.getsignal(signal.SIGTERM)
-    return signal.signal(signal.SIGTERM, handler)
+        return {}
+    for sig in stop_signals():
+        if sig is not signal.SIGINT:  # SIGINT already raises KeyboardInterrupt
+            signal.signal(sig, handler)
+    return previous

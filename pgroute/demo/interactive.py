@@ -18,7 +18,7 @@ from pgroute.errors import LocalClusterError
 from pgroute.local import LocalPair
 from pgroute.local.processes import reap_zombie_children
 
-from .setup import DBNAME, Demo, say, start_with_retries, wait_following
+from .setup import DBNAME, Demo, ignore_stop_signals, say, start_with_retries, stop_signals, wait_following
 
 
 def _reap_orphans(pair: LocalPair) -> None:
@@ -27,8 +27,8 @@ def _reap_orphans(pair: LocalPair) -> None:
 
 
 async def interactive(demo: Demo) -> int:
-    """Run pgroute for the demo until SIGINT or SIGTERM; SIGUSR1 (or Enter) starts
-    stopped servers again. Returns the exit status."""
+    """Run pgroute for the demo until SIGINT, SIGTERM or SIGHUP; SIGUSR1 (or Enter)
+    starts stopped servers again. Returns the exit status."""
     from pgroute.app import start
 
     pair = demo.pair
@@ -40,7 +40,8 @@ async def interactive(demo: Demo) -> int:
     stop = asyncio.Event()
     restart = asyncio.Event()
     loop = asyncio.get_running_loop()
-    for sig in (signal.SIGINT, signal.SIGTERM):
+    stoppers = stop_signals()
+    for sig in stoppers:
         loop.add_signal_handler(sig, stop.set)
     loop.add_signal_handler(signal.SIGUSR1, restart.set)
     stdin_watched = False
@@ -64,12 +65,18 @@ async def interactive(demo: Demo) -> int:
                 "an automatic failover waits for that (see `status`)",
                 err=True,
             )
-        _print_welcome(demo, stdin_watched)
+        _print_welcome(demo, stdin_watched, running.controller.status()["active"])
         pids = {c.name: c.postmaster_pid() for c in (pair.primary, pair.mirror)}
+        shown = _active_with_pid(demo, running.controller.status()["active"])
         while not stop.is_set():
             with contextlib.suppress(asyncio.TimeoutError):
                 await asyncio.wait_for(_first(stop, restart), 0.5)
             _reap_orphans(pair)
+            # The welcome's kill step needs the active node's pid: say it whenever it changes.
+            now = _active_with_pid(demo, running.controller.status()["active"])
+            if now is not None and now != shown:
+                say(f">>> pgroute now routes to {now[0]} (pid {now[1]}); `kill -9 {now[1]}` crashes it.")
+            shown = now if now is not None else shown
             for cluster in (pair.primary, pair.mirror):
                 pid = cluster.postmaster_pid()
                 if pids.get(cluster.name) and pid is None:
@@ -84,8 +91,9 @@ async def interactive(demo: Demo) -> int:
                 restart.clear()
                 await _restart_stopped(demo, pids)
     finally:
-        for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGUSR1):
+        for sig in (*stoppers, signal.SIGUSR1):
             loop.remove_signal_handler(sig)
+        ignore_stop_signals()
         if stdin_watched:
             with contextlib.suppress(OSError, ValueError):
                 loop.remove_reader(sys.stdin.fileno())
@@ -128,23 +136,52 @@ async def _restart_stopped(demo: Demo, pids: dict[str, int | None]) -> None:
             )
 
 
-def _print_welcome(demo: Demo, stdin_watched: bool) -> None:
+def _active_with_pid(demo: Demo, active: str | None) -> tuple[str, int] | None:
+    """(the active node's name, its postmaster pid), or None when none is active or running."""
+    cluster = {c.name: c for c in (demo.pair.primary, demo.pair.mirror)}.get(active or "")
+    pid = cluster.postmaster_pid() if cluster is not None else None
+    return (cluster.name, pid) if cluster is not None and pid else None
+
+
+def things_to_try(
+    cmd: str, api: str, active: str, active_pid: int | None, demo_pid: int, enter: str
+) -> list[tuple[str, str]]:
+    """The welcome's steps, as (comment, command), in an order where each works after
+    the one before: the kill comes while the node whose pid it names is active, the
+    failback after a failover, the switchover with both nodes up and following."""
+    other = "mirror" if active == "primary" else "primary"
+    return [
+        ("where pgroute routes, node health, lag, connections", f"{cmd} status --api {api}"),
+        (
+            f"crash the active node ({active}, pid {active_pid}): pgroute fails over to the {other} by itself "
+            "(this demo prints the active node's pid whenever it changes)",
+            f"kill -9 {active_pid}",
+        ),
+        (
+            f"start the killed server again{enter}: pgroute fences it, recovers its commits the "
+            f"{other} never got, and makes it follow",
+            f"kill -USR1 {demo_pid}",
+        ),
+        (
+            "back to the primary once it follows, replication restored (the seed's failback_to_primary.ps1)",
+            f"{cmd} failback --yes --api {api}",
+        ),
+        (
+            "manual switch to the mirror (the seed's failover_to_mirror.ps1); the primary is fenced and follows",
+            f"{cmd} failover --yes --api {api}",
+        ),
+        ("planned move of the active role back to the primary, no commit lost", f"{cmd} switchover --yes --api {api}"),
+        ("the seed's health check, same answer", f"curl -s {api}/api/health"),
+    ]
+
+
+def _print_welcome(demo: Demo, stdin_watched: bool, active: str | None) -> None:
     """What to connect to and what to try."""
     pair, cfg, cmd, api = demo.pair, demo.config, demo.pgroute, demo.api_url
     primary_pid, mirror_pid = pair.primary.postmaster_pid(), pair.mirror.postmaster_pid()
     enter = " (or press Enter here)" if stdin_watched else ""
-    tries = [
-        ("where pgroute routes, node health, lag, connections", f"{cmd} status --api {api}"),
-        ("manual switch to the mirror (the seed's failover_to_mirror.ps1)", f"{cmd} failover --yes --api {api}"),
-        ("crash the primary: pgroute fails over to the mirror by itself", f"kill -9 {primary_pid}"),
-        (f"start a killed server again{enter}: pgroute fences it and makes it follow", f"kill -USR1 {os.getpid()}"),
-        (
-            "back to the primary, replication restored (the seed's failback_to_primary.ps1)",
-            f"{cmd} failback --yes --api {api}",
-        ),
-        ("planned move of the active role, no commit lost", f"{cmd} switchover --yes --api {api}"),
-        ("the seed's health check, same answer", f"curl -s {api}/api/health"),
-    ]
+    now = _active_with_pid(demo, active) or ("primary", primary_pid)
+    tries = things_to_try(cmd, api, now[0], now[1], os.getpid(), enter)
     say(f"""
 pgroute demo is running (Ctrl-C stops it and removes everything).
 
@@ -158,8 +195,9 @@ Point your application at pgroute:
   config   {demo.config_path}
   primary  {pair.primary.host}:{pair.primary.port} (pid {primary_pid})
   mirror   {pair.mirror.host}:{pair.mirror.port} (pid {mirror_pid}), subscription {pair.subscription}
+  active   {now[0]} (pid {now[1]})
 
-Things to try, in another terminal:""")
+Things to try, in another terminal, in this order:""")
     for comment, command in tries:
         say(f"  # {comment}\n  {command}")
     say()

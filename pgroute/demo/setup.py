@@ -18,6 +18,7 @@ import logging
 import os
 import shlex
 import shutil
+import signal
 import socket
 import sys
 import tempfile
@@ -38,6 +39,7 @@ log = logging.getLogger(__name__)
 
 DEMO_DIR = ".pgroute-demo"
 RUN_PREFIX = "demo-"
+RECOVERY_PREFIX = "recovery-"
 DBNAME = "chrispar"
 PUBLICATION = "chrispar_pub"
 SUBSCRIPTION = "chrispar_sub"
@@ -63,7 +65,28 @@ SELECT setval('folio_seq', 100);
 def say(text: str = "", err: bool = False) -> None:
     """Print a line for the user (stdout, or stderr for errors), flushed at once."""
     stream = sys.stderr if err else sys.stdout
-    print(text, file=stream, flush=True)
+    # A closed terminal (EIO after SIGHUP) or pipe must not stop the clean-up.
+    with contextlib.suppress(OSError, ValueError):
+        print(text, file=stream, flush=True)
+
+
+# --------------------------------------------------------------------------- signals
+
+
+def stop_signals() -> tuple[signal.Signals, ...]:
+    """The signals that stop the demo (and clean up): Ctrl-C, SIGTERM, and closing
+    the terminal (SIGHUP) unless the demo was started to ignore it (``nohup``)."""
+    sigs: tuple[signal.Signals, ...] = (signal.SIGINT, signal.SIGTERM)
+    if signal.getsignal(signal.SIGHUP) is not signal.SIG_IGN:
+        sigs += (signal.SIGHUP,)
+    return sigs
+
+
+def ignore_stop_signals() -> None:
+    """From here on the demo cleans up: a second Ctrl-C, SIGTERM or SIGHUP must not
+    leave servers behind. (`main` restores the original handlers at the very end.)"""
+    for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
+        signal.signal(sig, signal.SIG_IGN)
 
 
 def _pgroute_command() -> str:
@@ -129,6 +152,24 @@ def make_demo_dir() -> Path:
     return local.make_base_dir(RUN_PREFIX, tmp_parent)
 
 
+def keep_recovery_files(base: Path) -> Path | None:
+    """Move the run's recovery files (divergent commits, pg_dump before a resync) out
+    of the run's directory to ``<parent>/recovery-<time>``, which the clean-up keeps.
+    Returns where they went, or None when pgroute wrote none. OSError when they
+    cannot be moved (the caller then must not remove the run's directory)."""
+    src = base / "recovery"
+    if not src.is_dir() or not any(src.iterdir()):
+        return None
+    stamp = time.strftime("%Y%m%d-%H%M%S")
+    dest = base.parent / f"{RECOVERY_PREFIX}{stamp}"
+    n = 1
+    while dest.exists():
+        dest = base.parent / f"{RECOVERY_PREFIX}{stamp}-{n}"
+        n += 1
+    src.rename(dest)  # same parent directory: one atomic rename
+    return dest
+
+
 def remove_demo_dir(base: Path) -> None:
     """Remove the run's directory, and .pgroute-demo when no other run uses it."""
     shutil.rmtree(base, ignore_errors=True)
@@ -143,7 +184,8 @@ def _toml_str(value: str) -> str:
 def write_config(path: Path, pair: local.LocalPair, proxy_port: int, api_port: int, state_dir: Path) -> None:
     """The demo's configuration file: a complete, commented pgroute.toml."""
     lines = [
-        "# pgroute demo configuration (written by `pgroute demo`; removed when it stops).",
+        "# pgroute demo configuration (written by `pgroute demo`; removed when it stops,",
+        "# except recovery files, which move to ../recovery-<time>).",
         "# A real deployment: see config/pgroute.example.toml.",
         "",
         "[proxy]",

@@ -10,14 +10,13 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import signal
 import textwrap
 import time
 from typing import TYPE_CHECKING, Any
 
 from pgroute.local.workload import Chrispar, Writer, missing, wait_until
 
-from .setup import Demo, start_with_retries, wait_following
+from .setup import Demo, ignore_stop_signals, start_with_retries, stop_signals, wait_following
 from .setup import say as _say
 
 if TYPE_CHECKING:
@@ -75,13 +74,14 @@ def _indent(lines: list[str] | str, prefix: str = "           ", width: int = 80
 
 
 async def tour_main(demo: Demo) -> int:
-    """Run pgroute and the tour; SIGINT/SIGTERM end it (130). Returns the exit status."""
+    """Run pgroute and the tour; SIGINT, SIGTERM or SIGHUP end it (130). Returns the exit status."""
     from pgroute.app import start
 
     main_task = asyncio.current_task()
     assert main_task is not None
     loop = asyncio.get_running_loop()
-    for sig in (signal.SIGINT, signal.SIGTERM):
+    stoppers = stop_signals()
+    for sig in stoppers:
         loop.add_signal_handler(sig, main_task.cancel)
     running: Running | None = None
     try:
@@ -99,8 +99,9 @@ async def tour_main(demo: Demo) -> int:
             _say(render_status(running.controller.status()), err=True)
         return 1
     finally:
-        for sig in (signal.SIGINT, signal.SIGTERM):
+        for sig in stoppers:
             loop.remove_signal_handler(sig)
+        ignore_stop_signals()  # a second signal must not cut running.stop() short
         if running is not None:
             await running.stop()
 

@@ -2,7 +2,9 @@
 
 The scripted tour must lose no acknowledged write; the interactive demo must route a
 client through its DATABASE_URL and, on Ctrl-C (SIGINT), stop pgroute, destroy both
-servers and remove its directory."""
+servers and remove its directory; closing the terminal (SIGHUP) must clean up the same
+way in both modes. The welcome's steps and the keeping of recovery files are checked
+without servers."""
 
 from __future__ import annotations
 
@@ -84,8 +86,15 @@ def test_tour_loses_no_acknowledged_write(workdir):
     assert "FAILOVER ok" in out and "FAILBACK ok" in out
     assert "active node: primary" in out
     assert "Traceback" not in res.stderr
-    # Everything it created is gone.
-    assert not (workdir / demo.DEMO_DIR).exists()
+    # Everything it created is gone, but for the recovery files pgroute wrote (if a
+    # commit diverged), which are kept and named.
+    left = sorted(p.name for p in (workdir / demo.DEMO_DIR).glob("*"))
+    assert all(name.startswith(demo.RECOVERY_PREFIX) for name in left), left
+    if left:
+        assert f"kept in {workdir / demo.DEMO_DIR / left[0]}" in out, out
+    else:
+        assert "no recovery files" in out, out
+        assert not (workdir / demo.DEMO_DIR).exists()
 
 
 class _Lines:
@@ -193,3 +202,109 @@ def test_without_postgresql_binaries_prints_the_install_hint(monkeypatch, tmp_pa
     err = capsys.readouterr().err
     assert "apt-get install postgresql" in err and "pip install pgserver" in err
     assert not (tmp_path / demo.DEMO_DIR).exists()
+
+
+def _servers_under(path: Path) -> set[int]:
+    """The pids of postmasters whose command line names a directory under `path`, and
+    of their children (backends' command lines do not name the data directory)."""
+    procs: dict[int, tuple[int, str]] = {}
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            cmdline = (entry / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+            ppid = int((entry / "stat").read_text().rpartition(")")[2].split()[1])
+        except (OSError, ValueError, IndexError):
+            continue
+        procs[int(entry.name)] = (ppid, cmdline)
+    masters = {pid for pid, (_, cmd) in procs.items() if "postgres" in cmd and str(path) in cmd}
+    return masters | {pid for pid, (ppid, _) in procs.items() if ppid in masters}
+
+
+@pytest.mark.parametrize("mode", ["interactive", "tour"])
+def test_closing_the_terminal_sighup_destroys_servers_and_directory(workdir, mode):
+    args, ready = ((), r"status --api http://127\.0\.0\.1:\d+") if mode == "interactive" else (("--tour",), r"writer:")
+    proc = subprocess.Popen(
+        _argv(*args),
+        cwd=workdir,
+        env=_env(),
+        stdin=subprocess.DEVNULL,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        # Whatever the test runner was started with (nohup), a terminal's SIGHUP kills.
+        preexec_fn=lambda: signal.signal(signal.SIGHUP, signal.SIG_DFL),
+    )
+    assert proc.stdout is not None
+    out = _Lines(proc.stdout)
+    try:
+        out.wait_for(ready, 120)
+        servers = _servers_under(workdir)
+        assert len(servers) >= 2, servers  # two postmasters at least
+        proc.send_signal(signal.SIGHUP)
+        status = proc.wait(timeout=60)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    text = out.rest()
+    assert status == (0 if mode == "interactive" else 130), text
+    assert "removed" in text, text
+    assert "Traceback" not in text, text
+    assert [pid for pid in servers if _alive(pid)] == []
+    assert _servers_under(workdir) == set()
+    assert not (workdir / demo.DEMO_DIR).exists()
+
+
+def test_things_to_try_work_top_to_bottom():
+    """Played in order against a model of who is active, every step is possible: the
+    kill names the active node's pid, failback follows a failover, switchover and
+    failover start from a healthy pair."""
+    from pgroute.demo.interactive import things_to_try
+
+    pids = {"primary": 111, "mirror": 222}
+    steps = things_to_try("pgroute", "http://api", "primary", pids["primary"], 999, "")
+    active, killed = "primary", None
+    other = {"primary": "mirror", "mirror": "primary"}
+    seen = []
+    for comment, command in steps:
+        word = command.split()[1] if command.startswith("pgroute ") else command.split()[0]
+        if command.startswith("kill -9"):
+            assert killed is None, "a second kill before the first server came back"
+            assert int(command.split()[-1]) == pids[active], (comment, active)
+            assert active in comment and str(pids[active]) in comment
+            killed, active = active, other[active]
+        elif command.startswith("kill -USR1"):
+            assert killed is not None and command.endswith(" 999")
+            killed = None
+        elif word in ("failover", "switchover"):
+            assert killed is None, f"{word} needs both nodes up"
+            active = other[active]
+        elif word == "failback":
+            assert killed is None and active == "mirror", "failback needs the mirror active"
+            active = "primary"
+        seen.append(word)
+    assert {"status", "kill", "failover", "failback", "switchover", "curl"} <= set(seen)
+    assert seen[0] == "status"
+
+
+def test_recovery_files_are_kept_out_of_the_removed_directory(tmp_path):
+    from pgroute.demo.setup import remove_demo_dir
+
+    parent = tmp_path / demo.DEMO_DIR
+    base = parent / "demo-x"
+    (base / "recovery").mkdir(parents=True)
+    (base / "recovery" / "divergent-primary-epoch1-1.sql").write_text("INSERT ...;\n")
+    (base / "primary").mkdir()
+    kept = demo.keep_recovery_files(base)
+    remove_demo_dir(base)
+    assert kept is not None and kept.parent == parent and kept.name.startswith(demo.RECOVERY_PREFIX)
+    assert (kept / "divergent-primary-epoch1-1.sql").read_text() == "INSERT ...;\n"
+    assert not base.exists()
+    # A second run in the same second gets its own directory; a run with none keeps nothing.
+    (base / "recovery").mkdir(parents=True)
+    (base / "recovery" / "pg_dump-primary-epoch2-2.sql").write_text("--\n")
+    assert demo.keep_recovery_files(base) not in (None, kept)
+    remove_demo_dir(base)
+    (base / "recovery").mkdir(parents=True)
+    assert demo.keep_recovery_files(base) is None
