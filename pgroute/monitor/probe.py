@@ -64,7 +64,10 @@ class Prober:
         except OSError as exc:
             self._drop()
             return self._failed(start, describe(exc), local=exc.errno in LOCAL_ERRNOS)
-        except asyncpg.InterfaceError as exc:
+        except (asyncpg.InterfaceError, asyncpg.InternalClientError) as exc:
+            # InternalClientError: asyncpg's report of a connection the server dropped
+            # while the driver was between states (seen right after a kill -9): the
+            # node's doing, not pgroute's.
             self._drop()
             return self._failed(start, describe(exc))
         except Exception as exc:  # a probe never raises; pgroute's own failure is not the node's

@@ -213,14 +213,14 @@ async def test_new_connections_during_kill9_failover_see_only_a_delay(pair, tmp_
                 started = time.monotonic()
                 try:
                     conn = await asyncpg.connect(dsn, timeout=30)
-                except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError) as e:
+                except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError, asyncpg.InternalClientError) as e:
                     connect_errors.append(repr(e))
                     await asyncio.sleep(0.01)
                     continue
                 try:
                     assert await conn.fetchval("SELECT 1") == 1
                     served += 1
-                except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError) as e:
+                except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError, asyncpg.InternalClientError) as e:
                     # A session opened just before the kill dies with its server: that
                     # is not a new connection refused.
                     query_errors.append(repr(e))

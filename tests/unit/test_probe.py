@@ -34,6 +34,7 @@ def prober() -> Prober:
         (asyncpg.CannotConnectNowError("the database system is starting up"), True, False),
         (OSError(errno.EMFILE, "Too many open files"), False, True),
         (OSError(errno.ENFILE, "Too many open files in system"), False, True),
+        (asyncpg.InternalClientError("cannot switch to state 12; another operation (2) is in progress"), False, False),
         (RuntimeError("a bug in pgroute"), False, True),
     ],
 )
