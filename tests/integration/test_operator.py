@@ -464,7 +464,7 @@ async def test_webhook_of_kill9_failover_not_delayed_by_dead_webhook(pair, tmp_p
     assert failures and all("127.0.0.1:1" in m and "/unreachable" not in m for m in failures), failures
     assert not any(str(port) in m for m in failures)  # the good receiver never failed
     # The finished switch reports the epoch and node it produced, not the ones before it.
-    assert event["details"].get("epoch") == "1", event
+    assert event["details"].get("epoch") == 1, event  # JSON-typed details
     assert payload["epoch"] == 1 and "epoch 1" in payload["text"], payload
     assert "mirror" in payload["text"], payload["text"]
 
