@@ -71,6 +71,8 @@ def _clip(text: str, width: int = WIDTH) -> str:
 
 def _health_word(info: dict[str, Any]) -> str:
     up = info.get("up")
+    if info.get("refused"):
+        return "refuses"  # answers with an error: alive, not usable by pgroute
     return "up" if up is True else "down" if up is False else "?"
 
 
@@ -121,10 +123,13 @@ def render_status(st: dict[str, Any]) -> str:
         sub = info.get("subscription")
         if isinstance(sub, dict):
             extras.append(f"subscription {sub.get('name')} {'enabled' if sub.get('enabled') else 'disabled'}")
-        if info.get("error"):
+        if info.get("error") and not info.get("problem"):
             extras.append(f"error: {info['error']}")
         if extras:
             lines.append(_clip(f"{'':9}" + "; ".join(extras)))
+        if info.get("problem"):
+            # Its own line: the one thing an operator must read about this node.
+            lines.append(_clip(f"{'':9}{info['problem']}"))
     lines.append("")
     conns = st.get("connections") or {}
     rejected = conns.get("rejected") or {}

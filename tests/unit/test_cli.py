@@ -148,6 +148,15 @@ def test_render_status_fits_80_columns_in_a_bad_state():
     assert "PAUSED" in text and "CONFLICTS: 1" in text and "catch_up" in text
 
 
+def test_render_status_names_a_refusing_node_and_a_stalled_follower():
+    st = base_status()
+    st["nodes"]["primary"].update(up=False, refused=True, problem="refuses pgroute: password authentication failed")
+    st["nodes"]["mirror"].update(problem="replication stalled: its apply worker fails: 4 error(s)")
+    text = render_status(st)
+    assert "refuses" in text and "password authentication failed" in text
+    assert "replication stalled: its apply worker fails" in text
+
+
 def test_failover_asks_and_aborts(daemon):
     res = invoke(["failover", "--api", daemon.url], input="n\n")
     assert res.exit_code == 1
