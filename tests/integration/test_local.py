@@ -121,6 +121,7 @@ def test_atexit_kills_servers_left_running(pg_base_dir):
 
 
 def test_find_binaries_names_what_to_install(monkeypatch, tmp_path):
+    monkeypatch.delenv(binaries.VERSION_ENV, raising=False)  # the search, not one version
     monkeypatch.setenv("PATH", str(tmp_path))
     monkeypatch.setattr(binaries, "SEARCH_GLOBS", ())
     monkeypatch.setattr(binaries, "_pgserver_bindir", lambda: None)

@@ -224,7 +224,8 @@ async def _draw(dsn: str, seq: str, values: list[int], stop: asyncio.Event) -> N
             if conn is None or conn.is_closed():
                 conn = await asyncpg.connect(dsn, timeout=2)
             values.append(await conn.fetchval(f"SELECT nextval('{seq}')"))
-        except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError, TimeoutError):
+        except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError, asyncpg.InternalClientError, TimeoutError):
+            # InternalClientError: asyncpg's protocol state when the link is cut mid-query.
             conn = None
             await asyncio.sleep(0.05)
     if conn is not None:
