@@ -36,6 +36,7 @@ __all__ = [
     "wait_following",
     "wait_for",
     "wait_state",
+    "write_config_file",
 ]
 
 FAST_HEALTH = {"interval": 0.5, "max_retries": 2, "retry_interval": 0.2, "timeout": 1.0}
@@ -121,3 +122,19 @@ async def wait_following(running: app.Running, timeout: float = 30.0) -> None:
         return bool(s["replication"] == "ok" and s["nodes"][standby]["lag_bytes"] is not None)
 
     await wait_state(running, ok, timeout, "standby following")
+
+
+def write_config_file(path: Path, primary_dsn: str, mirror_dsn: str, **sections: dict[str, Any]) -> Path:
+    """A pgroute TOML file with the two DSNs and ``sections`` ({"health": {...}}), for
+    tests that run pgroute's CLI or a pgroute process."""
+    data: dict[str, dict[str, Any]] = {"primary": {"dsn": primary_dsn}, "mirror": {"dsn": mirror_dsn}}
+    for section, values in sections.items():
+        data.setdefault(section, {}).update(values)
+    lines = []
+    for section, values in data.items():
+        lines.append(f"[{section}]")
+        # JSON strings, numbers and lists of strings are valid TOML values.
+        lines += [f"{key} = {json.dumps(value)}" for key, value in values.items()]
+        lines.append("")
+    path.write_text("\n".join(lines))
+    return path

@@ -8,7 +8,6 @@ operator reads (lines, fixes, exit status) and what the servers hold afterwards.
 
 from __future__ import annotations
 
-import json
 import os
 import subprocess
 import sys
@@ -20,6 +19,8 @@ from click.testing import CliRunner, Result
 
 from pgroute import local
 from pgroute.cli import main
+
+from .harness import write_config_file
 
 # Variables a developer's shell may set that would change what the CLI reads.
 CLEAN_ENV: dict[str, str | None] = {
@@ -51,19 +52,6 @@ def _dsn_env(primary: local.LocalCluster, mirror: local.LocalCluster, dbname: st
         "DATABASE_URL": primary.dsn(dbname, password=PASSWORD),
         "MIRROR_DATABASE_URL": mirror.dsn(dbname, password=PASSWORD),
     }
-
-
-def _write_config(path: Path, primary_dsn: str, mirror_dsn: str, **sections: dict[str, object]) -> Path:
-    data: dict[str, dict[str, object]] = {"primary": {"dsn": primary_dsn}, "mirror": {"dsn": mirror_dsn}}
-    for section, values in sections.items():
-        data.setdefault(section, {}).update(values)
-    lines = []
-    for section, values in data.items():
-        lines.append(f"[{section}]")
-        # JSON strings and numbers are valid TOML values.
-        lines += [f"{key} = {json.dumps(value)}" for key, value in values.items()]
-    path.write_text("\n".join(lines) + "\n")
-    return path
 
 
 def _marks(output: str) -> dict[str, str]:
@@ -108,7 +96,7 @@ def test_check_all_ok_then_each_failure_with_its_fix(pair: local.LocalPair, tmp_
     assert PASSWORD not in ok.output
 
     # The names in the config file are the ones checked.
-    cfg = _write_config(
+    cfg = write_config_file(
         tmp_path / "names.toml", *env.values(), replication={"publication": "otra_pub", "subscription": "otra_sub"}
     )
     names = _cli("check", "--config", str(cfg))
@@ -119,14 +107,14 @@ def test_check_all_ok_then_each_failure_with_its_fix(pair: local.LocalPair, tmp_
 
     # A configuration that loads but cannot run (both DSNs the same database) exits 2
     # after reporting what it could check.
-    same = _write_config(tmp_path / "same.toml", env["DATABASE_URL"], env["DATABASE_URL"])
+    same = write_config_file(tmp_path / "same.toml", env["DATABASE_URL"], env["DATABASE_URL"])
     bad = _cli("check", "--config", str(same))
     assert bad.exit_code == 2, bad.output
     assert "✗ configuration: mirror.dsn: points at the same database as primary.dsn" in bad.stdout
     assert "✓ primary reachable" in bad.stdout
 
     # A hung mirror (SIGSTOP) is unreachable after health.timeout, not the default 5 s.
-    hung_cfg = _write_config(tmp_path / "hung.toml", *env.values(), health={"timeout": 1.0})
+    hung_cfg = write_config_file(tmp_path / "hung.toml", *env.values(), health={"timeout": 1.0})
     pair.mirror.pause()
     try:
         started = time.monotonic()
@@ -181,7 +169,7 @@ def test_setup_replication_when_pgroute_manages_the_pair_is_a_no_op(pair: local.
     pair.mirror.sql("DROP SUBSCRIPTION chrispar_sub", dbname=pair.dbname)
     pair.mirror.sql("ALTER DATABASE chrispar SET pgroute.epoch = '1'")
     pair.mirror.sql("ALTER DATABASE chrispar SET pgroute.active = 'mirror'")
-    cfg = _write_config(tmp_path / "pgroute.toml", pair.primary_dsn(), pair.mirror_dsn())
+    cfg = write_config_file(tmp_path / "pgroute.toml", pair.primary_dsn(), pair.mirror_dsn())
     subscriptions = "SELECT count(*) FROM pg_subscription"
 
     result = _cli("setup-replication", "--config", str(cfg))

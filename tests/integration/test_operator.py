@@ -22,7 +22,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from pgroute import app, logs
 from pgroute.cli import main
 
-from .harness import api_async, make_config, proxy_dsn, wait_for
+from .harness import api_async, make_config, proxy_dsn, wait_for, write_config_file
 
 # Variables a developer's shell may set that would change what the CLI reads.
 CLEAN_ENV = {
@@ -115,22 +115,13 @@ async def _cli_async(*args: str, env: dict | None = None):
 
 
 def _write_config(path: Path, primary_dsn: str, mirror_dsn: str, **sections: dict) -> Path:
-    data: dict[str, dict] = {
-        "primary": {"dsn": primary_dsn},
-        "mirror": {"dsn": mirror_dsn},
+    defaults: dict[str, dict] = {
         "replication": {"publication": "chrispar_pub", "subscription": "chrispar_sub"},
         "health": {"timeout": 2.0},
     }
     for section, values in sections.items():
-        data.setdefault(section, {}).update(values)
-    lines = []
-    for section, values in data.items():
-        lines.append(f"[{section}]")
-        # JSON strings, numbers and lists of strings are valid TOML values.
-        lines += [f"{key} = {json.dumps(value)}" for key, value in values.items()]
-        lines.append("")
-    path.write_text("\n".join(lines))
-    return path
+        defaults.setdefault(section, {}).update(values)
+    return write_config_file(path, primary_dsn, mirror_dsn, **defaults)
 
 
 def _samples(text: str) -> dict[tuple[str, frozenset], float]:
