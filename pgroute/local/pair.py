@@ -16,6 +16,7 @@ from pathlib import Path
 from pgroute.errors import LocalClusterError
 from pgroute.pg.naming import quote_ident, quote_literal
 
+from .binaries import PgBinaries, find_version
 from .cluster import LocalCluster
 from .processes import check_reachable, give_to_server
 
@@ -111,6 +112,10 @@ def _wait_for(cluster: LocalCluster, query: str, dbname: str, timeout: float, wh
         time.sleep(0.05)
 
 
+def _binaries(version: int | None) -> PgBinaries | None:
+    return None if version is None else find_version(version)
+
+
 def create_pair(
     base_dir: Path | str,
     *,
@@ -121,12 +126,18 @@ def create_pair(
     seed_sql: str | None = None,
     settings: dict[str, str] | None = None,
     fast: bool = True,
+    primary_version: int | None = None,
+    mirror_version: int | None = None,
 ) -> LocalPair:
     """Start a primary (base_dir/primary) and a mirror (base_dir/mirror) on free
     ports, create `dbname` and the schema on both (logical replication copies no
     DDL), the seed on the primary, then publication and subscription; return once
     the initial copy is done and the mirror is caught up. On failure, destroys
-    whatever it started before raising."""
+    whatever it started before raising.
+
+    `primary_version` / `mirror_version` choose each node's PostgreSQL major version
+    (binaries.find_version: never another); None: the default binaries
+    (``PGROUTE_PG_VERSION``, else the search). Different versions make a mixed pair."""
     base = Path(base_dir).absolute()
     check_reachable(base)
     if not base.exists():
@@ -135,8 +146,12 @@ def create_pair(
         give_to_server(base)
     started = time.monotonic()
     pair = LocalPair(
-        primary=LocalCluster(base / "primary", name="primary", settings=settings, fast=fast),
-        mirror=LocalCluster(base / "mirror", name="mirror", settings=settings, fast=fast),
+        primary=LocalCluster(
+            base / "primary", name="primary", settings=settings, fast=fast, binaries=_binaries(primary_version)
+        ),
+        mirror=LocalCluster(
+            base / "mirror", name="mirror", settings=settings, fast=fast, binaries=_binaries(mirror_version)
+        ),
         dbname=dbname,
         publication=publication,
         subscription=subscription,
