@@ -5,7 +5,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 PYTEST_ARGS ?=
 
-.PHONY: demo test unit lint bench bench-failover bench-switch clean
+.PHONY: demo test test-matrix unit lint bench bench-failover bench-switch clean
 
 $(BIN)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -18,6 +18,18 @@ demo: $(BIN)/.installed
 
 test: $(BIN)/.installed
 	$(BIN)/pytest $(PYTEST_ARGS)
+
+# The tests marked `matrix` (replication, failover, failback, switchover, sync mode,
+# divergence, setup-replication, check) on the other PostgreSQL major versions, one
+# run per version; `make test` runs the whole suite on the default server (15 here).
+# .ci/run runs both. The 16 and 18 servers come from wheels in the test extra.
+MATRIX_VERSIONS ?= 16 18
+
+test-matrix: $(BIN)/.installed
+	@set -e; for v in $(MATRIX_VERSIONS); do \
+	  echo "== PostgreSQL $$v: pytest -m matrix"; \
+	  PGROUTE_PG_VERSION=$$v $(BIN)/pytest -m matrix $(PYTEST_ARGS); \
+	done
 
 unit: $(BIN)/.installed
 	$(BIN)/pytest tests/unit $(PYTEST_ARGS)

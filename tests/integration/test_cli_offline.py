@@ -15,12 +15,16 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
+import pytest
 from click.testing import CliRunner, Result
 
 from pgroute import local
 from pgroute.cli import main
 
 from .harness import write_config_file
+
+# matrix: also run on every PostgreSQL major version by `make test-matrix` (issue 15).
+pytestmark = pytest.mark.matrix
 
 # Variables a developer's shell may set that would change what the CLI reads.
 CLEAN_ENV: dict[str, str | None] = {

@@ -9,10 +9,14 @@ import json
 import time
 
 import asyncpg
+import pytest
 
 from pgroute.control.divergence import apply_divergent, read_divergent, to_sql, write_recovery_files
 from pgroute.local import DEFAULT_SCHEMA
 from pgroute.pg.pgoutput import Change, ChangeKind
+
+# matrix: also run on every PostgreSQL major version by `make test-matrix` (issue 15).
+pytestmark = pytest.mark.matrix
 
 SLOT = "chrispar_sub"
 PUB = "chrispar_pub"

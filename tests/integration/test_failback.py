@@ -15,7 +15,8 @@ from .harness import Writer, api_async, make_config, missing, proxy_dsn, running
 from .harness import status as _st
 from .harness import wait_following as _following
 
-pytestmark = pytest.mark.asyncio
+# matrix: also run on every PostgreSQL major version by `make test-matrix` (issue 15).
+pytestmark = [pytest.mark.asyncio, pytest.mark.matrix]
 
 
 async def _wait(running, pred, timeout=60.0, what="state"):

@@ -16,7 +16,8 @@ from .harness import status as _status
 from .harness import wait_following as _wait_following
 from .harness import wait_state as _wait_state
 
-pytestmark = pytest.mark.asyncio
+# matrix: also run on every PostgreSQL major version by `make test-matrix` (issue 15).
+pytestmark = [pytest.mark.asyncio, pytest.mark.matrix]
 
 
 async def test_kill9_primary_under_writer_fails_over_to_mirror(pair, tmp_path, caplog):

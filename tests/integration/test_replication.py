@@ -20,6 +20,9 @@ from pgroute.pg import connect as pgconn
 from pgroute.pg.dsn import parse_dsn
 from pgroute.tools import check, setup
 
+# matrix: also run on every PostgreSQL major version by `make test-matrix` (issue 15).
+pytestmark = pytest.mark.matrix
+
 SUB = "chrispar_sub"
 PUB = "chrispar_pub"
 SEED = """

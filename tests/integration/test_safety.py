@@ -29,7 +29,8 @@ from .harness import status as _status
 from .harness import wait_following as _wait_following
 from .harness import wait_state as _wait_state
 
-pytestmark = pytest.mark.asyncio
+# matrix: also run on every PostgreSQL major version by `make test-matrix` (issue 15).
+pytestmark = [pytest.mark.asyncio, pytest.mark.matrix]
 
 APP_ROLE = "app"
 APP_PASSWORD = "app-secret"
