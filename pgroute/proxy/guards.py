@@ -6,13 +6,14 @@ Owns two small mechanisms the server applies to clients that are not (yet) sessi
   with the number not logged since; a flood of refused sockets must not become a
   flood of log lines (the metric counts every one).
 - ``watch_encryption``: pgroute never terminates TLS, so a client that sent an
-  SSLRequest or GSSENCRequest is handed over to the server end to end right after
-  it. Its negotiation is still part of the handshake that ``startup_timeout``
-  bounds: once the client's budget is spent, the client must have sent more than its
-  request and the server more than its one-byte answers (``S``/``G``/``N``: a TLS
-  ServerHello, or after ``N`` an authentication request). Otherwise the session is
-  dropped. The check reads the kernel's per-socket byte counts (``TCP_INFO``), so it
-  costs nothing per packet and works for spliced and piped sessions alike.
+  SSLRequest or GSSENCRequest (or opened with a TLS ClientHello: direct TLS) is
+  handed over to the server end to end right after it. Its negotiation is still part
+  of the handshake that ``startup_timeout`` bounds: once the client's budget is
+  spent, the client must have sent more than its request (or ClientHello) and the
+  server more than its one-byte answers (``S``/``G``/``N``: a TLS ServerHello, or
+  after ``N`` an authentication request). Otherwise the session is dropped. The
+  check reads the kernel's per-socket byte counts (``TCP_INFO``), so it costs
+  nothing per packet and works for spliced and piped sessions alike.
 """
 
 from __future__ import annotations

@@ -46,7 +46,7 @@ import socket
 from collections.abc import Callable
 from typing import TYPE_CHECKING, cast
 
-from . import startup
+from . import direct_tls, startup
 from .router import ProxyStats
 from .spliced import inq
 
@@ -319,6 +319,11 @@ class ClientProtocol(_Leg):
                 self._waiter = None
                 if timer is not None:
                     timer.cancel()
+
+    @property
+    def started_tls(self) -> bool:
+        """The client opened with a TLS record (direct TLS) that is still incomplete."""
+        return not self._piping and direct_tls.starts_tls(self._buf)
 
     def write(self, data: bytes) -> None:
         """Write one of pgroute's own messages (handshake phase only)."""

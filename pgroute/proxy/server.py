@@ -17,9 +17,12 @@ Invariants:
   too many clients, 57P03 not accepting connections, 08006 backend unreachable,
   08P01 bad startup packet), preceded by an ``N`` when the client asked for
   SSL/GSS encryption, so the driver reads and shows it; every refusal is counted in
-  ``router.stats.rejected`` by reason.
+  ``router.stats.rejected`` by reason. A direct TLS client (``direct_tls.py``) cannot
+  read an ErrorResponse: its refusals are a plaintext TLS alert, then the close.
 - pgroute never terminates TLS: an SSLRequest is forwarded and the client and the
-  backend negotiate end to end through the raw pipe.
+  backend negotiate end to end through the raw pipe; a direct TLS ClientHello is
+  routed like a StartupMessage (same admission, pause, routing and epoch) and
+  forwarded the same way. pgroute sees neither's user nor database.
 - A session is registered with the Router, with the epoch and backend of the route it
   was connected under, from the moment its pipe exists until either leg closes; one
   that finds a newer epoch published when it registers is closed at once (fencing
@@ -51,7 +54,7 @@ import socket
 import time
 from typing import Literal, cast, overload
 
-from . import limits, startup
+from . import direct_tls, limits, startup
 from .backend_socket import open_socket
 from .guards import RateLimitedLog, watch_encryption
 from .protocols import CLOSE_FLUSH_TIMEOUT, BackendProtocol, ClientGone, ClientProtocol, tune_listening_socket
@@ -85,6 +88,13 @@ _FAILURE_LOG_INTERVAL = 5.0
 def _cancel_on_timeout(task: asyncio.Task, expired: list[bool]) -> None:
     expired.append(True)
     task.cancel()
+
+
+def _log_session(first: FirstPacket, route: Route) -> None:
+    if log.isEnabledFor(logging.DEBUG) and route.backend is not None:
+        # Encrypted (an SSL/GSS request, direct TLS): the proxy never sees who.
+        who = f"{first.user}@{first.database}" if first.kind is PacketKind.STARTUP else first.kind.value
+        log.debug("session %s -> %s (epoch %d)", who, route.backend.name, route.epoch)
 
 
 class ProxyServer:
@@ -331,7 +341,10 @@ class ProxyServer:
             return
         except TimeoutError:
             self._reject(REJECT_STARTUP_TIMEOUT, f"no startup packet within {self.startup_timeout:g}s")
-            self._send_error_and_close(client, "08P01", "timeout expired waiting for the startup packet")
+            if client.started_tls:  # an incomplete ClientHello
+                self._send_tls_alert_and_close(client)
+            else:
+                self._send_error_and_close(client, "08P01", "timeout expired waiting for the startup packet")
             return
         # What is left of startup_timeout is the client's for the rest of its part of
         # the handshake (after an SSL/GSS request: starting the negotiation); time spent
@@ -385,13 +398,9 @@ class ProxyServer:
         assert backend is not None
         # Both connects above build the transport with a BackendProtocol factory.
         client.attach(cast(BackendProtocol, transport.get_protocol()), first.raw, route.epoch, backend.name)
-        if self.router.register(client) and first.wants_encryption:
+        if self.router.register(client) and first.encrypted:
             watch_encryption(client, len(first.raw), budget, self._encryption_stalled)
-        if log.isEnabledFor(logging.DEBUG):
-            who = (
-                f"{first.user}@{first.database}" if first.kind is PacketKind.STARTUP else first.kind.value
-            )  # encrypted: the proxy never sees who
-            log.debug("session %s -> %s (epoch %d)", who, backend.name, route.epoch)
+        _log_session(first, route)
 
     async def _splice(
         self, client: ClientProtocol, first: FirstPacket, route: Route, backend_sock: socket.socket, budget: float
@@ -434,8 +443,9 @@ class ProxyServer:
             log.warning("client sent data before the server answered its startup packet; closing the session")
             session.close("client did not wait for the server")
             return True
-        if self.router.register(session) and first.wants_encryption:
+        if self.router.register(session) and first.encrypted:
             watch_encryption(session, len(first.raw), budget, self._encryption_stalled)
+        _log_session(first, route)
         return True
 
     @overload
@@ -585,9 +595,16 @@ class ProxyServer:
         where libpq, asyncpg and psycopg look for it. Reading that packet also means
         no unread client bytes are pending when we close, so the kernel sends a FIN,
         not a RST that could discard the error before the client reads it. The client
-        has ``timeout`` seconds for that (default ``startup_timeout``)."""
+        has ``timeout`` seconds for that (default ``startup_timeout``).
+
+        A direct TLS client is past the point where it could read an ErrorResponse: it
+        gets a TLS alert (``direct_tls.py``); the reason is in the log and the metric.
+        Its whole first record was read, so that close is a FIN too."""
         if reason is not None:
             self._reject(reason, message)
+        if first.kind is PacketKind.DIRECT_TLS:
+            self._send_tls_alert_and_close(client)
+            return
         if first.wants_encryption:
             try:
                 async with asyncio.timeout(self.startup_timeout if timeout is None else max(0.0, timeout)):
@@ -609,10 +626,14 @@ class ProxyServer:
         self._refusal_log.note(reason, detail)
 
     def _encryption_stalled(self, session: ClientProtocol | SplicedSession) -> None:
-        detail = f"SSL/GSS negotiation not under way within proxy.startup_timeout ({self.startup_timeout:g}s)"
+        detail = f"SSL/GSS/TLS negotiation not under way within proxy.startup_timeout ({self.startup_timeout:g}s)"
         self._reject(REJECT_ENCRYPTION_TIMEOUT, detail)
         session.close(detail)
 
     def _send_error_and_close(self, client: ClientProtocol, sqlstate: str, message: str) -> None:
         client.write(startup.error_response(sqlstate, message))
+        client.close_after_flush()
+
+    def _send_tls_alert_and_close(self, client: ClientProtocol) -> None:
+        client.write(direct_tls.ALERT_INTERNAL_ERROR)
         client.close_after_flush()

@@ -2,8 +2,9 @@
 
 Pure functions only: no sockets, no clock, no logging. The proxy reads exactly one
 packet from a new client (a StartupMessage, SSLRequest, GSSENCRequest or
-CancelRequest), decides where it goes, forwards it unchanged, and from then on never
-parses another byte. It also writes a handful of messages of its own before any
+CancelRequest, or the first TLS record of a direct TLS client: ``direct_tls.py``),
+decides where it goes, forwards it unchanged, and from then on never parses another
+byte. It also writes a handful of messages of its own before any
 backend is involved: ``error_response`` (an ErrorResponse the drivers show as the
 server's error) and the single-byte ``N`` refusal of SSL/GSS encryption.
 
@@ -11,7 +12,8 @@ Invariants:
 
 - A packet is accepted only when its announced length is within
   ``MIN_PACKET_LENGTH .. MAX_STARTUP_PACKET_LENGTH`` (PostgreSQL's own limit), so a
-  hostile length never makes the proxy buffer more than 10000 bytes.
+  hostile length never makes the proxy buffer more than 10000 bytes (a direct TLS
+  ClientHello record: at most ``direct_tls.MAX_RECORD``, 16389 bytes).
 - ``FirstPacket.raw`` is the packet exactly as received: forwarding it is byte-exact.
 - Every malformed packet raises ``StartupError`` carrying the SQLSTATE and message
   PostgreSQL would use for it.
@@ -24,6 +26,8 @@ import struct
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from types import MappingProxyType
+
+from . import direct_tls
 
 # Request codes live where a StartupMessage has its protocol version (src/include/libpq/pqcomm.h).
 CANCEL_REQUEST_CODE = 80877102  # (1234 << 16) | 5678
@@ -48,6 +52,7 @@ class PacketKind(enum.Enum):
     SSL_REQUEST = "ssl_request"
     GSSENC_REQUEST = "gssenc_request"
     CANCEL_REQUEST = "cancel_request"
+    DIRECT_TLS = "direct_tls"  # a TLS ClientHello record, no SSLRequest before it
 
 
 @dataclass(frozen=True)
@@ -72,7 +77,13 @@ class FirstPacket:
 
     @property
     def wants_encryption(self) -> bool:
+        """An SSLRequest or GSSENCRequest: the client waits for a one-byte answer."""
         return self.kind in (PacketKind.SSL_REQUEST, PacketKind.GSSENC_REQUEST)
+
+    @property
+    def encrypted(self) -> bool:
+        """The session negotiates encryption end to end (requested, or direct TLS)."""
+        return self.kind is PacketKind.DIRECT_TLS or self.wants_encryption
 
 
 class StartupError(ValueError):
@@ -100,13 +111,30 @@ def take_packet(buf: bytearray) -> FirstPacket | None:
     """Remove and parse one complete packet from the front of ``buf``.
 
     Returns None while the packet is incomplete (``buf`` is left as is); bytes after
-    the packet stay in ``buf`` (a pipelining client's next message)."""
+    the packet stay in ``buf`` (a pipelining client's next message).
+
+    A ``buf`` starting with 0x16 is a direct TLS client: the packet is its first TLS
+    record, whole (``direct_tls.record_length``)."""
+    if direct_tls.starts_tls(buf):
+        return _take_client_hello(buf)
     length = packet_length(buf)
     if length is None or len(buf) < length:
         return None
     raw = bytes(buf[:length])
     del buf[:length]
     return parse_first_packet(raw)
+
+
+def _take_client_hello(buf: bytearray) -> FirstPacket | None:
+    try:
+        length = direct_tls.record_length(buf)
+    except direct_tls.NotClientHello as e:
+        raise StartupError(f"invalid startup packet: starts like TLS but {e}") from None
+    if length is None or len(buf) < length:
+        return None
+    raw = bytes(buf[:length])
+    del buf[:length]
+    return FirstPacket(PacketKind.DIRECT_TLS, raw)
 
 
 def parse_first_packet(raw: bytes) -> FirstPacket:
