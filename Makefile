@@ -5,7 +5,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 PYTEST_ARGS ?=
 
-.PHONY: demo test unit lint bench bench-failover bench-switch clean
+.PHONY: demo test unit lint bench bench-failover bench-switch bench-upgrade clean
 
 $(BIN)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -37,6 +37,9 @@ bench-failover: $(BIN)/.installed
 
 bench-switch: $(BIN)/.installed
 	$(BIN)/python bench/switch.py
+
+bench-upgrade: $(BIN)/.installed
+	$(BIN)/python bench/upgrade.py
 
 clean:
 	rm -rf $(VENV) .pytest_cache *.egg-info
