@@ -113,8 +113,15 @@ def choose_versions(old: int | None, new: int | None) -> tuple[int, int]:
                 f"--from {old} --to {new}: no newer (or older) version installed to pair it with; installed: "
                 + ", ".join(map(str, versions))
             )
-    for version in (old, new):
-        find_version(version)  # the error names what to install
+    for flag, version in (("--from", old), ("--to", new)):
+        if version not in versions:
+            how = f"apt-get install postgresql-{version}"
+            if version in WHEELS:
+                how = f"{WHEELS[version][1]} (into the Python environment running pgroute), or {how}"
+            raise LocalClusterError(
+                f"{flag} {version}: PostgreSQL {version} is not installed here (installed: "
+                f"{', '.join(map(str, versions)) or 'none'}); install it: {how}"
+            )
     return old, new
 
 

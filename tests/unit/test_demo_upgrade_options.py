@@ -90,8 +90,10 @@ def test_one_version_installed_names_what_to_install(monkeypatch):
 
 def test_a_version_not_installed_is_named(monkeypatch):
     _installed(monkeypatch, [15, 18])
-    with pytest.raises(LocalClusterError, match="PostgreSQL 16 not found"):
+    with pytest.raises(LocalClusterError, match=r"--to 16: PostgreSQL 16 is not installed here \(installed: 15, 18\)"):
         upgrade.choose_versions(15, 16)
+    with pytest.raises(LocalClusterError, match="--from 14: .*apt-get install postgresql-14"):
+        upgrade.choose_versions(14, None)
 
 
 def test_from_must_be_older_than_to(monkeypatch):
