@@ -92,7 +92,7 @@ def test_a_version_not_installed_is_named(monkeypatch):
     _installed(monkeypatch, [15, 18])
     with pytest.raises(LocalClusterError, match=r"--to 16: PostgreSQL 16 is not installed here \(installed: 15, 18\)"):
         upgrade.choose_versions(15, 16)
-    with pytest.raises(LocalClusterError, match="--from 14: .*apt-get install postgresql-14"):
+    with pytest.raises(LocalClusterError, match=r"--from 14: .*apt-get install postgresql-14"):
         upgrade.choose_versions(14, None)
 
 
