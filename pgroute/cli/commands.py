@@ -298,10 +298,23 @@ def resume(api_url: str | None, config_path: str | None) -> None:
 
 @main.command()
 @click.option("--tour", is_flag=True, help="walk through a failover and a failback step by step")
-def demo(tour: bool) -> None:
+@click.option("--upgrade", is_flag=True, help="walk through a major-version upgrade by switchover, with rollback")
+@click.option(
+    "--from", "from_version", type=int, metavar="MAJOR", help="--upgrade: old version (default: oldest installed)"
+)
+@click.option(
+    "--to", "to_version", type=int, metavar="MAJOR", help="--upgrade: new version (default: newest installed)"
+)
+def demo(tour: bool, upgrade: bool, from_version: int | None, to_version: int | None) -> None:
     """Local primary + mirror + pgroute, no Docker needed."""
+    if (from_version is not None or to_version is not None) and not upgrade:
+        fail("--from and --to go with --upgrade", EXIT_USAGE)
+    if tour and upgrade:
+        fail("--tour and --upgrade are two different demos: choose one", EXIT_USAGE)
     from ..demo import main as demo_main
 
+    if upgrade:
+        sys.exit(demo_main(upgrade=(from_version, to_version)) or 0)
     sys.exit(demo_main(tour=tour) or 0)
 
 

@@ -21,8 +21,9 @@ Invariants:
 - Blocking server management (start, kill, psql) runs in threads so the proxy and
   the monitor keep running while a node is crashed or restarted.
 
-Modules: `setup` (directory, servers, configuration: what both modes share),
-`interactive` (the default mode), `tour` (``--tour``). This module owns `main`:
+Modules: `setup` (directory, servers, configuration: what the modes share),
+`interactive` (the default mode), `tour` (``--tour``), `upgrade` (``--upgrade``: a
+major-version upgrade by switchover). This module owns `main`:
 setting up, choosing the mode, and the clean-up that must run however it ends.
 """
 
@@ -56,6 +57,7 @@ from .setup import (
     stop_signals,
 )
 from .tour import TOUR_WRITES_BEFORE_KILL, tour_main
+from .upgrade import choose_versions, prepare_upgrade, upgrade_main
 
 __all__ = [
     "DEMO_DIR",
@@ -68,18 +70,29 @@ __all__ = [
 ]
 
 
-def main(tour: bool = False) -> int:
-    """Run the demo; returns the exit status (0 ok, 1 failed or lost writes, 130 interrupted)."""
+def main(tour: bool = False, upgrade: tuple[int | None, int | None] | None = None) -> int:
+    """Run the demo; returns the exit status (0 ok, 1 failed or lost writes, 130 interrupted).
+    ``upgrade=(from, to)`` runs the upgrade story (`upgrade`); None versions: the oldest
+    and newest installed."""
     previous = _stop_signals_as_interrupt()
     base: Path | None = None
     demo: Demo | None = None
+    versions: tuple[int, int] | None = None
     try:
         try:
-            local.find_binaries()
+            if upgrade is not None:
+                versions = choose_versions(*upgrade)
+            else:
+                local.find_binaries()
             base = make_demo_dir()
-            say(f"pgroute demo: starting a primary and a mirror in {base} ...")
-            started = time.monotonic()
-            demo = prepare(base)
+            if versions is not None:
+                say(f"pgroute demo: starting PostgreSQL {versions[0]} and {versions[1]} servers in {base} ...")
+                started = time.monotonic()
+                demo = prepare_upgrade(base, *versions)
+            else:
+                say(f"pgroute demo: starting a primary and a mirror in {base} ...")
+                started = time.monotonic()
+                demo = prepare(base)
         except LocalClusterError as exc:
             say(f"pgroute demo: {exc}", err=True)
             return 1
@@ -91,6 +104,11 @@ def main(tour: bool = False) -> int:
         from pgroute.proxy.loop import install_event_loop_policy
 
         install_event_loop_policy()
+        if versions is not None:
+            from pgroute.logs import setup_logging
+
+            setup_logging("WARNING")  # the story tells itself; the log shows what went wrong
+            return asyncio.run(upgrade_main(demo, *versions))
         if tour:
             from pgroute.logs import setup_logging
 
@@ -111,7 +129,7 @@ def main(tour: bool = False) -> int:
         if threading.current_thread() is threading.main_thread():
             ignore_stop_signals()
         try:
-            _clean_up(base, demo, tour)
+            _clean_up(base, demo, tour or versions is not None)
         finally:
             for sig, handler in previous.items():
                 signal.signal(sig, handler)

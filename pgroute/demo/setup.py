@@ -245,9 +245,14 @@ class Demo:
 
 def prepare(base: Path) -> Demo:
     """Both servers with the seed and replication, and the configuration to run pgroute with."""
+    pair = local.create_pair(base, dbname=DBNAME, publication=PUBLICATION, subscription=SUBSCRIPTION, seed_sql=SEED_SQL)
+    return configure(base, pair)
+
+
+def configure(base: Path, pair: local.LocalPair) -> Demo:
+    """The demo's ports and pgroute.toml for `pair` (its servers running), as a `Demo`."""
     from pgroute.config import load_config
 
-    pair = local.create_pair(base, dbname=DBNAME, publication=PUBLICATION, subscription=SUBSCRIPTION, seed_sql=SEED_SQL)
     avoid = {pair.primary.port, pair.mirror.port}
     proxy_port = _pick_port(PROXY_PORT, avoid)
     api_port = _pick_port(API_PORT, avoid | {proxy_port})
