@@ -111,24 +111,56 @@ def check_splice(mode: str) -> tuple[bool, str, str]:
     return True, "kernel splicing: available, sessions will be forwarded by the kernel", ""
 
 
-async def _managed_by_pgroute(config: Config) -> str | None:
-    """A description of pgroute's epoch stamp when a switch already happened, else None."""
+Stamp = tuple[int | None, str | None]
+"""(epoch, active node) pgroute stamped on a node's database; (None, None) when never."""
+
+
+async def _read_stamps(config: Config) -> dict[str, Stamp | None]:
+    """Each node's stamp; None for a node that could not be read (setup-replication
+    reports the connection error itself)."""
     from ..errors import PgRouteError
     from ..pg.catalog import read_stamp
     from ..pg.connect import connect
 
+    stamps: dict[str, Stamp | None] = {}
     for name in ("primary", "mirror"):
         try:
             conn = await connect(config.node_dsn(name), config.health.timeout)
         except (PgRouteError, OSError):
+            stamps[name] = None
             continue
         try:
-            epoch, active = await read_stamp(conn)
+            stamps[name] = await read_stamp(conn)
         finally:
             await conn.close()
-        if epoch and epoch > 0:
-            return f"epoch {epoch} stamped on {name}, active node {active}"
-    return None
+    return stamps
+
+
+def setup_verdict(primary: Stamp | None, mirror: Stamp | None) -> tuple[str, str]:
+    """What setup-replication does given the nodes' stamps: ("setup", note),
+    ("nothing", why) or ("refuse", why).
+
+    A pair pgroute never switched is set up as usual. A pair it switched is left
+    alone (after a failover the mirror is active and the primary follows it or is
+    fenced: recreating the original direction would be wrong, and the seed's one-shot
+    replication_setup, run again, must not fail the stack), except for the one case an
+    upgrade or a replaced server needs: the primary is the active node by its stamp
+    and the mirror DSN reaches a server pgroute never stamped, a new mirror."""
+    p_epoch, p_active = primary or (None, None)
+    m_epoch, m_active = mirror or (None, None)
+    if m_epoch:
+        return "nothing", f"epoch {m_epoch} stamped on mirror, active node {m_active}"
+    if not p_epoch:
+        return "setup", ""
+    if p_active == "primary":
+        return "setup", f"a new mirror for the pair pgroute manages (epoch {p_epoch}, primary active)"
+    return (
+        "refuse",
+        f"epoch {p_epoch} stamped on primary says the active node is {p_active}, and mirror.dsn "
+        "reaches a server pgroute never stamped: a new mirror is set up only while the primary "
+        "is active; fail back first (pgroute failback), or point mirror.dsn at the node that was "
+        "the mirror",
+    )
 
 
 @click.command("setup-replication")
@@ -142,16 +174,18 @@ def setup_replication_cmd(config_path: str | None, env_file: str | None) -> None
     from ..errors import PgRouteError
     from ..tools.setup import SameDatabaseError, setup_replication
 
-    managed = asyncio.run(_managed_by_pgroute(config))
-    if managed:
-        # After a failover the mirror is active and the primary follows it (or is
-        # fenced): recreating the original direction would be wrong. Re-running the
-        # seed's one-shot replication_setup must not fail the stack either.
+    stamps = asyncio.run(_read_stamps(config))
+    verdict, why = setup_verdict(stamps["primary"], stamps["mirror"])
+    if verdict == "nothing":
         click.echo(
-            f"nothing to do: pgroute manages this pair ({managed}); "
+            f"nothing to do: pgroute manages this pair ({why}); "
             "see `pgroute status`, `pgroute rejoin`, `pgroute failback`"
         )
         return
+    if verdict == "refuse":
+        fail(f"setup-replication refused: {why}; nothing was changed")
+    if why:
+        click.echo(f"setting up {why}")
     try:
         steps = asyncio.run(
             setup_replication(

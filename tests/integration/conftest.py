@@ -27,6 +27,7 @@ from pathlib import Path
 import pytest
 
 from pgroute import local
+from pgroute.local.binaries import find_version
 from pgroute.errors import LocalClusterError
 
 _HERE = Path(__file__).parent
@@ -82,10 +83,13 @@ class ClusterFactory:
         self.created: list[local.LocalCluster] = []
 
     def __call__(
-        self, name: str = "pg", settings: dict[str, str] | None = None, start: bool = True
+        self, name: str = "pg", settings: dict[str, str] | None = None, start: bool = True, version: int | None = None
     ) -> local.LocalCluster:
         cluster = local.LocalCluster(
-            local.make_base_dir(name + "-", parent=self.base) / "data", name=name, settings=settings
+            local.make_base_dir(name + "-", parent=self.base) / "data",
+            name=name,
+            settings=settings,
+            binaries=None if version is None else find_version(version),
         )
         self.created.append(cluster)
         cluster.init()
