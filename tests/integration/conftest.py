@@ -27,8 +27,8 @@ from pathlib import Path
 import pytest
 
 from pgroute import local
-from pgroute.local.binaries import find_version
 from pgroute.errors import LocalClusterError
+from pgroute.local.binaries import find_version
 
 _HERE = Path(__file__).parent
 _PREFIX = "pgroute-test-"
