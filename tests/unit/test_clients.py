@@ -7,6 +7,7 @@ from pathlib import Path
 
 import pytest
 
+from pgroute.cli.render import render_check_item
 from pgroute.pg import clients
 from pgroute.pg.clients import ClientProgramError, ClientPrograms, ServerInfo, choose_programs, strip_unknown_settings
 
@@ -119,3 +120,15 @@ def test_the_plan_filters_only_when_pg_dump_is_newer_than_the_target():
     assert not clients.DumpPlan(WHEEL_18, v15, v18).downgrade
     assert not clients.DumpPlan(SYSTEM_15, v15, v15).downgrade
     assert "pg_dump 18.6" in clients.DumpPlan(WHEEL_18, v18, v15).describe()
+
+
+def test_check_item_rendering():
+    assert render_check_item("schema", True, "same") == ["✓ schema: same"]
+    assert render_check_item("versions", True, "15 and 18", None, True, ["cannot: x"]) == [
+        "! versions: 15 and 18",
+        "    cannot: x",
+    ]
+    lines = render_check_item(
+        "primary reachable", False, "postgresql://u:secret@h/db: refused", "start it", notes=["n"]
+    )
+    assert lines == ["✗ primary reachable: postgresql://u:***@h/db: refused", "    fix: start it", "    n"]
