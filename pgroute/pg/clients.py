@@ -344,7 +344,10 @@ def plan_dump(source: ServerInfo, target: ServerInfo | None = None) -> DumpPlan:
 
 async def plan_copy(src: Dsn, dst: Dsn) -> DumpPlan:
     """:func:`plan_dump` from ``src``'s server to ``dst``'s, asking both their version."""
-    return plan_dump(await read_server_info(src), await read_server_info(dst))
+    source, target = await read_server_info(src), await read_server_info(dst)
+    # In a thread: the first look runs each pg_dump --version (then cached), and the
+    # daemon's event loop (a rejoin's dump) must not wait on that.
+    return await asyncio.to_thread(plan_dump, source, target)
 
 
 def libpq_env(dsn: Dsn) -> dict[str, str]:
@@ -397,7 +400,7 @@ async def dump_database(dsn: Dsn, path: Path, *, timeout: float = 600.0) -> Path
     """pg_dump of the DSN's database (schema and data) into ``path``, with the
     programs of that server's version (the file is for restoring there)."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    plan = plan_dump(await read_server_info(dsn))
+    plan = await asyncio.to_thread(plan_dump, await read_server_info(dsn))
     await run(
         [plan.programs.tool("pg_dump"), "--no-password", *libpq_target(dsn), "-f", str(path)],
         libpq_env(dsn),
