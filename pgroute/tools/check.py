@@ -1,6 +1,12 @@
 """``pgroute check``: verify a primary -> mirror pair without a daemon. Every problem
 found is one ``CheckItem`` with ok=False and a fix. An operator tool: it may use the
 control plane's SQL, and nothing in the daemon imports it.
+
+It is also the check to run before a planned switch (a switchover, the last step of
+an upgrade through a mixed pair): logical replication carries no DDL, no large
+objects and no sequences, so the items ``schema`` (DDL run on one node only),
+``large objects`` and ``sequences`` say what a switch would leave behind, and
+``versions`` / ``client programs`` what a pair of two PostgreSQL versions needs.
 """
 
 from __future__ import annotations
@@ -11,7 +17,15 @@ import asyncpg
 
 from ..control.replication import lag_bytes, published_tables, subscription_info, user_tables
 from ..errors import NodeUnavailable
-from ..pg.catalog import column_differences, read_identity, setting, table_columns, tables_without_replica_identity
+from ..pg.catalog import (
+    column_differences,
+    read_identity,
+    sample_sequences,
+    setting,
+    table_columns,
+    tables_without_replica_identity,
+)
+from ..pg.clients import ClientProgramError, ServerInfo, install_hint, plan_dump, server_info
 from ..pg.connect import as_dsn, connect
 from ..pg.dsn import Dsn, mask_conninfo
 
@@ -25,6 +39,7 @@ class CheckItem:
     detail: str
     fix: str | None = None
     warning: bool = False  # ok, but worth an operator's attention (does not fail check)
+    notes: tuple[str, ...] = ()  # more lines under the item, shown whatever the verdict
 
 
 #: The name of the item that says both DSNs reach one database; when it fails,
@@ -107,7 +122,10 @@ async def check_pair(
             checks.append(_check_replica_identity(pconn, publication))
             checks.append(_check_lag(pconn, subscription, max_lag_bytes))
         if pconn is not None and mconn is not None:
+            checks.append(_check_versions(pconn, mconn))
             checks.append(_check_schema(pconn, mconn, publication))
+            checks.append(_check_sequences(pconn, mconn))
+            checks.append(_check_large_objects(pconn, mconn))
         if mconn is not None:
             checks.append(_check_subscription(mconn, subscription, publication))
         for check in checks:
@@ -169,14 +187,141 @@ async def _check_schema(pconn: asyncpg.Connection, mconn: asyncpg.Connection, pu
     tables = await _published_or_user_tables(pconn, publication)
     differences = column_differences(await table_columns(pconn, tables), await table_columns(mconn, tables))
     if not differences:
-        return [CheckItem("schema", True, f"the mirror has the {len(tables)} published table(s) column for column")]
+        return [
+            CheckItem(
+                "schema",
+                True,
+                f"the mirror has the {len(tables)} published table(s) column for column "
+                "(no DDL run on one node only: run check again right before a planned switch)",
+            )
+        ]
     shown = "; ".join(differences[:20]) + (f"; and {len(differences) - 20} more" if len(differences) > 20 else "")
     return [
         CheckItem(
             "schema",
             False,
             f"the mirror differs from the primary: {shown}",
-            "run the same DDL on the mirror as on the primary (logical replication does not carry DDL)",
+            "run the same DDL on the mirror as on the primary (logical replication does not carry DDL: "
+            "a difference here is DDL run on one node only, e.g. during an upgrade's replication window)",
+        )
+    ]
+
+
+def _mixed_pair_limits(p: ServerInfo, m: ServerInfo) -> list[str]:
+    """What a pair of two major versions cannot use: what its older version lacks.
+    Each claim was tried on 15 <-> 18 pairs (tests/integration/test_mixed_versions.py)."""
+    older = min(p.major, m.major)
+    notes = []
+    if older < 16:
+        notes.append(
+            f"while the PostgreSQL {older} node subscribes, no subscription options of 16+: "
+            "streaming = parallel, origin, run_as_owner, password_required"
+        )
+    if older < 17:
+        notes.append(
+            f"no failover slots (failover = true, 17+): a PostgreSQL {older} subscriber does not know the option "
+            f"and a PostgreSQL {older} publisher cannot create such a slot"
+        )
+    if p.major > m.major:
+        notes.append(
+            f"copy or replicate into the PostgreSQL {m.major} mirror a table using what {m.major} lacks "
+            f"(setup-replication dumps the schema with pg_dump {p.major} and removes the session settings "
+            f"{m.major} does not have; anything else {m.major} rejects fails the copy, which changes nothing)"
+        )
+    return notes
+
+
+async def _check_versions(pconn: asyncpg.Connection, mconn: asyncpg.Connection) -> list[CheckItem]:
+    """Each node's server version; for a mixed pair, what it cannot do; and the
+    pg_dump/psql pgroute would run against each (setup-replication's schema copy, the
+    dump before a resync): never older than the server they talk to."""
+    p, m = await server_info(pconn), await server_info(mconn)
+    detail = f"primary: PostgreSQL {p.version}, mirror: PostgreSQL {m.version}"
+    mixed = p.major != m.major
+    items = [
+        CheckItem(
+            "versions",
+            True,
+            detail + (" (a mixed pair: replication works both ways)" if mixed else ""),
+            warning=mixed,
+            notes=tuple(f"cannot: {n}" for n in _mixed_pair_limits(p, m)) if mixed else (),
+        )
+    ]
+    uses: list[tuple[str, ServerInfo, ServerInfo | None]] = [
+        ("the primary's resync dump", p, None),
+        ("the mirror's resync dump", m, None),
+        ("the schema copy primary -> mirror", p, m),
+    ]
+    plans, missing = [], []
+    for what, source, target in uses:
+        try:
+            plans.append((what, plan_dump(source, target)))
+        except ClientProgramError:
+            missing.append(source.major)
+    chosen = tuple(f"{what}: pg_dump {plan.programs.version} ({plan.programs.bindir})" for what, plan in plans)
+    if missing:
+        need = max(missing)
+        programs = CheckItem(
+            "client programs",
+            False,
+            f"no pg_dump of PostgreSQL {need} or newer here: pg_dump refuses a newer server, and pgroute "
+            "runs it for setup-replication's schema copy and before a resync",
+            f"install one: {install_hint(need)}",
+            notes=chosen,
+        )
+    else:
+        versions = ", ".join(sorted({plan.programs.version for _, plan in plans}))
+        programs = CheckItem(
+            "client programs", True, f"pg_dump/psql {versions} (never older than the server they dump)", notes=chosen
+        )
+    return [*items, programs]
+
+
+async def _check_sequences(pconn: asyncpg.Connection, mconn: asyncpg.Connection) -> list[CheckItem]:
+    """Logical replication copies no sequence: pgroute moves them at promotion, which
+    needs each of the primary's sequences to exist on the mirror."""
+    p, m = await sample_sequences(pconn), await sample_sequences(mconn)
+    absent = sorted(set(p.values) - set(m.values))
+    if absent:
+        return [
+            CheckItem(
+                "sequences",
+                False,
+                f"{', '.join(absent)} missing on the mirror: after a switch the applications' nextval() fails "
+                "there, and pgroute cannot move it past the data",
+                "create them on the mirror as on the primary (logical replication does not carry DDL)",
+            )
+        ]
+    unfed = sorted(p.unfed)
+    detail = (
+        f"{len(p.values)} sequence(s), all on the mirror; logical replication does not copy them: "
+        "pgroute moves each past the data at promotion (plus replication.sequence_gap)"
+    )
+    if unfed:
+        detail += (
+            f"; {', '.join(unfed)} feed(s) no column: moved past the last value the running pgroute "
+            "sampled on the active node, projected by its draw rate"
+        )
+    return [CheckItem("sequences", True, detail)]
+
+
+async def _check_large_objects(pconn: asyncpg.Connection, mconn: asyncpg.Connection) -> list[CheckItem]:
+    """Logical replication does not copy large objects (pg_largeobject is a catalog):
+    a switch leaves them behind on the node that had them."""
+    counts = {}
+    for label, conn in (("primary", pconn), ("mirror", mconn)):
+        counts[label] = int(await conn.fetchval("SELECT count(*) FROM pg_largeobject_metadata"))
+    if not any(counts.values()):
+        return [CheckItem("large objects", True, "none on either node")]
+    return [
+        CheckItem(
+            "large objects",
+            True,
+            f"primary {counts['primary']}, mirror {counts['mirror']}: logical replication does not copy large "
+            "objects, so after a switch the applications see the other node's (or none)",
+            "keep that data in bytea columns (replicated), or copy the large objects to the other node yourself "
+            "before a switch (lo_export / lo_import)",
+            warning=True,
         )
     ]
 

@@ -26,7 +26,7 @@ from ..control.replication import (
 )
 from ..errors import NodeUnavailable, PgRouteError
 from ..pg.catalog import read_identity, setting, tables_without_replica_identity
-from ..pg.clients import libpq_env, libpq_target, pg_binary, run
+from ..pg.clients import plan_copy
 from ..pg.connect import as_dsn, connect, describe
 from ..pg.dsn import Dsn, mask_conninfo, parse_dsn
 from ..pg.naming import quote_ident, quote_literal
@@ -58,19 +58,12 @@ async def copy_schema(src_dsn: Dsn | str, dst_dsn: Dsn | str, *, timeout: float 
             return False
     finally:
         await conn.close()
-    schema = await run(
-        [pg_binary("pg_dump"), "--no-password", *libpq_target(src), *_SCHEMA_DUMP],
-        libpq_env(src),
-        None,
-        timeout,
-    )
-    await run(
-        [pg_binary("psql"), "--no-password", *libpq_target(dst), *_PSQL_SCRIPT],
-        libpq_env(dst),
-        schema,
-        timeout,
-    )
-    log.info("schema copied from %s to %s", src.masked, dst.masked)
+    # pg_dump and psql chosen for both servers' versions (a mixed pair: pg_dump at
+    # least as new as src, its output made loadable on an older dst).
+    plan = await plan_copy(src, dst)
+    schema = await plan.dump(src, _SCHEMA_DUMP, timeout)
+    await plan.load(dst, schema, _PSQL_SCRIPT, timeout)
+    log.info("schema copied from %s to %s (%s)", src.masked, dst.masked, plan.describe())
     return True
 
 
@@ -78,12 +71,8 @@ async def drop_copied_schema(src_dsn: Dsn | str, dst_dsn: Dsn | str, *, timeout:
     """Undo :func:`copy_schema` on dst: the DROP statements pg_dump --clean writes for
     src's schema (exactly the objects the copy created), in one transaction."""
     src, dst = as_dsn(src_dsn), as_dsn(dst_dsn)
-    script = await run(
-        [pg_binary("pg_dump"), "--no-password", *libpq_target(src), *_SCHEMA_DUMP, "--clean", "--if-exists"],
-        libpq_env(src),
-        None,
-        timeout,
-    )
+    plan = await plan_copy(src, dst)
+    script = await plan.dump(src, [*_SCHEMA_DUMP, "--clean", "--if-exists"], timeout)
     # pg_dump --clean writes every DROP first (one statement a line), then the
     # CREATEs; keep the settings at the top and the DROPs. Not DROP EXTENSION: the
     # copy says CREATE EXTENSION IF NOT EXISTS, so the mirror may have had it before.
@@ -95,12 +84,7 @@ async def drop_copied_schema(src_dsn: Dsn | str, dst_dsn: Dsn | str, *, timeout:
             "DROP EXTENSION"
         ):
             drops.append(line)
-    await run(
-        [pg_binary("psql"), "--no-password", *libpq_target(dst), *_PSQL_SCRIPT],
-        libpq_env(dst),
-        "\n".join(drops).encode() + b"\n",
-        timeout,
-    )
+    await plan.load(dst, "\n".join(drops).encode() + b"\n", _PSQL_SCRIPT, timeout)
     log.info("schema copied from %s removed from %s", src.masked, dst.masked)
 
 

@@ -10,7 +10,7 @@ Fixtures:
 - ``pg_base_dir`` (session): a directory the ``postgres`` OS user can use, on
   /dev/shm when possible (``PGROUTE_TEST_TMPDIR`` overrides).
 - ``local_cluster``: one started standalone server.
-- ``cluster_factory``: ``cluster_factory(name="pg", settings=None, start=True)``.
+- ``cluster_factory``: ``cluster_factory(name="pg", settings=None, start=True, version=None)``.
 - ``pair``: a fresh primary + mirror (``create_pair`` defaults: database
   ``chrispar``, the DEFAULT_SCHEMA tables, ``chrispar_pub`` / ``chrispar_sub``).
 - ``pair_factory``: ``pair_factory(**create_pair_kwargs)`` for other settings or seeds.
@@ -85,11 +85,10 @@ class ClusterFactory:
     def __call__(
         self, name: str = "pg", settings: dict[str, str] | None = None, start: bool = True, version: int | None = None
     ) -> local.LocalCluster:
+        # version: that PostgreSQL major version (mixed pairs); None: the default binaries.
+        binaries = find_version(version) if version is not None else None
         cluster = local.LocalCluster(
-            local.make_base_dir(name + "-", parent=self.base) / "data",
-            name=name,
-            settings=settings,
-            binaries=None if version is None else find_version(version),
+            local.make_base_dir(name + "-", parent=self.base) / "data", name=name, settings=settings, binaries=binaries
         )
         self.created.append(cluster)
         cluster.init()

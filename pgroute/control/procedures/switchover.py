@@ -91,9 +91,12 @@ async def switchover(ctx: Context, op: Op, target: NodeName, epoch: int) -> OpRe
             op.details["new_connections_held_ms"] = round((now - t_hold) * 1000)
         with op.phase("resubscribe"):
             try:
+                # First: the old node still waits for the standby whose subscription
+                # the promotion just detached, so any commit here (the stamp) would
+                # block until the statement timeout in synchronous mode.
+                await repl.set_synchronous(old_conn, None)
                 await catalog.write_stamp(old_conn, new_epoch, target.value)
                 await repl.drop_slot(old_conn, ctx.sub(target))
-                await repl.set_synchronous(old_conn, None)
                 await repl.subscribe(
                     old_conn,
                     ctx.sub(old),
