@@ -137,18 +137,24 @@ def _auth_failure(message: str) -> bool:
     return any(s in text for s in ("password", "authentication failed", "no pg_hba.conf entry", "fe_sendauth"))
 
 
-async def _try_subscription_conninfo(mconn: asyncpg.Connection, conninfo: str, publication: str) -> str | None:
+async def _try_subscription_conninfo(mconn: asyncpg.Connection, conninfo: str) -> str | None:
     """Have the mirror's server open ``conninfo`` as its subscription would, and
     undo it: CREATE SUBSCRIPTION without a slot (connect = true logs in to the
     publisher and reads its tables) inside a transaction that is rolled back.
-    None when it worked, else the server's error (masked)."""
+    None when it worked, else the server's error (masked).
+
+    The probe subscribes to a publication named like itself, which does not exist:
+    subscribing to the real one would make the mirror's server look up every
+    published table locally, and the schema copy that creates them comes later
+    (a publication created beforehand, or the new mirror of a managed pair, failed
+    with "relation ... does not exist")."""
     probe = f"pgroute_probe_{mconn.get_server_pid()}"
     tx = mconn.transaction()
     await tx.start()
     try:
         await mconn.execute(
             f"CREATE SUBSCRIPTION {quote_ident(probe)} CONNECTION {quote_literal(conninfo)} "
-            f"PUBLICATION {quote_ident(publication)} "
+            f"PUBLICATION {quote_ident(probe)} "
             "WITH (connect = true, enabled = false, create_slot = false, slot_name = NONE, copy_data = false)"
         )
     except asyncpg.PostgresError as exc:
@@ -176,12 +182,12 @@ async def _subscription_conninfo(
     if not isinstance(publisher, Dsn):
         publisher = parse_dsn(publisher) if publisher.startswith(("postgresql://", "postgres://")) else publisher
     if not isinstance(publisher, Dsn):
-        error = await _try_subscription_conninfo(mconn, publisher, publication)
+        error = await _try_subscription_conninfo(mconn, publisher)
         if error is not None:
             raise ReplicationSetupError(f"the mirror's server cannot use the publisher conninfo: {error}")
         return publisher, None
     conninfo = publisher.libpq_conninfo()
-    error = await _try_subscription_conninfo(mconn, conninfo, publication)
+    error = await _try_subscription_conninfo(mconn, conninfo)
     if error is None:
         return conninfo, None
     where = f"{publisher.host}:{publisher.port}/{publisher.dbname} as {publisher.user}"
@@ -193,7 +199,7 @@ async def _subscription_conninfo(
     found = None if publisher.password else find_password(publisher)
     if found is not None:
         with_password = publisher.libpq_conninfo(password=found.value)
-        error = await _try_subscription_conninfo(mconn, with_password, publication)
+        error = await _try_subscription_conninfo(mconn, with_password)
         if error is None:
             return with_password, (
                 f"mirror: the subscription's connection string carries the password pgroute found in "
