@@ -107,7 +107,12 @@ async def fence(conn: asyncpg.Connection, *, spare: Collection[int] = ()) -> Non
        operator's limit is kept in ``pgroute.connlimit_before_fence`` first);
     2. ``default_transaction_read_only = on`` server-wide: superuser sessions, which
        no limit stops, start read-only by default (they can still turn it off);
-    3. every client session from before the fence is terminated (``spare``: pgroute's own).
+    3. ``synchronous_standby_names`` reset: a fenced node takes no client writes, and
+       its apply worker (synchronous_commit = on, see replication.subscribe) and
+       pgroute's steps must not wait for a standby it had while it was active (an
+       old primary back after a failover in synchronous mode never caught up);
+       sync_mode sets it again on whichever node is active;
+    4. every client session from before the fence is terminated (``spare``: pgroute's own).
 
     Logical-replication apply workers keep applying (they are background workers
     of a superuser-owned subscription): a fenced node can follow a publisher.
@@ -118,6 +123,7 @@ async def fence(conn: asyncpg.Connection, *, spare: Collection[int] = ()) -> Non
         await conn.execute(f"ALTER DATABASE {quote_ident(db)} SET {SAVED_CONNLIMIT} = {quote_literal(str(limit))}")
         await conn.execute(f"ALTER DATABASE {quote_ident(db)} CONNECTION LIMIT 0")
     await conn.execute("ALTER SYSTEM SET default_transaction_read_only = on")
+    await conn.execute("ALTER SYSTEM RESET synchronous_standby_names")
     await reload_conf(conn)
     await terminate_clients(conn, spare=spare)
 

@@ -107,6 +107,13 @@ async def connect(
             statement_cache_size=0,
             server_settings={
                 "default_transaction_read_only": "off",
+                # pgroute's own commits (the fence, epoch stamps, sequence moves, the
+                # subscription steps) never need a standby's confirmation: none of them
+                # is replicated by logical replication. Waiting for one would hang
+                # them on a node whose synchronous_standby_names still names a standby
+                # that is gone, e.g. an old primary back after a failover in
+                # synchronous mode (its fence timed out and it never rejoined).
+                "synchronous_commit": "local",
                 "application_name": application_name,
                 "statement_timeout": str(int(statement_timeout * 1000)),
             },

@@ -202,7 +202,7 @@ async def test_node_killed_mid_switchover_never_routes_to_stale(pair, tmp_path, 
                 await _wait(running, lambda s: s["active"] != active or s["state"].endswith("_down"), 30)
 
 
-async def test_synchronous_on_kill9_loses_nothing(pair, tmp_path):
+async def test_synchronous_on_kill9_loses_nothing_and_the_old_primary_rejoins(pair, tmp_path):
     config = make_config(pair, tmp_path, replication={"synchronous": "on"})
     async with running_pgroute(config) as running:
         await _wait(running, lambda s: s["replication"] == "ok", 30)
@@ -220,8 +220,16 @@ async def test_synchronous_on_kill9_loses_nothing(pair, tmp_path):
         at_kill = list(writer.acks)
         await _wait(running, lambda s: s["active"] == "mirror", 30, "failover")
         await writer.wait_acked(10)
+        # The old primary returns with synchronous_standby_names still naming the
+        # subscription that was its standby: pgroute's own commits on it (the fence,
+        # the stamp, the rejoin) must not wait for a standby that no longer exists.
+        pair.primary.start()
+        await _following(running, 60)
+        await writer.wait_acked(10)
         await writer.stop()
+        assert _st(running)["active"] == "mirror"
     assert await missing(pair.mirror_dsn(), at_kill) == []
+    assert await missing(pair.mirror_dsn(), writer.acks) == []
 
 
 @pytest.mark.parametrize("mode", ["on", "strict"])
