@@ -20,6 +20,11 @@ so that no SQL names a column an older server lacks:
   explicitly (``pgroute.local.cluster``).
 - The pgoutput protocol: version 1 is what every supported server speaks and all the
   divergence reader needs (``pgroute.pg.pgoutput``).
+
+The same on 15, 16 and 18 (checked there): the functions pgroute calls, as it calls
+them (18's pg_create_logical_replication_slot and pg_logical_emit_message take one
+more argument, with a default), the pg_stat_replication, pg_replication_slots and
+pg_subscription columns pgroute reads, and pg_stat_activity's 'client backend'.
 """
 
 from __future__ import annotations
