@@ -31,21 +31,19 @@ from __future__ import annotations
 
 import asyncpg
 
-#: The oldest major version pgroute supports: pg_stat_subscription_stats (apply
-#: error counts) and publications' row filters and column lists are 15's.
-MIN_MAJOR = 15
-
 #: ``streaming`` of every subscription pgroute creates. ``on`` (all of 15, 16 and 18
 #: accept it, and it means the same on each): a transaction larger than the
 #: publisher's logical_decoding_work_mem reaches the subscriber while it runs, which
 #: spools it and applies it at commit in its one apply worker. So the apply order,
 #: the apply errors and the worker pgroute watches are the same on every version,
-#: and a large commit is not first decoded and sent after it commits (the position
-#: a switchover waits for, a synchronous commit's wait and the stall detector's
-#: "received position" keep moving while it runs). Not ``off`` (15-17's default):
-#: the subscriber would receive nothing of a large transaction until its commit. Not
-#: ``parallel`` (18's default; 16+ only): extra workers, apply of uncommitted
-#: transactions, and a value a 15 subscriber refuses.
+#: and at a large commit only the apply is left to wait for (a switchover's
+#: catch-up, a synchronous commit). Measured, 300,000-row insert over a 1 MB
+#: logical_decoding_work_mem, commit to applied on the mirror: off 1.8-2.8 s, on
+#: 1.0-1.1 s (15 and 18), parallel 0.03 s (18). Not ``off`` (15-17's default): the
+#: subscriber gets nothing of a large transaction until it commits. Not ``parallel``
+#: (18's default, 16+ only): a 15 subscriber refuses it, so pgroute would behave
+#: differently per version, applying uncommitted transactions in extra workers; a
+#: subscription an operator sets to parallel is handled (apply_worker_filter).
 SUBSCRIPTION_STREAMING = "on"
 
 #: ``pgoutput`` proto_version pgroute requests when it peeks a slot. 2-4 add only
