@@ -24,6 +24,7 @@ from collections.abc import Sequence
 
 import asyncpg
 
+from ..pg import versions
 from ..pg.catalog import current_lsn
 from ..pg.dsn import Dsn, mask_conninfo, parse_dsn
 from ..pg.naming import int_to_lsn, quote_ident, quote_literal
@@ -49,7 +50,8 @@ def _conninfo(publisher: Dsn | str) -> str:
 async def _subscription_row(conn: asyncpg.Connection, name: str) -> asyncpg.Record | None:
     return await conn.fetchrow(
         """
-        SELECT oid, subenabled, subslotname, subconninfo, subsynccommit, subpublications
+        SELECT oid, subenabled, subslotname, subconninfo, subsynccommit, subpublications,
+               substream::text AS substream
         FROM pg_subscription
         WHERE subname = $1
           AND subdbid = (SELECT oid FROM pg_database WHERE datname = current_database())
@@ -95,12 +97,13 @@ async def subscription_info(conn: asyncpg.Connection, name: str) -> dict | None:
     row = await _subscription_row(conn, name)
     if row is None:
         return None
+    major = versions.server_major(conn)
     worker = await conn.fetchrow(
-        """
+        f"""
         SELECT pid, pg_wal_lsn_diff(received_lsn, '0/0')::bigint AS received_lsn,
                pg_wal_lsn_diff(latest_end_lsn, '0/0')::bigint AS latest_end_lsn,
                last_msg_receipt_time
-        FROM pg_stat_subscription WHERE subid = $1 AND relid IS NULL
+        FROM pg_stat_subscription st WHERE subid = $1 AND {versions.apply_worker_filter(major, "st")}
         """,
         row["oid"],
     )
@@ -114,8 +117,11 @@ async def subscription_info(conn: asyncpg.Connection, name: str) -> dict | None:
         """,
         row["oid"],
     )
+    counters: tuple[str, ...] = ("apply_error_count", "sync_error_count")
+    if versions.has_conflict_counters(major):
+        counters += versions.CONFLICT_COUNTERS
     errors = await conn.fetchrow(
-        "SELECT apply_error_count, sync_error_count FROM pg_stat_subscription_stats WHERE subid = $1",
+        f"SELECT {', '.join(counters)} FROM pg_stat_subscription_stats WHERE subid = $1",
         row["oid"],
     )
     table_states = {t["name"]: t["state"] for t in tables}
@@ -126,6 +132,7 @@ async def subscription_info(conn: asyncpg.Connection, name: str) -> dict | None:
         "slot_name": row["subslotname"],
         "conninfo": mask_conninfo(row["subconninfo"]),
         "synchronous_commit": row["subsynccommit"],
+        "streaming": versions.streaming_mode(row["substream"]),
         "publications": list(row["subpublications"]),
         "worker_pid": worker["pid"] if worker else None,
         "received_lsn": worker["received_lsn"] if worker else None,
@@ -135,6 +142,13 @@ async def subscription_info(conn: asyncpg.Connection, name: str) -> dict | None:
         "all_ready": all(s == "r" for s in table_states.values()),
         "apply_error_count": errors["apply_error_count"] if errors else 0,
         "sync_error_count": errors["sync_error_count"] if errors else 0,
+        # PostgreSQL 18+: {counter: count} of pg_stat_subscription_stats' confl_*;
+        # None where the server does not count conflicts.
+        "conflicts": (
+            {c: errors[c] if errors else 0 for c in versions.CONFLICT_COUNTERS}
+            if versions.has_conflict_counters(major)
+            else None
+        ),
     }
 
 
@@ -156,6 +170,8 @@ async def subscribe(
     ``synchronous_commit = on`` makes the apply worker flush each commit before
     confirming it, which synchronous replication needs (with ``off`` every
     synchronous commit waits for the subscriber's WAL writer, ~200 ms).
+    ``streaming`` is always stated (versions.SUBSCRIPTION_STREAMING): its default
+    differs between server versions. An existing subscription is left as it is.
     """
     row = await _subscription_row(conn, name)
     if row is not None and publication not in row["subpublications"]:
@@ -185,6 +201,7 @@ async def subscribe(
             f"create_slot = {'true' if create_slot else 'false'}",
             f"copy_data = {'true' if copy_data else 'false'}",
             f"synchronous_commit = {quote_literal(synchronous_commit)}",
+            f"streaming = {versions.SUBSCRIPTION_STREAMING}",
         ]
     )
     conninfo = _conninfo(publisher_conninfo)

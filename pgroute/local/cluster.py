@@ -128,6 +128,10 @@ class LocalCluster:
             "--auth=trust",
             "-E", "UTF8",
             "--no-locale",
+            # Data checksums on every version: initdb's default from 18 only (15 and
+            # 16 default to off), so a mixed pair's nodes would otherwise differ; on,
+            # as a production server should have them.
+            "--data-checksums",
         ]  # fmt: skip
         if self.fast:
             cmd.append("--no-sync")

@@ -15,6 +15,7 @@ from pathlib import Path
 
 from pgroute.errors import LocalClusterError
 from pgroute.pg.naming import quote_ident, quote_literal
+from pgroute.pg.versions import SUBSCRIPTION_STREAMING
 
 from .binaries import PgBinaries, find_version
 from .cluster import LocalCluster
@@ -173,7 +174,7 @@ def create_pair(
         conninfo = quote_literal(pair.primary_dsn())
         pair.mirror.sql(
             f"CREATE SUBSCRIPTION {quote_ident(subscription)} CONNECTION {conninfo} "
-            f"PUBLICATION {quote_ident(publication)}",
+            f"PUBLICATION {quote_ident(publication)} WITH (streaming = {SUBSCRIPTION_STREAMING})",
             dbname,
         )
         pair.wait_tables_ready()

@@ -12,11 +12,13 @@ reports), so a sample always finds the sequence it was taken from.
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 
 import asyncpg
 
 from ..errors import UnsafeStep
+from . import versions
 from .naming import int_to_lsn, qualified, quote_ident, quote_literal
 
 STAMP_EPOCH = "pgroute.epoch"
@@ -208,9 +210,15 @@ async def sample_sequences(conn: asyncpg.Connection) -> SequenceSample:
 
 # ------------------------------------------------------------------ node snapshot
 
+
 # One round trip. $1: this node's own subscription name; $2: the other node's
-# subscription (= its slot and walsender application_name on this node).
-_NODE_FACTS_SQL = f"""
+# subscription (= its slot and walsender application_name on this node). Which
+# pg_stat_subscription row is the apply worker, and whether the server counts
+# conflicts, depend on the server's version (pg.versions).
+@functools.cache
+def node_facts_sql(major: int) -> str:
+    """The probe's query for a server of this major version."""
+    return f"""
 SELECT current_setting('default_transaction_read_only') = 'on' AS default_read_only,
        (SELECT datconnlimit = 0 FROM pg_database WHERE datname = current_database()) AS closed,
        CASE WHEN pg_is_in_recovery() THEN NULL
@@ -224,6 +232,8 @@ SELECT current_setting('default_transaction_read_only') = 'on' AS default_read_o
        (w.received_lsn - '0/0'::pg_lsn)::bigint AS received_lsn,
        (SELECT apply_error_count + sync_error_count FROM pg_stat_subscription_stats
          WHERE subname = $1) AS apply_errors,
+       (SELECT {versions.missing_rows_sql(major, "ss")} FROM pg_stat_subscription_stats ss
+         WHERE ss.subname = $1) AS missing_rows,
        (SELECT (o.remote_lsn - '0/0'::pg_lsn)::bigint
           FROM pg_replication_origin_status o JOIN pg_subscription sub ON o.external_id = 'pg_' || sub.oid
          WHERE sub.subname = $1) AS applied_lsn,
@@ -237,7 +247,8 @@ SELECT current_setting('default_transaction_read_only') = 'on' AS default_read_o
                       WHERE application_name = $2 LIMIT 1) r ON true
   LEFT JOIN LATERAL (SELECT st.pid, st.received_lsn FROM pg_stat_subscription st
                        JOIN pg_subscription sub ON sub.oid = st.subid
-                      WHERE sub.subname = $1 AND st.relid IS NULL LIMIT 1) w ON true
+                      WHERE sub.subname = $1 AND {versions.apply_worker_filter(major, "st")}
+                      LIMIT 1) w ON true
 """
 
 
@@ -259,10 +270,15 @@ class NodeFacts:
     received_lsn: int | None = None  # its last received publisher position
     applied_lsn: int | None = None  # its replication origin: last publisher commit applied
     apply_errors: int | None = None  # apply + table sync errors counted by the server
+    worker_pid: int | None = None  # own subscription's leader apply worker
+    # Replicated updates/deletes that found no row here (PostgreSQL 18+ counts them;
+    # None before): the server skips them and goes on, so this node lacks rows.
+    missing_rows: int | None = None
 
 
 async def read_node_facts(conn: asyncpg.Connection, own_subscription: str, peer_subscription: str) -> NodeFacts:
-    row = await conn.fetchrow(_NODE_FACTS_SQL, own_subscription, peer_subscription)
+    sql = node_facts_sql(versions.server_major(conn))
+    row = await conn.fetchrow(sql, own_subscription, peer_subscription)
     epoch, active = parse_stamp(row["dbconfig"])
     lag = row["flush_lag"] if row["flush_lag"] is not None else row["slot_lag"]
     return NodeFacts(
@@ -280,6 +296,8 @@ async def read_node_facts(conn: asyncpg.Connection, own_subscription: str, peer_
         received_lsn=row["received_lsn"],
         applied_lsn=row["applied_lsn"],
         apply_errors=row["apply_errors"],
+        worker_pid=row["worker_pid"],
+        missing_rows=row["missing_rows"],
     )
 
 

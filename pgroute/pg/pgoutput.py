@@ -24,7 +24,8 @@ Invariants:
 
 Format reference: PostgreSQL 15 documentation, "Logical Replication Message
 Formats" (protocol section). Integers are big-endian; a String is a
-NUL-terminated UTF-8 string.
+NUL-terminated UTF-8 string. Protocol version 1 is the same on 15, 16 and 18:
+tests/integration/test_versions.py decodes each one's messages (pg.versions).
 """
 
 from __future__ import annotations

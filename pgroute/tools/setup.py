@@ -31,6 +31,7 @@ from ..pg.connect import as_dsn, connect, describe
 from ..pg.dsn import Dsn, mask_conninfo, parse_dsn
 from ..pg.naming import quote_ident, quote_literal
 from ..pg.passwords import find_password
+from ..pg.versions import SUBSCRIPTION_STREAMING
 
 log = logging.getLogger(__name__)
 
@@ -155,7 +156,8 @@ async def _try_subscription_conninfo(mconn: asyncpg.Connection, conninfo: str) -
         await mconn.execute(
             f"CREATE SUBSCRIPTION {quote_ident(probe)} CONNECTION {quote_literal(conninfo)} "
             f"PUBLICATION {quote_ident(probe)} "
-            "WITH (connect = true, enabled = false, create_slot = false, slot_name = NONE, copy_data = false)"
+            "WITH (connect = true, enabled = false, create_slot = false, slot_name = NONE, copy_data = false, "
+            f"streaming = {SUBSCRIPTION_STREAMING})"
         )
     except asyncpg.PostgresError as exc:
         return mask_conninfo(str(exc)) or type(exc).__name__

@@ -29,15 +29,21 @@ import asyncpg
 from pgroute.control.divergence.model import DivergenceError, DivergentSet, set_local
 from pgroute.pg.naming import lsn_to_int
 from pgroute.pg.pgoutput import StreamDecoder
+from pgroute.pg.versions import PGOUTPUT_PROTO_VERSION
 
 log = logging.getLogger(__name__)
 
 __all__ = ["read_divergent"]
 
+# proto_version: versions.PGOUTPUT_PROTO_VERSION (1, spoken by every supported
+# server; the higher ones only add streaming and two-phase messages, which a peek
+# without those options never returns). Without the 'messages' option pgoutput sends
+# no logical messages (M); Origin (O) appears for changes a node applied from a
+# subscription of its own, Type (Y) for columns of non-built-in types.
 _PEEK_SQL = (
     "SELECT lsn, xid, data FROM pg_logical_slot_peek_binary_changes("
     "$1::name, $2::text::pg_lsn, NULL, "
-    "'proto_version', '1', 'publication_names', $3::text)"
+    f"'proto_version', '{PGOUTPUT_PROTO_VERSION}', 'publication_names', $3::text)"
 )
 
 
