@@ -434,7 +434,23 @@ async def _check_publication(conn: asyncpg.Connection, publication: str) -> list
                 "pgroute setup-replication (or CREATE PUBLICATION ... FOR ALL TABLES on the primary)",
             )
         ]
-    missing = sorted(set(await user_tables(conn)) - set(await published_tables(conn, publication)))
+    left_out = set(await user_tables(conn)) - set(await published_tables(conn, publication))
+    # No publication can carry an unlogged table (it writes no WAL): a separate
+    # warning with the fix that works, not "ADD TABLE", which PostgreSQL refuses.
+    unlogged = sorted(left_out & set(await _unlogged_tables(conn)))
+    missing = sorted(left_out - set(unlogged))
+    items = []
+    if unlogged:
+        items.append(
+            CheckItem(
+                "unlogged tables",
+                True,
+                f"{', '.join(unlogged)} are unlogged: logical replication never carries them, so they are "
+                "empty on the other node after a switch",
+                "ALTER TABLE ... SET LOGGED to replicate them (a full rewrite), or accept that they start empty",
+                warning=True,
+            )
+        )
     if missing:
         return [
             CheckItem(
@@ -442,10 +458,22 @@ async def _check_publication(conn: asyncpg.Connection, publication: str) -> list
                 False,
                 f"publication {publication} does not cover {', '.join(missing)}",
                 f"ALTER PUBLICATION {publication} ADD TABLE ... (or recreate it FOR ALL TABLES)",
-            )
+            ),
+            *items,
         ]
     scope = "all tables" if row["puballtables"] else "every table (listed)"
-    return [CheckItem("publication", True, f"publication {publication} covers {scope}", None)]
+    if unlogged:
+        scope += ", unlogged ones excepted"
+    return [CheckItem("publication", True, f"publication {publication} covers {scope}", None), *items]
+
+
+async def _unlogged_tables(conn: asyncpg.Connection) -> list[str]:
+    """Quoted 'schema.table' of the unlogged tables, named as user_tables names them."""
+    rows = await conn.fetch(
+        "SELECT format('%I.%I', n.nspname, c.relname) AS name FROM pg_class c "
+        "JOIN pg_namespace n ON n.oid = c.relnamespace WHERE c.relkind IN ('r', 'p') AND c.relpersistence = 'u'"
+    )
+    return [r["name"] for r in rows]
 
 
 async def _check_subscription(conn: asyncpg.Connection, subscription: str, publication: str) -> list[CheckItem]:
