@@ -15,8 +15,9 @@ background tasks. Invariants:
   only, since Slack-style URLs carry their token in the path; DSNs are masked)
   and reported through ``on_failure(channel)`` (the metrics counter).
 - A node that flaps is damped (``FlapDamper``): of the state changes of one node
-  (down, up, refusing, replication stalled or resumed), at most ``FLAP_LIMIT`` are
-  alerted per ``FLAP_WINDOW``; the rest are counted, and the next alert of that
+  (down, up, refusing, replication stalled, resumed or diverged: an application
+  that keeps updating rows a follower lacks raises its count at every probe), at
+  most ``FLAP_LIMIT`` are alerted per ``FLAP_WINDOW``; the rest are counted, and the next alert of that
   node after the window says how many were held back. Switches, fences, rejoins
   and failures are never damped.
 - Webhooks and email are retried ``alerts.retries`` times with exponential
@@ -52,7 +53,9 @@ log = logging.getLogger(__name__)
 
 SWITCH_KINDS = frozenset({"failover", "failback", "switchover"})
 #: Events that say how a node is, as opposed to what pgroute did: the damped ones.
-NODE_STATE_KINDS = frozenset({"node_down", "node_up", "node_refused", "replication_stalled", "replication_resumed"})
+NODE_STATE_KINDS = frozenset(
+    {"node_down", "node_up", "node_refused", "replication_stalled", "replication_resumed", "replication_diverged"}
+)
 FLAP_LIMIT = 3
 FLAP_WINDOW = 300.0
 QUEUE_SIZE = 1000

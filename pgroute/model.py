@@ -89,6 +89,10 @@ class HealthSample:
     applied_lsn: int | None = None  # last publisher commit applied (replication origin)
     apply_errors: int | None = None  # apply + sync errors since the statistics were reset
     apply_error: str | None = None  # the last apply error's text, when the server log is readable
+    # Replicated UPDATEs/DELETEs its apply worker skipped for want of the row (PostgreSQL
+    # 18+: confl_update_missing + confl_delete_missing; None before, which cannot count
+    # them): no error, replication goes on, and this node has silently diverged.
+    missing_rows: int | None = None
 
     @property
     def refused(self) -> bool:

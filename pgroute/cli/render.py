@@ -11,6 +11,7 @@ masked; the status fits in 80 columns.
 
 from __future__ import annotations
 
+import textwrap
 import time
 from collections.abc import Sequence
 from datetime import UTC, datetime
@@ -125,13 +126,17 @@ def render_status(st: dict[str, Any]) -> str:
         sub = info.get("subscription")
         if isinstance(sub, dict):
             extras.append(f"subscription {sub.get('name')} {'enabled' if sub.get('enabled') else 'disabled'}")
+        if info.get("missing_rows"):
+            # The server's count (PostgreSQL 18+); the problem line says when it rose.
+            extras.append(f"missing rows: {info['missing_rows']}")
         if info.get("error") and not info.get("problem"):
             extras.append(f"error: {info['error']}")
         if extras:
             lines.append(_clip(f"{'':9}" + "; ".join(extras)))
         if info.get("problem"):
-            # Its own line: the one thing an operator must read about this node.
-            lines.append(_clip(f"{'':9}{info['problem']}"))
+            # Its own lines, wrapped rather than clipped: the one thing an operator must
+            # read about this node, and its end often says what to run.
+            lines.extend(textwrap.wrap(str(info["problem"]), WIDTH, initial_indent=" " * 9, subsequent_indent=" " * 11))
     lines.append("")
     conns = st.get("connections") or {}
     rejected = conns.get("rejected") or {}

@@ -16,6 +16,12 @@ Invariants:
   hold or take writes the active node does not have.
 - While an operation runs (failing over, switching, rejoining), probes update
   knowledge but start nothing new.
+- A standby that skipped replicated updates/deletes for want of the row (PostgreSQL
+  18+ counts them; see ``_divergence``) has diverged: reported once per rise, never
+  failed back to automatically, and an operator's switch to it needs ``--force``, but
+  an automatic failover still takes it (its reason says so): when the active node is
+  dead the alternative is no database at all, and the diverged node lacks only the
+  rows it was missing, unlike a stalled one that may lack everything since it stopped.
 
 It runs past 600 lines on purpose: every case of the one transition table (active
 probes, standby probes, requests, results, start-up) is read and table-tested
@@ -138,6 +144,10 @@ class State:
     standby_received: int | None = None  # received position, last seen
     standby_received_at: float | None = None  # when it last moved
     standby_stall: str | None = None  # why the standby is stalled
+    # Divergence of the standby (see _divergence): replicated updates/deletes its
+    # subscription skipped because it lacked the row (PostgreSQL 18+; None before).
+    standby_missing: int | None = None  # the server's count, last seen: the baseline
+    standby_skipped: int = 0  # its rises since pgroute first saw it: > 0 means diverged
     # The active node's WAL position last sampled (persisted with the state): with the
     # standby's applied position it estimates the lag while the active node is down.
     active_lsn: int | None = None
@@ -225,6 +235,8 @@ def _fresh_standby(s: State) -> State:
         standby_received=None,
         standby_received_at=None,
         standby_stall=None,
+        standby_missing=None,
+        standby_skipped=0,
     )
 
 
@@ -356,22 +368,27 @@ def _try_auto_failover(s: State, why: str, repeat: bool = False) -> Decision:
         if repeat:
             return Decision(new, (), "")
         return _d(new, f"{why}; FAILOVER not started: {blocked}", *down_event)
+    # A diverged standby is still taken (see the module docstring), and the reason says so.
+    diverged = f", although it has diverged (it {skipped_words(s)})" if s.standby_skipped else ""
     return _d(
         replace(s, phase=Phase.FAILING_OVER),
-        f"{why}; FAILOVER to {target.value}",
+        f"{why}; FAILOVER to {target.value}{diverged}",
         *down_event,
         Action(Act.FAILOVER, target),
     )
 
 
-def _promotion_blocker(s: State, force: bool) -> str | None:
-    """Why the standby may not be promoted now, or None."""
+def _promotion_blocker(s: State, force: bool, manual: bool = False) -> str | None:
+    """Why the standby may not be promoted now, or None. ``manual``: an operator asks
+    (a diverged standby is then refused unless forced; an automatic failover takes it)."""
     target = s.standby_node
     if target is None:
         return "no active node is known"
     forceable = (Standby.NOT_FOLLOWING, Standby.FENCED, Standby.UNFENCED, Standby.STALLED)
     if s.standby is not Standby.FOLLOWING and not (force and s.standby in forceable):
         return f"{target.value} is {standby_words(s)}, not a following standby"
+    if manual and not force and s.standby_skipped:
+        return f"{target.value} has diverged (it {skipped_words(s)}); {resync_advice(s)}"
     synchronous = s.policy.synchronous in ("on", "strict") and s.sync_standby
     if synchronous or force:
         return None
@@ -392,6 +409,49 @@ def standby_words(s: State) -> str:
     if s.standby is Standby.REFUSED and s.standby_refused:
         return f"refusing pgroute ({s.standby_refused})"
     return s.standby.value
+
+
+def skipped_words(s: State) -> str:
+    """What the diverged standby skipped, for a person."""
+    return f"skipped {s.standby_skipped} update(s)/delete(s) of rows it does not have"
+
+
+def resync_advice(s: State) -> str:
+    """How an operator repairs a diverged standby: only a full copy brings the rows back."""
+    advice = "`pgroute rejoin --resync`"
+    if s.standby_node is NodeName.PRIMARY:
+        advice = f"`pgroute failback --resync` or {advice}"
+    return f"resync it ({advice})"
+
+
+def divergence_problem(s: State) -> str | None:
+    """The diverged standby's problem line, or None when it has not diverged (or its
+    server cannot tell: PostgreSQL 15 and 16 do not count skipped changes)."""
+    if not s.standby_skipped or s.standby_node is None:
+        return None
+    return f"{skipped_words(s)}: the follower has diverged; {resync_advice(s)}"
+
+
+def _divergence(s: State, sample: HealthSample) -> tuple[State, int]:
+    """Track the standby's count of replicated updates/deletes skipped for want of the
+    row; return the state and how much the count rose (0: no news).
+
+    The first count seen is a baseline, not news: a restart of pgroute, or roles that
+    moved, must not report again what was reported before. A count lower than the last
+    one means the server's counters restarted (a recreated subscription, as a resync
+    does, or ``pg_stat_reset_subscription_stats`` after a manual repair): a new baseline,
+    and the divergence counted so far is forgotten. No count (PostgreSQL 15 and 16, or no
+    subscription) changes nothing."""
+    count, last = sample.missing_rows, s.standby_missing
+    if count is None:
+        return s, 0
+    if last is None:
+        return replace(s, standby_missing=count), 0
+    if count < last:
+        return replace(s, standby_missing=count, standby_skipped=0), 0
+    if count > last:
+        return replace(s, standby_missing=count, standby_skipped=s.standby_skipped + count - last), count - last
+    return s, 0
 
 
 def _standby_status(sample: HealthSample) -> Standby:
@@ -483,10 +543,29 @@ def _standby_probed(s: State, obs: Probed) -> Decision:
 
 def _standby_changed(s: State, obs: Probed, status: Standby) -> Decision:
     sample = obs.sample
+    if s.busy:
+        # Not even the divergence count: a rise seen now is reported after the operation.
+        return _d(replace(s, standby=status) if status is Standby.DOWN else s, "")
+    s, rise = _divergence(s, sample)
+    d = _standby_moved(s, obs, status)
+    if not rise:
+        return d
+    # Once per rise, whatever else this probe changed.
+    why = (
+        f"replication to {sample.node.value} skipped {rise} more update(s)/delete(s) of rows it does not "
+        f"have ({d.state.standby_skipped} since pgroute first saw it): the follower has diverged; "
+        f"{resync_advice(d.state)}"
+    )
+    reason = f"{d.reason}; {why}" if d.reason else why
+    event = Action(Act.EVENT, sample.node, detail="replication_diverged")
+    return Decision(replace(d.state, reason=reason), (*d.actions, event), reason)
+
+
+def _standby_moved(s: State, obs: Probed, status: Standby) -> Decision:
+    """The decision a standby's probe makes about its status."""
+    sample = obs.sample
     name = sample.node.value
     assert s.active is not None
-    if s.busy:
-        return _d(replace(s, standby=status) if status is Standby.DOWN else s, "")
     new = _track_ready(replace(s, standby=status), obs.now)
     if status is s.standby:
         if status is Standby.FENCED and _can_rejoin(s):
@@ -537,6 +616,7 @@ def _can_rejoin(s: State) -> bool:
 def _track_ready(s: State, now: float) -> State:
     ready = (
         s.standby is Standby.FOLLOWING
+        and not s.standby_skipped  # never fail back automatically to a node missing rows
         and s.active_up
         and s.lag_bytes is not None
         and s.lag_bytes <= s.policy.max_lag_bytes
@@ -601,11 +681,12 @@ def _requested(s: State, obs: Requested) -> Decision:
         return _refuse(s, f"no active node is known: {s.reason}")
     standby = s.standby_node
     if kind is Operation.FAILOVER:
-        blocked = _promotion_blocker(s, force=obs.force)
+        blocked = _promotion_blocker(s, force=obs.force, manual=True)
         if blocked:
-            return _refuse(
-                s, f"failover refused: {blocked}" + ("" if obs.force else " (use --force to override the lag gate)")
-            )
+            hint = "" if obs.force else " (use --force to override the lag gate)"
+            if s.standby_skipped and not obs.force and s.standby is Standby.FOLLOWING:
+                hint = ", or use --force to fail over to it anyway"
+            return _refuse(s, f"failover refused: {blocked}{hint}")
         target = standby
         return _d(
             replace(s, phase=Phase.FAILING_OVER),
@@ -618,6 +699,12 @@ def _requested(s: State, obs: Requested) -> Decision:
             return _refuse(s, f"switchover refused: {s.active.value} is not up (use failover)")
         if s.standby is not Standby.FOLLOWING:
             return _refuse(s, f"switchover refused: {target.value} is {standby_words(s)}, not following")
+        if s.standby_skipped:
+            return _refuse(
+                s,
+                f"switchover refused: {target.value} has diverged (it {skipped_words(s)}); "
+                f"{resync_advice(s)}, or `pgroute failover --force` to move to it anyway",
+            )
         return _d(
             replace(s, phase=Phase.SWITCHING),
             f"switchover to {target.value} requested",
@@ -638,6 +725,12 @@ def _requested(s: State, obs: Requested) -> Decision:
                 f"failback refused: primary is {standby_words(s)}; fix the cause, or "
                 "`pgroute failback --resync` copies the data afresh",
             )
+        if s.standby_skipped and not obs.force:
+            return _refuse(
+                s,
+                f"failback refused: primary has diverged (it {skipped_words(s)}); "
+                "`pgroute failback --resync` copies the data afresh",
+            )
         if not s.active_up:
             return _refuse(s, "failback refused: mirror is not up")
         return _d(
@@ -646,7 +739,11 @@ def _requested(s: State, obs: Requested) -> Decision:
             Action(Act.FAILBACK, NodeName.PRIMARY, force=obs.force, manual=True),
         )
     if kind is Operation.REJOIN:
-        if s.standby not in (Standby.FENCED, Standby.NOT_FOLLOWING, Standby.STALLED):
+        if s.standby is Standby.FOLLOWING and s.standby_skipped:
+            # Only a full copy brings back the rows it lacks (and restarts the count).
+            if not obs.force:
+                return _refuse(s, f"rejoin refused: {standby.value} has diverged: use `pgroute rejoin --resync`")
+        elif s.standby not in (Standby.FENCED, Standby.NOT_FOLLOWING, Standby.STALLED):
             return _refuse(s, f"rejoin refused: {standby.value} is {standby_words(s)}")
         return _d(
             replace(s, standby=Standby.REJOINING),

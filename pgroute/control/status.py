@@ -15,7 +15,7 @@ from typing import Any
 from ..model import HealthSample, NodeName
 from ..pg.dsn import mask_dsn
 from ..proxy.router import ProxyStats, Route
-from .state import Phase, Standby, State
+from .state import Phase, Standby, State, divergence_problem
 
 
 @dataclass(frozen=True)
@@ -120,14 +120,18 @@ def replication_health(s: State) -> str:
 
 
 def _problem(s: State, node: NodeName) -> str | None:
-    """What is wrong with a node that answers: refused, or its replication stalled."""
+    """What is wrong with a node that answers: refused, its replication stalled, or
+    diverged (it skipped replicated changes for want of the row: PostgreSQL 18+)."""
     if node is s.active:
         return f"refuses pgroute: {s.active_refused}" if s.active_refused else None
+    problems = []
     if s.standby is Standby.STALLED and s.standby_stall:
-        return f"replication stalled: {s.standby_stall}"
+        problems.append(f"replication stalled: {s.standby_stall}")
     if s.standby is Standby.REFUSED and s.standby_refused:
-        return f"refuses pgroute: {s.standby_refused}"
-    return None
+        problems.append(f"refuses pgroute: {s.standby_refused}")
+    if diverged := divergence_problem(s):
+        problems.append(diverged)
+    return "; ".join(problems) or None
 
 
 def node_status(
@@ -164,6 +168,9 @@ def node_status(
         "read_only": sample.read_only if sample else None,
         "lag_bytes": lag,
         "lag_seconds": lag_s,
+        # Replicated updates/deletes its subscription skipped for want of the row, as
+        # its server counts them (PostgreSQL 18+; None on 15 and 16, which cannot tell).
+        "missing_rows": sample.missing_rows if sample else None,
         "subscription": (
             {"name": sample.subscription, "enabled": bool(sample.subscription_enabled)}
             if sample and sample.subscription

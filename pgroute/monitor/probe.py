@@ -7,7 +7,8 @@ the next probe reconnects from scratch.
 
 Besides up/down, a sample carries the facts the state machine needs: whether the
 node is fenced (read-only), whether it is a subscriber (and enabled), its WAL
-position, its sequences, and, seen from this node as publisher, the lag and sync
+position, its sequences, the replicated changes its subscription skipped for want of
+the row (PostgreSQL 18+), and, seen from this node as publisher, the lag and sync
 state of the other node's subscription (read by ``pg.catalog.read_node_facts``).
 """
 
@@ -103,6 +104,7 @@ class Prober:
             received_lsn=facts.received_lsn,
             applied_lsn=facts.applied_lsn,
             apply_errors=facts.apply_errors,
+            missing_rows=facts.missing_rows,
         )
 
     def _failed(self, start: float, error: str, *, reached: bool = False, local: bool = False) -> HealthSample:
