@@ -19,6 +19,9 @@ def endpoint_url(text: str) -> str:
     if not isinstance(text, str) or not text.strip():
         raise ValueError("empty etcd endpoint")
     raw = text.strip()
+    if "@" in raw:
+        # Checked first: every later message quotes the endpoint.
+        raise ValueError("etcd endpoint must not carry credentials (user:password@)")
     if "://" not in raw:
         raw = "http://" + raw
     try:
@@ -28,8 +31,6 @@ def endpoint_url(text: str) -> str:
         raise ValueError(f"etcd endpoint {text!r}: {exc}") from None
     if parts.scheme not in ("http", "https"):
         raise ValueError(f"etcd endpoint {text!r}: scheme must be http or https")
-    if parts.username is not None or parts.password is not None:
-        raise ValueError("etcd endpoint must not carry credentials")
     if not parts.hostname:
         raise ValueError(f"etcd endpoint {text!r}: no host")
     if parts.path not in ("", "/") or parts.query or parts.fragment:

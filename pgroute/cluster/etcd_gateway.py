@@ -251,6 +251,10 @@ class Stream:
                 return None
             except (aiohttp.ClientError, OSError) as exc:
                 raise EndpointFailed(f"watch stream broke: {_describe(exc)}") from None
+            except RuntimeError as exc:
+                # aiohttp's StreamReader says "Connection closed." this way when the
+                # connection is gone before the read starts.
+                raise EndpointFailed(f"watch stream broke: {exc}") from None
             if not chunk:
                 raise EndpointFailed("watch stream ended")
             self._buffer += chunk

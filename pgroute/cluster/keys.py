@@ -8,8 +8,8 @@ Owns the key layout, so that every module (and an operator reading etcd with
     <prefix>/members/<name>    one record per instance (bound to its lease)
 
 Pure. Invariants: a prefix starts with "/" and does not end with one; a member name
-is one path segment (no "/"), so ``member_name(member_key(n)) == n`` and no member key
-is a prefix of another.
+is one path segment (no "/"), so ``Keys.member_name(Keys.member(n)) == n`` and a
+member record never has keys below it.
 """
 
 from __future__ import annotations
