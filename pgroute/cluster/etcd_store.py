@@ -20,10 +20,11 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import logging
 import math
 import time
 from collections.abc import AsyncIterator, Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from .endpoints import endpoint_label
 from .etcd_gateway import NOT_FOUND, EndpointFailed, EtcdError, EtcdGateway
@@ -46,6 +47,11 @@ from .store import (
     lease_deadline,
     prefix_range_end,
 )
+
+if TYPE_CHECKING:
+    from .store import Store
+
+log = logging.getLogger(__name__)
 
 MAX_TTL = 9_000_000_000  # etcd's maximum lease TTL (seconds)
 
@@ -288,6 +294,7 @@ class EtcdStore:
                     "start_revision": str(next_revision),
                 }
             }
+            log.debug("watch %s from revision %d on %s", prefix, next_revision, endpoint_label(gateway.urls[index]))
             try:
                 async with gateway.stream(index, "watch", body, gateway.attempt_timeout(gateway.timeout)) as stream:
                     while True:
@@ -311,6 +318,7 @@ class EtcdStore:
                             next_revision = watched.revision + 1
                             yield watched
             except EndpointFailed as exc:
+                log.info("watch %s on %s failed: %s", prefix, endpoint_label(gateway.urls[index]), exc)
                 if failing_since is None:  # a new outage: earlier errors are history
                     failing_since = time.monotonic()
                     errors.clear()
@@ -322,3 +330,9 @@ class EtcdStore:
             # Between members, a short pause: all of them refusing connections must
             # not become a busy loop.
             await asyncio.sleep(0.05)
+
+
+if TYPE_CHECKING:
+
+    def _is_a_store(store: EtcdStore) -> Store:
+        return store  # mypy checks that EtcdStore implements the Store protocol

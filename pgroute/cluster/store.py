@@ -19,10 +19,16 @@ Invariants the callers may rely on:
   compares did not hold: nothing was written), `LeaseExpired` (the lease is gone
   and its keys with it), `Compacted` (a watch asked for history the store no
   longer has: re-read, then watch from the new read's revision + 1).
-- A write whose attempt timed out on one endpoint is retried on the next: a
-  compare-and-set applied by the first attempt then fails its compare on the retry.
-  `CompareFailed.current` shows the key as it is, so the caller can recognise its
-  own write; `create_if_absent` with a lease does so itself (a lease id is unique).
+- A write whose attempt timed out on one endpoint is retried on the next, and the
+  timed-out attempt may still be applied later: a put sent to a SIGSTOPped member was
+  applied when it resumed, after its retry had succeeded (a second revision with the
+  same value). So an unconditional `put` can land twice, the second time over a newer
+  value; a compare-and-set cannot (its late copy fails the compare), but its retry
+  can fail the compare when the first attempt was applied in time: `CompareFailed.
+  current` shows the key as it is, so the caller can recognise its own write, and
+  `create_if_absent` with a lease does so itself (a lease id is unique). A key with
+  one writer is best written with `put_if` on the revision of that writer's previous
+  write.
 """
 
 from __future__ import annotations

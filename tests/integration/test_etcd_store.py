@@ -49,13 +49,17 @@ class Watched:
     async def wait(self, predicate, timeout: float = 20.0) -> None:
         """Until ``predicate(events)`` holds (a bound, not a measurement: the test fails
         if it never does). A watch that ended raises its error here."""
-        async with asyncio.timeout(timeout):
-            while not predicate(self.events):
-                if self._task.done():
-                    self._task.result()
-                    raise AssertionError("the watch ended")
-                self._new.clear()
-                await self._new.wait()
+        try:
+            async with asyncio.timeout(timeout):
+                while not predicate(self.events):
+                    if self._task.done():
+                        self._task.result()
+                        raise AssertionError("the watch ended")
+                    self._new.clear()
+                    await self._new.wait()
+        except TimeoutError:
+            seen = [(e.kind.value, e.kv.key, e.kv.text, e.revision) for e in self.events]
+            raise AssertionError(f"no such events within {timeout}s; the watch saw {seen}") from None
 
     async def stop(self) -> None:
         """Cancel the watch and wait until it has ended (before its store closes)."""
@@ -67,6 +71,27 @@ async def drain(store: EtcdStore, prefix: str, start: int) -> None:
     """Consume a watch until it raises."""
     async for _ in store.watch_prefix(prefix, start):
         pass
+
+
+# A write is (kind, key, text, the revision its call returned).
+Write = tuple[EventKind, str, str, int]
+
+
+def seen_all(written: list[Write]):
+    return lambda events: {w[3] for w in written} <= {e.revision for e in events}
+
+
+def assert_delivered(events: list[WatchEvent], written: list[Write]) -> None:
+    """Every write delivered as written, in revision order, no revision twice. An
+    extra event may only repeat one of the writes: a call whose attempt timed out on
+    a slow member and was retried on the next can land twice (see store.py)."""
+    revisions = [e.revision for e in events]
+    assert revisions == sorted(set(revisions)), revisions
+    by_revision = {e.revision: (e.kind, e.kv.key, e.kv.text) for e in events}
+    for kind, key, text, revision in written:
+        assert by_revision.get(revision) == (kind, key, text), (revision, by_revision)
+    extra = set(by_revision) - {w[3] for w in written}
+    assert {by_revision[r] for r in extra} <= {w[:3] for w in written}, by_revision
 
 
 async def test_a_lease_not_kept_alive_expires_and_its_keys_vanish(etcd):
@@ -122,7 +147,9 @@ async def test_create_if_absent_contention_has_exactly_one_winner(etcd):
 
 
 async def test_compare_and_set_on_mod_revision(etcd):
-    async with EtcdStore(etcd.endpoints) as store:
+    # A generous timeout: nothing fails here, and an attempt cut short on a busy
+    # machine would be retried and find its own write (CompareFailed, see store.py).
+    async with EtcdStore(etcd.endpoints, timeout=15.0) as store:
         first = await store.put(P + "route", "epoch 1")
         second = await store.put_if(P + "route", "epoch 2", first)
         assert second > first
@@ -143,32 +170,34 @@ async def test_compare_and_set_on_mod_revision(etcd):
 
 
 async def test_a_watch_sees_every_change_in_order_and_resumes_when_its_member_is_killed(etcd):
-    async with EtcdStore(etcd.endpoints) as store, EtcdStore(etcd.endpoints[::-1]) as writer:
+    async with EtcdStore(etcd.endpoints) as store, EtcdStore(etcd.endpoints[::-1], timeout=15.0) as writer:
         start = (await store.get_prefix(P)).revision + 1
         watched = Watched(store, P, start)
         try:
-            written = []
+            written: list[Write] = []
             for i in range(5):
                 written.append((EventKind.PUT, f"{P}k{i % 2}", f"v{i}", await writer.put(f"{P}k{i % 2}", f"v{i}")))
             written.append((EventKind.DELETE, f"{P}k0", "", await writer.delete(P + "k0")))
-            await watched.wait(lambda events: len(events) == 6)
+            await watched.wait(seen_all(written))
             # Kill the member the watch streams from; the writes go on elsewhere.
             streaming = etcd.member(store.endpoint)
             streaming.kill()
             for i in range(5, 10):
                 written.append((EventKind.PUT, f"{P}k{i % 2}", f"v{i}", await writer.put(f"{P}k{i % 2}", f"v{i}")))
-            await watched.wait(lambda events: len(events) >= 11)
-            await asyncio.sleep(0.2)  # room for a duplicate to show up, if one were sent
+            await watched.wait(seen_all(written))
+            marker = await writer.put(P + "end", "")  # everything before it has been delivered
+            await watched.wait(lambda events: any(e.revision == marker for e in events))
         finally:
             await watched.stop()
         assert store.endpoint != streaming.endpoint
-        assert [(e.kind, e.kv.key, e.kv.text, e.revision) for e in watched.events] == written
+        assert_delivered([e for e in watched.events if e.kv.key != P + "end"], written)
 
 
 async def test_losing_one_member_of_three_changes_nothing(etcd):
     # The leader, the worst member to lose: the others elect a new one first.
     etcd.leader().kill()
-    async with EtcdStore(etcd.endpoints, timeout=8.0) as store:
+    etcd.leader()  # waits for the election (calls during it are the hung-member case)
+    async with EtcdStore(etcd.endpoints, timeout=15.0) as store:
         lease = await store.grant(5)
         created = await store.create_if_absent(P + "leader", "a", lease)
         updated = await store.put_if(P + "leader", "a2", created, lease)
@@ -197,12 +226,16 @@ async def test_a_hung_member_calls_and_watches_move_to_another_within_the_timeou
             # Every call succeeds on another member within its own timeout.
             revision = await store.put(P + "k", "during", timeout=3.0)
             assert store.endpoint != follower.endpoint
-            assert (await store.get(P + "k", timeout=3.0)).first.mod_revision == revision  # type: ignore[union-attr]
+            assert (await store.get(P + "k", timeout=3.0)).first.text == "during"  # type: ignore[union-attr]
             lease = await store.grant(5, timeout=3.0)
             await store.keepalive(lease, timeout=3.0)
             # The watch notices its member went quiet and resumes elsewhere.
-            await watched.wait(lambda events: len(events) == 2)
-            assert [e.kv.text for e in watched.events] == ["before", "during"]
+            written: list[Write] = [
+                (EventKind.PUT, P + "k", "before", start),
+                (EventKind.PUT, P + "k", "during", revision),
+            ]
+            await watched.wait(seen_all(written))
+            assert_delivered(watched.events, written)
         finally:
             await watched.stop()
             follower.resume()
