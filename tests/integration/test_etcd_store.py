@@ -241,6 +241,23 @@ async def test_a_hung_member_calls_and_watches_move_to_another_within_the_timeou
             follower.resume()
 
 
+async def test_a_hung_leader_calls_succeed_once_the_others_elect_a_new_one(etcd):
+    leader = etcd.leader()
+    async with EtcdStore([leader.endpoint, *(e for e in etcd.endpoints if e != leader.endpoint)], timeout=9.0) as store:
+        lease = await store.grant(10)
+        leader.pause()
+        try:
+            # Sent while the followers still wait for the hung leader: the call outlives
+            # the election within its timeout (a retried create recognises its own lease).
+            revision = await store.create_if_absent(P + "leader", "b", lease)
+            found = (await store.get(P + "leader")).first
+            assert found is not None and (found.text, found.lease, found.mod_revision) == ("b", lease.id, revision)
+            await store.keepalive(lease)
+            assert store.endpoint != leader.endpoint
+        finally:
+            leader.resume()
+
+
 async def test_all_members_gone_is_store_unavailable_not_a_hang(etcd):
     async with EtcdStore(etcd.endpoints, timeout=1.5) as store:
         revision = await store.put(P + "k", "v")
