@@ -13,12 +13,15 @@ from __future__ import annotations
 
 import ipaddress
 import os
+import socket
 import tomllib
 from collections.abc import Mapping
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator
 
+from .cluster.endpoints import endpoint_url
+from .cluster.keys import check_name, check_prefix, default_prefix
 from .errors import ConfigError
 from .files import read_regular_file
 from .pg.dsn import Dsn, mask_dsn, parse_dsn
@@ -223,6 +226,56 @@ class AlertsConfig(_Section):
         return v
 
 
+class ClusterConfig(_Section):
+    """[cluster]: several pgroute instances sharing their state through etcd.
+
+    Absent, or ``etcd = []``: one instance with its state file, exactly as without
+    the section. Not used by the daemon yet (issue 14)."""
+
+    # etcd members, "host:port" or "http(s)://host:port"; PGROUTE_CLUSTER_ETCD comma separated.
+    etcd: tuple[str, ...] = Field((), strict=False)  # TOML arrays are lists
+    # This instance's name, unique in the cluster; "" = the host name.
+    name: str = ""
+    # Every key pgroute keeps in etcd lives under it; "" = /pgroute/<primary.dsn's database>.
+    prefix: str = ""
+    # Lease seconds of the leader key and member records (etcd grants whole seconds,
+    # rounded up). 2 s is etcd's shortest lease with its default election timeout (it
+    # grants that instead of less); past 5 minutes a dead leader blocks every
+    # switch for longer than any failover may take.
+    ttl: float = _seconds(10.0, 2.0, 300.0)
+
+    @field_validator("etcd")
+    @classmethod
+    def _endpoints(cls, v: tuple[str, ...]) -> tuple[str, ...]:
+        urls = [endpoint_url(e) for e in v]
+        if len(set(urls)) != len(urls):
+            raise ValueError("an etcd endpoint is listed twice")
+        return v
+
+    @field_validator("name")
+    @classmethod
+    def _name(cls, v: str) -> str:
+        return check_name(v) if v else v
+
+    @field_validator("prefix")
+    @classmethod
+    def _prefix(cls, v: str) -> str:
+        try:
+            return check_prefix(v) if v else v
+        except ValueError as exc:
+            raise ValueError(f"{v!r} {exc}") from None
+
+    @property
+    def enabled(self) -> bool:
+        """True when pgroute runs as a cluster (etcd endpoints are configured)."""
+        return bool(self.etcd)
+
+    @property
+    def member_name(self) -> str:
+        """This instance's name: ``name``, else the host name (checked by validate_runtime)."""
+        return self.name or socket.gethostname()
+
+
 class LogConfig(_Section):
     level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
     format: Literal["text", "json"] = "text"
@@ -242,10 +295,16 @@ class Config(_Section):
     api: ApiConfig = ApiConfig()
     state: StateConfig = StateConfig()
     alerts: AlertsConfig = AlertsConfig()
+    cluster: ClusterConfig = ClusterConfig()
     log: LogConfig = LogConfig()
 
     def node_dsn(self, name: str) -> Dsn:
         return (self.primary if name == "primary" else self.mirror).parsed
+
+    @property
+    def cluster_prefix(self) -> str:
+        """The etcd key prefix: ``cluster.prefix``, else ``/pgroute/<database of primary.dsn>``."""
+        return self.cluster.prefix or default_prefix(self.primary.parsed.dbname)
 
 
 # Seed variable name -> (section, key). Process environment beats the env file.
@@ -257,7 +316,7 @@ SEED_ENV = {
     "HEALTH_CHECK_MAX_RETRIES": ("health", "max_retries"),
     "HEALTH_CHECK_TIMEOUT": ("health", "timeout"),
 }
-LIST_KEYS = {("alerts", "webhook_urls"), ("alerts", "email_to")}
+LIST_KEYS = {("alerts", "webhook_urls"), ("alerts", "email_to"), ("cluster", "etcd")}
 
 
 def read_env_file(path: str | os.PathLike[str]) -> dict[str, str]:
@@ -482,3 +541,8 @@ def validate_runtime(config: Config) -> None:
     p, m = config.primary.parsed, config.mirror.parsed
     if (p.host, p.port, p.dbname) == (m.host, m.port, m.dbname):
         raise ConfigError("mirror.dsn", "points at the same database as primary.dsn")
+    if config.cluster.enabled and not config.cluster.name:
+        try:
+            check_name(config.cluster.member_name)
+        except ValueError as exc:
+            raise ConfigError("cluster.name", f"the host name cannot be used: {exc}; set [cluster] name") from None
