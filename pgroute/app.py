@@ -72,6 +72,15 @@ class Running:
 
 
 async def start(config: Config) -> Running:
+    if config.cluster.enabled:
+        # Fail closed: the cluster components (pgroute/cluster) are not wired in yet,
+        # and two instances that each ran alone would each decide and route alone.
+        raise ConfigError(
+            "cluster.etcd",
+            "this pgroute cannot run as a cluster yet (issue 14: the store exists, the leader "
+            "and the shared route do not); instances started with [cluster] etcd would each "
+            "decide alone, so none starts: remove [cluster] etcd (PGROUTE_CLUSTER_ETCD) and run one instance",
+        )
     from .alerts import Alerter
     from .api.http import make_app, start_api
     from .api.metrics import create_metrics
