@@ -16,7 +16,8 @@ import pytest
 from pgroute.cluster.barrier import barrier
 from pgroute.cluster.etcd_store import EtcdStore
 from pgroute.cluster.keys import Keys
-from pgroute.cluster.members import Members, Membership, NameInUse
+from pgroute.cluster.members import Members, Membership, MembershipLost, NameInUse
+from pgroute.cluster.records import CorruptRecord
 from pgroute.cluster.route import (
     EpochRegression,
     Route,
@@ -232,6 +233,16 @@ async def test_the_watcher_recovers_from_compacted_history(etcd):
             after = await writer.write(Route(epoch=5, active=P))
             await watcher.wait_for(lambda s: s.mod_revision == after.mod_revision, 20)
             assert collected.epochs == [1, 4, 5]
+            # A corrupt record is reported as such (the follower fails closed), and the
+            # writer refuses to go on from it; deleted, the route is absent again.
+            corrupt = await store.put(KEYS.route, b'{"epoch": true}')
+            seen = await watcher.wait_for(lambda s: s.mod_revision == corrupt, 20)
+            assert seen.route is None and seen.problem is not None and KEYS.route in seen.problem
+            with pytest.raises(CorruptRecord):
+                await writer.read()
+            deleted = await store.delete(KEYS.route)
+            gone = await watcher.wait_for(lambda s: s.revision == deleted, 20)
+            assert (gone.route, gone.mod_revision, gone.problem) == (None, 0, None)
         finally:
             await watcher.close()
 
@@ -268,6 +279,12 @@ async def test_a_member_record_lives_while_its_lease_is_kept_alive(etcd):
                 True,
                 {"connect_failures": 1},
             )
+            # One of its own writes landing after its call gave up (bound to its lease):
+            # the next update writes over it.
+            await mine.put(member.key, b'{"late": true}', member.lease)
+            assert (await member.update(epoch=5)).epoch == 5
+            found = await members.get("pg-a")
+            assert found is not None and found.record.epoch == 5
             # Stop refreshing (what a crash looks like): the record vanishes with the lease.
             start = (await theirs.get(member.key)).revision + 1
             await member.close(revoke=False)
@@ -296,6 +313,14 @@ async def test_a_second_instance_with_the_same_name_is_refused(etcd):
             await second.start()
             (only,) = await Members(one, KEYS).list()
             assert only.record.proxy == "10.0.0.2:6432"
+            # A record that is not its own any more (another lease took the name): the
+            # owner stops instead of writing over it.
+            assert second.lease is not None
+            await two.revoke(second.lease)
+            await first.start()
+            with pytest.raises(MembershipLost):
+                await second.update(epoch=1)
+            assert second.lost.is_set()
         finally:
             await first.close()
             await second.close()
