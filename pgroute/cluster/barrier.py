@@ -151,7 +151,12 @@ async def barrier(
     """Wait until every live member has applied ``epoch`` or its record vanished,
     for at most ``timeout`` seconds; the result says who acknowledged when, who
     expired, and who was still missing. StoreUnavailable when even the first read
-    fails (nothing is known); a store lost later only leaves members missing."""
+    fails (nothing is known); a store lost later only leaves members missing.
+
+    Cost: acknowledgements that land between the read and the watch's creation
+    reach it on etcd's catch-up of watches that start behind the head, every
+    100 ms (measured: 3 members acking at once, median 101 ms; acking after the
+    watch is up, 9 ms)."""
     tracker = BarrierTracker(epoch, clock())
     deadline = tracker.started + timeout
     read = await store.get_prefix(keys.members, timeout=timeout)
