@@ -90,6 +90,19 @@ def test_the_data_path_imports_only_model_and_errors() -> None:
     assert bad == []
 
 
+def test_the_cluster_layer_imports_only_model_and_errors() -> None:
+    # pgroute/cluster is below the control plane and beside the data path: the
+    # Controller and the Router will both use it, so it may use neither.
+    bad = [
+        f"{m} imports {i}"
+        for m, deps in GRAPH.items()
+        if under(m, "pgroute.cluster")
+        for i in sorted(deps)
+        if under(i, "pgroute") and not under(i, "pgroute.cluster", "pgroute.model", "pgroute.errors")
+    ]
+    assert bad == []
+
+
 def test_the_monitor_never_imports_the_control_plane() -> None:
     assert violations(("pgroute.monitor",), ("pgroute.control", "pgroute.api", "pgroute.cli")) == []
 
