@@ -109,9 +109,10 @@ async def test_restarts_never_route_to_stale_primary(pair, tmp_path):
         assert _status(running)["active"] == "mirror"
         # The old primary comes back: fenced (read-only), never routed to.
         pair.primary.start()
-        await wait_for(
-            lambda: pair.primary.sql("SHOW default_transaction_read_only") == "on", 30, what="old primary fenced"
-        )
+        # Fenced and following the mirror: the fence has finished terminating the
+        # sessions it found (a direct session opened while it ran could be cut; seen on 18).
+        await _wait_following(running, 60)
+        assert pair.primary.sql("SHOW default_transaction_read_only") == "on"
         conn = await asyncpg.connect(proxy_dsn(running))
         assert await conn.fetchval("SELECT current_setting('port')::int") == pair.mirror.port
         await conn.close()
