@@ -44,6 +44,10 @@ def check(config_path: str | None, env_file: str | None) -> None:
         )
     except Exception as exc:  # check_pair should report, not raise; say what broke anyway
         fail(f"check could not run: {type(exc).__name__}: {exc}")
+    if config.cluster.enabled:
+        from ..tools.cluster_check import check_cluster
+
+        items = [*items, *asyncio.run(check_cluster(config))]
     # Two DSNs that reach one database (whatever their host names say) are a
     # configuration error, as `pgroute run` reports it (exit 2): one verdict, on the
     # configuration line, and no advice about replication between a database and itself.
