@@ -167,6 +167,7 @@ class LeaderElection:
 
         self._term: Term | None = None
         self._lease: Lease | None = None
+        self._last_deadline: float | None = None
         self._acting_until = 0.0
         self._since = ""
         self._lost = asyncio.Event()
@@ -210,6 +211,12 @@ class LeaderElection:
         """While leader: the deadline of its lease (see `Lease.deadline`)."""
         return self._lease.deadline if self._term is not None and self._lease is not None else None
 
+    @property
+    def last_lease_deadline(self) -> float | None:
+        """The deadline of the last lease this instance held as the leader, also after
+        it lost it (status and tests: it stopped acting before this)."""
+        return self._last_deadline
+
     def current_leader(self) -> LeaderInfo | None:
         """The leader as last seen (this instance's own record while it leads)."""
         term = self.term
@@ -239,11 +246,16 @@ class LeaderElection:
         self._closed = True
         if self._term is not None:
             self._step_down(self._term, "stopped")
-        tasks = [t for t in (self._main, self._watch) if t is not None]
-        for task in tasks:
-            task.cancel()
-        if tasks:
-            await asyncio.wait(tasks)
+        tasks = {t for t in (self._main, self._watch) if t is not None}
+        # Cancel until they end: Python 3.11's asyncio.wait_for (in the store's watch)
+        # can swallow a cancellation that races with its result; the loops also stop
+        # on ``_closed``.
+        while tasks:
+            for task in tasks:
+                task.cancel()
+            _, tasks = await asyncio.wait(tasks, timeout=0.5)
+            if tasks:
+                log.info("leader election %s: %d task(s) still running after cancel; again", self.name, len(tasks))
         if self._pending is not None:  # cancelled while creating the key: it may exist
             self._stale.append(self._pending)
             self._pending = None
@@ -253,7 +265,7 @@ class LeaderElection:
     # ----------------------------------------------------------------- campaign
 
     async def _run(self) -> None:
-        while True:
+        while not self._closed:
             try:
                 won = await self._campaign()
                 if won is not None:
@@ -311,6 +323,9 @@ class LeaderElection:
             log.warning("leader election %s: took the leader key too late to act on it; releasing it", self.name)
             self._stale.append(lease)
             return None
+        if self._closed:  # close() ran while the key was being created: hand it back
+            self._stale.append(lease)
+            return None
         self._since = since
         return Term(key, revision, lease.id, self.name), lease
 
@@ -349,6 +364,7 @@ class LeaderElection:
         """Lead until the term ends (`_step_down` sets ``_lost``)."""
         self._term = term
         self._lease = lease
+        self._last_deadline = lease.deadline
         self._acting_until = lease.deadline - self.margin
         self._lost = asyncio.Event()
         loop = asyncio.get_running_loop()
@@ -402,6 +418,7 @@ class LeaderElection:
             if self._term is not term:
                 return
             self._lease = lease
+            self._last_deadline = lease.deadline
             self._acting_until = max(self._acting_until, lease.deadline - self.margin)
             next_at = lease.deadline - lease.ttl + self.loop_wait
             # The lease lives; is the key still ours? (Deleted by an operator, say.)
@@ -442,11 +459,13 @@ class LeaderElection:
         """Follow the leader key: who leads (for `current_leader`), when it is
         deleted (followers campaign at once), and whether it is still ours."""
         key = self._keys.leader
-        while True:
+        while not self._closed:
             try:
                 read = await self._store.get(key, timeout=self.retry_timeout)
                 self._observe_read(read)
                 async for event in self._store.watch_prefix(key, read.revision + 1):
+                    if self._closed:
+                        return
                     if event.kv.key == key:
                         self._observe_event(event)
             except asyncio.CancelledError:

@@ -237,3 +237,15 @@ def test_a_leader_key_that_is_not_json_is_a_bare_name():
     kv = KeyValue(KEYS.leader, b"pg9", 7, 7, 1, 0)
     info = parse_leader(kv)
     assert (info.name, info.api, info.term) == ("pg9", "", 7)
+
+
+async def test_is_leader_reads_the_clock_at_each_call(candidates, clock):
+    first = candidates("pg1")
+    await clock.settle()
+    acting_until = first.election.acting_until
+    assert first.election.is_leader() and acting_until is not None
+    # Time jumps past the acting deadline with no task run in between (a stalled
+    # event loop): is_leader() says no before the deadline timer has fired.
+    clock._now = acting_until
+    assert not first.election.is_leader() and first.election.term is None
+    assert first.lost == []
