@@ -5,6 +5,7 @@ stop, a deleted leader key, and the timing rules checked at construction."""
 
 from __future__ import annotations
 
+import asyncio
 from dataclasses import dataclass, field
 
 import pytest
@@ -249,3 +250,32 @@ async def test_is_leader_reads_the_clock_at_each_call(candidates, clock):
     clock._now = acting_until
     assert not first.election.is_leader() and first.election.term is None
     assert first.lost == []
+
+
+class SwallowingStore(MemoryStore):
+    """A store whose watch swallows the first cancellation, as Python 3.11's
+    asyncio.wait_for can when the cancellation races with its result."""
+
+    async def watch_prefix(self, prefix, start_revision):
+        swallowed = False
+        inner = super().watch_prefix(prefix, start_revision)
+        while True:
+            try:
+                event = await anext(inner)
+            except asyncio.CancelledError:
+                if swallowed:
+                    raise
+                swallowed = True
+                inner = super().watch_prefix(prefix, self.server.revision + 1)  # nothing to replay
+                continue
+            yield event
+
+
+async def test_close_ends_its_tasks_even_when_a_cancellation_is_swallowed(server, clock):
+    election = LeaderElection(SwallowingStore(server), KEYS, "pg1", TTL, clock=clock)
+    election.start()
+    await clock.settle()
+    assert election.is_leader()
+    await asyncio.wait_for(election.close(), 10)  # a bound for a hung test
+    assert not election.is_leader()
+    assert (await server.client().get(KEYS.leader)).first is None
