@@ -19,14 +19,15 @@ The safety argument, in a few lines:
   before any other instance can create the key.
 - Renewal: every ``loop_wait`` a keep-alive, each attempt bounded by
   ``retry_timeout`` and by the acting deadline; ``loop_wait + 2 * retry_timeout <=
-  ttl`` and ``margin <= retry_timeout`` leave room for a full retry before stepping
-  down. After a renewal the key itself is read: deleted or re-created by someone
-  else, the holder steps down at once (the watch on the key does it too).
+  ttl`` and ``margin <= retry_timeout`` leave room, before stepping down, for one
+  full attempt and a retry of ``retry_timeout - margin``. After a renewal the key
+  itself is read: deleted or re-created by someone else, the holder steps down at
+  once (the watch on the key does it too).
 - Every write the leader makes on behalf of a term adds ``term.fence`` (the leader
   key's create_revision equals the term's) to its transaction: a deposed leader's
   late write fails the compare, whatever its clock believed.
 - A new term always has a new lease: after losing, the old lease is revoked (best
-  effort, until it is gone or surely expired) before campaigning again, so a
+  effort, until it is gone or has most likely expired) before campaigning again, so a
   leadership that ended is never silently resumed.
 - A clean `close()` revokes the lease: the key is deleted now, the followers, who
   watch it, campaign at once instead of waiting for the TTL.
@@ -340,13 +341,16 @@ class LeaderElection:
 
     async def _release_stale(self, *, give_up: bool = False) -> bool:
         """Revoke the leases of ended terms and lost races; True when none is left.
-        One that cannot be revoked is forgotten once it has surely expired."""
+        One that cannot be revoked is forgotten once it has most likely expired."""
         for lease in list(self._stale):
             try:
                 await self._store.revoke(lease, timeout=self.retry_timeout)
             except StoreUnavailable as exc:
-                # The server expires it at most ttl after the last refresh it received;
-                # the last refresh was sent before lease.deadline - ttl + retry_timeout.
+                # Forgetting a lease that still lives costs liveness only: its key, if
+                # any, holds an ended term that nobody acts on, and blocks campaigns
+                # until the server expires it (ttl after the last refresh it received,
+                # which was sent before lease.deadline - ttl + retry_timeout, unless a
+                # hung member replays it later: see store.py).
                 if give_up or self._clock.now() > lease.deadline + self.retry_timeout:
                     log.info("leader election %s: lease %x left to expire: %s", self.name, lease.id, exc)
                     self._stale.remove(lease)
