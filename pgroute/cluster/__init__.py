@@ -7,7 +7,10 @@ So far this package holds the foundation, not yet wired into the daemon:
 - `etcd_store`: the Store on etcd v3 through its JSON gateway;
 - `etcd_gateway`: the HTTP transport: failover across members, deadlines, errors;
 - `endpoints`: parsing of the configured etcd endpoints;
-- `keys`: the names of pgroute's keys under the configured prefix.
+- `keys`: the names of pgroute's keys under the configured prefix;
+- `leader`: leader election on the Store (lease discipline, terms that fence writes);
+- `clock`: the clock the cluster logic reads (real, or driven by a test);
+- `memory_store`: an in-memory Store for unit tests.
 
 Without a ``[cluster]`` section nothing here runs: pgroute is one instance with its
 state file.
