@@ -246,7 +246,11 @@ class Stream:
             try:
                 # readany, not readline: cancelling readany loses no data (readline
                 # would drop a half-read line on timeout).
-                chunk = await asyncio.wait_for(self._response.content.readany(), idle)
+                # asyncio.timeout, not wait_for: 3.11's wait_for can swallow a
+                # cancellation that arrives as the read completes (a watch whose
+                # owner was closed once hung a test's teardown).
+                async with asyncio.timeout(idle):
+                    chunk = await self._response.content.readany()
             except TimeoutError:
                 return None
             except (aiohttp.ClientError, OSError) as exc:
