@@ -27,6 +27,7 @@ if TYPE_CHECKING:
     from aiohttp.web import AppRunner
 
     from .alerts import Alerter
+    from .cluster_node import ClusterNode
     from .control.controller import Controller
 
 log = logging.getLogger(__name__)
@@ -46,6 +47,8 @@ class Running:
     alerter: Alerter
     # proxy.listen_piped: the same Router (fencing, counters), sessions never spliced.
     piped_proxy: ProxyServer | None = None
+    # [cluster] etcd: this instance in the cluster (its controller runs while it leads).
+    cluster: ClusterNode | None = None
 
     @property
     def proxy_port(self) -> int:
@@ -66,6 +69,9 @@ class Running:
 
         # Both listeners drain at once: shutdown_timeout bounds the whole stop.
         await asyncio.gather(*(p.close() for p in (self.proxy, self.piped_proxy) if p is not None))
+        if self.cluster is not None:
+            # Revokes the leader key and the member lease: the others take over now.
+            await self.cluster.close()
         await self.controller.close()
         await stop_api(self.api_runner)
         await self.alerter.close()
@@ -73,14 +79,7 @@ class Running:
 
 async def start(config: Config) -> Running:
     if config.cluster.enabled:
-        # Fail closed: the cluster components (pgroute/cluster) are not wired in yet,
-        # and two instances that each ran alone would each decide and route alone.
-        raise ConfigError(
-            "cluster.etcd",
-            "this pgroute cannot run as a cluster yet (issue 14: the store exists, the leader "
-            "and the shared route do not); instances started with [cluster] etcd would each "
-            "decide alone, so none starts: remove [cluster] etcd (PGROUTE_CLUSTER_ETCD) and run one instance",
-        )
+        return await _start_cluster(config)
     from .alerts import Alerter
     from .api.http import make_app, start_api
     from .api.metrics import create_metrics
@@ -133,6 +132,52 @@ async def start(config: Config) -> Running:
         raise
     log.info("pgroute listening on %s:%d (API %s)", p.host, proxy.port, config.api.listen)
     return Running(config, router, proxy, controller, api_runner, alerter, piped)
+
+
+async def _start_cluster(config: Config) -> Running:
+    """A cluster member: the proxy follows the etcd route from the start (no node
+    until it is read); the controller runs only while this instance leads."""
+    from .alerts import Alerter
+    from .api.http import bound_port, make_app, start_api, stop_api
+    from .api.metrics import create_metrics
+    from .cluster_node import ClusterNode
+
+    router = Router(Route(None, 0, paused=True, reason="starting: reading the route from etcd"))
+    node = ClusterNode(config, router)
+    registry, metrics = create_metrics(node.control, router)
+    alerter = Alerter(config.alerts, on_failure=metrics.alert_failed)
+    await alerter.start()
+    node.control.add_event_listener(alerter.emit)
+    p = config.proxy
+    proxy = ProxyServer(
+        router,
+        p.host,
+        p.port,
+        max_client_connections=p.max_client_connections,
+        connect_timeout=p.connect_timeout,
+        pause_timeout=p.pause_timeout,
+        startup_timeout=p.startup_timeout,
+        shutdown_timeout=p.shutdown_timeout,
+        splice=p.splice,
+    )
+    api_runner = None
+    started = False
+    try:
+        await _listen("proxy.listen", p.listen, proxy.start())
+        started = True
+        app = make_app(node.control, router, config, registry)
+        api_runner = await _listen("api.listen", config.api.listen, start_api(app, config.api.host, config.api.port))
+        await node.start(f"{p.host}:{proxy.port}", f"http://{config.api.host}:{bound_port(api_runner)}")
+    except BaseException:
+        if started:
+            await proxy.close()
+        if api_runner is not None:
+            await stop_api(api_runner)
+        await node.close()
+        await alerter.close()
+        raise
+    log.info("pgroute cluster member %s listening on %s:%d (API %s)", node.name, p.host, proxy.port, config.api.listen)
+    return Running(config, router, proxy, node.controller, api_runner, alerter, None, node)
 
 
 async def _listen(key: str, address: str, starting: Awaitable[T]) -> T:

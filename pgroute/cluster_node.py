@@ -1,0 +1,447 @@
+"""One pgroute instance of a cluster (``[cluster] etcd`` set): wires the etcd Store,
+this instance's member record, the route watcher, the leader election and the
+controller into `pgroute run`.
+
+Owns, per process: the `EtcdStore`; the `Membership` (name, proxy and API
+addresses, the epoch applied); the `RouteWatcher` whose routes drive the local
+Router while this instance follows; the `LeaderElection`, and the Controller that
+runs only between ``on_elected`` and ``on_lost``; the cut-off guard; and the API's
+view of all that (`ClusterControl`, the ``ControlPlane`` of pgroute/api/http.py).
+
+Invariants, and why they keep a single writable route:
+- Only the leader writes the route, through `EtcdSharedRoute`, each write fenced to
+  its term (`Term.fence`): a deposed leader's write fails and its operation stops
+  with this instance routing to no node.
+- A member acknowledges an epoch (writes it in its record) only after its Router
+  carries that epoch's route and its older sessions are closed; the leader's
+  barrier waits for those acknowledgements, or for the member's lease to expire,
+  before promoting anything.
+- A member whose lease is within ``margin`` of its deadline without a refresh has
+  failed closed (no node, every session closed) before the leader could see its
+  record vanish; it routes again only after re-reading the route from etcd.
+- ``on_lost`` stops the controller at once (its next fenced write would fail
+  anyway); the instance keeps following the route.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from collections.abc import Callable
+from typing import Any
+
+from .cluster.barrier import barrier
+from .cluster.etcd_store import EtcdStore
+from .cluster.keys import Keys
+from .cluster.leader import LeaderElection, Term
+from .cluster.members import Members, Membership, MembershipLost
+from .cluster.route import Route as SharedRecord
+from .cluster.route import RouteSeen, RouteWatcher, RouteWriter, import_state_file, route_seen
+from .cluster.store import StoreError
+from .config import Config
+from .control.controller import Controller
+from .control.state_store import StateFile, Stored
+from .errors import ActionRefused
+from .model import Detail, Event, HealthSample, NodeName
+from .proxy.router import Backend, Route, Router
+
+log = logging.getLogger(__name__)
+
+#: Seconds between two looks at this instance's lease (the cut-off guard).
+GUARD_EVERY = 0.1
+
+
+class EtcdSharedRoute:
+    """The leader's `SharedRoute`: the route record in etcd, fenced to one term."""
+
+    def __init__(self, store: EtcdStore, keys: Keys, writer: RouteWriter, barrier_timeout: float) -> None:
+        self._store = store
+        self._keys = keys
+        self._writer = writer
+        self._barrier_timeout = barrier_timeout
+        seen = writer.current
+        self._floor = seen.route.epoch if seen is not None and seen.route is not None else 0
+
+    @property
+    def floor(self) -> int:
+        return self._floor
+
+    async def publish(self, epoch: int, active: NodeName | None, *, paused: bool, reason: str) -> None:
+        epoch = max(epoch, self._floor)
+        await self._writer.write(SharedRecord(epoch=epoch, active=active, paused=paused, reason=reason))
+        self._floor = epoch
+
+    async def barrier(self, epoch: int, reason: str) -> tuple[bool, dict[str, Detail]]:
+        await self.publish(epoch, None, paused=True, reason=reason)
+        result = await barrier(self._store, self._keys, epoch, self._barrier_timeout)
+        details: dict[str, Detail] = {"barrier": result.describe()}
+        for name, took in result.acked.items():
+            details[f"barrier_ack_{name}_s"] = round(took, 3)
+        for name, took in result.expired.items():
+            details[f"barrier_expired_{name}_s"] = round(took, 3)
+        return result.complete, details
+
+
+class ClusterStateFile(StateFile):
+    """The controller's stored state in a cluster: the etcd route as read when this
+    instance became the leader (a switch's hold, "paused at N+1, no node", is no
+    claim: the nodes' stamps decide). Saves still go to the local state file, a
+    record for people; after the first cluster start nothing reads it."""
+
+    def __init__(self, path: str, seen: RouteSeen) -> None:
+        super().__init__(path)
+        route = seen.route
+        hold = route is not None and route.active is None and route.paused
+        self._stored = None if route is None or hold else Stored(route.epoch, route.active, route.active_lsn)
+
+    def load(self) -> Stored | None:
+        return self._stored
+
+
+class ClusterControl:
+    """The API's ControlPlane in a cluster: the current controller's status with the
+    ``cluster`` section; commands only on the leader (409 elsewhere, naming it)."""
+
+    def __init__(self, node: ClusterNode) -> None:
+        self._node = node
+        self._event_listeners: list[Callable[[Event], None]] = []
+        self._sample_listeners: list[Callable[[HealthSample], None]] = []
+
+    def attach(self, controller: Controller) -> None:
+        for e in self._event_listeners:
+            controller.add_event_listener(e)
+        for s in self._sample_listeners:
+            controller.add_sample_listener(s)
+
+    def add_event_listener(self, cb: Callable[[Event], None]) -> None:
+        self._event_listeners.append(cb)
+        self._node.controller.add_event_listener(cb)
+
+    def add_sample_listener(self, cb: Callable[[HealthSample], None]) -> None:
+        self._sample_listeners.append(cb)
+        self._node.controller.add_sample_listener(cb)
+
+    def status(self) -> dict[str, Any]:
+        node = self._node
+        status = node.controller.status()
+        if not node.leading:
+            # A follower's controller does not run: the route is the one it follows.
+            route = node.router.route
+            status["active"] = route.backend.name if route.backend is not None else None
+            status["epoch"] = route.epoch
+            status["paused"] = route.paused
+            status["state"] = "following" if route.backend is not None else "no_routable_node"
+            status["reason"] = route.reason
+        status["cluster"] = node.cluster_status()
+        return status
+
+    def events(self, limit: int = 50) -> list[dict[str, Any]]:
+        return self._node.controller.events(limit)
+
+    def _leader_or_refuse(self) -> Controller:
+        node = self._node
+        if not node.leading:
+            leader = node.election.current_leader()
+            where = (leader.api or leader.name) if leader is not None else "no leader elected yet"
+            raise ActionRefused(f"not the leader: use {where}")
+        return node.controller
+
+    async def request(self, kind: str, *, force: bool = False, resync: bool = False) -> dict[str, Any]:
+        return await self._leader_or_refuse().request(kind, force=force, resync=resync)
+
+    async def resolve(self, active: NodeName | None) -> dict[str, Any]:
+        return await self._leader_or_refuse().resolve(active)
+
+
+class ClusterNode:
+    """This instance in the cluster. ``start(proxy, api)`` once the listeners are up
+    (their addresses go in the member record); ``close()`` revokes the leader key
+    and the member lease so that the others take over at once."""
+
+    def __init__(self, config: Config, router: Router) -> None:
+        c = config.cluster
+        self.config = config
+        self.router = router
+        self.name = c.member_name
+        self.ttl = c.ttl
+        self.keys = Keys(config.cluster_prefix)
+        self.store = EtcdStore(list(c.etcd), timeout=max(1.0, self.ttl / 3))
+        # Fail closed this long before the member lease's deadline: the leader's
+        # barrier counts this instance gone only once the lease has expired.
+        self.margin = max(0.5, self.ttl / 4)
+        self.backends = {
+            n: Backend(n.value, config.node_dsn(n.value).host, config.node_dsn(n.value).port) for n in NodeName
+        }
+        self.controller = Controller(config, router)  # dormant until elected
+        self.control = ClusterControl(self)
+        self.watcher = RouteWatcher(self.store, self.keys, self._on_route)
+        self.membership: Membership | None = None
+        self.election: LeaderElection = self._new_election("")
+        self.leading = False
+        self.cut_off: str | None = None
+        self._proxy = ""
+        self._api = ""
+        self._applied = (-1, False)
+        self._acked: tuple[int, bool] | None = None
+        self._ack_wanted = asyncio.Event()
+        self._tasks: set[asyncio.Task[Any]] = set()
+        self._lead_task: asyncio.Task[None] | None = None
+        self._controller_started = False
+        self._closed = False
+
+    def _new_election(self, api: str) -> LeaderElection:
+        return LeaderElection(
+            self.store, self.keys, self.name, self.ttl, api=api, on_elected=self._on_elected, on_lost=self._on_lost
+        )
+
+    # ----------------------------------------------------------------- life cycle
+
+    async def start(self, proxy: str, api: str) -> None:
+        self._proxy, self._api = proxy, api
+        await self.watcher.start(timeout=self.ttl)  # applies the route (follower)
+        epoch = self._applied[0] if self._applied[0] >= 0 else 0
+        self.membership = Membership(self.store, self.keys, self.name, self.ttl, proxy=proxy, api=api, epoch=epoch)
+        await self.membership.start(timeout=self.ttl)
+        self._acked = (epoch, False)
+        self.election = self._new_election(api)
+        self.election.start()
+        self._spawn(self._ack_loop(), "cluster-ack")
+        self._spawn(self._guard_loop(), "cluster-guard")
+        self._spawn(self._members_loop(), "cluster-members")
+        log.info(
+            "cluster member %s started (etcd %s, prefix %s)",
+            self.name,
+            ",".join(self.config.cluster.etcd),
+            self.keys.prefix,
+        )
+
+    async def close(self, *, release: bool = True) -> None:
+        """Stop leading (controller closed, leader key revoked), stop following,
+        revoke the member lease. ``release=False`` leaves both leases to expire, as
+        a killed process would (tests)."""
+        self._closed = True
+        await self.election.close(release=release)
+        await self._stop_leading("stopped")
+        for task in list(self._tasks):
+            task.cancel()
+        if self._tasks:
+            await asyncio.wait(list(self._tasks), timeout=5.0)
+        await self.watcher.close()
+        if self.membership is not None:
+            await self.membership.close(revoke=release, timeout=2.0)
+        await self.controller.close()
+        await self.store.close()
+
+    def _spawn(self, coro: Any, name: str) -> asyncio.Task[Any]:
+        task = asyncio.create_task(coro, name=name)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+        return task
+
+    # ----------------------------------------------------------------- following
+
+    def _local_route(self, seen: RouteSeen) -> Route:
+        route = seen.route
+        if route is None:
+            why = seen.problem or "no route in etcd yet: waiting for the leader"
+            return Route(None, self.router.route.epoch, paused=False, reason=why)
+        backend = self.backends[route.active] if route.active is not None else None
+        return Route(backend, route.epoch, paused=route.paused, reason=route.reason)
+
+    def _on_route(self, seen: RouteSeen) -> None:
+        if self.cut_off is None:
+            self._apply(seen)
+
+    def _apply(self, seen: RouteSeen) -> None:
+        """Route as ``seen`` says (unless this instance leads: its controller does),
+        close the older epoch's sessions, then acknowledge."""
+        local = self._local_route(seen)
+        if not self.leading:
+            self.router.publish(local)
+        self.router.close_sessions(before_epoch=local.epoch, reason=f"cluster: route epoch {local.epoch}")
+        self._applied = (local.epoch, local.paused)
+        self._ack_wanted.set()
+
+    async def _ack_loop(self) -> None:
+        """Write the applied epoch in the member record, the latest one, in order."""
+        while True:
+            await self._ack_wanted.wait()
+            self._ack_wanted.clear()
+            membership = self.membership
+            applied = self._applied
+            if membership is None or applied == self._acked or self.cut_off is not None or applied[0] < 0:
+                continue
+            try:
+                await membership.update(epoch=applied[0], paused=applied[1], timeout=self.ttl / 3)
+                self._acked = applied
+            except (StoreError, MembershipLost) as exc:
+                log.warning("member %s: could not acknowledge epoch %d: %s", self.name, applied[0], exc)
+                await asyncio.sleep(0.2)
+                self._ack_wanted.set()
+            except Exception:
+                log.exception("member %s: acknowledgement failed", self.name)
+                await asyncio.sleep(0.2)
+                self._ack_wanted.set()
+
+    # ----------------------------------------------------------------- cut off from etcd
+
+    async def _guard_loop(self) -> None:
+        while True:
+            await asyncio.sleep(GUARD_EVERY)
+            try:
+                membership = self.membership
+                lease = membership.lease if membership is not None else None
+                fine = lease is not None and membership is not None and not membership.lost.is_set()
+                if fine and lease is not None and lease.remaining(time.monotonic()) >= self.margin:
+                    if self.cut_off is not None:
+                        await self._resync(recreate=False)
+                    continue
+                if self.cut_off is None:
+                    self._fail_closed("member lease not refreshed" if fine else "member lease lost")
+                if not fine:
+                    await self._resync(recreate=True)
+            except StoreError as exc:
+                log.info("member %s: still cut off from etcd (%s)", self.name, exc)
+                await asyncio.sleep(0.2)
+            except Exception:  # the loop that fails this instance closed must survive
+                log.exception("member %s: cut-off guard failed", self.name)
+
+    def _fail_closed(self, why: str) -> None:
+        reason = f"cut off from etcd: {why}"
+        self.cut_off = reason
+        epoch = self.router.route.epoch
+        log.error("member %s: %s; routing to no node and closing every session", self.name, reason)
+        # Every session, not only the active node's: the leader may fail over once
+        # the lease expires, and this instance cannot hear about it.
+        self.router.publish(Route(None, epoch, paused=False, reason=reason))
+        self.router.close_sessions(reason=reason)
+
+    async def _resync(self, *, recreate: bool) -> None:
+        """etcd answers again: re-read the route, apply it, then (if the lease is
+        gone) register anew at that epoch. StoreError: still cut off."""
+        read = await self.store.get(self.keys.route, timeout=self.ttl / 3)
+        seen = route_seen(self.keys.route, read.first, read.revision)
+        latest = self.watcher.latest
+        if latest is not None and latest.revision > seen.revision:
+            seen = latest
+        if recreate:
+            old = self.membership
+            if old is not None:
+                await old.close(revoke=False)
+            local = self._local_route(seen)
+            membership = Membership(
+                self.store, self.keys, self.name, self.ttl, proxy=self._proxy, api=self._api, epoch=local.epoch
+            )
+            await membership.start(timeout=self.ttl / 3)
+            self.membership = membership
+            self._acked = (local.epoch, False)
+        self.cut_off = None
+        self._apply(seen)
+        log.info("member %s: etcd answers again; following the route (epoch %d)", self.name, self._applied[0])
+
+    # ----------------------------------------------------------------- leading
+
+    def _on_elected(self, term: Term) -> None:
+        log.info("cluster: %s is the leader (term %d)", self.name, term.number)
+        self.leading = True
+        self._lead_task = self._spawn(self._lead(term), "cluster-lead")
+
+    def _on_lost(self, term: Term, reason: str) -> None:
+        log.warning("cluster: %s is no longer the leader (term %d): %s", self.name, term.number, reason)
+        self._spawn(self._stop_leading(reason), "cluster-unlead")
+
+    async def _lead(self, term: Term) -> None:
+        """Import the state file on the first cluster start, read the route, then
+        start a controller whose writes are fenced to ``term``."""
+        try:
+            await import_state_file(
+                self.store,
+                self.keys,
+                StateFile(self.config.state.path),
+                leader=self.name,
+                guards=(term.fence,),
+                timeout=self.ttl / 3,
+            )
+            writer = RouteWriter(self.store, self.keys, self.name, guards=(term.fence,))
+            seen = await writer.read(timeout=self.ttl / 3)
+            shared = EtcdSharedRoute(self.store, self.keys, writer, barrier_timeout=self.ttl + 2)
+            if self._controller_started:
+                await self.controller.close()
+                self.controller = Controller(self.config, self.router)
+                self.control.attach(self.controller)
+            controller = self.controller
+            controller.state_file = ClusterStateFile(self.config.state.path, seen)
+            controller.ctx.state_file = controller.state_file
+            controller.ctx.shared = shared
+            self._controller_started = True
+            await controller.start()
+            log.info("cluster: %s leads: controller started", self.name)
+        except asyncio.CancelledError:
+            raise
+        except Exception:
+            # A leader without a controller decides nothing: give the key up.
+            log.exception("cluster: %s could not start leading; releasing the leader key", self.name)
+            self._spawn(self._restart_election(), "cluster-reelect")
+
+    async def _restart_election(self) -> None:
+        old = self.election
+        await old.close(release=True)
+        await self._stop_leading("could not start leading")
+        if not self._closed:
+            await asyncio.sleep(1.0)
+            self.election = self._new_election(self._api)
+            self.election.start()
+
+    async def _stop_leading(self, reason: str) -> None:
+        if not self.leading:
+            return
+        self.leading = False
+        task, self._lead_task = self._lead_task, None
+        if task is not None and task is not asyncio.current_task():
+            task.cancel()
+            with contextlib.suppress(BaseException):
+                await asyncio.wait([task], timeout=5.0)
+        await self.controller.close()
+        self.controller.ctx.shared = None
+        log.info("cluster: %s follows again (%s)", self.name, reason)
+        latest = self.watcher.latest
+        if latest is not None and self.cut_off is None:
+            self._apply(latest)
+
+    # ----------------------------------------------------------------- status
+
+    def cluster_status(self) -> dict[str, Any]:
+        leader = self.election.current_leader()
+        return {
+            "name": self.name,
+            "leader": leader.name if leader is not None else None,
+            "leader_api": leader.api if leader is not None else None,
+            "role": "leader" if self.leading else "follower",
+            "cut_off": self.cut_off,
+            "members": list(self._members),
+        }
+
+    _members: tuple[dict[str, Any], ...] = ()
+
+    async def _members_loop(self) -> None:
+        """Read every member record once a second, for /api/status."""
+        while True:
+            try:
+                members = await Members(self.store, self.keys).list(timeout=self.ttl / 3)
+                self._members = tuple(
+                    {
+                        "name": m.name,
+                        "epoch": m.record.epoch,
+                        "paused": m.record.paused,
+                        "proxy": m.record.proxy,
+                        "api": m.record.api,
+                    }
+                    for m in members
+                )
+            except StoreError as exc:
+                log.debug("member records not read: %s", exc)
+            except Exception:
+                log.exception("member records not read")
+            await asyncio.sleep(1.0)

@@ -1,0 +1,148 @@
+"""`pgroute run` as a cluster: three in-process instances on one real pair and a real
+3-member etcd (pgroute.local.etcd), short lease TTL. All route to the primary with one
+leader; kill -9 of the primary with a writer through a follower fails over through
+the barrier (every instance acknowledges, nothing acknowledged after the kill lost);
+the leader instance dying without releasing its leases (as a killed process) leaves
+a new leader within the TTL while a writer through a survivor keeps committing.
+
+Durations are printed (run with -s), asserted only against generous bounds."""
+
+from __future__ import annotations
+
+import contextlib
+import time
+import uuid
+
+import pytest
+
+from pgroute import app
+from pgroute.cluster_node import ClusterNode
+from pgroute.local.etcd import LocalEtcdCluster
+from pgroute.local.workload import wait_until
+
+from .harness import Writer, make_config, missing, proxy_dsn
+
+pytestmark = [pytest.mark.integration]
+
+TTL = 3.0
+
+
+@pytest.fixture
+def etcd(pg_base_dir):
+    cluster = LocalEtcdCluster(pg_base_dir / f"etcd-{uuid.uuid4().hex[:8]}")
+    try:
+        cluster.start()
+        yield cluster
+    finally:
+        cluster.destroy()
+
+
+@contextlib.asynccontextmanager
+async def three_instances(pair, etcd, tmp_path):
+    prefix = f"/pgroute/test-{uuid.uuid4().hex[:6]}"
+    runs: list[app.Running] = []
+    try:
+        for name in ("a", "b", "c"):
+            state = tmp_path / name
+            state.mkdir()
+            cfg = make_config(pair, state, cluster={"etcd": etcd.endpoints, "name": name, "prefix": prefix, "ttl": TTL})
+            runs.append(await app.start(cfg))
+        yield runs
+    finally:
+        for running in runs:
+            with contextlib.suppress(Exception):
+                await running.stop()
+
+
+def member(running: app.Running) -> ClusterNode:
+    assert running.cluster is not None
+    return running.cluster
+
+
+def leaders(runs: list[app.Running]) -> list[app.Running]:
+    return [r for r in runs if r.cluster is not None and r.cluster.leading]
+
+
+def routed(running: app.Running) -> tuple[str | None, int]:
+    route = running.router.route
+    return (route.backend.name if route.backend else None, route.epoch)
+
+
+async def test_three_instances_one_leader_then_failover_through_the_barrier(pair, etcd, tmp_path):
+    async with three_instances(pair, etcd, tmp_path) as runs:
+        # (a) one leader; everyone routes to the primary; member records carry the epoch.
+        await wait_until(lambda: len(leaders(runs)) == 1, 30, what="one leader")
+        await wait_until(lambda: all(routed(r)[0] == "primary" for r in runs), 30, what="all route to primary")
+        epoch0 = routed(runs[0])[1]
+        assert {routed(r)[1] for r in runs} == {epoch0}
+        node = runs[0].cluster
+        assert node is not None
+        await wait_until(
+            lambda: (
+                len(node.cluster_status()["members"]) == 3
+                and all(m["epoch"] == epoch0 for m in node.cluster_status()["members"])
+            ),
+            10,
+            what="member records at the epoch",
+        )
+        leader = leaders(runs)[0]
+        follower = next(r for r in runs if r is not leader)
+        print(f"leader {member(leader).name}; members {node.cluster_status()['members']}")
+        status = node.control.status()
+        assert status["cluster"]["leader"] == member(leader).name
+
+        # (b) kill -9 the primary with a writer through a follower.
+        writer = Writer(proxy_dsn(follower)).start()
+        try:
+            await writer.wait_acked(20)
+            pair.wait_synced()
+            t_kill = time.monotonic()
+            at_kill = len(writer.acks)
+            pair.primary.kill()
+            await wait_until(
+                lambda: all(routed(r) == ("mirror", epoch0 + 1) for r in runs), 60, what="all route to the mirror"
+            )
+            first = await writer.wait_first_acked_after(t_kill, timeout=60)
+            assert first is not None
+            print(f"first write through the follower after the kill: {first.t - t_kill:.2f}s")
+        finally:
+            await writer.stop()
+        lost = await missing(pair.mirror_dsn(), writer.acks)
+        assert not [m for m in lost if writer.acks.index(m) >= at_kill], lost
+        events = member(leader).controller.events(20)
+        failover = next(e for e in events if e["kind"] == "failover" and e.get("result") == "ok")
+        details = failover["details"]
+        print(f"barrier: {details['barrier']}")
+        acks = {k for k in details if k.startswith("barrier_ack_")}
+        assert acks == {f"barrier_ack_{n}_s" for n in ("a", "b", "c")}, details
+
+
+async def test_leader_instance_dies_new_leader_traffic_continues(pair, etcd, tmp_path):
+    async with three_instances(pair, etcd, tmp_path) as runs:
+        await wait_until(lambda: len(leaders(runs)) == 1, 30, what="one leader")
+        await wait_until(lambda: all(routed(r)[0] == "primary" for r in runs), 30, what="all route to primary")
+        old = leaders(runs)[0]
+        survivor = next(r for r in runs if r is not old)
+        writer = Writer(proxy_dsn(survivor)).start()
+        try:
+            await writer.wait_acked(20)
+            t_kill = time.monotonic()
+            # As a killed process: nothing revoked, the leases expire by themselves.
+            await old.proxy.close()
+            assert old.cluster is not None
+            await member(old).close(release=False)
+            runs.remove(old)
+            await wait_until(lambda: len(leaders(runs)) == 1, TTL + 10, what="a new leader")
+            took = time.monotonic() - t_kill
+            print(f"new leader {member(leaders(runs)[0]).name} after {took:.2f}s (ttl {TTL}s)")
+            assert took < TTL + 5  # generous: the target is ttl + 1 s
+            before = len(writer.acks)
+            await writer.wait_acked(before + 20)
+            gap = writer.max_gap(t_kill, time.monotonic())
+            print(f"writer through {member(survivor).name}: max gap {gap[0]:.3f}s")
+            assert writer.error_count == 0, writer.error_log
+        finally:
+            await writer.stop()
+        assert all(routed(r)[0] == "primary" for r in runs)
+        with contextlib.suppress(Exception):
+            await old.stop()
