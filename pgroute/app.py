@@ -149,35 +149,43 @@ async def _start_cluster(config: Config) -> Running:
     await alerter.start()
     node.control.add_event_listener(alerter.emit)
     p = config.proxy
-    proxy = ProxyServer(
-        router,
-        p.host,
-        p.port,
-        max_client_connections=p.max_client_connections,
-        connect_timeout=p.connect_timeout,
-        pause_timeout=p.pause_timeout,
-        startup_timeout=p.startup_timeout,
-        shutdown_timeout=p.shutdown_timeout,
-        splice=p.splice,
-    )
+    proxy = _proxy_server(config, router, p.host, p.port, p.splice)
+    piped = _proxy_server(config, router, p.piped_host, p.piped_port, "off") if p.listen_piped else None
     api_runner = None
-    started = False
+    started: list[ProxyServer] = []
     try:
         await _listen("proxy.listen", p.listen, proxy.start())
-        started = True
+        started.append(proxy)
+        if piped is not None:
+            await _listen("proxy.listen_piped", p.listen_piped, piped.start())
+            started.append(piped)
         app = make_app(node.control, router, config, registry)
         api_runner = await _listen("api.listen", config.api.listen, start_api(app, config.api.host, config.api.port))
         await node.start(f"{p.host}:{proxy.port}", f"http://{config.api.host}:{bound_port(api_runner)}")
     except BaseException:
-        if started:
-            await proxy.close()
+        await asyncio.gather(*(s.close() for s in started))
         if api_runner is not None:
             await stop_api(api_runner)
         await node.close()
         await alerter.close()
         raise
     log.info("pgroute cluster member %s listening on %s:%d (API %s)", node.name, p.host, proxy.port, config.api.listen)
-    return Running(config, router, proxy, node.controller, api_runner, alerter, None, node)
+    return Running(config, router, proxy, node.controller, api_runner, alerter, piped, node)
+
+
+def _proxy_server(config: Config, router: Router, host: str, port: int, splice: str) -> ProxyServer:
+    p = config.proxy
+    return ProxyServer(
+        router,
+        host,
+        port,
+        max_client_connections=p.max_client_connections,
+        connect_timeout=p.connect_timeout,
+        pause_timeout=p.pause_timeout,
+        startup_timeout=p.startup_timeout,
+        shutdown_timeout=p.shutdown_timeout,
+        splice=splice,
+    )
 
 
 async def _listen(key: str, address: str, starting: Awaitable[T]) -> T:

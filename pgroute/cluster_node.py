@@ -35,7 +35,7 @@ from typing import Any
 from .cluster.barrier import barrier
 from .cluster.etcd_store import EtcdStore
 from .cluster.keys import Keys
-from .cluster.leader import LeaderElection, Term
+from .cluster.leader import LeaderElection, NotLeader, Term
 from .cluster.members import Members, Membership, MembershipLost
 from .cluster.route import Route as SharedRecord
 from .cluster.route import RouteSeen, RouteWatcher, RouteWriter, import_state_file, route_seen
@@ -63,12 +63,19 @@ class EtcdSharedRoute:
         self._barrier_timeout = barrier_timeout
         seen = writer.current
         self._floor = seen.route.epoch if seen is not None and seen.route is not None else 0
+        self._revoked: str | None = None
+
+    def revoke(self, why: str) -> None:
+        """No more writes through this object (the term ended)."""
+        self._revoked = why
 
     @property
     def floor(self) -> int:
         return self._floor
 
     async def publish(self, epoch: int, active: NodeName | None, *, paused: bool, reason: str) -> None:
+        if self._revoked is not None:
+            raise NotLeader(self._revoked)
         epoch = max(epoch, self._floor)
         await self._writer.write(SharedRecord(epoch=epoch, active=active, paused=paused, reason=reason))
         self._floor = epoch
@@ -188,6 +195,9 @@ class ClusterNode:
         self._ack_wanted = asyncio.Event()
         self._tasks: set[asyncio.Task[Any]] = set()
         self._lead_task: asyncio.Task[None] | None = None
+        self._term: Term | None = None  # the term this instance leads in, while it does
+        self._shared: EtcdSharedRoute | None = None
+        self._leadership = asyncio.Lock()  # one term's start or stop at a time
         self._controller_started = False
         self._closed = False
 
@@ -223,7 +233,7 @@ class ClusterNode:
         a killed process would (tests)."""
         self._closed = True
         await self.election.close(release=release)
-        await self._stop_leading("stopped")
+        await self._stop_leading(self._term, "stopped")
         for task in list(self._tasks):
             task.cancel()
         if self._tasks:
@@ -245,8 +255,12 @@ class ClusterNode:
     def _local_route(self, seen: RouteSeen) -> Route:
         route = seen.route
         if route is None:
-            why = seen.problem or "no route in etcd yet: waiting for the leader"
-            return Route(None, self.router.route.epoch, paused=False, reason=why)
+            if seen.problem:  # corrupt: nobody can tell, fail closed until it is rewritten
+                return Route(None, self.router.route.epoch, paused=False, reason=seen.problem)
+            # First start: new connections wait (up to proxy.pause_timeout) for the leader.
+            return Route(
+                None, self.router.route.epoch, paused=True, reason="no route in etcd yet: waiting for the leader"
+            )
         backend = self.backends[route.active] if route.active is not None else None
         return Route(backend, route.epoch, paused=route.paused, reason=route.reason)
 
@@ -345,69 +359,81 @@ class ClusterNode:
 
     def _on_elected(self, term: Term) -> None:
         log.info("cluster: %s is the leader (term %d)", self.name, term.number)
+        self._term = term
         self.leading = True
         self._lead_task = self._spawn(self._lead(term), "cluster-lead")
 
     def _on_lost(self, term: Term, reason: str) -> None:
         log.warning("cluster: %s is no longer the leader (term %d): %s", self.name, term.number, reason)
-        self._spawn(self._stop_leading(reason), "cluster-unlead")
+        # At once, before the controller is closed: its writes stop here (they
+        # would fail the term's fence in etcd anyway).
+        if self._shared is not None:
+            self._shared.revoke(f"{self.name} is no longer the leader (term {term.number}): {reason}")
+        self._spawn(self._stop_leading(term, reason), "cluster-unlead")
 
     async def _lead(self, term: Term) -> None:
         """Import the state file on the first cluster start, read the route, then
         start a controller whose writes are fenced to ``term``."""
         try:
-            await import_state_file(
-                self.store,
-                self.keys,
-                StateFile(self.config.state.path),
-                leader=self.name,
-                guards=(term.fence,),
-                timeout=self.ttl / 3,
-            )
-            writer = RouteWriter(self.store, self.keys, self.name, guards=(term.fence,))
-            seen = await writer.read(timeout=self.ttl / 3)
-            shared = EtcdSharedRoute(self.store, self.keys, writer, barrier_timeout=self.ttl + 2)
-            if self._controller_started:
-                await self.controller.close()
-                self.controller = Controller(self.config, self.router)
-                self.control.attach(self.controller)
-            controller = self.controller
-            controller.state_file = ClusterStateFile(self.config.state.path, seen)
-            controller.ctx.state_file = controller.state_file
-            controller.ctx.shared = shared
-            self._controller_started = True
-            await controller.start()
-            log.info("cluster: %s leads: controller started", self.name)
+            async with self._leadership:
+                if self._term is not term:
+                    return
+                await import_state_file(
+                    self.store,
+                    self.keys,
+                    StateFile(self.config.state.path),
+                    leader=self.name,
+                    guards=(term.fence,),
+                    timeout=self.ttl / 3,
+                )
+                writer = RouteWriter(self.store, self.keys, self.name, guards=(term.fence,))
+                seen = await writer.read(timeout=self.ttl / 3)
+                shared = EtcdSharedRoute(self.store, self.keys, writer, barrier_timeout=self.ttl + 2)
+                if self._controller_started:  # a closed controller does not start again
+                    await self.controller.close()
+                    self.controller = Controller(self.config, self.router)
+                    self.control.attach(self.controller)
+                controller = self.controller
+                controller.state_file = ClusterStateFile(self.config.state.path, seen)
+                controller.ctx.state_file = controller.state_file
+                controller.ctx.shared = shared
+                self._shared = shared
+                self._controller_started = True
+                await controller.start()
+            log.info("cluster: %s leads: controller started (term %d)", self.name, term.number)
         except asyncio.CancelledError:
             raise
         except Exception:
             # A leader without a controller decides nothing: give the key up.
             log.exception("cluster: %s could not start leading; releasing the leader key", self.name)
-            self._spawn(self._restart_election(), "cluster-reelect")
+            self._spawn(self._restart_election(term), "cluster-reelect")
 
-    async def _restart_election(self) -> None:
+    async def _restart_election(self, term: Term) -> None:
         old = self.election
         await old.close(release=True)
-        await self._stop_leading("could not start leading")
+        await self._stop_leading(term, "could not start leading")
         if not self._closed:
             await asyncio.sleep(1.0)
             self.election = self._new_election(self._api)
             self.election.start()
 
-    async def _stop_leading(self, reason: str) -> None:
-        if not self.leading:
+    async def _stop_leading(self, term: Term | None, reason: str) -> None:
+        """End ``term``'s leadership here: its controller closed (an operation in
+        flight is cancelled), then follow the route. A later term is left alone."""
+        if term is None or self._term is not term:
             return
+        self._term = None
         self.leading = False
         task, self._lead_task = self._lead_task, None
         if task is not None and task is not asyncio.current_task():
             task.cancel()
             with contextlib.suppress(BaseException):
                 await asyncio.wait([task], timeout=5.0)
-        await self.controller.close()
-        self.controller.ctx.shared = None
+        async with self._leadership:
+            await self.controller.close()
         log.info("cluster: %s follows again (%s)", self.name, reason)
         latest = self.watcher.latest
-        if latest is not None and self.cut_off is None:
+        if latest is not None and self.cut_off is None and not self.leading:
             self._apply(latest)
 
     # ----------------------------------------------------------------- status

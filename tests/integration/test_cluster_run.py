@@ -3,7 +3,10 @@
 leader; kill -9 of the primary with a writer through a follower fails over through
 the barrier (every instance acknowledges, nothing acknowledged after the kill lost);
 the leader instance dying without releasing its leases (as a killed process) leaves
-a new leader within the TTL while a writer through a survivor keeps committing.
+a new leader within the TTL while a writer through a survivor keeps committing; an
+instance cut off from etcd (its only etcd member SIGSTOPped) fails closed (57P03,
+sessions closed) before its lease deadline while the others keep routing, and routes
+again once etcd answers.
 
 Durations are printed (run with -s), asserted only against generous bounds."""
 
@@ -13,6 +16,7 @@ import contextlib
 import time
 import uuid
 
+import asyncpg
 import pytest
 
 from pgroute import app
@@ -20,7 +24,7 @@ from pgroute.cluster_node import ClusterNode
 from pgroute.local.etcd import LocalEtcdCluster
 from pgroute.local.workload import wait_until
 
-from .harness import Writer, make_config, missing, proxy_dsn
+from .harness import Writer, api_async, make_config, missing, proxy_dsn
 
 pytestmark = [pytest.mark.integration]
 
@@ -38,15 +42,20 @@ def etcd(pg_base_dir):
 
 
 @contextlib.asynccontextmanager
-async def three_instances(pair, etcd, tmp_path):
+async def three_instances(pair, etcd, tmp_path, endpoints: dict[str, list[str]] | None = None):
+    """Instances a, b, c; ``endpoints``: the etcd members an instance is given
+    (default: all three). a starts first and, in practice, leads."""
     prefix = f"/pgroute/test-{uuid.uuid4().hex[:6]}"
     runs: list[app.Running] = []
     try:
         for name in ("a", "b", "c"):
             state = tmp_path / name
             state.mkdir()
-            cfg = make_config(pair, state, cluster={"etcd": etcd.endpoints, "name": name, "prefix": prefix, "ttl": TTL})
+            given = (endpoints or {}).get(name, etcd.endpoints)
+            cfg = make_config(pair, state, cluster={"etcd": given, "name": name, "prefix": prefix, "ttl": TTL})
             runs.append(await app.start(cfg))
+            if name == "a":
+                await wait_until(lambda: member(runs[0]).leading, 30, what="a leads")
         yield runs
     finally:
         for running in runs:
@@ -146,3 +155,68 @@ async def test_leader_instance_dies_new_leader_traffic_continues(pair, etcd, tmp
         assert all(routed(r)[0] == "primary" for r in runs)
         with contextlib.suppress(Exception):
             await old.stop()
+
+
+async def test_instance_cut_off_from_etcd_fails_closed_then_resyncs(pair, etcd, tmp_path):
+    only = etcd.members[2]
+    async with three_instances(pair, etcd, tmp_path, endpoints={"c": [only.endpoint]}) as runs:
+        a, b, c = runs
+        await wait_until(lambda: all(routed(r)[0] == "primary" for r in runs), 30, what="all route to primary")
+        # Each instance reads the member records once a second (for its status).
+        await wait_until(lambda: len(member(b).cluster_status()["members"]) == 3, 10, what="3 members")
+
+        # The cluster section on every instance; commands only on the leader.
+        code, body = await api_async(b, "/api/status")
+        assert code == 200 and body["cluster"]["leader"] == "a" and body["cluster"]["role"] == "follower", body
+        assert {m["name"] for m in body["cluster"]["members"]} == {"a", "b", "c"}
+        code, body = await api_async(b, "/api/pause", "POST")
+        assert code == 409 and body["error"] == f"not the leader: use http://127.0.0.1:{a.api_port}", body
+        code, _ = await api_async(c, "/api/health")
+        assert code == 200
+
+        held = await asyncpg.connect(proxy_dsn(c))
+        writer = Writer(proxy_dsn(a)).start()
+        try:
+            await writer.wait_acked(10)
+            t_pause = time.monotonic()
+            only.pause()
+            try:
+                await wait_until(lambda: routed(c)[0] is None, TTL + 5, what="c fails closed")
+                t_closed = time.monotonic()
+                membership = member(c).membership
+                lease = membership.lease if membership is not None else None
+                assert lease is not None  # still c's own: it fails closed before losing it
+                deadline = lease.deadline
+                print(
+                    f"c failed closed {t_closed - t_pause:.2f}s after the pause, "
+                    f"{deadline - t_closed:.2f}s before its lease deadline"
+                )
+                assert t_closed < deadline
+                assert "cut off from etcd" in c.router.route.reason
+                with pytest.raises(asyncpg.CannotConnectNowError, match="cut off from etcd"):
+                    await asyncpg.connect(proxy_dsn(c))
+                with pytest.raises((asyncpg.PostgresError, asyncpg.InterfaceError, OSError)):
+                    await held.fetchval("SELECT 1")
+                code, _ = await api_async(c, "/api/health")
+                assert code == 503
+                # The others keep routing.
+                before = len(writer.acks)
+                await writer.wait_acked(before + 20)
+                assert routed(a)[0] == "primary" and routed(b)[0] == "primary"
+            finally:
+                only.resume()
+            t_resume = time.monotonic()
+            await wait_until(lambda: routed(c)[0] == "primary", 30, what="c routes again")
+            print(f"c routes again {time.monotonic() - t_resume:.2f}s after etcd answers")
+            conn = await asyncpg.connect(proxy_dsn(c))
+            assert await conn.fetchval("SELECT 1") == 1
+            await conn.close()
+            await wait_until(
+                lambda: {m["name"] for m in member(a).cluster_status()["members"]} == {"a", "b", "c"},
+                10,
+                what="c's record back",
+            )
+        finally:
+            await writer.stop()
+            with contextlib.suppress(Exception):
+                await held.close()
