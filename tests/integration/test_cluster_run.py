@@ -20,11 +20,12 @@ import asyncpg
 import pytest
 
 from pgroute import app
+from pgroute.cluster.members import Membership
 from pgroute.cluster_node import ClusterNode
 from pgroute.local.etcd import LocalEtcdCluster
 from pgroute.local.workload import wait_until
 
-from .harness import Writer, api_async, make_config, missing, proxy_dsn
+from .harness import Writer, api_async, make_config, missing, proxy_dsn, wait_following
 
 pytestmark = [pytest.mark.integration]
 
@@ -220,3 +221,35 @@ async def test_instance_cut_off_from_etcd_fails_closed_then_resyncs(pair, etcd, 
             await writer.stop()
             with contextlib.suppress(Exception):
                 await held.close()
+
+
+async def test_switchover_waits_for_every_member_and_aborts_without_one(pair, etcd, tmp_path):
+    async with three_instances(pair, etcd, tmp_path) as runs:
+        a = runs[0]
+        await wait_until(lambda: all(routed(r)[0] == "primary" for r in runs), 30, what="all route to primary")
+        epoch0 = routed(a)[1]
+        await wait_following(a)  # the leader's controller (a's first) has seen both nodes
+        node = member(a)
+        # A member that keeps its lease alive and never applies a route (a hung
+        # instance whose keep-alive still runs): the barrier cannot pass it.
+        stuck = Membership(node.store, node.keys, "stuck", TTL, epoch=epoch0)
+        await stuck.start()
+        try:
+            code, body = await api_async(a, "/api/switchover", "POST")
+            assert code == 500 and "not every instance applied" in body["error"], body
+            print(f"switchover refused: {body['error']}")
+            # Aborted back to the primary at a higher epoch, on every instance.
+            await wait_until(
+                lambda: all(routed(r) == ("primary", epoch0 + 2) for r in runs), 30, what="back on the primary"
+            )
+        finally:
+            await stuck.close()
+        # Without it, the switchover goes through the barrier.
+        await wait_following(a)
+        code, body = await api_async(a, "/api/switchover", "POST")
+        assert code == 200, body
+        print(f"switchover: {body['details']['barrier']}")
+        assert {k for k in body["details"] if k.startswith("barrier_ack_")} == {
+            f"barrier_ack_{n}_s" for n in ("a", "b", "c")
+        }
+        await wait_until(lambda: all(routed(r) == ("mirror", epoch0 + 3) for r in runs), 30, what="on the mirror")
