@@ -15,6 +15,7 @@ from collections.abc import Awaitable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, TypeVar
 
+from .cluster.store import StoreError
 from .config import Config
 from .errors import ConfigError
 from .proxy.loop import install_event_loop_policy
@@ -67,10 +68,14 @@ class Running:
     async def stop(self) -> None:
         from .api.http import stop_api
 
+        if self.cluster is not None:
+            # Hand the leadership over first (the leader key revoked: another
+            # instance leads now); the member record stays while sessions drain.
+            await self.cluster.step_down()
         # Both listeners drain at once: shutdown_timeout bounds the whole stop.
         await asyncio.gather(*(p.close() for p in (self.proxy, self.piped_proxy) if p is not None))
         if self.cluster is not None:
-            # Revokes the leader key and the member lease: the others take over now.
+            # Sessions are closed: the member lease is revoked, the record vanishes.
             await self.cluster.close()
         await self.controller.close()
         await stop_api(self.api_runner)
@@ -219,4 +224,7 @@ def run(config: Config) -> int:
         return 2
     except OSError as exc:
         log.error("cannot start: %s", exc)
+        return 1
+    except StoreError as exc:  # [cluster]: etcd unreachable at start, or the name in use
+        log.error("cannot start: cluster: %s", exc)
         return 1

@@ -227,6 +227,14 @@ class ClusterNode:
             self.keys.prefix,
         )
 
+    async def step_down(self) -> None:
+        """Stop leading and campaigning (the leader key revoked: another instance
+        leads now) while this instance keeps following the route and stays a
+        member: its proxy may still drain sessions, so its record must stay until
+        they are closed (a barrier counts a vanished member as done)."""
+        await self.election.close(release=True)
+        await self._stop_leading(self._term, "stepping down")
+
     async def close(self, *, release: bool = True) -> None:
         """Stop leading (controller closed, leader key revoked), stop following,
         revoke the member lease. ``release=False`` leaves both leases to expire, as
