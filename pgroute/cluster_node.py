@@ -6,7 +6,8 @@ Owns, per process: the `EtcdStore`; the `Membership` (name, proxy and API
 addresses, the epoch applied); the `RouteWatcher` whose routes drive the local
 Router while this instance follows; the `LeaderElection`, and the Controller that
 runs only between ``on_elected`` and ``on_lost``; the cut-off guard; and the API's
-view of all that (`ClusterControl`, the ``ControlPlane`` of pgroute/api/http.py).
+view of all that (`ClusterControl`, the ``ControlPlane`` of pgroute/api/http.py:
+status with the ``cluster`` section, operator commands forwarded to the leader).
 
 Invariants, and why they keep a single writable route:
 - Only the leader writes the route, through `EtcdSharedRoute`, each write fenced to
@@ -27,11 +28,15 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import logging
 import time
 from collections.abc import Callable
 from typing import Any
 
+import aiohttp
+
+from .api.http import FORWARDED_HEADER, forwarded
 from .cluster.barrier import barrier
 from .cluster.etcd_store import EtcdStore
 from .cluster.keys import Keys
@@ -43,7 +48,7 @@ from .cluster.store import StoreError
 from .config import Config
 from .control.controller import Controller
 from .control.state_store import StateFile, Stored
-from .errors import ActionRefused
+from .errors import ActionRefused, PgRouteError
 from .model import Detail, Event, HealthSample, NodeName
 from .proxy.router import Backend, Route, Router
 
@@ -51,6 +56,8 @@ log = logging.getLogger(__name__)
 
 #: Seconds between two looks at this instance's lease (the cut-off guard).
 GUARD_EVERY = 0.1
+#: Bound on a command forwarded to the leader (a failback with a resync takes long).
+FORWARD_TIMEOUT = 600.0
 
 
 class EtcdSharedRoute:
@@ -109,7 +116,9 @@ class ClusterStateFile(StateFile):
 
 class ClusterControl:
     """The API's ControlPlane in a cluster: the current controller's status with the
-    ``cluster`` section; commands only on the leader (409 elsewhere, naming it)."""
+    ``cluster`` section; commands run by the leader's controller, forwarded to its API
+    from a follower (once: a forwarded command that reaches a follower is refused,
+    409 naming the leader)."""
 
     def __init__(self, node: ClusterNode) -> None:
         self._node = node
@@ -147,19 +156,58 @@ class ClusterControl:
     def events(self, limit: int = 50) -> list[dict[str, Any]]:
         return self._node.controller.events(limit)
 
-    def _leader_or_refuse(self) -> Controller:
-        node = self._node
-        if not node.leading:
-            leader = node.election.current_leader()
-            where = (leader.api or leader.name) if leader is not None else "no leader elected yet"
-            raise ActionRefused(f"not the leader: use {where}")
-        return node.controller
+    def _leader_api(self) -> str:
+        """The leader's API URL to forward to; ActionRefused when there is none to
+        use (no leader known, no API address, or this request was forwarded here
+        already: a stale view must not bounce it back)."""
+        leader = self._node.election.current_leader()
+        if leader is None:
+            raise ActionRefused("not the leader, and no leader elected yet: retry in a few seconds")
+        if forwarded.get() or not leader.api:
+            raise ActionRefused(f"not the leader: use {leader.api or leader.name}")
+        return leader.api
 
     async def request(self, kind: str, *, force: bool = False, resync: bool = False) -> dict[str, Any]:
-        return await self._leader_or_refuse().request(kind, force=force, resync=resync)
+        node = self._node
+        if node.leading:
+            return await node.controller.request(kind, force=force, resync=resync)
+        body = {k: True for k, v in (("force", force), ("resync", resync)) if v}
+        return await self._forward(f"/api/{kind}", body)
 
     async def resolve(self, active: NodeName | None) -> dict[str, Any]:
-        return await self._leader_or_refuse().resolve(active)
+        node = self._node
+        if node.leading:
+            return await node.controller.resolve(active)
+        return await self._forward("/api/resolve", {"active": active.value if active else None})
+
+    async def _forward(self, path: str, body: dict[str, Any]) -> dict[str, Any]:
+        """The command, run by the leader: its finished event, or its refusal (409)
+        or failure as this instance's own."""
+        api = self._leader_api()
+        headers = {FORWARDED_HEADER: self._node.name}
+        token = self._node.config.api.token
+        if token:
+            headers["Authorization"] = f"Bearer {token}"
+        log.info("forwarding %s to the leader at %s", path, api)
+        try:
+            async with (
+                aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=FORWARD_TIMEOUT)) as session,
+                session.post(api.rstrip("/") + path, json=body, headers=headers) as resp,
+            ):
+                text = await resp.text()
+                status = resp.status
+        except (aiohttp.ClientError, TimeoutError) as exc:
+            raise PgRouteError(f"the leader at {api} did not answer: {exc or type(exc).__name__}") from None
+        try:
+            data = json.loads(text)
+        except ValueError:
+            data = {"error": text[:200]}
+        if status == 200 and isinstance(data, dict):
+            return data
+        error = str(data.get("error", text[:200])) if isinstance(data, dict) else text[:200]
+        if status == 409:
+            raise ActionRefused(error)
+        raise PgRouteError(f"leader at {api}: {error}")
 
 
 class ClusterNode:

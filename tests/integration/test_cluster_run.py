@@ -13,18 +13,24 @@ Durations are printed (run with -s), asserted only against generous bounds."""
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
+import json
 import signal
 import subprocess
 import sys
 import time
+import urllib.error
+import urllib.request
 import uuid
 from pathlib import Path
+from typing import Any
 
 import asyncpg
 import pytest
 
 from pgroute import app
+from pgroute.api.http import FORWARDED_HEADER
 from pgroute.cluster.etcd_store import EtcdStore
 from pgroute.cluster.keys import Keys
 from pgroute.cluster.leader import parse_leader
@@ -73,6 +79,18 @@ async def three_instances(pair, etcd, tmp_path, endpoints: dict[str, list[str]] 
         for running in runs:
             with contextlib.suppress(Exception):
                 await running.stop()
+
+
+def forwarded_post(running: app.Running, path: str) -> tuple[int, Any]:
+    """A POST as a follower forwards it (blocking; run it in a thread)."""
+    req = urllib.request.Request(
+        f"http://127.0.0.1:{running.api_port}{path}", method="POST", headers={FORWARDED_HEADER: "test"}
+    )
+    try:
+        with urllib.request.urlopen(req, timeout=30) as resp:
+            return resp.status, json.loads(resp.read())
+    except urllib.error.HTTPError as exc:
+        return exc.code, json.loads(exc.read())
 
 
 def member(running: app.Running) -> ClusterNode:
@@ -150,7 +168,14 @@ async def test_instance_cut_off_from_etcd_fails_closed_then_resyncs(pair, etcd, 
         code, body = await api_async(b, "/api/status")
         assert code == 200 and body["cluster"]["leader"] == "a" and body["cluster"]["role"] == "follower", body
         assert {m["name"] for m in body["cluster"]["members"]} == {"a", "b", "c"}
+        # A follower forwards commands to the leader, once.
         code, body = await api_async(b, "/api/pause", "POST")
+        assert code == 200, body
+        await wait_until(lambda: all(r.router.route.paused for r in runs), 10, what="all paused")
+        code, body = await api_async(c, "/api/resume", "POST")
+        assert code == 200, body
+        await wait_until(lambda: not any(r.router.route.paused for r in runs), 10, what="all resumed")
+        code, body = await asyncio.to_thread(forwarded_post, b, "/api/pause")
         assert code == 409 and body["error"] == f"not the leader: use http://127.0.0.1:{a.api_port}", body
         code, _ = await api_async(c, "/api/health")
         assert code == 200
