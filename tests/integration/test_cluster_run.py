@@ -5,9 +5,10 @@ the barrier (every instance acknowledges, nothing acknowledged after the kill lo
 `pgroute run` processes, the leader's killed with SIGKILL: a new leader within about
 the TTL while a writer through a survivor keeps committing; a switchover waits at the
 barrier for a member that never applies the epoch and aborts back to the primary; an
-instance cut off from etcd (its only etcd member SIGSTOPped) fails closed (57P03,
-sessions closed) before its lease deadline while the others keep routing, and routes
-again once etcd answers.
+instance cut off from etcd (its only etcd member SIGSTOPped), a follower or the leader,
+fails closed (57P03, sessions closed) before its lease deadline while the others keep
+routing (a new leader among them when the leader was cut off), and routes again once
+etcd answers.
 
 Durations are printed (run with -s), asserted only against generous bounds."""
 
@@ -156,72 +157,85 @@ async def test_three_instances_one_leader_then_failover_through_the_barrier(pair
         assert acks == {f"barrier_ack_{n}_s" for n in ("a", "b", "c")}, details
 
 
-async def test_instance_cut_off_from_etcd_fails_closed_then_resyncs(pair, etcd, tmp_path):
+@pytest.mark.parametrize("cut", ["c", "a"], ids=["follower", "leader"])
+async def test_instance_cut_off_from_etcd_fails_closed_then_resyncs(pair, etcd, tmp_path, cut):
     only = etcd.members[2]
-    async with three_instances(pair, etcd, tmp_path, endpoints={"c": [only.endpoint]}) as runs:
+    async with three_instances(pair, etcd, tmp_path, endpoints={cut: [only.endpoint]}) as runs:
         a, b, c = runs
+        victim = {"a": a, "c": c}[cut]
         await wait_until(lambda: all(routed(r)[0] == "primary" for r in runs), 30, what="all route to primary")
-        # Each instance reads the member records once a second (for its status).
-        await wait_until(lambda: len(member(b).cluster_status()["members"]) == 3, 10, what="3 members")
-
-        # The cluster section on every instance; commands only on the leader.
-        code, body = await api_async(b, "/api/status")
-        assert code == 200 and body["cluster"]["leader"] == "a" and body["cluster"]["role"] == "follower", body
-        assert {m["name"] for m in body["cluster"]["members"]} == {"a", "b", "c"}
-        # A follower forwards commands to the leader, once.
-        code, body = await api_async(b, "/api/pause", "POST")
-        assert code == 200, body
-        await wait_until(lambda: all(r.router.route.paused for r in runs), 10, what="all paused")
-        code, body = await api_async(c, "/api/resume", "POST")
-        assert code == 200, body
-        await wait_until(lambda: not any(r.router.route.paused for r in runs), 10, what="all resumed")
-        code, body = await asyncio.to_thread(forwarded_post, b, "/api/pause")
-        assert code == 409 and body["error"] == f"not the leader: use http://127.0.0.1:{a.api_port}", body
-        code, _ = await api_async(c, "/api/health")
+        if cut == "c":
+            # Each instance reads the member records once a second (for its status).
+            await wait_until(lambda: len(member(b).cluster_status()["members"]) == 3, 10, what="3 members")
+            # The cluster section on every instance.
+            code, body = await api_async(b, "/api/status")
+            assert code == 200 and body["cluster"]["leader"] == "a" and body["cluster"]["role"] == "follower", body
+            assert {m["name"] for m in body["cluster"]["members"]} == {"a", "b", "c"}
+            # A follower forwards commands to the leader, once.
+            code, body = await api_async(b, "/api/pause", "POST")
+            assert code == 200, body
+            await wait_until(lambda: all(r.router.route.paused for r in runs), 10, what="all paused")
+            code, body = await api_async(c, "/api/resume", "POST")
+            assert code == 200, body
+            await wait_until(lambda: not any(r.router.route.paused for r in runs), 10, what="all resumed")
+            code, body = await asyncio.to_thread(forwarded_post, b, "/api/pause")
+            assert code == 409 and body["error"] == f"not the leader: use http://127.0.0.1:{a.api_port}", body
+        code, _ = await api_async(victim, "/api/health")
         assert code == 200
 
-        held = await asyncpg.connect(proxy_dsn(c))
-        writer = Writer(proxy_dsn(a)).start()
+        held = await asyncpg.connect(proxy_dsn(victim))
+        writer = Writer(proxy_dsn(b)).start()
         try:
             await writer.wait_acked(10)
             t_pause = time.monotonic()
             only.pause()
             try:
-                await wait_until(lambda: routed(c)[0] is None, TTL + 5, what="c fails closed")
+                await wait_until(lambda: routed(victim)[0] is None, TTL + 5, what=f"{cut} fails closed")
                 t_closed = time.monotonic()
-                membership = member(c).membership
+                membership = member(victim).membership
                 lease = membership.lease if membership is not None else None
-                assert lease is not None  # still c's own: it fails closed before losing it
+                assert lease is not None  # still its own: it fails closed before losing it
                 deadline = lease.deadline
                 print(
-                    f"c failed closed {t_closed - t_pause:.2f}s after the pause, "
+                    f"{cut} failed closed {t_closed - t_pause:.2f}s after the pause, "
                     f"{deadline - t_closed:.2f}s before its lease deadline"
                 )
                 assert t_closed < deadline
-                assert "cut off from etcd" in c.router.route.reason
+                assert "cut off from etcd" in victim.router.route.reason
                 with pytest.raises(asyncpg.CannotConnectNowError, match="cut off from etcd"):
-                    await asyncpg.connect(proxy_dsn(c))
+                    await asyncpg.connect(proxy_dsn(victim))
                 with pytest.raises((asyncpg.PostgresError, asyncpg.InterfaceError, OSError)):
                     await held.fetchval("SELECT 1")
-                code, _ = await api_async(c, "/api/health")
+                code, _ = await api_async(victim, "/api/health")
                 assert code == 503
+                if cut == "a":
+                    others = [b, c]
+                    await wait_until(
+                        lambda: any(member(r).leading for r in others), TTL + 10, what="a new leader among b, c"
+                    )
+                    assert not member(a).leading
+                    print(
+                        f"new leader {member(leaders(others)[0]).name} "
+                        f"{time.monotonic() - t_pause:.2f}s after the pause"
+                    )
                 # The others keep routing.
                 before = len(writer.acks)
                 await writer.wait_acked(before + 20)
-                assert routed(a)[0] == "primary" and routed(b)[0] == "primary"
+                assert all(routed(r)[0] == "primary" for r in runs if r is not victim)
             finally:
                 only.resume()
             t_resume = time.monotonic()
-            await wait_until(lambda: routed(c)[0] == "primary", 30, what="c routes again")
-            print(f"c routes again {time.monotonic() - t_resume:.2f}s after etcd answers")
-            conn = await asyncpg.connect(proxy_dsn(c))
+            await wait_until(lambda: routed(victim)[0] == "primary", 30, what=f"{cut} routes again")
+            print(f"{cut} routes again {time.monotonic() - t_resume:.2f}s after etcd answers")
+            conn = await asyncpg.connect(proxy_dsn(victim))
             assert await conn.fetchval("SELECT 1") == 1
             await conn.close()
             await wait_until(
-                lambda: {m["name"] for m in member(a).cluster_status()["members"]} == {"a", "b", "c"},
+                lambda: {m["name"] for m in member(b).cluster_status()["members"]} == {"a", "b", "c"},
                 10,
-                what="c's record back",
+                what=f"{cut}'s record back",
             )
+            assert writer.error_count == 0, list(writer.error_log)
         finally:
             await writer.stop()
             with contextlib.suppress(Exception):
