@@ -247,6 +247,7 @@ class ClusterNode:
         self._shared: EtcdSharedRoute | None = None
         self._leadership = asyncio.Lock()  # one term's start or stop at a time
         self._controller_started = False
+        self._reelecting = False
         self._closed = False
 
     def _new_election(self, api: str) -> LeaderElection:
@@ -294,6 +295,7 @@ class ClusterNode:
             task.cancel()
         if self._tasks:
             await asyncio.wait(list(self._tasks), timeout=5.0)
+        await self.election.close(release=release)  # one a re-election started meanwhile
         await self.watcher.close()
         if self.membership is not None:
             await self.membership.close(revoke=release, timeout=2.0)
@@ -387,6 +389,13 @@ class ClusterNode:
         # the lease expires, and this instance cannot hear about it.
         self.router.publish(Route(None, epoch, paused=False, reason=reason))
         self.router.close_sessions(reason=reason)
+        term = self._term
+        if term is not None:
+            # A leader cut off stops acting now, not only when its own lease's
+            # deadline comes: its controller would route again at its next decision.
+            if self._shared is not None:
+                self._shared.revoke(reason)
+            self._spawn(self._restart_election(term, reason), "cluster-reelect")
 
     async def _resync(self, *, recreate: bool) -> None:
         """etcd answers again: re-read the route, apply it, then (if the lease is
@@ -430,6 +439,12 @@ class ClusterNode:
     async def _lead(self, term: Term) -> None:
         """Import the state file on the first cluster start, read the route, then
         start a controller whose writes are fenced to ``term``."""
+        if self.cut_off is not None:
+            # Elected while failing closed (etcd answers, this member's lease is being
+            # re-created): lead only once following again.
+            log.warning("cluster: %s elected while %s; giving the leadership up", self.name, self.cut_off)
+            self._spawn(self._restart_election(term, "elected while cut off"), "cluster-reelect")
+            return
         try:
             async with self._leadership:
                 if self._term is not term:
@@ -462,16 +477,23 @@ class ClusterNode:
         except Exception:
             # A leader without a controller decides nothing: give the key up.
             log.exception("cluster: %s could not start leading; releasing the leader key", self.name)
-            self._spawn(self._restart_election(term), "cluster-reelect")
+            self._spawn(self._restart_election(term, "could not start leading"), "cluster-reelect")
 
-    async def _restart_election(self, term: Term) -> None:
+    async def _restart_election(self, term: Term, reason: str) -> None:
+        """Give the leader key up (revoked) and campaign again a second later."""
         old = self.election
-        await old.close(release=True)
-        await self._stop_leading(term, "could not start leading")
-        if not self._closed:
+        if self._reelecting or (old.term is not term and self._term is not term):
+            return  # under way, or that term has ended already (the election campaigns on)
+        self._reelecting = True
+        try:
+            await old.close(release=True)
+            await self._stop_leading(term, reason)
             await asyncio.sleep(1.0)
-            self.election = self._new_election(self._api)
-            self.election.start()
+            if not self._closed:
+                self.election = self._new_election(self._api)
+                self.election.start()
+        finally:
+            self._reelecting = False
 
     async def _stop_leading(self, term: Term | None, reason: str) -> None:
         """End ``term``'s leadership here: its controller closed (an operation in
