@@ -239,7 +239,7 @@ async def test_instance_cut_off_from_etcd_fails_closed_then_resyncs(pair, etcd, 
         finally:
             await writer.stop()
             with contextlib.suppress(Exception):
-                await held.close()
+                held.terminate()
 
 
 async def test_switchover_waits_for_every_member_and_aborts_without_one(pair, etcd, tmp_path):
