@@ -15,6 +15,7 @@ from collections.abc import Awaitable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, TypeVar
 
+from .cluster.store import StoreError
 from .config import Config
 from .errors import ConfigError
 from .proxy.loop import install_event_loop_policy
@@ -27,6 +28,7 @@ if TYPE_CHECKING:
     from aiohttp.web import AppRunner
 
     from .alerts import Alerter
+    from .cluster_node import ClusterNode
     from .control.controller import Controller
 
 log = logging.getLogger(__name__)
@@ -46,6 +48,8 @@ class Running:
     alerter: Alerter
     # proxy.listen_piped: the same Router (fencing, counters), sessions never spliced.
     piped_proxy: ProxyServer | None = None
+    # [cluster] etcd: this instance in the cluster (its controller runs while it leads).
+    cluster: ClusterNode | None = None
 
     @property
     def proxy_port(self) -> int:
@@ -64,8 +68,15 @@ class Running:
     async def stop(self) -> None:
         from .api.http import stop_api
 
+        if self.cluster is not None:
+            # Hand the leadership over first (the leader key revoked: another
+            # instance leads now); the member record stays while sessions drain.
+            await self.cluster.step_down()
         # Both listeners drain at once: shutdown_timeout bounds the whole stop.
         await asyncio.gather(*(p.close() for p in (self.proxy, self.piped_proxy) if p is not None))
+        if self.cluster is not None:
+            # Sessions are closed: the member lease is revoked, the record vanishes.
+            await self.cluster.close()
         await self.controller.close()
         await stop_api(self.api_runner)
         await self.alerter.close()
@@ -73,14 +84,7 @@ class Running:
 
 async def start(config: Config) -> Running:
     if config.cluster.enabled:
-        # Fail closed: the cluster components (pgroute/cluster) are not wired in yet,
-        # and two instances that each ran alone would each decide and route alone.
-        raise ConfigError(
-            "cluster.etcd",
-            "this pgroute cannot run as a cluster yet (issue 14: the store exists, the leader "
-            "and the shared route do not); instances started with [cluster] etcd would each "
-            "decide alone, so none starts: remove [cluster] etcd (PGROUTE_CLUSTER_ETCD) and run one instance",
-        )
+        return await _start_cluster(config)
     from .alerts import Alerter
     from .api.http import make_app, start_api
     from .api.metrics import create_metrics
@@ -135,6 +139,60 @@ async def start(config: Config) -> Running:
     return Running(config, router, proxy, controller, api_runner, alerter, piped)
 
 
+async def _start_cluster(config: Config) -> Running:
+    """A cluster member: the proxy follows the etcd route from the start (no node
+    until it is read); the controller runs only while this instance leads."""
+    from .alerts import Alerter
+    from .api.http import bound_port, make_app, start_api, stop_api
+    from .api.metrics import create_metrics
+    from .cluster_node import ClusterNode
+
+    router = Router(Route(None, 0, paused=True, reason="starting: reading the route from etcd"))
+    node = ClusterNode(config, router)
+    registry, metrics = create_metrics(node.control, router)
+    alerter = Alerter(config.alerts, on_failure=metrics.alert_failed)
+    await alerter.start()
+    node.control.add_event_listener(alerter.emit)
+    p = config.proxy
+    proxy = _proxy_server(config, router, p.host, p.port, p.splice)
+    piped = _proxy_server(config, router, p.piped_host, p.piped_port, "off") if p.listen_piped else None
+    api_runner = None
+    started: list[ProxyServer] = []
+    try:
+        await _listen("proxy.listen", p.listen, proxy.start())
+        started.append(proxy)
+        if piped is not None:
+            await _listen("proxy.listen_piped", p.listen_piped, piped.start())
+            started.append(piped)
+        app = make_app(node.control, router, config, registry)
+        api_runner = await _listen("api.listen", config.api.listen, start_api(app, config.api.host, config.api.port))
+        await node.start(f"{p.host}:{proxy.port}", f"http://{config.api.host}:{bound_port(api_runner)}")
+    except BaseException:
+        await asyncio.gather(*(s.close() for s in started))
+        if api_runner is not None:
+            await stop_api(api_runner)
+        await node.close()
+        await alerter.close()
+        raise
+    log.info("pgroute cluster member %s listening on %s:%d (API %s)", node.name, p.host, proxy.port, config.api.listen)
+    return Running(config, router, proxy, node.controller, api_runner, alerter, piped, node)
+
+
+def _proxy_server(config: Config, router: Router, host: str, port: int, splice: str) -> ProxyServer:
+    p = config.proxy
+    return ProxyServer(
+        router,
+        host,
+        port,
+        max_client_connections=p.max_client_connections,
+        connect_timeout=p.connect_timeout,
+        pause_timeout=p.pause_timeout,
+        startup_timeout=p.startup_timeout,
+        shutdown_timeout=p.shutdown_timeout,
+        splice=splice,
+    )
+
+
 async def _listen(key: str, address: str, starting: Awaitable[T]) -> T:
     """Await a listener's start; an OSError (address already in use, cannot assign
     the address, permission denied) names the configuration key to change."""
@@ -166,4 +224,7 @@ def run(config: Config) -> int:
         return 2
     except OSError as exc:
         log.error("cannot start: %s", exc)
+        return 1
+    except StoreError as exc:  # [cluster]: etcd unreachable at start, or the name in use
+        log.error("cannot start: cluster: %s", exc)
         return 1

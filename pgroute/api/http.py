@@ -18,6 +18,7 @@ Invariants:
 from __future__ import annotations
 
 import asyncio
+import contextvars
 import hmac
 import json
 import logging
@@ -51,6 +52,12 @@ ACTION_OPTIONS: dict[str, tuple[str, ...]] = {
     "rejoin": ("resync",),
 }
 MAX_EVENTS = 1000
+#: In a cluster a follower forwards operator commands to the leader with this header;
+#: a request carrying it is never forwarded again (no loops between stale views).
+FORWARDED_HEADER = "X-Pgroute-Forwarded"
+#: True while a command handler serves a forwarded request (read by the cluster's
+#: ControlPlane; asyncio tasks started by the handler inherit it).
+forwarded: contextvars.ContextVar[bool] = contextvars.ContextVar("pgroute_forwarded", default=False)
 
 CONTROL_KEY: web.AppKey[ControlPlane] = web.AppKey("control")
 ROUTER_KEY = web.AppKey("router", Router)
@@ -235,6 +242,7 @@ def _action(kind: str) -> Callable[[web.Request], Awaitable[web.Response]]:
         # Shielded: a client that hangs up (Ctrl-C in `pgroute failover`) must not
         # cancel a switch halfway; the operation finishes and is recorded anyway.
         control = request.app[CONTROL_KEY]
+        forwarded.set(FORWARDED_HEADER in request.headers)
         event = await asyncio.shield(control.request(kind, **options))
         return _json(event)
 
@@ -257,6 +265,7 @@ async def _resolve(request: web.Request) -> web.Response:
         raise web.HTTPBadRequest(reason='body must be {"active": "primary"|"mirror"}')
     log.info("API command resolve active=%s from %s", active, request.remote or "?")
     control = request.app[CONTROL_KEY]
+    forwarded.set(FORWARDED_HEADER in request.headers)
     event = await asyncio.shield(control.resolve(NodeName(active)))
     return _json(event)
 

@@ -21,6 +21,7 @@ import os
 import signal
 import time
 from collections.abc import Callable, Mapping
+from dataclasses import replace
 from typing import Any
 
 from ..config import Config
@@ -34,6 +35,7 @@ from ..proxy.router import Backend, Route, Router
 from .events import EventLog, safe_call
 from .executor import Executor, NodeExecutor
 from .procedures import Context, Op, OpResult
+from .procedures.context import SharedRoute
 from .sequences import SequenceHistory
 from .state import (
     Act,
@@ -83,6 +85,7 @@ class Controller:
         state_file: StateFile | None = None,
         executor: Executor | None = None,
         monitor: Monitor | None = None,
+        shared: SharedRoute | None = None,
     ) -> None:
         self.config = config
         self.router = router
@@ -122,6 +125,7 @@ class Controller:
             self.backends,
             is_paused=lambda: self.state.paused,
             sequences=self._sequences,
+            shared=shared,
         )
         self.executor: Executor = executor or NodeExecutor(self.ctx, self._record_conflicts)
         self.sync_keeper = SyncStandbyKeeper(self.ctx, self._keep)
@@ -147,6 +151,9 @@ class Controller:
         Raises ConfigError when both DSNs reach one database: pgroute would fence,
         truncate and resubscribe the live database against itself."""
         resolution, stored = await self._resolve_start()
+        # In a cluster the shared route may already be past every stamp (a barrier
+        # published epoch N+1 and its leader died): never go back below it.
+        resolution = replace(resolution, epoch=max(resolution.epoch, self.ctx.epoch_floor))
         view = await self.executor.view(resolution.active) if resolution.active else None
         decision = await self._feed(
             Started(
@@ -277,6 +284,26 @@ class Controller:
             )
         if route != self.router.route:
             self.router.publish(route)
+            if self.ctx.shared is not None:
+                self._keep(asyncio.create_task(self._publish_shared(route, s.active), name="publish-route"))
+
+    async def _publish_shared(self, route: Route, active: NodeName | None) -> None:
+        """The cluster's copy of a route published outside of a switch (start,
+        pause, resume, failing closed). Not written (deposed, store down): this
+        instance routes to no node; the next leader resolves the route anew."""
+        shared = self.ctx.shared
+        assert shared is not None
+        try:
+            await shared.publish(
+                max(route.epoch, shared.floor),
+                active if route.backend else None,
+                paused=route.paused,
+                reason=route.reason,
+            )
+        except Exception as exc:
+            why = f"cluster route not written ({describe(exc)}): routing to no node"
+            log.error("%s", why)
+            self.router.publish(Route(None, route.epoch, paused=False, reason=why))
 
     def _execute(self, action: Action, reason: str) -> None:
         s = self.state
@@ -319,7 +346,10 @@ class Controller:
             moves = op.kind.moves_role or op.kind is Operation.PROMOTE
             result = OpResult(False, None if moves else active, epoch, f"internal error: {describe(exc)}")
             if moves:
-                self.ctx.route_to(None, epoch, result.detail)
+                try:
+                    await self.ctx.route_to(None, epoch, result.detail)
+                except Exception as publish_exc:  # the local Router routes nowhere already
+                    log.error("%s could not publish the failed route: %s", op.tag, describe(publish_exc))
         level = logging.INFO if result.ok else logging.ERROR
         log.log(
             level,
@@ -337,7 +367,7 @@ class Controller:
                 time.time(),
                 node=action.node,
                 active=result.active,
-                epoch=result.epoch,
+                epoch=max(result.epoch, self.ctx.epoch_floor),
                 detail=result.detail,
             )
         )

@@ -52,6 +52,8 @@ class NodeExecutor:
         if kind is Operation.FAILBACK:
             return await procedures.failback(ctx, op, epoch, self.record_conflicts, resync=action.force)
         if kind is Operation.PROMOTE:
+            if not await ctx.barrier(op, epoch, f"promoting {node.value}: waiting for every instance"):
+                return OpResult(False, None, epoch, f"not every instance applied epoch {epoch}")
             try:
                 op.details.update(await procedures.promote_node(ctx, node, epoch))
             except DB_ERRORS as exc:

@@ -1,5 +1,5 @@
 """`pgroute check`'s lines about the cluster (``[cluster] etcd`` set): etcd, the instance
-name, the route record, and that `pgroute run` cannot run as a cluster yet.
+name and the route record.
 
 Reads only; writes nothing to etcd. Each etcd endpoint is asked on its own, so a lost
 member shows even while the others answer (the cluster keeps working on a quorum).
@@ -38,14 +38,7 @@ async def check_cluster(config: Config) -> list[CheckItem]:
     endpoints = list(config.cluster.etcd)
     keys = Keys(config.cluster_prefix)
     name = config.cluster.member_name
-    items = [
-        CheckItem(
-            "cluster mode",
-            False,
-            "pgroute run cannot run as a cluster yet (issue 14): with [cluster] etcd set it refuses to start",
-            "remove [cluster] etcd (PGROUTE_CLUSTER_ETCD) and run one instance",
-        )
-    ]
+    items: list[CheckItem] = []
     errors = await asyncio.gather(*(_endpoint_answers(e) for e in endpoints))
     down = [f"{e} ({err})" for e, err in zip(endpoints, errors, strict=True) if err is not None]
     up = len(endpoints) - len(down)

@@ -124,6 +124,8 @@ def test_postgres_access_depends_on_nothing_above_it() -> None:
 def test_the_daemon_never_imports_local_tooling() -> None:
     daemon = (
         "pgroute.app",
+        "pgroute.cluster_node",
+        "pgroute.cluster",
         "pgroute.api",
         "pgroute.control",
         "pgroute.monitor",

@@ -14,6 +14,7 @@ import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Protocol
 
 import asyncpg
 
@@ -69,8 +70,31 @@ class OpResult:
     detail: str
 
 
+class SharedRoute(Protocol):
+    """The route every instance of a cluster follows (pgroute.cluster_node implements
+    it over etcd; alone there is none). Written only by the leader, fenced to its
+    term: a deposed leader's write raises, and the operation stops (fail closed
+    locally). The epoch never goes down: ``floor`` is the highest epoch written."""
+
+    @property
+    def floor(self) -> int: ...
+
+    async def publish(self, epoch: int, active: NodeName | None, *, paused: bool, reason: str) -> None:
+        """Write the route; raises when it is not written (not the leader, store down)."""
+
+    async def barrier(self, epoch: int, reason: str) -> tuple[bool, dict[str, Detail]]:
+        """Publish "paused, active none, ``epoch``" and wait until every live member
+        applied it or its lease expired: (complete, details for the operation)."""
+
+
 class Context:
-    """What the procedures need from the controller."""
+    """What the procedures need from the controller.
+
+    The routing seam: procedures route only through `hold`, `route_to` and
+    `barrier`. Alone (``shared`` None) they change the local Router, as always, and
+    the barrier is a no-op. In a cluster the shared route is written first (fenced
+    to the leader's term) and the local Router follows; a failed write routes this
+    instance to no node and raises, so the operation stops."""
 
     def __init__(
         self,
@@ -80,6 +104,7 @@ class Context:
         backends: dict[NodeName, Backend],
         is_paused: Callable[[], bool],
         sequences: Callable[[], dict[str, int] | None],
+        shared: SharedRoute | None = None,
     ) -> None:
         self.config = config
         self.router = router
@@ -87,6 +112,7 @@ class Context:
         self.backends = backends
         self.is_paused = is_paused
         self.sequences = sequences
+        self.shared = shared
 
     def dsn(self, node: NodeName) -> Dsn:
         return self.config.node_dsn(node.value)
@@ -120,13 +146,55 @@ class Context:
         """pgroute's own open sessions on ``node``: fencing spares exactly these."""
         return own_pids(self.dsn(node))
 
-    def route_to(self, node: NodeName | None, epoch: int, reason: str = "") -> None:
-        backend = self.backends[node] if node else None
-        self.router.publish(Route(backend, epoch, paused=self.is_paused(), reason=reason))
+    @property
+    def epoch_floor(self) -> int:
+        """The lowest epoch a route may carry now: in a cluster, the highest epoch
+        already written (a barrier publishes N+1 before the switch's outcome is
+        known; a failure afterwards must not go back to N). Alone: 0."""
+        return self.shared.floor if self.shared is not None else 0
 
-    def hold(self, epoch: int, reason: str) -> None:
+    async def route_to(self, node: NodeName | None, epoch: int, reason: str = "") -> None:
+        epoch = max(epoch, self.epoch_floor)
+        backend = self.backends[node] if node else None
+        route = Route(backend, epoch, paused=self.is_paused(), reason=reason)
+        await self._publish_shared(route, node)
+        self.router.publish(route)
+
+    async def hold(self, epoch: int, reason: str) -> None:
         """New connections wait (paused) and nothing is routed while a switch runs."""
-        self.router.publish(Route(None, epoch, paused=True, reason=reason))
+        route = Route(None, max(epoch, self.epoch_floor), paused=True, reason=reason)
+        await self._publish_shared(route, None)
+        self.router.publish(route)
+
+    async def barrier(self, op: Op, epoch: int, reason: str) -> bool:
+        """Before promoting or unfencing a target at ``epoch``: in a cluster, every
+        live member has applied "paused at ``epoch``" (its older sessions closed) or
+        its lease expired; False when some member did not answer in time (the
+        caller aborts). Alone: True at once (this process's own Router is the
+        only one, and the procedure already holds it)."""
+        if self.shared is None:
+            return True
+        with op.phase("barrier"):
+            self.router.publish(Route(None, epoch, paused=True, reason=reason))
+            try:
+                complete, details = await self.shared.barrier(epoch, reason)
+            except Exception as exc:  # the store failed or this is no longer the leader
+                op.details["barrier"] = f"not done: {describe(exc)}"
+                self.router.publish(Route(None, epoch, paused=False, reason=f"{reason}: barrier failed"))
+                return False
+            op.details.update(details)
+        return complete
+
+    async def _publish_shared(self, route: Route, node: NodeName | None) -> None:
+        if self.shared is None:
+            return
+        try:
+            await self.shared.publish(route.epoch, node, paused=route.paused, reason=route.reason)
+        except Exception as exc:
+            why = f"cluster route not written ({describe(exc)}): routing to no node"
+            log.error("%s", why)
+            self.router.publish(Route(None, route.epoch, paused=False, reason=why))
+            raise
 
     def persist(self, epoch: int, active: NodeName | None) -> None:
         self.state_file.save(Stored(epoch, active))

@@ -39,7 +39,7 @@ async def failover(ctx: Context, op: Op, target: NodeName, epoch: int, *, manual
     old_conn = None
     try:
         with op.phase("fence"):
-            ctx.hold(epoch, f"FAILOVER to {target.value} in progress")
+            await ctx.hold(epoch, f"FAILOVER to {target.value} in progress")
             closed = ctx.router.close_sessions(backend=old.value, reason="FAILOVER: old active node fenced")
             op.details["sessions_closed"] = closed
             # Automatic: the node was just declared down (a hung one accepts TCP and
@@ -83,6 +83,16 @@ async def failover(ctx: Context, op: Op, target: NodeName, epoch: int, *, manual
                         )
                     op.details["caught_up_to"] = f"forced without catch-up ({describe(exc)})"
 
+        # A cluster's other instances have closed their sessions at the old epoch
+        # (or are gone) before anything is promoted; alone this is a no-op.
+        if not await ctx.barrier(op, new_epoch, f"FAILOVER to {target.value}: waiting for every instance"):
+            why = f"not every instance applied epoch {new_epoch} ({op.details.get('barrier', '')})"
+            if old_conn is not None:
+                epoch = await abort_to(ctx, old, old_conn, epoch, why)
+                return OpResult(False, old, epoch, f"{why}; {old.value} unfenced and still active")
+            await ctx.route_to(None, epoch, f"FAILOVER to {target.value} aborted: {why}")
+            return OpResult(False, None, epoch, f"{why}; routing to no node")
+
         with op.phase("promote"):
             try:
                 report = await promote_node(ctx, target, new_epoch, old_conn)
@@ -95,7 +105,7 @@ async def failover(ctx: Context, op: Op, target: NodeName, epoch: int, *, manual
                         epoch,
                         f"promotion of {target.value} failed ({describe(exc)}); {old.value} unfenced and still active",
                     )
-                ctx.route_to(None, epoch, f"FAILOVER to {target.value} failed: {describe(exc)}")
+                await ctx.route_to(None, epoch, f"FAILOVER to {target.value} failed: {describe(exc)}")
                 return OpResult(
                     False, None, epoch, f"promotion of {target.value} failed: {describe(exc)}; routing to no node"
                 )
@@ -108,7 +118,7 @@ async def failover(ctx: Context, op: Op, target: NodeName, epoch: int, *, manual
 
         with op.phase("route"):
             ctx.persist(new_epoch, target)
-            ctx.route_to(target, new_epoch)
+            await ctx.route_to(target, new_epoch)
             ctx.router.close_sessions(before_epoch=new_epoch, reason="FAILOVER: epoch changed")
         return OpResult(
             True,
@@ -166,7 +176,7 @@ async def abort_to(ctx: Context, node: NodeName, conn: asyncpg.Connection, epoch
         await fencing.unfence(conn)
     except DB_ERRORS as exc:
         log.error("FAILOVER abort could not restore %s: %s", node.value, describe(exc))
-        ctx.route_to(None, epoch, f"failover aborted and {node.value} could not be unfenced")
+        await ctx.route_to(None, epoch, f"failover aborted and {node.value} could not be unfenced")
         return epoch
-    ctx.route_to(node, abort_epoch)
+    await ctx.route_to(node, abort_epoch)
     return abort_epoch

@@ -51,7 +51,7 @@ async def switchover(ctx: Context, op: Op, target: NodeName, epoch: int) -> OpRe
         old_conn = await ctx.connect(old)
         t_hold = time.monotonic()
         with op.phase("drain"):
-            ctx.hold(epoch, f"switchover to {target.value} in progress")
+            await ctx.hold(epoch, f"switchover to {target.value} in progress")
             deadline = time.monotonic() + DRAIN_WINDOW
             while ctx.router.session_count and time.monotonic() < deadline:  # noqa: ASYNC110 - bounded 10 ms poll; the Router has no "sessions gone" event
                 await asyncio.sleep(0.01)
@@ -71,6 +71,10 @@ async def switchover(ctx: Context, op: Op, target: NodeName, epoch: int) -> OpRe
                 return OpResult(
                     False, old, epoch, f"{target.value} did not catch up ({describe(exc)}); {old.value} still active"
                 )
+        if not await ctx.barrier(op, new_epoch, f"{op.tag} to {target.value}: waiting for every instance"):
+            why = f"not every instance applied epoch {new_epoch} ({op.details.get('barrier', '')})"
+            epoch = await abort_to(ctx, old, old_conn, epoch, why)
+            return OpResult(False, old, epoch, f"{why}; {old.value} still active")
         with op.phase("promote"):
             try:
                 op.details.update(await promote_node(ctx, target, new_epoch, old_conn))
@@ -83,7 +87,7 @@ async def switchover(ctx: Context, op: Op, target: NodeName, epoch: int) -> OpRe
         # route to it even if the old node fails below (it will rejoin later).
         with op.phase("route"):
             ctx.persist(new_epoch, target)
-            ctx.route_to(target, new_epoch)
+            await ctx.route_to(target, new_epoch)
             ctx.router.close_sessions(before_epoch=new_epoch, reason=f"{op.tag}: epoch changed")
             now = time.monotonic()
             stall = now - t_stop
@@ -122,7 +126,7 @@ async def switchover(ctx: Context, op: Op, target: NodeName, epoch: int) -> OpRe
         if old_conn is not None and not old_conn.is_closed():
             epoch = await abort_to(ctx, old, old_conn, epoch, describe(exc))
             return OpResult(False, old, epoch, f"{op.phase_name}: {describe(exc)}; {old.value} still active")
-        ctx.route_to(old, epoch)
+        await ctx.route_to(old, epoch)
         return OpResult(False, old, epoch, f"{op.phase_name}: {describe(exc)}; routing to {old.value}")
     finally:
         await close(old_conn)

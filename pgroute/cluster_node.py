@@ -1,0 +1,551 @@
+"""One pgroute instance of a cluster (``[cluster] etcd`` set): wires the etcd Store,
+this instance's member record, the route watcher, the leader election and the
+controller into `pgroute run`.
+
+Owns, per process: the `EtcdStore`; the `Membership` (name, proxy and API
+addresses, the epoch applied); the `RouteWatcher` whose routes drive the local
+Router while this instance follows; the `LeaderElection`, and the Controller that
+runs only between ``on_elected`` and ``on_lost``; the cut-off guard; and the API's
+view of all that (`ClusterControl`, the ``ControlPlane`` of pgroute/api/http.py:
+status with the ``cluster`` section, operator commands forwarded to the leader).
+
+Invariants, and why they keep a single writable route:
+- Only the leader writes the route, through `EtcdSharedRoute`, each write fenced to
+  its term (`Term.fence`): a deposed leader's write fails and its operation stops
+  with this instance routing to no node.
+- A member acknowledges an epoch (writes it in its record) only after its Router
+  carries that epoch's route and its older sessions are closed; the leader's
+  barrier waits for those acknowledgements, or for the member's lease to expire,
+  before promoting anything.
+- A member whose lease is within ``margin`` of its deadline without a refresh has
+  failed closed (no node, every session closed) before the leader could see its
+  record vanish; it routes again only after re-reading the route from etcd.
+- ``on_lost`` stops the controller at once (its next fenced write would fail
+  anyway); the instance keeps following the route.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import time
+from collections.abc import Callable
+from typing import Any
+
+import aiohttp
+
+from .api.http import FORWARDED_HEADER, forwarded
+from .cluster.barrier import barrier
+from .cluster.etcd_store import EtcdStore
+from .cluster.keys import Keys
+from .cluster.leader import LeaderElection, NotLeader, Term
+from .cluster.members import Members, Membership, MembershipLost
+from .cluster.route import Route as SharedRecord
+from .cluster.route import RouteSeen, RouteWatcher, RouteWriter, import_state_file, route_seen
+from .cluster.store import StoreError
+from .config import Config
+from .control.controller import Controller
+from .control.state_store import StateFile, Stored
+from .errors import ActionRefused, PgRouteError
+from .model import Detail, Event, HealthSample, NodeName
+from .proxy.router import Backend, Route, Router
+
+log = logging.getLogger(__name__)
+
+#: Seconds between two looks at this instance's lease (the cut-off guard).
+GUARD_EVERY = 0.1
+#: Bound on a command forwarded to the leader (a failback with a resync takes long).
+FORWARD_TIMEOUT = 600.0
+
+
+class EtcdSharedRoute:
+    """The leader's `SharedRoute`: the route record in etcd, fenced to one term."""
+
+    def __init__(self, store: EtcdStore, keys: Keys, writer: RouteWriter, barrier_timeout: float) -> None:
+        self._store = store
+        self._keys = keys
+        self._writer = writer
+        self._barrier_timeout = barrier_timeout
+        seen = writer.current
+        self._floor = seen.route.epoch if seen is not None and seen.route is not None else 0
+        self._revoked: str | None = None
+
+    def revoke(self, why: str) -> None:
+        """No more writes through this object (the term ended)."""
+        self._revoked = why
+
+    @property
+    def floor(self) -> int:
+        return self._floor
+
+    async def publish(self, epoch: int, active: NodeName | None, *, paused: bool, reason: str) -> None:
+        if self._revoked is not None:
+            raise NotLeader(self._revoked)
+        epoch = max(epoch, self._floor)
+        await self._writer.write(SharedRecord(epoch=epoch, active=active, paused=paused, reason=reason))
+        self._floor = epoch
+
+    async def barrier(self, epoch: int, reason: str) -> tuple[bool, dict[str, Detail]]:
+        await self.publish(epoch, None, paused=True, reason=reason)
+        result = await barrier(self._store, self._keys, epoch, self._barrier_timeout)
+        details: dict[str, Detail] = {"barrier": result.describe()}
+        for name, took in result.acked.items():
+            details[f"barrier_ack_{name}_s"] = round(took, 3)
+        for name, took in result.expired.items():
+            details[f"barrier_expired_{name}_s"] = round(took, 3)
+        return result.complete, details
+
+
+class ClusterStateFile(StateFile):
+    """The controller's stored state in a cluster: the etcd route as read when this
+    instance became the leader (a switch's hold, "paused at N+1, no node", is no
+    claim: the nodes' stamps decide). Saves still go to the local state file, a
+    record for people; after the first cluster start nothing reads it."""
+
+    def __init__(self, path: str, seen: RouteSeen) -> None:
+        super().__init__(path)
+        route = seen.route
+        hold = route is not None and route.active is None and route.paused
+        self._stored = None if route is None or hold else Stored(route.epoch, route.active, route.active_lsn)
+
+    def load(self) -> Stored | None:
+        return self._stored
+
+
+class ClusterControl:
+    """The API's ControlPlane in a cluster: the current controller's status with the
+    ``cluster`` section; commands run by the leader's controller, forwarded to its API
+    from a follower (once: a forwarded command that reaches a follower is refused,
+    409 naming the leader)."""
+
+    def __init__(self, node: ClusterNode) -> None:
+        self._node = node
+        self._event_listeners: list[Callable[[Event], None]] = []
+        self._sample_listeners: list[Callable[[HealthSample], None]] = []
+
+    def attach(self, controller: Controller) -> None:
+        for e in self._event_listeners:
+            controller.add_event_listener(e)
+        for s in self._sample_listeners:
+            controller.add_sample_listener(s)
+
+    def add_event_listener(self, cb: Callable[[Event], None]) -> None:
+        self._event_listeners.append(cb)
+        self._node.controller.add_event_listener(cb)
+
+    def add_sample_listener(self, cb: Callable[[HealthSample], None]) -> None:
+        self._sample_listeners.append(cb)
+        self._node.controller.add_sample_listener(cb)
+
+    def status(self) -> dict[str, Any]:
+        node = self._node
+        status = node.controller.status()
+        if not node.leading:
+            # A follower's controller does not run: the route is the one it follows.
+            route = node.router.route
+            status["active"] = route.backend.name if route.backend is not None else None
+            status["epoch"] = route.epoch
+            status["paused"] = route.paused
+            status["state"] = "following" if route.backend is not None else "no_routable_node"
+            status["reason"] = route.reason
+        status["cluster"] = node.cluster_status()
+        return status
+
+    def events(self, limit: int = 50) -> list[dict[str, Any]]:
+        return self._node.controller.events(limit)
+
+    def _leader_api(self) -> str:
+        """The leader's API URL to forward to; ActionRefused when there is none to
+        use (no leader known, no API address, or this request was forwarded here
+        already: a stale view must not bounce it back)."""
+        leader = self._node.election.current_leader()
+        if leader is None:
+            raise ActionRefused("not the leader, and no leader elected yet: retry in a few seconds")
+        if forwarded.get() or not leader.api:
+            raise ActionRefused(f"not the leader: use {leader.api or leader.name}")
+        return leader.api
+
+    async def request(self, kind: str, *, force: bool = False, resync: bool = False) -> dict[str, Any]:
+        node = self._node
+        if node.leading:
+            return await node.controller.request(kind, force=force, resync=resync)
+        body = {k: True for k, v in (("force", force), ("resync", resync)) if v}
+        return await self._forward(f"/api/{kind}", body)
+
+    async def resolve(self, active: NodeName | None) -> dict[str, Any]:
+        node = self._node
+        if node.leading:
+            return await node.controller.resolve(active)
+        return await self._forward("/api/resolve", {"active": active.value if active else None})
+
+    async def _forward(self, path: str, body: dict[str, Any]) -> dict[str, Any]:
+        """The command, run by the leader: its finished event, or its refusal (409)
+        or failure as this instance's own."""
+        api = self._leader_api()
+        headers = {FORWARDED_HEADER: self._node.name}
+        token = self._node.config.api.token
+        if token:
+            headers["Authorization"] = f"Bearer {token}"
+        log.info("forwarding %s to the leader at %s", path, api)
+        try:
+            async with (
+                aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=FORWARD_TIMEOUT)) as session,
+                session.post(api.rstrip("/") + path, json=body, headers=headers) as resp,
+            ):
+                text = await resp.text()
+                status = resp.status
+        except (aiohttp.ClientError, TimeoutError) as exc:
+            raise PgRouteError(f"the leader at {api} did not answer: {exc or type(exc).__name__}") from None
+        try:
+            data = json.loads(text)
+        except ValueError:
+            data = {"error": text[:200]}
+        if status == 200 and isinstance(data, dict):
+            return data
+        error = str(data.get("error", text[:200])) if isinstance(data, dict) else text[:200]
+        if status == 409:
+            raise ActionRefused(error)
+        raise PgRouteError(f"leader at {api}: {error}")
+
+
+class ClusterNode:
+    """This instance in the cluster. ``start(proxy, api)`` once the listeners are up
+    (their addresses go in the member record); ``close()`` revokes the leader key
+    and the member lease so that the others take over at once."""
+
+    def __init__(self, config: Config, router: Router) -> None:
+        c = config.cluster
+        self.config = config
+        self.router = router
+        self.name = c.member_name
+        self.ttl = c.ttl
+        self.keys = Keys(config.cluster_prefix)
+        self.store = EtcdStore(list(c.etcd), timeout=max(1.0, self.ttl / 3))
+        # Fail closed this long before the member lease's deadline: the leader's
+        # barrier counts this instance gone only once the lease has expired.
+        self.margin = max(0.5, self.ttl / 4)
+        self.backends = {
+            n: Backend(n.value, config.node_dsn(n.value).host, config.node_dsn(n.value).port) for n in NodeName
+        }
+        self.controller = Controller(config, router)  # dormant until elected
+        self.control = ClusterControl(self)
+        self.watcher = RouteWatcher(self.store, self.keys, self._on_route)
+        self.membership: Membership | None = None
+        self.election: LeaderElection = self._new_election("")
+        self.leading = False
+        self.cut_off: str | None = None
+        self._proxy = ""
+        self._api = ""
+        self._applied = (-1, False)
+        self._acked: tuple[int, bool] | None = None
+        self._ack_wanted = asyncio.Event()
+        self._tasks: set[asyncio.Task[Any]] = set()
+        self._lead_task: asyncio.Task[None] | None = None
+        self._term: Term | None = None  # the term this instance leads in, while it does
+        self._shared: EtcdSharedRoute | None = None
+        self._leadership = asyncio.Lock()  # one term's start or stop at a time
+        self._controller_started = False
+        self._reelecting = False
+        self._closed = False
+
+    def _new_election(self, api: str) -> LeaderElection:
+        return LeaderElection(
+            self.store, self.keys, self.name, self.ttl, api=api, on_elected=self._on_elected, on_lost=self._on_lost
+        )
+
+    # ----------------------------------------------------------------- life cycle
+
+    async def start(self, proxy: str, api: str) -> None:
+        self._proxy, self._api = proxy, api
+        await self.watcher.start(timeout=self.ttl)  # applies the route (follower)
+        epoch = self._applied[0] if self._applied[0] >= 0 else 0
+        self.membership = Membership(self.store, self.keys, self.name, self.ttl, proxy=proxy, api=api, epoch=epoch)
+        await self.membership.start(timeout=self.ttl)
+        self._acked = (epoch, False)
+        self.election = self._new_election(api)
+        self.election.start()
+        self._spawn(self._ack_loop(), "cluster-ack")
+        self._spawn(self._guard_loop(), "cluster-guard")
+        self._spawn(self._members_loop(), "cluster-members")
+        log.info(
+            "cluster member %s started (etcd %s, prefix %s)",
+            self.name,
+            ",".join(self.config.cluster.etcd),
+            self.keys.prefix,
+        )
+
+    async def step_down(self) -> None:
+        """Stop leading and campaigning (the leader key revoked: another instance
+        leads now) while this instance keeps following the route and stays a
+        member: its proxy may still drain sessions, so its record must stay until
+        they are closed (a barrier counts a vanished member as done)."""
+        await self.election.close(release=True)
+        await self._stop_leading(self._term, "stepping down")
+
+    async def close(self, *, release: bool = True) -> None:
+        """Stop leading (controller closed, leader key revoked), stop following,
+        revoke the member lease. ``release=False`` leaves both leases to expire, as
+        a killed process would (tests)."""
+        self._closed = True
+        await self.election.close(release=release)
+        await self._stop_leading(self._term, "stopped")
+        for task in list(self._tasks):
+            task.cancel()
+        if self._tasks:
+            await asyncio.wait(list(self._tasks), timeout=5.0)
+        await self.election.close(release=release)  # one a re-election started meanwhile
+        await self.watcher.close()
+        if self.membership is not None:
+            await self.membership.close(revoke=release, timeout=2.0)
+        await self.controller.close()
+        await self.store.close()
+
+    def _spawn(self, coro: Any, name: str) -> asyncio.Task[Any]:
+        task = asyncio.create_task(coro, name=name)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+        return task
+
+    # ----------------------------------------------------------------- following
+
+    def _local_route(self, seen: RouteSeen) -> Route:
+        route = seen.route
+        if route is None:
+            if seen.problem:  # corrupt: nobody can tell, fail closed until it is rewritten
+                return Route(None, self.router.route.epoch, paused=False, reason=seen.problem)
+            # First start: new connections wait (up to proxy.pause_timeout) for the leader.
+            return Route(
+                None, self.router.route.epoch, paused=True, reason="no route in etcd yet: waiting for the leader"
+            )
+        backend = self.backends[route.active] if route.active is not None else None
+        return Route(backend, route.epoch, paused=route.paused, reason=route.reason)
+
+    def _on_route(self, seen: RouteSeen) -> None:
+        if self.cut_off is None:
+            self._apply(seen)
+
+    def _apply(self, seen: RouteSeen) -> None:
+        """Route as ``seen`` says (unless this instance leads: its controller does),
+        close the older epoch's sessions, then acknowledge."""
+        local = self._local_route(seen)
+        if not self.leading:
+            self.router.publish(local)
+        self.router.close_sessions(before_epoch=local.epoch, reason=f"cluster: route epoch {local.epoch}")
+        self._applied = (local.epoch, local.paused)
+        self._ack_wanted.set()
+
+    async def _ack_loop(self) -> None:
+        """Write the applied epoch in the member record, the latest one, in order."""
+        while True:
+            await self._ack_wanted.wait()
+            self._ack_wanted.clear()
+            membership = self.membership
+            applied = self._applied
+            if membership is None or applied == self._acked or self.cut_off is not None or applied[0] < 0:
+                continue
+            try:
+                await membership.update(epoch=applied[0], paused=applied[1], timeout=self.ttl / 3)
+                self._acked = applied
+            except (StoreError, MembershipLost) as exc:
+                log.warning("member %s: could not acknowledge epoch %d: %s", self.name, applied[0], exc)
+                await asyncio.sleep(0.2)
+                self._ack_wanted.set()
+            except Exception:
+                log.exception("member %s: acknowledgement failed", self.name)
+                await asyncio.sleep(0.2)
+                self._ack_wanted.set()
+
+    # ----------------------------------------------------------------- cut off from etcd
+
+    async def _guard_loop(self) -> None:
+        while True:
+            await asyncio.sleep(GUARD_EVERY)
+            try:
+                membership = self.membership
+                lease = membership.lease if membership is not None else None
+                fine = lease is not None and membership is not None and not membership.lost.is_set()
+                if fine and lease is not None and lease.remaining(time.monotonic()) >= self.margin:
+                    if self.cut_off is not None:
+                        await self._resync(recreate=False)
+                    continue
+                if self.cut_off is None:
+                    self._fail_closed("member lease not refreshed" if fine else "member lease lost")
+                if not fine:
+                    await self._resync(recreate=True)
+            except StoreError as exc:
+                log.info("member %s: still cut off from etcd (%s)", self.name, exc)
+                await asyncio.sleep(0.2)
+            except Exception:  # the loop that fails this instance closed must survive
+                log.exception("member %s: cut-off guard failed", self.name)
+
+    def _fail_closed(self, why: str) -> None:
+        reason = f"cut off from etcd: {why}"
+        self.cut_off = reason
+        epoch = self.router.route.epoch
+        log.error("member %s: %s; routing to no node and closing every session", self.name, reason)
+        # Every session, not only the active node's: the leader may fail over once
+        # the lease expires, and this instance cannot hear about it.
+        self.router.publish(Route(None, epoch, paused=False, reason=reason))
+        self.router.close_sessions(reason=reason)
+        term = self._term
+        if term is not None:
+            # A leader cut off stops acting now, not only when its own lease's
+            # deadline comes: its controller would route again at its next decision.
+            if self._shared is not None:
+                self._shared.revoke(reason)
+            self._spawn(self._restart_election(term, reason), "cluster-reelect")
+
+    async def _resync(self, *, recreate: bool) -> None:
+        """etcd answers again: re-read the route, apply it, then (if the lease is
+        gone) register anew at that epoch. StoreError: still cut off."""
+        read = await self.store.get(self.keys.route, timeout=self.ttl / 3)
+        seen = route_seen(self.keys.route, read.first, read.revision)
+        latest = self.watcher.latest
+        if latest is not None and latest.revision > seen.revision:
+            seen = latest
+        if recreate:
+            old = self.membership
+            if old is not None:
+                await old.close(revoke=False)
+            local = self._local_route(seen)
+            membership = Membership(
+                self.store, self.keys, self.name, self.ttl, proxy=self._proxy, api=self._api, epoch=local.epoch
+            )
+            await membership.start(timeout=self.ttl / 3)
+            self.membership = membership
+            self._acked = (local.epoch, False)
+        self.cut_off = None
+        self._apply(seen)
+        log.info("member %s: etcd answers again; following the route (epoch %d)", self.name, self._applied[0])
+
+    # ----------------------------------------------------------------- leading
+
+    def _on_elected(self, term: Term) -> None:
+        log.info("cluster: %s is the leader (term %d)", self.name, term.number)
+        self._term = term
+        self.leading = True
+        self._lead_task = self._spawn(self._lead(term), "cluster-lead")
+
+    def _on_lost(self, term: Term, reason: str) -> None:
+        log.warning("cluster: %s is no longer the leader (term %d): %s", self.name, term.number, reason)
+        # At once, before the controller is closed: its writes stop here (they
+        # would fail the term's fence in etcd anyway).
+        if self._shared is not None:
+            self._shared.revoke(f"{self.name} is no longer the leader (term {term.number}): {reason}")
+        self._spawn(self._stop_leading(term, reason), "cluster-unlead")
+
+    async def _lead(self, term: Term) -> None:
+        """Import the state file on the first cluster start, read the route, then
+        start a controller whose writes are fenced to ``term``."""
+        if self.cut_off is not None:
+            # Elected while failing closed (etcd answers, this member's lease is being
+            # re-created): lead only once following again.
+            log.warning("cluster: %s elected while %s; giving the leadership up", self.name, self.cut_off)
+            self._spawn(self._restart_election(term, "elected while cut off"), "cluster-reelect")
+            return
+        try:
+            async with self._leadership:
+                if self._term is not term:
+                    return
+                await import_state_file(
+                    self.store,
+                    self.keys,
+                    StateFile(self.config.state.path),
+                    leader=self.name,
+                    guards=(term.fence,),
+                    timeout=self.ttl / 3,
+                )
+                writer = RouteWriter(self.store, self.keys, self.name, guards=(term.fence,))
+                seen = await writer.read(timeout=self.ttl / 3)
+                shared = EtcdSharedRoute(self.store, self.keys, writer, barrier_timeout=self.ttl + 2)
+                if self._controller_started:  # a closed controller does not start again
+                    await self.controller.close()
+                    self.controller = Controller(self.config, self.router)
+                    self.control.attach(self.controller)
+                controller = self.controller
+                controller.state_file = ClusterStateFile(self.config.state.path, seen)
+                controller.ctx.state_file = controller.state_file
+                controller.ctx.shared = shared
+                self._shared = shared
+                self._controller_started = True
+                await controller.start()
+            log.info("cluster: %s leads: controller started (term %d)", self.name, term.number)
+        except asyncio.CancelledError:
+            raise
+        except Exception:
+            # A leader without a controller decides nothing: give the key up.
+            log.exception("cluster: %s could not start leading; releasing the leader key", self.name)
+            self._spawn(self._restart_election(term, "could not start leading"), "cluster-reelect")
+
+    async def _restart_election(self, term: Term, reason: str) -> None:
+        """Give the leader key up (revoked) and campaign again a second later."""
+        old = self.election
+        if self._reelecting or (old.term is not term and self._term is not term):
+            return  # under way, or that term has ended already (the election campaigns on)
+        self._reelecting = True
+        try:
+            await old.close(release=True)
+            await self._stop_leading(term, reason)
+            await asyncio.sleep(1.0)
+            if not self._closed:
+                self.election = self._new_election(self._api)
+                self.election.start()
+        finally:
+            self._reelecting = False
+
+    async def _stop_leading(self, term: Term | None, reason: str) -> None:
+        """End ``term``'s leadership here: its controller closed (an operation in
+        flight is cancelled), then follow the route. A later term is left alone."""
+        if term is None or self._term is not term:
+            return
+        self._term = None
+        self.leading = False
+        task, self._lead_task = self._lead_task, None
+        if task is not None and task is not asyncio.current_task():
+            task.cancel()
+            with contextlib.suppress(BaseException):
+                await asyncio.wait([task], timeout=5.0)
+        async with self._leadership:
+            await self.controller.close()
+        log.info("cluster: %s follows again (%s)", self.name, reason)
+        latest = self.watcher.latest
+        if latest is not None and self.cut_off is None and not self.leading:
+            self._apply(latest)
+
+    # ----------------------------------------------------------------- status
+
+    def cluster_status(self) -> dict[str, Any]:
+        leader = self.election.current_leader()
+        return {
+            "name": self.name,
+            "leader": leader.name if leader is not None else None,
+            "leader_api": leader.api if leader is not None else None,
+            "role": "leader" if self.leading else "follower",
+            "cut_off": self.cut_off,
+            "members": list(self._members),
+        }
+
+    _members: tuple[dict[str, Any], ...] = ()
+
+    async def _members_loop(self) -> None:
+        """Read every member record once a second, for /api/status."""
+        while True:
+            try:
+                members = await Members(self.store, self.keys).list(timeout=self.ttl / 3)
+                self._members = tuple(
+                    {
+                        "name": m.name,
+                        "epoch": m.record.epoch,
+                        "paused": m.record.paused,
+                        "proxy": m.record.proxy,
+                        "api": m.record.api,
+                    }
+                    for m in members
+                )
+            except StoreError as exc:
+                log.debug("member records not read: %s", exc)
+            except Exception:
+                log.exception("member records not read")
+            await asyncio.sleep(1.0)
