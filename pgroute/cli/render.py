@@ -154,6 +154,9 @@ def render_status(st: dict[str, Any]) -> str:
             f"auto-failback: {_onoff(st.get('auto_failback'))}"
         )
     )
+    cluster = st.get("cluster")
+    if isinstance(cluster, dict):
+        lines.extend(_cluster_lines(cluster))
     bound = st.get("detection_bound_seconds")
     if isinstance(bound, (int, float)):
         lines.append(f"failure detected within {_fmt_seconds(bound)}")
@@ -174,6 +177,28 @@ def render_status(st: dict[str, Any]) -> str:
             )
         )
     return mask_dsn("\n".join(lines))
+
+
+def _cluster_lines(cluster: dict[str, Any]) -> list[str]:
+    """``/api/status``'s cluster section: this instance, the leader, each member's
+    applied epoch (a member behind the route's epoch has not acknowledged it yet)."""
+    me = cluster.get("name", "?")
+    role = cluster.get("role", "?")
+    head = f"cluster: this instance {me} ({role}), leader {cluster.get('leader') or 'none elected'}"
+    lines = [_clip(head)]
+    if cluster.get("cut_off"):
+        lines.append("  CUT OFF from etcd: routing to no node until it answers")
+    for member in cluster.get("members") or []:
+        if not isinstance(member, dict):
+            continue
+        paused = ", paused" if member.get("paused") else ""
+        lines.append(
+            _clip(
+                f"  {member.get('name', '?')}: epoch {member.get('epoch', '?')}{paused}, "
+                f"proxy {member.get('proxy') or '?'}, api {member.get('api') or '?'}"
+            )
+        )
+    return lines
 
 
 def render_event(event: dict[str, Any]) -> list[str]:

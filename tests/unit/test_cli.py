@@ -157,6 +157,31 @@ def test_render_status_names_a_refusing_node_and_a_stalled_follower():
     assert "replication stalled: its apply worker fails" in text
 
 
+def test_render_status_shows_the_cluster_and_each_members_epoch():
+    st = base_status()
+    assert "cluster:" not in render_status(st)  # one instance: no cluster lines
+    st["cluster"] = {
+        "name": "b",
+        "leader": "a",
+        "leader_api": "http://h1:5000",
+        "role": "follower",
+        "cut_off": False,
+        "members": [
+            {"name": "a", "epoch": 4, "paused": False, "proxy": "h1:6432", "api": "http://h1:5000"},
+            {"name": "b", "epoch": 3, "paused": True, "proxy": "h2:6432", "api": "http://h2:5000"},
+        ],
+    }
+    text = render_status(st)
+    assert "cluster: this instance b (follower), leader a" in text
+    assert "  a: epoch 4, proxy h1:6432, api http://h1:5000" in text
+    assert "  b: epoch 3, paused, proxy h2:6432, api http://h2:5000" in text
+    st["cluster"].update(cut_off=True, leader=None)
+    text = render_status(st)
+    assert "cluster: this instance b (follower), leader none elected" in text
+    assert "  CUT OFF from etcd: routing to no node until it answers" in text
+    assert max(len(line) for line in text.splitlines()) <= 80
+
+
 def test_failover_asks_and_aborts(daemon):
     res = invoke(["failover", "--api", daemon.url], input="n\n")
     assert res.exit_code == 1
