@@ -134,6 +134,34 @@ class _SnapshotCollector:
         yield up
         yield lag
         yield lag_s
+        cluster = status.get("cluster")
+        if isinstance(cluster, dict):
+            yield from _cluster_metrics(cluster)
+
+
+def _cluster_metrics(cluster: dict[str, Any]) -> Iterable[Metric]:
+    """In a cluster: leadership, being cut off from etcd, and each member's applied
+    epoch (a member behind the route's epoch has not acknowledged it). The barrier's
+    wait is the switch phase "barrier" of ``pgroute_switch_phase_duration_seconds``."""
+    leader = GaugeMetricFamily("pgroute_cluster_leader", "1 while this instance holds the leader key.")
+    leader.add_metric([], 1.0 if cluster.get("role") == "leader" else 0.0)
+    yield leader
+    cut_off = GaugeMetricFamily(
+        "pgroute_cluster_cut_off", "1 while this instance is cut off from etcd and routes to no node."
+    )
+    cut_off.add_metric([], 1.0 if cluster.get("cut_off") else 0.0)
+    yield cut_off
+    members = [m for m in cluster.get("members") or [] if isinstance(m, dict)]
+    count = GaugeMetricFamily("pgroute_cluster_members", "Live member records (instances whose lease is alive).")
+    count.add_metric([], len(members))
+    yield count
+    epochs = GaugeMetricFamily(
+        "pgroute_cluster_member_epoch", "The routing epoch each member has applied.", labels=["member"]
+    )
+    for m in members:
+        if isinstance(m.get("epoch"), int):
+            epochs.add_metric([str(m.get("name", "?"))], m["epoch"])
+    yield epochs
 
 
 class Metrics:

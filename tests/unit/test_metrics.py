@@ -109,6 +109,30 @@ def test_values_follow_router_and_status():
     assert value(s, "pgroute_active_node", node="mirror") == 0
 
 
+def test_cluster_metrics_only_in_a_cluster():
+    fake, router = FakeControl(), make_router()
+    registry, _ = create_metrics(fake, router)
+    assert value(scrape(registry), "pgroute_cluster_leader") is None  # one instance: none
+    fake.st["cluster"] = {
+        "name": "a",
+        "leader": "a",
+        "role": "leader",
+        "cut_off": False,
+        "members": [{"name": "a", "epoch": 5}, {"name": "b", "epoch": 4}],
+    }
+    s = scrape(registry)
+    assert value(s, "pgroute_cluster_leader") == 1
+    assert value(s, "pgroute_cluster_cut_off") == 0
+    assert value(s, "pgroute_cluster_members") == 2
+    assert value(s, "pgroute_cluster_member_epoch", member="a") == 5
+    assert value(s, "pgroute_cluster_member_epoch", member="b") == 4
+    fake.st["cluster"].update(role="follower", cut_off=True, members=[])
+    s = scrape(registry)
+    assert value(s, "pgroute_cluster_leader") == 0
+    assert value(s, "pgroute_cluster_cut_off") == 1
+    assert value(s, "pgroute_cluster_members") == 0
+
+
 def test_scrape_survives_status_failure():
     fake, router = FakeControl(), make_router()
     registry, _ = create_metrics(fake, router)
