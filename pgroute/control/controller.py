@@ -244,16 +244,30 @@ class Controller:
     def _on_backend_failure(self, backend: str, error: str) -> None:
         # Passive signal: the proxy could not reach the active node. Probe it now rather
         # than at the next interval, at most once per retry_interval.
+        self._probe_on_signal(NodeName(backend), f"proxy could not reach {backend} ({mask_dsn(error)})")
+
+    def on_member_signal(self, member: str, node: NodeName, epoch: int, error: str) -> bool:
+        """Cluster: ``member``'s proxy could not connect to ``node`` while routing at
+        ``epoch`` (pgroute/cluster/passive.py). Probe it now when it is this
+        controller's active node at this very epoch; True when a probe was asked for.
+        The signal decides nothing: a failover still needs this controller's own
+        failed and confirming probes."""
+        if epoch != self.state.epoch:
+            return False
+        return self._probe_on_signal(node, f"member {member} could not reach {node.value} ({mask_dsn(error)})")
+
+    def _probe_on_signal(self, node: NodeName, why: str) -> bool:
         now = time.monotonic()
-        node = NodeName(backend)
         if (
             node is self.state.active
             and self.state.failures == 0
             and now - self._last_passive >= self.config.health.retry_interval
         ):
             self._last_passive = now
-            log.info("proxy could not reach %s (%s): probing it now", backend, mask_dsn(error))
+            log.info("%s: probing it now", why)
             self.monitor.probe_soon(node, 0.0)
+            return True
+        return False
 
     async def _feed(self, obs: Observation) -> Decision:
         async with self._lock:
