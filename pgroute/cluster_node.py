@@ -22,6 +22,10 @@ Invariants, and why they keep a single writable route:
   record vanish; it routes again only after re-reading the route from etcd.
 - ``on_lost`` stops the controller at once (its next fenced write would fail
   anyway); the instance keeps following the route.
+- Passive health (pgroute/cluster/passive.py): every instance's failed connects to
+  the node it routes to go in its member record (rate-limited, masked); the leader,
+  reading the records, only asks its controller to probe the active node now. A
+  signal never switches anything: the leader's own probes decide.
 """
 
 from __future__ import annotations
@@ -41,7 +45,8 @@ from .cluster.barrier import barrier
 from .cluster.etcd_store import EtcdStore
 from .cluster.keys import Keys
 from .cluster.leader import LeaderElection, NotLeader, Term
-from .cluster.members import Members, Membership, MembershipLost
+from .cluster.members import Member, Members, Membership, MembershipLost
+from .cluster.passive import SignalBook, SignalJudge, SignalReporter, signal_of
 from .cluster.route import Route as SharedRecord
 from .cluster.route import RouteSeen, RouteWatcher, RouteWriter, import_state_file, route_seen
 from .cluster.store import StoreError
@@ -50,6 +55,7 @@ from .control.controller import Controller
 from .control.state_store import StateFile, Stored
 from .errors import ActionRefused, PgRouteError
 from .model import Detail, Event, HealthSample, NodeName
+from .pg.dsn import mask_dsn
 from .proxy.router import Backend, Route, Router
 
 log = logging.getLogger(__name__)
@@ -58,6 +64,9 @@ log = logging.getLogger(__name__)
 GUARD_EVERY = 0.1
 #: Bound on a command forwarded to the leader (a failback with a resync takes long).
 FORWARD_TIMEOUT = 600.0
+#: A passive signal clears this long (or 5 retry_intervals) after the last failed
+#: connect: a client held by the proxy retries at least once a second.
+SIGNAL_QUIET = 5.0
 
 
 class EtcdSharedRoute:
@@ -249,6 +258,16 @@ class ClusterNode:
         self._controller_started = False
         self._reelecting = False
         self._closed = False
+        # Passive health: this instance's failed connects, written to its record at
+        # most once per retry_interval; the leader's view of everyone's.
+        every = config.health.retry_interval
+        self.reporter = SignalReporter(
+            SignalBook(every, max(SIGNAL_QUIET, 5 * every)),
+            lambda: self.membership if self.cut_off is None else None,
+            timeout=self.ttl / 3,
+        )
+        self.judge = SignalJudge(self.name)
+        router.add_failure_listener(self._on_backend_failure)
 
     def _new_election(self, api: str) -> LeaderElection:
         return LeaderElection(
@@ -269,6 +288,7 @@ class ClusterNode:
         self._spawn(self._ack_loop(), "cluster-ack")
         self._spawn(self._guard_loop(), "cluster-guard")
         self._spawn(self._members_loop(), "cluster-members")
+        self._spawn(self.reporter.run(), "cluster-signal")
         log.info(
             "cluster member %s started (etcd %s, prefix %s)",
             self.name,
@@ -335,6 +355,32 @@ class ClusterNode:
         self.router.close_sessions(before_epoch=local.epoch, reason=f"cluster: route epoch {local.epoch}")
         self._applied = (local.epoch, local.paused)
         self._ack_wanted.set()
+        self._route_moved()
+
+    # ----------------------------------------------------------------- passive health
+
+    def _on_backend_failure(self, backend: str, error: str) -> None:
+        """The proxy could not connect to ``backend`` (a Router failure listener, on
+        the data path: no I/O here). Only failures of the node routed to now count."""
+        route = self.router.route
+        if route.backend is None or route.backend.name != backend or self.cut_off is not None:
+            return
+        self.reporter.failed(NodeName(backend), route.epoch, mask_dsn(error))
+
+    def _route_moved(self) -> None:
+        route = self.router.route
+        self.reporter.moved(route.epoch, NodeName(route.backend.name) if route.backend is not None else None)
+
+    def _judge_signals(self, members: tuple[Member, ...]) -> None:
+        """Leader only: members' signals about the active node at its epoch make the
+        controller probe it now (it decides; the signal alone switches nothing)."""
+        if not self.leading or self.cut_off is not None:
+            return
+        state = self.controller.state
+        fresh = self.judge.to_probe(((m.name, signal_of(m.record.health)) for m in members), state.epoch, state.active)
+        for name, signal in fresh:
+            if self.controller.on_member_signal(name, signal.node, signal.epoch, signal.error):
+                break  # one probe is enough
 
     async def _ack_loop(self) -> None:
         """Write the applied epoch in the member record, the latest one, in order."""
@@ -530,7 +576,8 @@ class ClusterNode:
     _members: tuple[dict[str, Any], ...] = ()
 
     async def _members_loop(self) -> None:
-        """Read every member record once a second, for /api/status."""
+        """Read every member record once a second, for /api/status and, on the
+        leader, for the members' passive health signals."""
         while True:
             try:
                 members = await Members(self.store, self.keys).list(timeout=self.ttl / 3)
@@ -541,9 +588,11 @@ class ClusterNode:
                         "paused": m.record.paused,
                         "proxy": m.record.proxy,
                         "api": m.record.api,
+                        "unreachable": signal.to_json() if (signal := signal_of(m.record.health)) else None,
                     }
                     for m in members
                 )
+                self._judge_signals(members)
             except StoreError as exc:
                 log.debug("member records not read: %s", exc)
             except Exception:
