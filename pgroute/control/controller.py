@@ -186,6 +186,7 @@ class Controller:
         return res, stored
 
     async def close(self) -> None:
+        self.router.remove_failure_listener(self._on_backend_failure)
         await self.monitor.close()
         for task in list(self._tasks):
             task.cancel()

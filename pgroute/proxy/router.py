@@ -192,6 +192,12 @@ class Router:
     def add_failure_listener(self, listener: Callable[[str, str], None]) -> None:
         self._failure_listeners.append(listener)
 
+    def remove_failure_listener(self, listener: Callable[[str, str], None]) -> None:
+        """Stop calling ``listener`` (a closed controller: in a cluster, each new term
+        builds a new one on the same Router)."""
+        if listener in self._failure_listeners:
+            self._failure_listeners.remove(listener)
+
     def report_backend_failure(self, backend: str, error: str) -> None:
         for listener in self._failure_listeners:
             try:

@@ -261,3 +261,17 @@ def test_subscriptions_carry_the_password_pgroute_found_outside_the_dsn(tmp_path
     assert "password" not in ctx.publisher_conninfo(P)
     monkeypatch.setenv("PGPASSWORD", "from-env")
     assert "password='from-env'" in ctx.publisher_conninfo(P)
+
+
+async def test_a_closed_controller_no_longer_hears_the_routers_failures(tmp_path):
+    # In a cluster each new term builds a Controller on the same Router: a closed one
+    # must not keep probing on the proxy's failed connects.
+    ctl, _ex, mon, router = await make(tmp_path, FOLLOWING_PAIR)
+    await settle(ctl)
+    router.report_backend_failure("primary", "connection refused")
+    heard = list(mon.soon)
+    assert heard, "an open controller probes the active node on a failed connect"
+    await ctl.close()
+    mon.soon.clear()
+    router.report_backend_failure("primary", "connection refused")
+    assert mon.soon == []
