@@ -273,5 +273,6 @@ async def test_a_closed_controller_no_longer_hears_the_routers_failures(tmp_path
     assert heard, "an open controller probes the active node on a failed connect"
     await ctl.close()
     mon.soon.clear()
+    ctl._last_passive = -1e9  # past the rate limit: only the closed state can stop a probe
     router.report_backend_failure("primary", "connection refused")
     assert mon.soon == []
