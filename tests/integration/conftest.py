@@ -14,6 +14,7 @@ Fixtures:
 - ``pair``: a fresh primary + mirror (``create_pair`` defaults: database
   ``chrispar``, the DEFAULT_SCHEMA tables, ``chrispar_pub`` / ``chrispar_sub``).
 - ``pair_factory``: ``pair_factory(**create_pair_kwargs)`` for other settings or seeds.
+- ``etcd``: a fresh 3-member etcd on loopback (pgroute.local.etcd), for the cluster tests.
 """
 
 from __future__ import annotations
@@ -22,6 +23,8 @@ import os
 import shutil
 import signal
 import threading
+import uuid
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -29,6 +32,7 @@ import pytest
 from pgroute import local
 from pgroute.errors import LocalClusterError
 from pgroute.local.binaries import find_version
+from pgroute.local.etcd import LocalEtcdCluster
 
 _HERE = Path(__file__).parent
 _PREFIX = "pgroute-test-"
@@ -141,6 +145,17 @@ def cluster_factory(pg_base_dir):
 def local_cluster(cluster_factory) -> local.LocalCluster:
     """A started standalone server, destroyed after the test."""
     return cluster_factory()
+
+
+@pytest.fixture
+def etcd(pg_base_dir) -> Iterator[LocalEtcdCluster]:
+    """A fresh 3-member etcd on loopback ports (about a second to start), destroyed after the test."""
+    cluster = LocalEtcdCluster(pg_base_dir / f"etcd-{uuid.uuid4().hex[:8]}")
+    try:
+        cluster.start()
+        yield cluster
+    finally:
+        cluster.destroy()
 
 
 @pytest.fixture

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import asyncio
 import sys
-import uuid
 
 import pytest
 
@@ -13,7 +12,6 @@ from pgroute.cluster.etcd_store import EtcdStore
 from pgroute.cluster.keys import Keys
 from pgroute.cluster.members import Membership
 from pgroute.cluster.route import Route, RouteWriter
-from pgroute.local.etcd import LocalEtcdCluster
 from pgroute.model import NodeName
 
 from .harness import write_config_file
@@ -21,16 +19,6 @@ from .harness import write_config_file
 pytestmark = [pytest.mark.integration, pytest.mark.asyncio]
 
 PREFIX = "/pgroute/checktest"
-
-
-@pytest.fixture
-def etcd(pg_base_dir):
-    cluster = LocalEtcdCluster(pg_base_dir / f"etcd-{uuid.uuid4().hex[:8]}")
-    try:
-        cluster.start()
-        yield cluster
-    finally:
-        cluster.destroy()
 
 
 async def _check(cfg) -> tuple[int, str]:

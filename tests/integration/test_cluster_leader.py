@@ -21,21 +21,10 @@ import pytest
 from pgroute.cluster.etcd_store import EtcdStore
 from pgroute.cluster.keys import Keys
 from pgroute.cluster.leader import LeaderElection, Term
-from pgroute.local.etcd import LocalEtcdCluster
 
 pytestmark = [pytest.mark.integration]
 
 TTL = 3.0  # loop_wait 1 s, retry_timeout 1 s, margin 0.5 s
-
-
-@pytest.fixture
-def etcd(pg_base_dir):
-    cluster = LocalEtcdCluster(pg_base_dir / f"etcd-{uuid.uuid4().hex[:8]}")
-    try:
-        cluster.start()
-        yield cluster
-    finally:
-        cluster.destroy()
 
 
 @dataclass

@@ -21,7 +21,6 @@ from typing import Any
 import pytest
 
 from pgroute import app
-from pgroute.local.etcd import LocalEtcdCluster
 from pgroute.local.workload import wait_until
 from pgroute.model import NodeName
 
@@ -35,16 +34,6 @@ TTL = 3.0
 HEALTH = {"interval": 30.0, "max_retries": 2, "retry_interval": 0.2, "timeout": 1.0}
 #: The property under test: the leader acts on the signal, well before its next probe.
 NOTICED_WITHIN = 12.0
-
-
-@pytest.fixture
-def etcd(pg_base_dir):
-    cluster = LocalEtcdCluster(pg_base_dir / f"etcd-{uuid.uuid4().hex[:8]}")
-    try:
-        cluster.start()
-        yield cluster
-    finally:
-        cluster.destroy()
 
 
 async def test_a_followers_failed_connects_make_the_leader_fail_over(pair, etcd, tmp_path, caplog):

@@ -9,7 +9,6 @@ Each test has a fresh etcd cluster (about a second to start)."""
 from __future__ import annotations
 
 import asyncio
-import uuid
 
 import pytest
 
@@ -36,16 +35,6 @@ pytestmark = [pytest.mark.integration]
 
 KEYS = Keys("/pgroute/test")
 P, M = NodeName.PRIMARY, NodeName.MIRROR
-
-
-@pytest.fixture
-def etcd(pg_base_dir):
-    cluster = LocalEtcdCluster(pg_base_dir / f"etcd-{uuid.uuid4().hex[:8]}")
-    try:
-        cluster.start()
-        yield cluster
-    finally:
-        cluster.destroy()
 
 
 def store_on(etcd: LocalEtcdCluster, first: int = 0, timeout: float = 10.0) -> EtcdStore:

@@ -38,7 +38,6 @@ from pgroute.cluster.leader import parse_leader
 from pgroute.cluster.members import Member, Members, Membership
 from pgroute.cluster.route import decode_route
 from pgroute.cluster_node import ClusterNode
-from pgroute.local.etcd import LocalEtcdCluster
 from pgroute.local.workload import wait_until
 from pgroute.model import NodeName
 
@@ -48,16 +47,6 @@ pytestmark = [pytest.mark.integration]
 
 TTL = 3.0
 REPO = Path(__file__).resolve().parents[2]
-
-
-@pytest.fixture
-def etcd(pg_base_dir):
-    cluster = LocalEtcdCluster(pg_base_dir / f"etcd-{uuid.uuid4().hex[:8]}")
-    try:
-        cluster.start()
-        yield cluster
-    finally:
-        cluster.destroy()
 
 
 @contextlib.asynccontextmanager

@@ -7,27 +7,15 @@ from __future__ import annotations
 
 import asyncio
 import time
-import uuid
 
 import pytest
 
 from pgroute.cluster.etcd_store import EtcdStore
 from pgroute.cluster.store import Compacted, CompareFailed, EventKind, LeaseExpired, StoreUnavailable, WatchEvent
-from pgroute.local.etcd import LocalEtcdCluster
 
 pytestmark = [pytest.mark.integration]
 
 P = "/pgroute/test/"
-
-
-@pytest.fixture
-def etcd(pg_base_dir):
-    cluster = LocalEtcdCluster(pg_base_dir / f"etcd-{uuid.uuid4().hex[:8]}")
-    try:
-        cluster.start()
-        yield cluster
-    finally:
-        cluster.destroy()
 
 
 class Watched:
