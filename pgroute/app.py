@@ -103,28 +103,14 @@ async def start(config: Config) -> Running:
         await alerter.close()
         raise
     p = config.proxy
-
-    def proxy_server(host: str, port: int, splice: str) -> ProxyServer:
-        return ProxyServer(
-            router,
-            host,
-            port,
-            max_client_connections=p.max_client_connections,
-            connect_timeout=p.connect_timeout,
-            pause_timeout=p.pause_timeout,
-            startup_timeout=p.startup_timeout,
-            shutdown_timeout=p.shutdown_timeout,
-            splice=splice,
-        )
-
     started: list[ProxyServer] = []
     try:
-        proxy = proxy_server(p.host, p.port, p.splice)
+        proxy = _proxy_server(config, router, p.host, p.port, p.splice)
         await _listen("proxy.listen", p.listen, proxy.start())
         started.append(proxy)
         piped = None
         if p.listen_piped:
-            piped = proxy_server(p.piped_host, p.piped_port, "off")
+            piped = _proxy_server(config, router, p.piped_host, p.piped_port, "off")
             await _listen("proxy.listen_piped", p.listen_piped, piped.start())
             started.append(piped)
             log.info("piped listener (proxy.listen_piped) on %s:%d", p.piped_host, piped.port)
@@ -179,6 +165,8 @@ async def _start_cluster(config: Config) -> Running:
 
 
 def _proxy_server(config: Config, router: Router, host: str, port: int, splice: str) -> ProxyServer:
+    """A listener on the shared Router with [proxy]'s limits (the main one spliced as
+    configured; the piped one never)."""
     p = config.proxy
     return ProxyServer(
         router,
