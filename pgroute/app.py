@@ -152,7 +152,11 @@ async def _start_cluster(config: Config) -> Running:
             started.append(piped)
         app = make_app(node.control, router, config, registry)
         api_runner = await _listen("api.listen", config.api.listen, start_api(app, config.api.host, config.api.port))
-        await node.start(f"{p.host}:{proxy.port}", f"http://{config.api.host}:{bound_port(api_runner)}")
+        c = config.cluster
+        await node.start(
+            c.advertise_proxy or f"{p.host}:{proxy.port}",
+            c.advertise_api or f"http://{config.api.host}:{bound_port(api_runner)}",
+        )
     except BaseException:
         await asyncio.gather(*(s.close() for s in started))
         if api_runner is not None:

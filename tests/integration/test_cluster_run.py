@@ -38,6 +38,7 @@ from pgroute.cluster.leader import parse_leader
 from pgroute.cluster.members import Member, Members, Membership
 from pgroute.cluster.route import decode_route
 from pgroute.cluster_node import ClusterNode
+from pgroute.local.relay import Relay
 from pgroute.local.workload import wait_until
 from pgroute.model import NodeName
 
@@ -50,9 +51,13 @@ REPO = Path(__file__).resolve().parents[2]
 
 
 @contextlib.asynccontextmanager
-async def three_instances(pair, etcd, tmp_path, endpoints: dict[str, list[str]] | None = None):
+async def three_instances(
+    pair, etcd, tmp_path, endpoints: dict[str, list[str]] | None = None, relays: dict[str, Relay] | None = None
+):
     """Instances a, b, c; ``endpoints``: the etcd members an instance is given
-    (default: all three). a starts first and, in practice, leads."""
+    (default: all three). a starts first and, in practice, leads. With ``relays``
+    (an empty dict, filled here), each instance advertises its API through a relay
+    (``[cluster] advertise_api``): freezing one cuts the others off from it."""
     prefix = f"/pgroute/test-{uuid.uuid4().hex[:6]}"
     runs: list[app.Running] = []
     try:
@@ -60,8 +65,13 @@ async def three_instances(pair, etcd, tmp_path, endpoints: dict[str, list[str]] 
             state = tmp_path / name
             state.mkdir()
             given = (endpoints or {}).get(name, etcd.endpoints)
-            cfg = make_config(pair, state, cluster={"etcd": given, "name": name, "prefix": prefix, "ttl": TTL})
-            runs.append(await app.start(cfg))
+            cluster: dict[str, Any] = {"etcd": given, "name": name, "prefix": prefix, "ttl": TTL}
+            if relays is not None:
+                relays[name] = relay = await Relay().start()
+                cluster["advertise_api"] = f"http://{relay.address}"
+            runs.append(await app.start(make_config(pair, state, cluster=cluster)))
+            if relays is not None:
+                relays[name].target = ("127.0.0.1", runs[-1].api_port)
             if name == "a":
                 await wait_until(lambda: member(runs[0]).leading, 30, what="a leads")
         yield runs
@@ -69,6 +79,8 @@ async def three_instances(pair, etcd, tmp_path, endpoints: dict[str, list[str]] 
         for running in runs:
             with contextlib.suppress(Exception):
                 await running.stop()
+        for relay in (relays or {}).values():
+            await relay.close()
 
 
 def forwarded_post(running: app.Running, path: str) -> tuple[int, Any]:
@@ -147,9 +159,10 @@ async def test_three_instances_one_leader_then_failover_through_the_barrier(pair
 
 
 @pytest.mark.parametrize("cut", ["c", "a"], ids=["follower", "leader"])
-async def test_instance_cut_off_from_etcd_fails_closed_then_resyncs(pair, etcd, tmp_path, cut):
+async def test_instance_cut_off_from_etcd_and_peers_fails_closed_then_resyncs(pair, etcd, tmp_path, cut):
     only = etcd.members[2]
-    async with three_instances(pair, etcd, tmp_path, endpoints={cut: [only.endpoint]}) as runs:
+    relays: dict[str, Relay] = {}
+    async with three_instances(pair, etcd, tmp_path, endpoints={cut: [only.endpoint]}, relays=relays) as runs:
         a, b, c = runs
         victim = {"a": a, "c": c}[cut]
         await wait_until(lambda: all(routed(r)[0] == "primary" for r in runs), 30, what="all route to primary")
@@ -168,7 +181,7 @@ async def test_instance_cut_off_from_etcd_fails_closed_then_resyncs(pair, etcd, 
             assert code == 200, body
             await wait_until(lambda: not any(r.router.route.paused for r in runs), 10, what="all resumed")
             code, body = await asyncio.to_thread(forwarded_post, b, "/api/pause")
-            assert code == 409 and body["error"] == f"not the leader: use http://127.0.0.1:{a.api_port}", body
+            assert code == 409 and body["error"] == f"not the leader: use http://{relays['a'].address}", body
         code, _ = await api_async(victim, "/api/health")
         assert code == 200
 
@@ -177,6 +190,10 @@ async def test_instance_cut_off_from_etcd_fails_closed_then_resyncs(pair, etcd, 
         try:
             await writer.wait_acked(10)
             t_pause = time.monotonic()
+            # Cut off from etcd and from its peers (every API relay frozen: the others
+            # keep etcd and need no peer), so that the failsafe cannot keep it routing.
+            for relay in relays.values():
+                relay.freeze()
             only.pause()
             try:
                 await wait_until(lambda: routed(victim)[0] is None, TTL + 5, what=f"{cut} fails closed")
@@ -213,6 +230,8 @@ async def test_instance_cut_off_from_etcd_fails_closed_then_resyncs(pair, etcd, 
                 assert all(routed(r)[0] == "primary" for r in runs if r is not victim)
             finally:
                 only.resume()
+                for relay in relays.values():
+                    relay.thaw()
             t_resume = time.monotonic()
             await wait_until(lambda: routed(victim)[0] == "primary", 30, what=f"{cut} routes again")
             print(f"{cut} routes again {time.monotonic() - t_resume:.2f}s after etcd answers")
