@@ -250,7 +250,7 @@ async def test_instance_cut_off_from_etcd_and_peers_fails_closed_then_resyncs(pa
                 held.terminate()
 
 
-async def test_switchover_waits_for_every_member_and_aborts_without_one(pair, etcd, tmp_path):
+async def test_switchover_waits_for_every_member_and_aborts_without_one(pair, etcd, tmp_path, caplog):
     async with three_instances(pair, etcd, tmp_path) as runs:
         a = runs[0]
         await wait_until(lambda: all(routed(r)[0] == "primary" for r in runs), 30, what="all route to primary")
@@ -269,6 +269,8 @@ async def test_switchover_waits_for_every_member_and_aborts_without_one(pair, et
             await wait_until(
                 lambda: all(routed(r) == ("primary", epoch0 + 2) for r in runs), 30, what="back on the primary"
             )
+            # Its log says which operation was aborted (it said FAILOVER before).
+            assert "SWITCHOVER aborted" in caplog.text and "FAILOVER aborted" not in caplog.text
         finally:
             await stuck.close()
         # Without it, the switchover goes through the barrier.
