@@ -43,8 +43,9 @@ from .cluster.etcd_store import EtcdStore
 from .cluster.failsafe import View
 from .cluster.keys import Keys
 from .cluster.leader import LeaderElection, Term
-from .cluster.members import Member, Members, Membership, MembershipLost
+from .cluster.members import Member, Members, Membership, MembershipLost, NameInUse, decode_member
 from .cluster.passive import SignalBook, SignalJudge, SignalReporter, signal_of
+from .cluster.records import CorruptRecord
 from .cluster.route import RouteSeen, RouteWatcher, RouteWriter, import_state_file, route_seen
 from .cluster.store import StoreError
 from .cluster_control import ClusterControl, ClusterStateFile, EtcdSharedRoute
@@ -137,8 +138,7 @@ class ClusterNode:
         await self.watcher.start(timeout=self.ttl)  # applies the route (follower)
         await self.failsafe.read_roster()
         epoch = self._applied[0] if self._applied[0] >= 0 else 0
-        self.membership = self._membership(epoch)
-        await self.membership.start(timeout=self.ttl)
+        self.membership = await self._register(epoch)
         self._acked = (epoch, False, 0)
         self.election = self._new_election(api)
         self.election.start()
@@ -152,6 +152,34 @@ class ClusterNode:
             ",".join(self.config.cluster.etcd),
             self.keys.prefix,
         )
+
+    async def _register(self, epoch: int) -> Membership:
+        """Create this instance's member record. A record under its name with this
+        instance's own proxy and API addresses (which it has just bound, so nobody
+        else serves them) is a killed predecessor's: wait, up to its TTL, for its
+        lease to expire instead of refusing to start (a restart by systemd)."""
+        deadline = time.monotonic() + self.ttl + 1.0
+        while True:
+            membership = self._membership(epoch)
+            try:
+                await membership.start(timeout=self.ttl)
+                return membership
+            except NameInUse as exc:
+                record = exc.current
+                mine = False
+                if record is not None:
+                    with contextlib.suppress(CorruptRecord):
+                        held = decode_member(exc.key, record.value)
+                        mine = (held.proxy, held.api) == (self._proxy, self._api)
+                if not mine or time.monotonic() >= deadline:
+                    raise
+                log.warning(
+                    "member %s: the record of a previous run at the same addresses is still held (lease %x); "
+                    "waiting for it to expire",
+                    self.name,
+                    record.lease if record is not None else 0,
+                )
+                await asyncio.sleep(0.5)
 
     async def step_down(self) -> None:
         """Stop leading and campaigning (the leader key revoked: another instance
