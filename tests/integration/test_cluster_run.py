@@ -393,3 +393,30 @@ async def test_leader_process_killed_new_leader_traffic_through_survivor_continu
                 proc.kill()
                 proc.wait()
         await store.close()
+
+
+async def test_losing_one_etcd_member_changes_nothing(pair, etcd, tmp_path):
+    async with three_instances(pair, etcd, tmp_path) as runs:
+        await wait_until(lambda: all(routed(r)[0] == "primary" for r in runs), 30, what="all route to primary")
+        before = [routed(r) for r in runs]
+        leader = next(r for r in runs if member(r).leading)
+        writer = Writer(proxy_dsn(runs[2])).start()
+        try:
+            await writer.wait_acked(10)
+            # etcd's raft leader, the worst member to lose; then well past every lease.
+            lost = await asyncio.to_thread(etcd.leader)
+            lost.kill()
+            await asyncio.sleep(2 * TTL)
+            await writer.wait_acked(20)
+            assert [routed(r) for r in runs] == before
+            assert all(member(r).cut_off is None and member(r).failsafe.state is None for r in runs)
+            assert member(leader).leading and sum(member(r).leading for r in runs) == 1
+            assert writer.error_count == 0, list(writer.error_log)
+            # The leader still switches: a switchover goes through the barrier.
+            await wait_following(leader)
+            code, body = await api_async(leader, "/api/switchover", "POST")
+            assert code == 200, body
+            await wait_until(lambda: all(routed(r)[0] == "mirror" for r in runs), 30, what="all on the mirror")
+        finally:
+            await writer.stop()
+        assert await missing(pair.mirror_dsn(), writer.acks) == []
