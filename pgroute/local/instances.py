@@ -98,8 +98,11 @@ class LocalInstance:
 
     host = "127.0.0.1"
 
-    def __init__(self, name: str, directory: Path, config_path: Path, proxy_port: int, api_port: int) -> None:
+    def __init__(
+        self, name: str, directory: Path, config_path: Path, proxy_port: int, api_port: int, clustered: bool = False
+    ) -> None:
         self.name = name
+        self.clustered = clustered
         self.directory = directory
         self.config_path = config_path
         self.proxy_port = proxy_port
@@ -151,8 +154,11 @@ class LocalInstance:
         log.info("pgroute %s: started (pid %d, proxy %s, API %s)", self.name, self._proc.pid, self.proxy, self.api_url)
 
     def wait_ready(self, timeout: float = 30.0) -> None:
-        """Until the API answers /api/health (200 or 503) and the proxy accepts
-        connections. LocalClusterError, with the log's tail, when it exits first."""
+        """Until the API answers /api/health (200 or 503), the proxy accepts
+        connections and, in a cluster, the instance has registered its member record
+        (its status lists members: the API and the proxy are up before that, and an
+        instance whose name is still held exits then). LocalClusterError, with the
+        log's tail, when it exits first."""
         deadline = time.monotonic() + timeout
         while True:
             proc = self._proc
@@ -160,7 +166,7 @@ class LocalInstance:
                 code = None if proc is None else proc.returncode
                 self._forget()
                 raise LocalClusterError(f"pgroute {self.name}: exited (status {code}):\n{self.log_tail()}")
-            if self._api_answers() and port_open(self.host, self.proxy_port):
+            if self._api_answers() and port_open(self.host, self.proxy_port) and self._registered():
                 return
             if time.monotonic() > deadline:
                 raise LocalClusterError(f"pgroute {self.name}: not ready after {timeout}s:\n{self.log_tail()}")
@@ -218,6 +224,12 @@ class LocalInstance:
             return True  # 503: up, no routable node yet
         except (OSError, ValueError):
             return False
+
+    def _registered(self) -> bool:
+        if not self.clustered:
+            return True
+        st = self.status()
+        return bool(st and (st.get("cluster") or {}).get("members"))
 
     def status(self, timeout: float = 2.0) -> dict[str, Any] | None:
         """/api/status, or None when it does not answer."""
@@ -277,7 +289,7 @@ def new_instance(
     proxy_port, api_port = ports if ports is not None else _two_free_ports()
     sections = config_sections(pair, directory, proxy_port, api_port, health, cluster, recovery_dir)
     config = write_config(directory / "pgroute.toml", sections, header)
-    return LocalInstance(name, directory, config, proxy_port, api_port)
+    return LocalInstance(name, directory, config, proxy_port, api_port, clustered=cluster is not None)
 
 
 def _two_free_ports(avoid: set[int] | None = None) -> tuple[int, int]:
