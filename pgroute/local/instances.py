@@ -40,6 +40,7 @@ import time
 import urllib.error
 import urllib.request
 import uuid
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -99,7 +100,14 @@ class LocalInstance:
     host = "127.0.0.1"
 
     def __init__(
-        self, name: str, directory: Path, config_path: Path, proxy_port: int, api_port: int, clustered: bool = False
+        self,
+        name: str,
+        directory: Path,
+        config_path: Path,
+        proxy_port: int,
+        api_port: int,
+        clustered: bool = False,
+        rewrite: Callable[[int, int], None] | None = None,
     ) -> None:
         self.name = name
         self.clustered = clustered
@@ -109,6 +117,11 @@ class LocalInstance:
         self.api_port = api_port
         self.logfile = directory / "pgroute.log"
         self._proc: subprocess.Popen[bytes] | None = None
+        # Until it first runs, a port someone else took since it was picked moves
+        # (`rewrite` writes the configuration for new ports); after that, clients
+        # know the ports, and they stay.
+        self._rewrite = rewrite
+        self._log_start = 0
 
     def __repr__(self) -> str:
         return f"LocalInstance({self.name!r}, proxy={self.proxy_port}, api={self.api_port})"
@@ -140,6 +153,7 @@ class LocalInstance:
         if self.is_running():
             return
         with open(self.logfile, "ab") as out:
+            self._log_start = out.tell()
             self._proc = subprocess.Popen(
                 [sys.executable, "-m", "pgroute.cli", "run", "--config", str(self.config_path)],
                 stdin=subprocess.DEVNULL,
@@ -160,17 +174,39 @@ class LocalInstance:
         instance whose name is still held exits then). LocalClusterError, with the
         log's tail, when it exits first."""
         deadline = time.monotonic() + timeout
+        moves = 0
         while True:
             proc = self._proc
             if proc is None or proc.poll() is not None:
                 code = None if proc is None else proc.returncode
                 self._forget()
+                if self._rewrite is not None and moves < 3 and "address already in use" in self._this_run_log():
+                    moves += 1
+                    self._move_ports()
+                    self.launch()
+                    continue
                 raise LocalClusterError(f"pgroute {self.name}: exited (status {code}):\n{self.log_tail()}")
             if self._api_answers() and port_open(self.host, self.proxy_port) and self._registered():
+                self._rewrite = None
                 return
             if time.monotonic() > deadline:
                 raise LocalClusterError(f"pgroute {self.name}: not ready after {timeout}s:\n{self.log_tail()}")
             time.sleep(0.05)
+
+    def _this_run_log(self) -> str:
+        try:
+            with open(self.logfile, "rb") as f:
+                f.seek(self._log_start)
+                return f.read().decode(errors="replace")
+        except OSError:
+            return ""
+
+    def _move_ports(self) -> None:
+        assert self._rewrite is not None
+        old = (self.proxy_port, self.api_port)
+        self.proxy_port, self.api_port = _two_free_ports(set(old))
+        self._rewrite(self.proxy_port, self.api_port)
+        log.info("pgroute %s: a port of %s was taken, moving to %s", self.name, old, (self.proxy_port, self.api_port))
 
     def start(self, timeout: float = 30.0) -> None:
         self.launch()
@@ -287,9 +323,13 @@ def new_instance(
     on ``ports`` (proxy, API) or free ones."""
     directory.mkdir(parents=True, exist_ok=True)
     proxy_port, api_port = ports if ports is not None else _two_free_ports()
-    sections = config_sections(pair, directory, proxy_port, api_port, health, cluster, recovery_dir)
-    config = write_config(directory / "pgroute.toml", sections, header)
-    return LocalInstance(name, directory, config, proxy_port, api_port, clustered=cluster is not None)
+    path = directory / "pgroute.toml"
+
+    def rewrite(proxy: int, api: int) -> None:
+        write_config(path, config_sections(pair, directory, proxy, api, health, cluster, recovery_dir), header)
+
+    rewrite(proxy_port, api_port)
+    return LocalInstance(name, directory, path, proxy_port, api_port, clustered=cluster is not None, rewrite=rewrite)
 
 
 def _two_free_ports(avoid: set[int] | None = None) -> tuple[int, int]:
