@@ -214,6 +214,13 @@ class EtcdGateway:
         await self.renew_token(token, deadline, total)
         return await self._call(rpc, body, deadline, total)
 
+    async def ensure_token(self, timeout: float) -> str | None:
+        """The token requests send now, authenticating first if there is none yet
+        (None without a user)."""
+        if self.auth is None:
+            return None
+        return await self.auth.ensure(lambda b: self._authenticate(b, time.monotonic() + timeout, timeout))
+
     async def renew_token(self, stale: str | None, deadline: float, total: float) -> None:
         """Authenticate again unless another request did since ``stale`` was sent."""
         if self.auth is not None:
@@ -331,8 +338,7 @@ class EtcdGateway:
         url = f"{self.urls[index]}/v3/{rpc}"
         session = self._session_now()
         operation = operation_of(rpc)
-        if self.auth is not None:
-            await self.auth.ensure(lambda b: self._authenticate(b, time.monotonic() + timeout, timeout))
+        await self.ensure_token(timeout)
         headers = self.auth.headers() if self.auth is not None else None
         sent_at = time.monotonic()
         try:

@@ -298,6 +298,9 @@ class EtcdStore:
         renewed = False  # the auth token was renewed for this (re)connection
         while True:
             index = gateway.current
+            # The token this stream sends (authenticating first; StoreUnavailable when
+            # no member answers that within the store's timeout, as a watch gives up).
+            token = await gateway.ensure_token(gateway.timeout)
             body = {
                 "create_request": {
                     "key": _b64(raw),
@@ -341,7 +344,7 @@ class EtcdStore:
                     raise
                 log.info("watch %s: auth token refused (%s); authenticating again", prefix, exc.message)
                 renewed = True
-                await gateway.renew_token(gateway.auth.token, time.monotonic() + gateway.timeout, gateway.timeout)
+                await gateway.renew_token(token, time.monotonic() + gateway.timeout, gateway.timeout)
                 continue
             except EndpointFailed as exc:
                 log.info("watch %s on %s failed: %s", prefix, endpoint_label(gateway.urls[index]), exc)
