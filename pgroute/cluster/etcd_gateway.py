@@ -304,6 +304,15 @@ class EtcdGateway:
                 log.exception("etcd gateway observer failed")
 
     def _decode(self, index: int, raw: bytes, status: int) -> dict[str, Any]:
+        if status == 400 and raw.startswith(b"CommonName of client"):
+            # etcd (3.4.10+) with authentication on: its JSON gateway cannot pass a
+            # certificate's CN on as the user, so it refuses the request. Every member
+            # will: not a member failure.
+            raise EtcdAuthError(
+                "etcd refuses a client certificate with a Common Name on its JSON gateway while "
+                "authentication is on: issue [cluster] etcd_cert without a CN (subjectAltName only) "
+                "and authenticate with etcd_user/etcd_password"
+            )
         try:
             data = json.loads(raw)
         except ValueError:

@@ -62,9 +62,11 @@ def _openssl(*args: str, cwd: Path) -> None:
         raise LocalClusterError(f"openssl {args[0]} failed: {done.stderr.strip()[-500:]}")
 
 
-def make_etcd_tls(directory: Path | str, *, client_auth: bool = False, client_cn: str = "pgroute") -> EtcdTls:
+def make_etcd_tls(directory: Path | str, *, client_auth: bool = False) -> EtcdTls:
     """A CA, a server certificate (127.0.0.1, localhost) and a client certificate
-    (common name ``client_cn``) under ``directory``."""
+    without a common name under ``directory``. (etcd's JSON gateway refuses a client
+    certificate with a common name once authentication is on: `client_pair` makes one
+    to show that.)"""
     d = Path(directory)
     d.mkdir(parents=True, exist_ok=True)
     _openssl(
@@ -74,18 +76,26 @@ def make_etcd_tls(directory: Path | str, *, client_auth: bool = False, client_cn
         "-addext", "keyUsage=critical,keyCertSign,cRLSign",
         cwd=d,
     )  # fmt: skip
-    for name, cn, usage, san in (
-        ("server", "127.0.0.1", "serverAuth,clientAuth", "IP:127.0.0.1,DNS:localhost"),
-        ("client", client_cn, "clientAuth", f"DNS:{client_cn}"),
-    ):
-        (d / f"{name}.ext").write_text(
-            f"subjectAltName={san}\nextendedKeyUsage={usage}\nkeyUsage=critical,digitalSignature\n"
-            "basicConstraints=critical,CA:FALSE\nauthorityKeyIdentifier=keyid\nsubjectKeyIdentifier=hash\n"
-        )
-        _openssl("req", *_KEY, "-keyout", f"{name}.key", "-out", f"{name}.csr", "-subj", f"/CN={cn}", cwd=d)
-        _openssl(
-            "x509", "-req", "-in", f"{name}.csr", "-CA", "ca.crt", "-CAkey", "ca.key", "-CAcreateserial",
-            "-out", f"{name}.crt", "-days", _DAYS, "-extfile", f"{name}.ext",
-            cwd=d,
-        )  # fmt: skip
+    _sign(d, "server", "/CN=127.0.0.1", "serverAuth,clientAuth", "IP:127.0.0.1,DNS:localhost")
+    _sign(d, "client", "/O=pgroute", "clientAuth", "DNS:pgroute-client")
     return EtcdTls(d / "ca.crt", d / "server.crt", d / "server.key", d / "client.crt", d / "client.key", client_auth)
+
+
+def client_pair(tls: EtcdTls, name: str, common_name: str) -> tuple[Path, Path]:
+    """Another client certificate and key signed by ``tls``'s CA, with a common name."""
+    d = tls.ca.parent
+    _sign(d, name, f"/CN={common_name}", "clientAuth", f"DNS:{common_name}")
+    return d / f"{name}.crt", d / f"{name}.key"
+
+
+def _sign(d: Path, name: str, subject: str, usage: str, san: str) -> None:
+    (d / f"{name}.ext").write_text(
+        f"subjectAltName={san}\nextendedKeyUsage={usage}\nkeyUsage=critical,digitalSignature\n"
+        "basicConstraints=critical,CA:FALSE\nauthorityKeyIdentifier=keyid\nsubjectKeyIdentifier=hash\n"
+    )
+    _openssl("req", *_KEY, "-keyout", f"{name}.key", "-out", f"{name}.csr", "-subj", subject, cwd=d)
+    _openssl(
+        "x509", "-req", "-in", f"{name}.csr", "-CA", "ca.crt", "-CAkey", "ca.key", "-CAcreateserial",
+        "-out", f"{name}.crt", "-days", _DAYS, "-extfile", f"{name}.ext",
+        cwd=d,
+    )  # fmt: skip

@@ -18,7 +18,7 @@ from pgroute.cluster.store import EventKind, StoreError
 from pgroute.cluster.watching import watching
 from pgroute.config import Config
 from pgroute.local.etcd import LocalEtcdCluster
-from pgroute.local.etcd_tls import EtcdTls, make_etcd_tls
+from pgroute.local.etcd_tls import EtcdTls, client_pair, make_etcd_tls
 from pgroute.tools.cluster_check import check_cluster
 
 pytestmark = [pytest.mark.integration, pytest.mark.asyncio]
@@ -49,6 +49,18 @@ def auth_etcd(pg_base_dir: Path) -> Iterator[LocalEtcdCluster]:
     # Simple tokens unused for a second expire (etcd's default: 5 minutes).
     flags = ("--auth-token=simple", "--auth-token-ttl=1")
     cluster = LocalEtcdCluster(pg_base_dir / f"etcd-auth-{uuid.uuid4().hex[:8]}", size=1, flags=flags)
+    try:
+        cluster.start()
+        cluster.enable_auth(PASSWORD)
+        yield cluster
+    finally:
+        cluster.destroy()
+
+
+@pytest.fixture
+def tls_auth_etcd(pg_base_dir: Path, tls_files: EtcdTls) -> Iterator[LocalEtcdCluster]:
+    """One etcd member with mutual TLS and authentication: what production runs."""
+    cluster = LocalEtcdCluster(pg_base_dir / f"etcd-tlsauth-{uuid.uuid4().hex[:8]}", size=1, tls=tls_files)
     try:
         cluster.start()
         cluster.enable_auth(PASSWORD)
@@ -97,6 +109,19 @@ async def test_tls_with_a_private_ca_and_a_client_certificate(tls_etcd, tls_file
         with pytest.raises(EtcdUnavailable) as no_client_cert:
             await store.get(P + "k")
     assert no_client_cert.value.reasons == {"tls"}, no_client_cert.value
+
+
+async def test_mutual_tls_with_auth_and_a_client_certificate_without_a_common_name(tls_auth_etcd, tls_files) -> None:
+    ca, cert, key = str(tls_files.ca), str(tls_files.client_cert), str(tls_files.client_key)
+    security = EtcdSecurity(ca, cert, key, user="root", password=PASSWORD)
+    async with EtcdStore(tls_auth_etcd.endpoints, timeout=5.0, security=security) as store:
+        await _round_trip(store)
+    # etcd's JSON gateway refuses a certificate with a CN while auth is on: said so at once.
+    named_cert, named_key = client_pair(tls_files, "named", "pgroute")
+    named = EtcdSecurity(ca, str(named_cert), str(named_key), user="root", password=PASSWORD)
+    async with EtcdStore(tls_auth_etcd.endpoints, timeout=5.0, security=named) as store:
+        with pytest.raises(EtcdAuthError, match="without a CN"):
+            await store.get(P + "k")
 
 
 async def test_a_ca_file_that_does_not_load_is_named() -> None:
