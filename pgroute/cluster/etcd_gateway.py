@@ -285,7 +285,8 @@ class EtcdGateway:
             self._failed(operation, exc.reason)
             raise
         except StoreRequestError as exc:  # EtcdError, EtcdAuthError
-            self._failed(operation, "auth" if isinstance(exc, EtcdAuthError) else "refused")
+            expired = isinstance(exc, EtcdError) and is_expired_token(exc.code, exc.message)
+            self._failed(operation, "auth" if expired or isinstance(exc, EtcdAuthError) else "refused")
             raise
         return Answer(data, sent_at, endpoint_label(self.urls[index]))
 

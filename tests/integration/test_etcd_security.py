@@ -10,7 +10,9 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from prometheus_client import CollectorRegistry
 
+from pgroute.api.cluster_metrics import ClusterMetrics
 from pgroute.cluster.etcd_auth import EtcdAuthError, EtcdSecurity
 from pgroute.cluster.etcd_gateway import EtcdUnavailable
 from pgroute.cluster.etcd_store import EtcdStore
@@ -20,6 +22,8 @@ from pgroute.config import Config
 from pgroute.local.etcd import LocalEtcdCluster
 from pgroute.local.etcd_tls import EtcdTls, client_pair, make_etcd_tls
 from pgroute.tools.cluster_check import check_cluster
+
+from ..unit.test_metrics import scrape, value
 
 pytestmark = [pytest.mark.integration, pytest.mark.asyncio]
 
@@ -181,6 +185,8 @@ async def test_a_token_etcd_forgot_is_renewed(auth_etcd) -> None:
         EtcdStore(auth_etcd.endpoints, timeout=2.0, security=security) as late_watcher,
         EtcdStore(auth_etcd.endpoints, timeout=5.0, security=security) as writer,
     ):
+        registry = CollectorRegistry()
+        writer.observer = ClusterMetrics(registry)
         start = await writer.put(P + "k", "before")
         await late_watcher.get(P + "k")  # authenticates
         keepers = [s._gateway.auth for s in (open_watcher, late_watcher, writer)]
@@ -197,3 +203,7 @@ async def test_a_token_etcd_forgot_is_renewed(auth_etcd) -> None:
                 assert (await asyncio.wait_for(late, 15)).kv.text == "after"
         for keeper, token in zip(keepers, tokens, strict=True):
             assert keeper is not None and keeper.renewals == 1 and keeper.token != token
+        # The writer's refused token is counted as an auth failure; two authentications.
+        samples = scrape(registry)
+        assert value(samples, "pgroute_etcd_request_failures_total", reason="auth") == 1
+        assert value(samples, "pgroute_etcd_request_seconds_count", operation="authenticate") == 2
