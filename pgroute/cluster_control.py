@@ -10,9 +10,11 @@ starts from). Split from pgroute/cluster_node.py, which wires the instance.
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
 from collections.abc import Callable
+from dataclasses import replace
 from typing import TYPE_CHECKING, Any
 
 import aiohttp
@@ -49,6 +51,7 @@ class EtcdSharedRoute:
         seen = writer.current
         self._floor = seen.route.epoch if seen is not None and seen.route is not None else 0
         self._revoked: str | None = None
+        self._tasks: set[asyncio.Task[None]] = set()
 
     def revoke(self, why: str) -> None:
         """No more writes through this object (the term ended)."""
@@ -62,8 +65,47 @@ class EtcdSharedRoute:
         if self._revoked is not None:
             raise NotLeader(self._revoked)
         epoch = max(epoch, self._floor)
-        await self._writer.write(SharedRecord(epoch=epoch, active=active, paused=paused, reason=reason))
+        held = None
+        lsn = None
+        seen = self._writer.current
+        if active is None and paused and seen is not None and seen.route is not None:
+            held = seen.route.holding()  # a hold stands for the route it holds
+            lsn = seen.route.active_lsn
+        await self._writer.write(
+            SharedRecord(
+                epoch=epoch,
+                active=active,
+                paused=paused,
+                reason=reason,
+                active_lsn=lsn,
+                held_active=held[0] if held else None,
+                held_epoch=held[1] if held else 0,
+            )
+        )
         self._floor = epoch
+
+    def saved(self, stored: Stored) -> None:
+        """The controller saved its state (every few seconds, with the active node's
+        WAL position): keep that position in the route record too, so that a new
+        leader finding the active node down can measure the standby's lag against it
+        as a restarted single instance does with its state file."""
+        if stored.active_lsn is None or self._revoked is not None:
+            return
+        task = asyncio.create_task(self._record_lsn(stored), name="cluster-route-lsn")
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    async def _record_lsn(self, stored: Stored) -> None:
+        seen = self._writer.current
+        route = seen.route if seen is not None else None
+        if route is None or (route.epoch, route.active) != (stored.epoch, stored.active) or route.is_hold:
+            return
+        if route.active_lsn == stored.active_lsn:
+            return
+        try:
+            await self._writer.write_if(route, replace(route, active_lsn=stored.active_lsn), timeout=5.0)
+        except Exception as exc:  # the next save tries again; a deposed leader's write fails here
+            log.info("route: the active node's WAL position not recorded: %s", exc)
 
     async def barrier(self, epoch: int, reason: str) -> tuple[bool, dict[str, Detail]]:
         await self.publish(epoch, None, paused=True, reason=reason)
@@ -78,15 +120,28 @@ class EtcdSharedRoute:
 
 class ClusterStateFile(StateFile):
     """The controller's stored state in a cluster: the etcd route as read when this
-    instance became the leader (a switch's hold, "paused at N+1, no node", is no
-    claim: the nodes' stamps decide). Saves still go to the local state file, a
-    record for people; after the first cluster start nothing reads it."""
+    instance became the leader. A switch's hold ("paused at N+1, no node") claims
+    the route it held, at that route's epoch, as a single instance's state file
+    would still say (the nodes' stamps win over it when a promotion got that far;
+    the epoch floor keeps every new route above N+1); a hold without one is no
+    claim. Saves still go to the local state file, a record for people; after the
+    first cluster start nothing reads it."""
 
-    def __init__(self, path: str, seen: RouteSeen) -> None:
+    def __init__(self, path: str, seen: RouteSeen, on_save: Callable[[Stored], None] | None = None) -> None:
         super().__init__(path)
         route = seen.route
-        hold = route is not None and route.active is None and route.paused
-        self._stored = None if route is None or hold else Stored(route.epoch, route.active, route.active_lsn)
+        self._on_save = on_save
+        self._stored: Stored | None = None
+        if route is not None and route.is_hold:
+            held = route.holding()
+            self._stored = Stored(held[1], held[0], route.active_lsn) if held is not None else None
+        elif route is not None:
+            self._stored = Stored(route.epoch, route.active, route.active_lsn)
+
+    def save(self, stored: Stored) -> None:
+        super().save(stored)
+        if self._on_save is not None:
+            self._on_save(stored)
 
     def load(self) -> Stored | None:
         return self._stored

@@ -446,7 +446,7 @@ class ClusterNode:
                     self.controller = Controller(self.config, self.router)
                     self.control.attach(self.controller)
                 controller = self.controller
-                controller.state_file = ClusterStateFile(self.config.state.path, seen)
+                controller.state_file = ClusterStateFile(self.config.state.path, seen, on_save=shared.saved)
                 controller.ctx.state_file = controller.state_file
                 controller.ctx.shared = shared
                 self._shared = shared

@@ -36,7 +36,8 @@ from pgroute.cluster.etcd_store import EtcdStore
 from pgroute.cluster.keys import Keys
 from pgroute.cluster.leader import parse_leader
 from pgroute.cluster.members import Member, Members, Membership
-from pgroute.cluster.route import decode_route
+from pgroute.cluster.route import Route as SharedRoute
+from pgroute.cluster.route import RouteWriter, decode_route
 from pgroute.cluster_node import ClusterNode
 from pgroute.local.processes import free_port
 from pgroute.local.relay import Relay
@@ -53,18 +54,23 @@ REPO = Path(__file__).resolve().parents[2]
 
 @contextlib.asynccontextmanager
 async def three_instances(
-    pair, etcd, tmp_path, endpoints: dict[str, list[str]] | None = None, relays: dict[str, Relay] | None = None
+    pair,
+    etcd,
+    tmp_path,
+    endpoints: dict[str, list[str]] | None = None,
+    relays: dict[str, Relay] | None = None,
+    prefix: str | None = None,
 ):
     """Instances a, b, c; ``endpoints``: the etcd members an instance is given
     (default: all three). a starts first and, in practice, leads. With ``relays``
     (an empty dict, filled here), each instance advertises its API through a relay
     (``[cluster] advertise_api``): freezing one cuts the others off from it."""
-    prefix = f"/pgroute/test-{uuid.uuid4().hex[:6]}"
+    prefix = prefix or f"/pgroute/test-{uuid.uuid4().hex[:6]}"
     runs: list[app.Running] = []
     try:
         for name in ("a", "b", "c"):
             state = tmp_path / name
-            state.mkdir()
+            state.mkdir(exist_ok=True)
             given = (endpoints or {}).get(name, etcd.endpoints)
             cluster: dict[str, Any] = {"etcd": given, "name": name, "prefix": prefix, "ttl": TTL}
             if relays is not None:
@@ -420,3 +426,74 @@ async def test_losing_one_etcd_member_changes_nothing(pair, etcd, tmp_path):
         finally:
             await writer.stop()
         assert await missing(pair.mirror_dsn(), writer.acks) == []
+
+
+async def test_leader_died_after_the_barrier_with_the_primary_down_successor_fails_over(pair, etcd, tmp_path):
+    """What a leader killed between its barrier and the promotion leaves behind (the
+    route "paused, no node, epoch N+1", the primary dead, the mirror not promoted):
+    the next leader starts from the route the hold stood for, as a single
+    instance's state file would, and fails over by itself (no `resolve`)."""
+    prefix = f"/pgroute/test-{uuid.uuid4().hex[:6]}"
+    async with three_instances(pair, etcd, tmp_path, prefix=prefix) as runs:
+        await wait_until(lambda: all(routed(r)[0] == "primary" for r in runs), 30, what="all route to primary")
+        await wait_following(runs[0])
+        epoch = routed(runs[0])[1]
+        keys = Keys(prefix)
+        store = member(runs[0]).store
+        # A commit the mirror applies, and the primary's WAL position after it: the
+        # successor measures the mirror's lag against the recorded position.
+        conn = await asyncpg.connect(proxy_dsn(runs[1]))
+        try:
+            await conn.execute("INSERT INTO empleados (nombre) VALUES ('before-the-hold')")
+        finally:
+            await conn.close()
+        primary = await asyncpg.connect(pair.primary_dsn())
+        try:
+            after = int(await primary.fetchval("SELECT pg_current_wal_lsn() - '0/0'"))
+        finally:
+            await primary.close()
+
+        async def on_mirror() -> bool:
+            mirror = await asyncpg.connect(pair.mirror_dsn())
+            try:
+                return bool(await mirror.fetchval("SELECT count(*) FROM empleados WHERE nombre = 'before-the-hold'"))
+            finally:
+                await mirror.close()
+
+        await wait_until(on_mirror, 20, what="the commit on the mirror")
+
+        async def lsn_recorded() -> bool:
+            kv = (await store.get(keys.route)).first
+            lsn = decode_route(keys.route, kv.value).active_lsn if kv is not None else None
+            return lsn is not None and lsn >= after
+
+        # The leader keeps the primary's WAL position in the route record (every 5 s),
+        # as a single instance keeps it in its state file.
+        await wait_until(lsn_recorded, 20, what="the primary's WAL position in the route record")
+    async with EtcdStore(etcd.endpoints) as store:
+        writer = RouteWriter(store, keys, "dead-leader")
+        seen = await writer.read()
+        assert seen.route is not None and seen.route.active is NodeName.PRIMARY
+        await writer.write(
+            SharedRoute(
+                epoch=epoch + 1,
+                active=None,
+                paused=True,
+                reason="FAILOVER to mirror: barrier",
+                active_lsn=seen.route.active_lsn,
+                held_active=NodeName.PRIMARY,
+                held_epoch=epoch,
+            )
+        )
+    pair.primary.kill()
+    async with three_instances(pair, etcd, tmp_path, prefix=prefix) as runs:
+        await wait_until(
+            lambda: all(routed(r)[0] == "mirror" for r in runs), 60, what="the successor fails over to the mirror"
+        )
+        assert all(routed(r)[1] > epoch + 1 for r in runs)
+        conn = await asyncpg.connect(proxy_dsn(runs[1]))
+        try:
+            assert await conn.fetchval("SELECT pg_is_in_recovery()") is False
+            await conn.execute("INSERT INTO empleados (nombre) VALUES ('after-successor')")
+        finally:
+            await conn.close()
