@@ -143,7 +143,7 @@ async def _start_cluster(config: Config) -> Running:
 
     router = Router(Route(None, 0, paused=True, reason="starting: reading the route from etcd"))
     node = ClusterNode(config, router)
-    registry, metrics = create_metrics(node.control, router)
+    registry, metrics = create_metrics(node.control, router, cluster=node)
     alerter = Alerter(config.alerts, on_failure=metrics.alert_failed)
     await alerter.start()
     node.control.add_event_listener(alerter.emit)

@@ -18,9 +18,10 @@ import tomllib
 from collections.abc import Mapping
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator, model_validator
 
 from .cluster.endpoints import endpoint_url
+from .cluster.etcd_auth import EtcdSecurity, security_problem
 from .cluster.keys import check_name, check_prefix, default_prefix
 from .errors import ConfigError
 from .files import read_regular_file
@@ -253,6 +254,28 @@ class ClusterConfig(_Section):
     # member confirms its route over their APIs (the failsafe); 0 turns the failsafe
     # off (an instance cut off fails closed, as Stolon's proxies do).
     failsafe_max: float = _seconds(300.0, 0.0, 86400.0)
+    # A production etcd: https:// endpoints are checked against etcd_ca ("" = the
+    # system's CAs); etcd_cert/etcd_key: this client's certificate (mutual TLS);
+    # etcd_user/etcd_password: etcd's authentication (PGROUTE_CLUSTER_ETCD_PASSWORD).
+    etcd_ca: str = ""
+    etcd_cert: str = ""
+    etcd_key: str = ""
+    etcd_user: str = ""
+    etcd_password: str = Field("", repr=False)
+
+    @model_validator(mode="after")
+    def _security(self) -> ClusterConfig:
+        problem = security_problem(self.etcd_cert, self.etcd_key, self.etcd_user, self.etcd_password)
+        if problem:
+            raise ValueError(problem)
+        if (self.etcd_ca or self.etcd_cert) and self.etcd and not any(e.startswith("https://") for e in self.etcd):
+            raise ValueError("etcd_ca/etcd_cert are set but no etcd endpoint is https://host:port")
+        return self
+
+    @property
+    def etcd_security(self) -> EtcdSecurity:
+        """TLS files and credentials for the EtcdStore (`pgroute.cluster.etcd_auth`)."""
+        return EtcdSecurity(self.etcd_ca, self.etcd_cert, self.etcd_key, self.etcd_user, self.etcd_password)
 
     @field_validator("etcd")
     @classmethod
