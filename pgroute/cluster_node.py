@@ -82,7 +82,7 @@ class ClusterNode:
         self.instance_id = uuid.uuid4().hex[:12]  # this process: roster and failsafe tell restarts apart
         self.ttl = c.ttl
         self.keys = Keys(config.cluster_prefix)
-        self.store = EtcdStore(list(c.etcd), timeout=max(1.0, self.ttl / 3))
+        self.store = EtcdStore(list(c.etcd), timeout=max(1.0, self.ttl / 3), security=c.etcd_security)
         # Fail closed this long before the member lease's deadline: the leader's
         # barrier counts this instance gone only once the lease has expired.
         self.margin = max(0.5, self.ttl / 4)

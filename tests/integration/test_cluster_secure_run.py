@@ -36,11 +36,6 @@ def secure_etcd(pg_base_dir: Path, tmp_path: Path) -> Iterator[LocalEtcdCluster]
         cluster.destroy()
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="pgroute/cluster_node.py does not pass config.cluster.etcd_security to its EtcdStore yet "
-    "(one line, owned by the cluster_node change); remove this marker with it",
-)
 async def test_an_instance_runs_on_etcd_with_mutual_tls_and_auth(pair, secure_etcd, tmp_path) -> None:
     tls = secure_etcd.tls
     assert tls is not None
