@@ -305,6 +305,11 @@ class NodeFailsafe:
                     node.fail_closed(f"failsafe ended: {why}")
                 return
 
+    def gauges(self) -> tuple[float | None, int]:
+        """For the metrics: seconds in failsafe (None: not in it), peers confirmed."""
+        state = self.state
+        return (None if state is None else time.monotonic() - state.since), len(self.grants.outstanding())
+
     def status(self) -> dict[str, Any]:
         state = self.state
         roster = self.roster

@@ -3,7 +3,8 @@ lease, and the barriers it ran as the leader.
 
 Owns ``pgroute_etcd_request_seconds``, ``pgroute_etcd_request_failures_total``,
 ``pgroute_cluster_keepalive_age_seconds``, ``pgroute_cluster_barrier_wait_seconds``
-and ``pgroute_cluster_barrier_total`` (the cluster's snapshot metrics, leader and
+and ``pgroute_cluster_barrier_total``, ``pgroute_cluster_failsafe`` (with its ``_seconds``
+and the ``_confirming`` peers) (the cluster's snapshot metrics, leader and
 members, stay in metrics.py). Fed without the cluster code knowing prometheus: the
 etcd gateway tells an observer set on the store (`EtcdStore.observer`), barriers
 tell a listener registered for that store (`add_barrier_listener`), and the lease's
@@ -45,6 +46,10 @@ class _ObservedStore(Store, Protocol):
     observer: GatewayObserver | None
 
 
+class _FailsafeView(Protocol):
+    def gauges(self) -> tuple[float | None, int]: ...
+
+
 class ClusterNodeView(Protocol):
     """What the metrics read of a `pgroute.cluster_node.ClusterNode`."""
 
@@ -53,6 +58,9 @@ class ClusterNodeView(Protocol):
 
     @property
     def membership(self) -> Membership | None: ...
+
+    @property
+    def failsafe(self) -> _FailsafeView: ...
 
 
 class _LeaseCollector:
@@ -76,6 +84,27 @@ class _LeaseCollector:
         except Exception:  # a scrape must still return everything else
             log.exception("metrics: cannot read the member lease")
         yield age
+        failsafe = GaugeMetricFamily(
+            "pgroute_cluster_failsafe",
+            "1 while this instance routes without etcd on its peers' confirmations (the failsafe), else 0.",
+        )
+        since = GaugeMetricFamily(
+            "pgroute_cluster_failsafe_seconds", "Seconds this instance has been in the failsafe (0 when not)."
+        )
+        confirming = GaugeMetricFamily(
+            "pgroute_cluster_failsafe_confirming",
+            "Peers whose failsafe this instance confirmed and whose confirmation still lasts.",
+        )
+        try:
+            seconds, peers = self._node.failsafe.gauges()
+            failsafe.add_metric([], 0.0 if seconds is None else 1.0)
+            since.add_metric([], seconds or 0.0)
+            confirming.add_metric([], peers)
+        except Exception:
+            log.exception("metrics: cannot read the failsafe")
+        yield failsafe
+        yield since
+        yield confirming
 
 
 class ClusterMetrics:

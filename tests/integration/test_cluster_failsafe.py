@@ -73,6 +73,13 @@ async def test_all_of_etcd_hung_traffic_continues_and_nothing_switches(pair, etc
                 assert all(member(r).cut_off is None for r in runs)
                 code, body = await api_async(runs[1], "/api/status")
                 assert code == 200 and body["cluster"]["failsafe"] is not None, body
+                async with (
+                    aiohttp.ClientSession() as session,
+                    session.get(f"http://127.0.0.1:{runs[1].api_port}/metrics") as resp,
+                ):
+                    metrics = await resp.text()
+                assert "\npgroute_cluster_failsafe 1.0\n" in metrics
+                assert "\npgroute_cluster_failsafe_confirming 2.0\n" in metrics
                 # No switch without etcd: nobody leads, and a command is refused.
                 assert not any(member(r).leading for r in runs)
                 code, body = await api_async(runs[2], "/api/switchover", "POST")

@@ -3,7 +3,7 @@ lost member counted as a failure, the member lease's age, and barriers."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import pytest
 from prometheus_client import CollectorRegistry
@@ -14,6 +14,7 @@ from pgroute.cluster.etcd_store import EtcdStore
 from pgroute.cluster.keys import Keys
 from pgroute.cluster.members import Membership
 
+from ..unit.test_cluster_metrics import FakeFailsafe
 from ..unit.test_metrics import scrape, value
 
 pytestmark = [pytest.mark.integration, pytest.mark.asyncio]
@@ -25,6 +26,7 @@ class Node:
 
     store: EtcdStore
     membership: Membership | None = None
+    failsafe: FakeFailsafe = field(default_factory=FakeFailsafe)
 
 
 async def test_round_trips_failures_lease_age_and_barriers_move(etcd) -> None:

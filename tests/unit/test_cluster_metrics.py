@@ -4,7 +4,7 @@ integration test in tests/integration/test_etcd_metrics.py)."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from prometheus_client import CollectorRegistry
@@ -28,10 +28,20 @@ class FakeMembership:
         self.lease = lease
 
 
+class FakeFailsafe:
+    def __init__(self) -> None:
+        self.seconds: float | None = None
+        self.peers = 0
+
+    def gauges(self) -> tuple[float | None, int]:
+        return self.seconds, self.peers
+
+
 @dataclass
 class FakeNode:
     store: Any
     membership: Any = None
+    failsafe: Any = field(default_factory=FakeFailsafe)
 
 
 class Clock:
@@ -184,3 +194,18 @@ def test_create_metrics_adds_the_cluster_metrics_only_for_a_cluster():
     s = scrape(registry)
     assert value(s, "pgroute_etcd_request_failures_total", reason="timeout") == 0
     assert value(s, "pgroute_cluster_keepalive_age_seconds") is not None
+
+
+def test_the_failsafe_gauges_are_read_at_scrape_time():
+    registry = CollectorRegistry()
+    node = FakeNode(EtcdStore(["127.0.0.1:1"]))
+    add_cluster_metrics(registry, node)
+    s = scrape(registry)
+    assert value(s, "pgroute_cluster_failsafe") == 0
+    assert value(s, "pgroute_cluster_failsafe_seconds") == 0
+    assert value(s, "pgroute_cluster_failsafe_confirming") == 0
+    node.failsafe.seconds, node.failsafe.peers = 4.5, 2
+    s = scrape(registry)
+    assert value(s, "pgroute_cluster_failsafe") == 1
+    assert value(s, "pgroute_cluster_failsafe_seconds") == 4.5
+    assert value(s, "pgroute_cluster_failsafe_confirming") == 2
