@@ -17,6 +17,7 @@ from ..cluster.etcd_store import EtcdStore
 from ..cluster.keys import Keys
 from ..cluster.members import Members, NameInUse
 from ..cluster.records import CorruptRecord
+from ..cluster.roster import decode_roster
 from ..cluster.route import decode_route
 from ..cluster.store import StoreError
 from ..config import Config
@@ -121,4 +122,41 @@ async def check_cluster(config: Config) -> list[CheckItem]:
         active = route.active.value if route.active else "no node"
         who = f", written by {route.leader}" if route.leader else ""
         items.append(CheckItem("route", True, f"epoch {route.epoch}, active {active}{who}"))
+        items.append(await _roster_item(store, keys, name))
     return items
+
+
+async def _roster_item(store: EtcdStore, keys: Keys, name: str) -> CheckItem:
+    """The roster (who may lead; whom the failsafe asks) and this instance's place on it."""
+    try:
+        kv = (await store.get(keys.roster)).first
+    except StoreError as exc:
+        return CheckItem("roster", False, f"cannot read {keys.roster}: {exc}", None)
+    if kv is None:
+        return CheckItem("roster", True, f"{keys.roster} is absent: the first leader writes it")
+    try:
+        roster = decode_roster(keys.roster, kv.value)
+    except CorruptRecord as exc:
+        return CheckItem(
+            "roster",
+            False,
+            f"{exc}: no new leader can be elected while it stays",
+            "delete it (etcdctl del) once no instance is riding out an etcd outage: the leader rewrites it",
+        )
+    members = ", ".join(sorted(roster.names)) or "nobody"
+    text = f"generation {roster.gen}: {members}"
+    waiting = sorted(roster.names - roster.eligible)
+    if waiting:
+        text += f" (not yet eligible to lead: {', '.join(waiting)})"
+    if name not in roster.names:
+        text += f"; {name} joins it when it starts"
+    missing_api = sorted(m.name for m in roster.members if not m.api)
+    if missing_api:
+        return CheckItem(
+            "roster",
+            True,
+            f"{text}; without an API address: {', '.join(missing_api)} (the failsafe cannot ask them)",
+            "set [cluster] advertise_api on those instances",
+            warning=True,
+        )
+    return CheckItem("roster", True, text)
