@@ -47,7 +47,7 @@ from .cluster.members import Member, Members, Membership, MembershipLost, NameIn
 from .cluster.passive import SignalBook, SignalJudge, SignalReporter, signal_of
 from .cluster.records import CorruptRecord
 from .cluster.route import RouteSeen, RouteWatcher, RouteWriter, import_state_file, route_seen
-from .cluster.store import StoreError
+from .cluster.store import Lease, StoreError
 from .cluster_control import ClusterControl, ClusterStateFile, EtcdSharedRoute
 from .cluster_failsafe import NodeFailsafe
 from .config import Config
@@ -104,6 +104,8 @@ class ClusterNode:
         self._acked: tuple[int, bool, int] | None = None
         self._ack_wanted = asyncio.Event()
         self._tasks: set[asyncio.Task[Any]] = set()
+        self._ttls: dict[str, int | None] = {}  # member -> etcd's seconds left on its lease
+        self._ttls_read_at = 0.0
         self._lead_task: asyncio.Task[None] | None = None
         self._term: Term | None = None  # the term this instance leads in, while it does
         self._shared: EtcdSharedRoute | None = None
@@ -516,6 +518,22 @@ class ClusterNode:
 
     _members: tuple[dict[str, Any], ...] = ()
 
+    async def _lease_ttls(self, members: tuple[Member, ...]) -> dict[str, int | None]:
+        """Seconds etcd still gives each member's lease (for status), read once a
+        second at most; None where it did not answer."""
+        if time.monotonic() - self._ttls_read_at < MEMBERS_READ_EVERY:
+            return self._ttls
+
+        async def one(m: Member) -> tuple[str, int | None]:
+            try:
+                return m.name, await self.store.time_to_live(Lease(m.lease, 0, 0.0), timeout=self.ttl / 3)
+            except StoreError:
+                return m.name, None
+
+        self._ttls_read_at = time.monotonic()
+        self._ttls = dict(await asyncio.gather(*(one(m) for m in members)))
+        return self._ttls
+
     async def _members_loop(self) -> None:
         """Read every member record once a second (the leader: four times, since the
         members' passive health signals reach it this way; a bench measured the
@@ -524,11 +542,13 @@ class ClusterNode:
         while True:
             try:
                 members = await Members(self.store, self.keys).list(timeout=self.ttl / 3)
+                self._judge_signals(members)  # first: a signal may start a failover
                 await self.failsafe.read_roster()
                 self.failsafe.observe_members(members)
                 term = self._term
                 if self.leading and term is not None and self.cut_off is None:
                     await self.failsafe.keep_roster(members, term)
+                ttls = await self._lease_ttls(members)
                 self._members = tuple(
                     {
                         "name": m.name,
@@ -538,10 +558,10 @@ class ClusterNode:
                         "api": m.record.api,
                         "unreachable": signal.to_json() if (signal := signal_of(m.record.health)) else None,
                         "roster_gen": m.record.gen,
+                        "lease_ttl_s": ttls.get(m.name),
                     }
                     for m in members
                 )
-                self._judge_signals(members)
             except StoreError as exc:
                 log.debug("member records not read: %s", exc)
             except Exception:

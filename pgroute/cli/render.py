@@ -206,10 +206,12 @@ def _cluster_lines(cluster: dict[str, Any]) -> list[str]:
         if not isinstance(member, dict):
             continue
         paused = ", paused" if member.get("paused") else ""
+        ttl = member.get("lease_ttl_s")
+        lease = f", lease {ttl}s" if isinstance(ttl, int) else ""
         lines.append(
             _clip(
                 f"  {member.get('name', '?')}: epoch {member.get('epoch', '?')}{paused}, "
-                f"proxy {member.get('proxy') or '?'}, api {member.get('api') or '?'}"
+                f"proxy {member.get('proxy') or '?'}, api {member.get('api') or '?'}{lease}"
             )
         )
     return lines

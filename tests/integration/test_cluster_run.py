@@ -180,6 +180,8 @@ async def test_instance_cut_off_from_etcd_and_peers_fails_closed_then_resyncs(pa
             code, body = await api_async(b, "/api/status")
             assert code == 200 and body["cluster"]["leader"] == "a" and body["cluster"]["role"] == "follower", body
             assert {m["name"] for m in body["cluster"]["members"]} == {"a", "b", "c"}
+            # etcd's seconds left on each member's lease (refreshed every ttl/3).
+            assert all(0 < (m["lease_ttl_s"] or 0) <= TTL for m in body["cluster"]["members"]), body
             # A follower forwards commands to the leader, once.
             code, body = await api_async(b, "/api/pause", "POST")
             assert code == 200, body

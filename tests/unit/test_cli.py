@@ -167,13 +167,13 @@ def test_render_status_shows_the_cluster_and_each_members_epoch():
         "role": "follower",
         "cut_off": False,
         "members": [
-            {"name": "a", "epoch": 4, "paused": False, "proxy": "h1:6432", "api": "http://h1:5000"},
+            {"name": "a", "epoch": 4, "paused": False, "proxy": "h1:6432", "api": "http://h1:5000", "lease_ttl_s": 7},
             {"name": "b", "epoch": 3, "paused": True, "proxy": "h2:6432", "api": "http://h2:5000"},
         ],
     }
     text = render_status(st)
     assert "cluster: this instance b (follower), leader a" in text
-    assert "  a: epoch 4, proxy h1:6432, api http://h1:5000" in text
+    assert "  a: epoch 4, proxy h1:6432, api http://h1:5000, lease 7s" in text
     assert "  b: epoch 3, paused, proxy h2:6432, api http://h2:5000" in text
     st["cluster"].update(cut_off=True, leader=None)
     text = render_status(st)
