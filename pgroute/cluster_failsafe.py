@@ -22,7 +22,7 @@ from typing import TYPE_CHECKING, Any
 import aiohttp
 
 from .cluster.failsafe import GrantBook, Request, Round, ask_peers, grant_validity
-from .cluster.members import Member
+from .cluster.members import Member, Members
 from .cluster.records import CorruptRecord
 from .cluster.roster import Roster, RosterEntry, decode_roster, encode_roster, may_lead, next_roster, settle
 from .cluster.store import Compare, Get, Put, StoreError
@@ -163,8 +163,22 @@ class NodeFailsafe:
         if roster is None:
             return None
         entry = roster.entry(node.name)
-        if why is None and entry is not None and entry.id == node.instance_id:
-            return None
+        if entry is not None and entry.id == node.instance_id:
+            if why is None:
+                return None
+            # Listed but not settled yet (its leader died first): the settle condition,
+            # checked here on fresh records as the leader would have checked it.
+            try:
+                members = await Members(node.store, node.keys).list(timeout=node.ttl / 3)
+            except (StoreError, CorruptRecord) as exc:
+                return f"cannot read the member records: {exc}"
+            seen_gen, seen_at = self._roster_seen
+            waited = seen_gen == roster.gen and time.monotonic() - seen_at >= self.validity
+            if settle(roster, {m.name: m.record.gen for m in members}, waited=waited) is not None:
+                log.info(
+                    "roster generation %d is acknowledged by every live member: %s may lead", roster.gen, node.name
+                )
+                return None
         gone = {(kv.key.rsplit("/", 1)[-1], kv.text) for kv in departed.items}
         if any((m.name, m.id) in gone for m in roster.members):
             # A member of this roster stopped cleanly: it confirms nothing any more,

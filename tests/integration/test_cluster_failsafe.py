@@ -17,14 +17,19 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import time
+import uuid
 
 import aiohttp
 import pytest
 
+from pgroute import app
+from pgroute.cluster.keys import Keys
+from pgroute.cluster.roster import Roster, decode_roster
 from pgroute.local.workload import Chrispar, wait_until
 
-from .harness import Writer, api_async, missing, proxy_dsn
+from .harness import Writer, api_async, make_config, missing, proxy_dsn
 from .test_cluster_run import TTL, member, routed, three_instances
 
 pytestmark = [pytest.mark.integration]
@@ -183,3 +188,54 @@ async def test_confirmation_refused_for_another_view_or_a_stranger(pair, etcd, t
         assert code == 409 and "not on this instance's roster" in body["error"], body
         code, body = await _confirm(b.api_port, {"name": "a"})
         assert code == 400, body
+
+
+async def test_a_newcomer_whose_leader_died_before_settling_leads_once_every_live_member_acked(pair, etcd, tmp_path):
+    """The roster lists a newcomer (d) that may not lead yet, and the only instance
+    that may (a) dies before settling it: d checks the settle condition itself
+    (every live member acknowledged the generation, a confirmation's lifetime
+    passed) and leads, instead of waiting failsafe_max for a leader."""
+    prefix = f"/pgroute/test-{uuid.uuid4().hex[:6]}"
+    keys = Keys(prefix)
+    started: list[app.Running] = []
+
+    async def start(name: str) -> app.Running:
+        state = tmp_path / name
+        state.mkdir()
+        cfg = make_config(pair, state, cluster={"etcd": etcd.endpoints, "name": name, "prefix": prefix, "ttl": TTL})
+        started.append(await app.start(cfg))
+        return started[-1]
+
+    try:
+        a = await start("a")
+        await wait_until(lambda: member(a).leading, 30, what="a leads")
+        await wait_until(lambda: roster_size(a) == 1, 15, what="roster {a}")
+        store = member(a).store
+
+        async def roster() -> Roster | None:
+            kv = (await store.get(keys.roster)).first
+            return decode_roster(keys.roster, kv.value) if kv is not None else None
+
+        d = await start("d")
+        listed = await wait_until(
+            lambda: _listed_not_eligible(roster(), "d"), 15, what="d on the roster, not eligible", interval=0.01
+        )
+        # a dies (its leases left to expire) before it can settle d.
+        # (A clean stop would record its departure, which lets anyone lead.)
+        await member(a).close(release=False)
+        t_dead = time.monotonic()
+        print(f"a killed with d listed in roster generation {listed.gen}, not yet eligible")
+        await wait_until(lambda: member(d).leading, TTL + 15, what="d leads")
+        print(f"d leads {time.monotonic() - t_dead:.2f}s after a died (ttl {TTL}s)")
+        assert routed(d)[0] == "primary"
+    finally:
+        for running in started:
+            with contextlib.suppress(Exception):
+                await running.stop()
+
+
+async def _listed_not_eligible(roster_read, name: str) -> Roster | None:
+    roster = await roster_read
+    if roster is not None and name in roster.names and name not in roster.eligible:
+        return roster
+    return None
