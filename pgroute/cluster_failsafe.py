@@ -59,6 +59,7 @@ class NodeFailsafe:
         self._roster_gone_since: float | None = time.monotonic()  # no roster member live
         self.state: Failsafe | None = None
         self.closing = False
+        self.started: float | None = None  # when this instance's listeners were bound
         self._task: asyncio.Task[None] | None = None
         self._session: aiohttp.ClientSession | None = None
 
@@ -107,9 +108,11 @@ class NodeFailsafe:
             self._node.ack_wanted()
 
     def observe_members(self, members: tuple[Member, ...]) -> None:
+        """Track since when no roster member is live: neither its incarnation nor a
+        successor at its address (a new incarnation elsewhere proves nothing)."""
         roster = self.roster
-        live = {m.name for m in members}
-        if roster is None or roster.names & live:
+        live = {(m.name, m.record.id) for m in members} | {(m.name, m.record.api) for m in members if m.record.api}
+        if roster is None or any((e.name, e.id) in live or (e.name, e.api) in live for e in roster.members):
             self._roster_gone_since = None
         elif self._roster_gone_since is None:
             self._roster_gone_since = time.monotonic()
@@ -163,7 +166,7 @@ class NodeFailsafe:
         if roster is None:
             return None
         entry = roster.entry(node.name)
-        if entry is not None and entry.id == node.instance_id:
+        if entry is not None and self._mine(entry):
             if why is None:
                 return None
             # Listed but not settled yet (its leader died first): the settle condition,
@@ -189,6 +192,22 @@ class NodeFailsafe:
             log.warning("no roster member has been live for %.0fs: %s may lead", time.monotonic() - since, node.name)
             return None
         return why or f"{node.name} restarted: roster generation {roster.gen} lists its previous incarnation"
+
+    def _mine(self, entry: RosterEntry) -> bool:
+        """The roster's entry under this name stands for this process: its incarnation,
+        or its killed predecessor at this very API address (this process bound it,
+        so the predecessor is gone; a confirmation's lifetime after binding, its last
+        confirmations have expired too). A failsafe instance asks that address, so it
+        asks this process."""
+        if entry.id == self._node.instance_id:
+            return True
+        bound = self.started
+        return (
+            bool(entry.api)
+            and entry.api == self._node.api_url
+            and bound is not None
+            and (time.monotonic() - bound >= self.validity)
+        )
 
     async def depart(self) -> None:
         """A clean stop: confirm nothing more, let the confirmations given expire,

@@ -140,6 +140,7 @@ class ClusterNode:
 
     async def start(self, proxy: str, api: str) -> None:
         self._proxy, self._api = proxy, api
+        self.failsafe.started = time.monotonic()
         await self.failsafe.read_roster()
         # Registered before anything is routed (the Router holds new connections until
         # the route is read): from this record on, a barrier waits for this instance.
@@ -228,6 +229,11 @@ class ClusterNode:
             epoch=epoch,
             instance_id=self.instance_id,
         )
+
+    @property
+    def api_url(self) -> str:
+        """This instance's API URL as it advertises it (its member record's ``api``)."""
+        return self._api
 
     def view(self) -> View | None:
         """The view this instance routes by (pgroute/cluster/failsafe.py): the epoch

@@ -25,8 +25,10 @@ import aiohttp
 import pytest
 
 from pgroute import app
+from pgroute.api.http import stop_api
 from pgroute.cluster.keys import Keys
 from pgroute.cluster.roster import Roster, decode_roster
+from pgroute.local.processes import free_port
 from pgroute.local.workload import Chrispar, wait_until
 
 from .harness import Writer, api_async, make_config, missing, proxy_dsn
@@ -239,3 +241,60 @@ async def _listed_not_eligible(roster_read, name: str) -> Roster | None:
     if roster is not None and name in roster.names and name not in roster.eligible:
         return roster
     return None
+
+
+async def test_an_instance_restarted_on_its_addresses_leads_when_the_others_died(pair, etcd, tmp_path):
+    """a and b on the roster; both killed (leases left to expire); a started again at
+    once on the same addresses, with a new incarnation the roster does not list, and
+    no leader left to update the roster. The roster's entry for a is served by the
+    new process (it bound a's API address: the old one is gone), so it may lead."""
+    prefix = f"/pgroute/test-{uuid.uuid4().hex[:6]}"
+    ports = {n: (free_port(), free_port()) for n in ("a", "b")}
+    started: list[app.Running] = []
+
+    async def start(name: str, attempt: int = 0) -> app.Running:
+        state = tmp_path / f"{name}{attempt}"
+        state.mkdir()
+        proxy, api = ports[name]
+        cfg = make_config(
+            pair,
+            state,
+            proxy={"listen": f"127.0.0.1:{proxy}"},
+            api={"listen": f"127.0.0.1:{api}"},
+            cluster={"etcd": etcd.endpoints, "name": name, "prefix": prefix, "ttl": TTL},
+        )
+        started.append(await app.start(cfg))
+        return started[-1]
+
+    async def kill(running: app.Running) -> None:
+        """What SIGKILL leaves: leases to expire, no departure recorded, ports freed."""
+        await member(running).close(release=False)
+        await running.proxy.close()
+        await stop_api(running.api_runner)
+        started.remove(running)
+
+    try:
+        a = await start("a")
+        await wait_until(lambda: member(a).leading, 30, what="a leads")
+        b = await start("b")
+        await wait_until(
+            lambda: roster_size(a) == 2 and getattr(member(a).failsafe.roster, "settled", False),
+            15,
+            what="roster {a, b}",
+        )
+        old_id = member(a).instance_id
+        await kill(b)
+        await kill(a)
+        t_dead = time.monotonic()
+        a2 = await start("a", 1)  # waits for the killed run's member lease (same addresses)
+        assert member(a2).instance_id != old_id
+        roster = member(a2).failsafe.roster
+        entry = roster.entry("a") if roster is not None else None
+        assert entry is not None and entry.id == old_id  # nobody updated it
+        await wait_until(lambda: member(a2).leading, TTL + 15, what="a, started again, leads")
+        print(f"a leads again {time.monotonic() - t_dead:.2f}s after both died")
+        assert routed(a2)[0] == "primary"
+    finally:
+        for running in list(started):
+            with contextlib.suppress(Exception):
+                await running.stop()
