@@ -119,7 +119,9 @@ async def test_all_of_etcd_hung_traffic_continues_and_nothing_switches(pair, etc
 
 async def test_failsafe_instance_fails_closed_before_the_leaders_switch_promotes(pair, etcd, tmp_path):
     only = etcd.members[2]
-    async with three_instances(pair, etcd, tmp_path, endpoints={"c": [only.endpoint]}) as runs:
+    others = [m.endpoint for m in etcd.members[:2]]  # a and b never wait on the hung member
+    endpoints = {"a": others, "b": others, "c": [only.endpoint]}
+    async with three_instances(pair, etcd, tmp_path, endpoints=endpoints) as runs:
         a, b, c = runs
         await wait_until(lambda: all(routed(r)[0] == "primary" for r in runs), 30, what="all route to primary")
         await wait_until(
@@ -127,7 +129,6 @@ async def test_failsafe_instance_fails_closed_before_the_leaders_switch_promotes
             15,
             what="every instance knows the 3-member roster",
         )
-        # A leader whose etcd member is not the one hung (a's etcd endpoints are all three).
         assert member(a).leading
         writer = Writer(proxy_dsn(c)).start()
         try:

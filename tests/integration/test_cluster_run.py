@@ -169,7 +169,13 @@ async def test_three_instances_one_leader_then_failover_through_the_barrier(pair
 async def test_instance_cut_off_from_etcd_and_peers_fails_closed_then_resyncs(pair, etcd, tmp_path, cut):
     only = etcd.members[2]
     relays: dict[str, Relay] = {}
-    async with three_instances(pair, etcd, tmp_path, endpoints={cut: [only.endpoint]}, relays=relays) as runs:
+    # The others are given the two members that stay up: every API relay is frozen
+    # below, so a busy machine's slow switch away from the hung member would leave
+    # them without etcd and without peers too (a failure of the test, not of pgroute:
+    # a hung member is test_etcd_store.py's case).
+    others = [m.endpoint for m in etcd.members[:2]]
+    endpoints = {name: [only.endpoint] if name == cut else others for name in ("a", "b", "c")}
+    async with three_instances(pair, etcd, tmp_path, endpoints=endpoints, relays=relays) as runs:
         a, b, c = runs
         victim = {"a": a, "c": c}[cut]
         await wait_until(lambda: all(routed(r)[0] == "primary" for r in runs), 30, what="all route to primary")
