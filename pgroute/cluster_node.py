@@ -110,7 +110,7 @@ class ClusterNode:
         self._term: Term | None = None  # the term this instance leads in, while it does
         self._shared: EtcdSharedRoute | None = None
         self._leadership = asyncio.Lock()  # one term's start or stop at a time
-        self._controller_started = False
+        self._controller_spent = False  # started or closed: the next term builds a new one
         self._reelecting = False
         self._closed = False
         # Passive health: this instance's failed connects, written to its record at
@@ -454,7 +454,7 @@ class ClusterNode:
                 writer = RouteWriter(self.store, self.keys, self.name, guards=(term.fence,))
                 seen = await writer.read(timeout=self.ttl / 3)
                 shared = EtcdSharedRoute(self.store, self.keys, writer, barrier_timeout=self.ttl + 2)
-                if self._controller_started:  # a closed controller does not start again
+                if self._controller_spent:  # a started or closed controller does not start again
                     await self.controller.close()
                     self.controller = Controller(self.config, self.router)
                     self.control.attach(self.controller)
@@ -463,7 +463,7 @@ class ClusterNode:
                 controller.ctx.state_file = controller.state_file
                 controller.ctx.shared = shared
                 self._shared = shared
-                self._controller_started = True
+                self._controller_spent = True
                 await controller.start()
             log.info("cluster: %s leads: controller started (term %d)", self.name, term.number)
         except asyncio.CancelledError:
@@ -502,6 +502,11 @@ class ClusterNode:
             with contextlib.suppress(BaseException):
                 await asyncio.wait([task], timeout=5.0)
         async with self._leadership:
+            # Spent even if this term never started it (elected while cut off, or
+            # stopped during its start): a closed controller's monitor never runs,
+            # so the next term must not reuse it (the partition test found one
+            # leading without probing).
+            self._controller_spent = True
             await self.controller.close()
         log.info("cluster: %s follows again (%s)", self.name, reason)
         latest = self.watcher.latest

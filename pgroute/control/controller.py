@@ -107,6 +107,7 @@ class Controller:
         self.sequence_history: dict[NodeName, SequenceHistory] = {}
         self._last_local_warning = -LOCAL_WARNING_EVERY
         self._lsn_saved_at = -LSN_PERSIST_EVERY
+        self._lsn_saved_for: tuple[int, NodeName | None] | None = None  # the route last saved with a position
         self.event_log = EventLog()
         self._sample_listeners: list[Callable[[HealthSample], None]] = []
         self._phase_listeners: list[Callable[[Op], None]] = []
@@ -187,6 +188,13 @@ class Controller:
 
     async def close(self) -> None:
         self.router.remove_failure_listener(self._on_backend_failure)
+        # A command waiting for its operation gets an answer: this controller will
+        # not finish it (in a cluster, it stopped leading; a forwarding follower
+        # would otherwise wait its whole forward timeout).
+        waiting, self._pending = self._pending, {}
+        for kind, fut in waiting.items():
+            if not fut.done():
+                fut.set_exception(PgRouteError(f"{kind.value} interrupted: this pgroute stopped deciding"))
         await self.monitor.close()
         for task in list(self._tasks):
             task.cancel()
@@ -234,9 +242,13 @@ class Controller:
         if s.phase is Phase.NO_ROUTABLE_NODE:
             return  # failing closed: the file keeps what it said
         now = time.monotonic()
-        if now - self._lsn_saved_at < LSN_PERSIST_EVERY:
+        # The first position of a new route is saved at once: until then a restart (or,
+        # in a cluster, a new leader) with the active node down cannot tell the
+        # standby's lag, and refuses to fail over (the partition test hit that window).
+        if (s.epoch, s.active) == self._lsn_saved_for and now - self._lsn_saved_at < LSN_PERSIST_EVERY:
             return
         self._lsn_saved_at = now
+        self._lsn_saved_for = (s.epoch, s.active)
         try:
             self.state_file.save(Stored(s.epoch, s.active, active_lsn=sample.wal_lsn))
         except OSError as exc:
@@ -355,6 +367,11 @@ class Controller:
         try:
             result = await self.executor.run(op, action, epoch, active)
         except asyncio.CancelledError:
+            # The controller is closing (in a cluster: it stopped leading). The command
+            # waiting for this operation gets an answer; a forwarding follower would
+            # otherwise wait its whole forward timeout.
+            if fut is not None and not fut.done():
+                fut.set_exception(PgRouteError(f"{op.kind.value} interrupted: this pgroute stopped deciding"))
             raise
         except Exception as exc:  # one catch-all per operation: say what happened, fail closed
             log.exception("%s %s crashed", op.tag, op.kind.value)

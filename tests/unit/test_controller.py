@@ -276,3 +276,38 @@ async def test_a_closed_controller_no_longer_hears_the_routers_failures(tmp_path
     ctl._last_passive = -1e9  # past the rate limit: only the closed state can stop a probe
     router.report_backend_failure("primary", "connection refused")
     assert mon.soon == []
+
+
+async def test_a_command_waiting_when_the_controller_closes_is_answered(tmp_path):
+    ctl, ex, _mon, _router = await make(tmp_path, FOLLOWING_PAIR, Stored(3, P))
+    await ctl.on_sample(sample(P, True, publisher_lag_bytes=0))
+    await ctl.on_sample(sample(M, True, subscription="chrispar_sub", subscription_enabled=True))
+    gate = asyncio.Event()
+    original = ex.run
+
+    async def slow(op, action, epoch, active):
+        await gate.wait()
+        return await original(op, action, epoch, active)
+
+    ex.run = slow  # type: ignore[method-assign]
+    request = asyncio.create_task(ctl.request("switchover"))
+    await asyncio.sleep(0.05)
+    assert not request.done()
+    await ctl.close()  # in a cluster: the leader lost its key mid-operation
+    with pytest.raises(PgRouteError, match="switchover interrupted"):
+        await asyncio.wait_for(request, 2)
+
+
+async def test_the_first_position_of_a_new_route_is_saved_at_once(tmp_path):
+    ctl, _ex, _mon, _router = await make(tmp_path, FOLLOWING_PAIR, Stored(3, P))
+    path = tmp_path / "state.json"
+    await ctl.on_sample(sample(P, True, wal_lsn=1000, publisher_lag_bytes=0))
+    assert json.loads(path.read_text())["active_lsn"] == 1000
+    await ctl.on_sample(sample(P, True, wal_lsn=2000, publisher_lag_bytes=0))  # within LSN_PERSIST_EVERY: not rewritten
+    assert json.loads(path.read_text())["active_lsn"] == 1000
+    # A new route (here: a failover to the mirror) saves its first position at once.
+    await ctl.on_sample(sample(M, True, subscription="chrispar_sub", subscription_enabled=True))
+    await ctl.request("failover")
+    await ctl.on_sample(sample(M, True, wal_lsn=5000))
+    saved = json.loads(path.read_text())
+    assert (saved["active"], saved["active_lsn"]) == ("mirror", 5000)
