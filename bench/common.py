@@ -27,7 +27,6 @@ import atexit
 import contextlib
 import json
 import logging
-import os
 import shutil
 import signal
 import socket
@@ -42,6 +41,7 @@ from typing import Any
 import aiohttp
 
 from pgroute import local
+from pgroute.local.instances import instance_env
 from pgroute.local.workload import EVENTS_SCHEMA, Events, Writer
 
 log = logging.getLogger("bench")
@@ -421,15 +421,9 @@ class PgrouteProcess:
 
 def _pgroute_env() -> dict[str, str]:
     """Our environment without variables that would override the config file, and
-    with the checkout on PYTHONPATH (pgroute need not be installed)."""
-    env = {
-        k: v
-        for k, v in os.environ.items()
-        if not k.startswith(("PGROUTE_", "HEALTH_CHECK_"))
-        and k not in ("DATABASE_URL", "MIRROR_DATABASE_URL", "AUTO_FAILOVER_ENABLED")
-    }
-    env["PYTHONPATH"] = os.pathsep.join(p for p in (str(REPO), env.get("PYTHONPATH", "")) if p)
-    return env
+    with the checkout on PYTHONPATH (pgroute need not be installed): the same as
+    the cluster benchmark's and the demo's instances get."""
+    return instance_env()
 
 
 def _port_open(port: int) -> bool:

@@ -43,13 +43,21 @@ class Running:
     config: Config
     router: Router
     proxy: ProxyServer
-    controller: Controller
+    # The single instance's controller; in a cluster, the first one (each term
+    # builds a new one: `controller` is the current).
+    first_controller: Controller
     api_runner: AppRunner
     alerter: Alerter
     # proxy.listen_piped: the same Router (fencing, counters), sessions never spliced.
     piped_proxy: ProxyServer | None = None
     # [cluster] etcd: this instance in the cluster (its controller runs while it leads).
     cluster: ClusterNode | None = None
+
+    @property
+    def controller(self) -> Controller:
+        """The controller running now (in a cluster: this instance's current one,
+        which decides only while it leads)."""
+        return self.cluster.controller if self.cluster is not None else self.first_controller
 
     @property
     def proxy_port(self) -> int:
@@ -135,7 +143,7 @@ async def _start_cluster(config: Config) -> Running:
 
     router = Router(Route(None, 0, paused=True, reason="starting: reading the route from etcd"))
     node = ClusterNode(config, router)
-    registry, metrics = create_metrics(node.control, router)
+    registry, metrics = create_metrics(node.control, router, cluster=node)
     alerter = Alerter(config.alerts, on_failure=metrics.alert_failed)
     await alerter.start()
     node.control.add_event_listener(alerter.emit)
@@ -152,7 +160,11 @@ async def _start_cluster(config: Config) -> Running:
             started.append(piped)
         app = make_app(node.control, router, config, registry)
         api_runner = await _listen("api.listen", config.api.listen, start_api(app, config.api.host, config.api.port))
-        await node.start(f"{p.host}:{proxy.port}", f"http://{config.api.host}:{bound_port(api_runner)}")
+        c = config.cluster
+        await node.start(
+            c.advertise_proxy or f"{p.host}:{proxy.port}",
+            c.advertise_api or f"http://{config.api.host}:{bound_port(api_runner)}",
+        )
     except BaseException:
         await asyncio.gather(*(s.close() for s in started))
         if api_runner is not None:

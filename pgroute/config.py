@@ -18,9 +18,10 @@ import tomllib
 from collections.abc import Mapping
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator, model_validator
 
 from .cluster.endpoints import endpoint_url
+from .cluster.etcd_auth import EtcdSecurity, security_problem
 from .cluster.keys import check_name, check_prefix, default_prefix
 from .errors import ConfigError
 from .files import read_regular_file
@@ -230,7 +231,7 @@ class ClusterConfig(_Section):
     """[cluster]: several pgroute instances sharing their state through etcd.
 
     Absent, or ``etcd = []``: one instance with its state file, exactly as without
-    the section. Not used by the daemon yet (issue 14)."""
+    the section. Set, `pgroute run` joins the cluster (pgroute/cluster_node.py)."""
 
     # etcd members, "host:port" or "http(s)://host:port"; PGROUTE_CLUSTER_ETCD comma separated.
     etcd: tuple[str, ...] = Field((), strict=False)  # TOML arrays are lists
@@ -243,6 +244,38 @@ class ClusterConfig(_Section):
     # grants that instead of less); past 5 minutes a dead leader blocks every
     # switch for longer than any failover may take.
     ttl: float = _seconds(10.0, 2.0, 300.0)
+    # The URL of this instance's API as the other instances reach it (the failsafe's
+    # confirmations, forwarded commands); "" = http://<api.listen>, which must then
+    # not be a wildcard address.
+    advertise_api: str = ""
+    # The proxy's host:port as shown to operators in the member records; "" = proxy.listen.
+    advertise_proxy: str = ""
+    # Seconds an instance cut off from etcd may keep routing while every other
+    # member confirms its route over their APIs (the failsafe); 0 turns the failsafe
+    # off (an instance cut off fails closed, as Stolon's proxies do).
+    failsafe_max: float = _seconds(300.0, 0.0, 86400.0)
+    # A production etcd: https:// endpoints are checked against etcd_ca ("" = the
+    # system's CAs); etcd_cert/etcd_key: this client's certificate (mutual TLS);
+    # etcd_user/etcd_password: etcd's authentication (PGROUTE_CLUSTER_ETCD_PASSWORD).
+    etcd_ca: str = ""
+    etcd_cert: str = ""
+    etcd_key: str = ""
+    etcd_user: str = ""
+    etcd_password: str = Field("", repr=False)
+
+    @model_validator(mode="after")
+    def _security(self) -> ClusterConfig:
+        problem = security_problem(self.etcd_cert, self.etcd_key, self.etcd_user, self.etcd_password)
+        if problem:
+            raise ValueError(problem)
+        if (self.etcd_ca or self.etcd_cert) and self.etcd and not any(e.startswith("https://") for e in self.etcd):
+            raise ValueError("etcd_ca/etcd_cert are set but no etcd endpoint is https://host:port")
+        return self
+
+    @property
+    def etcd_security(self) -> EtcdSecurity:
+        """TLS files and credentials for the EtcdStore (`pgroute.cluster.etcd_auth`)."""
+        return EtcdSecurity(self.etcd_ca, self.etcd_cert, self.etcd_key, self.etcd_user, self.etcd_password)
 
     @field_validator("etcd")
     @classmethod
@@ -256,6 +289,13 @@ class ClusterConfig(_Section):
     @classmethod
     def _name(cls, v: str) -> str:
         return check_name(v) if v else v
+
+    @field_validator("advertise_api")
+    @classmethod
+    def _advertise_api(cls, v: str) -> str:
+        if v and not (v.startswith(("http://", "https://")) and len(v.split("://", 1)[1]) > 0):
+            raise ValueError(f"must be an http:// or https:// URL: {v!r}")
+        return v.rstrip("/")
 
     @field_validator("prefix")
     @classmethod
@@ -546,3 +586,9 @@ def validate_runtime(config: Config) -> None:
             check_name(config.cluster.member_name)
         except ValueError as exc:
             raise ConfigError("cluster.name", f"the host name cannot be used: {exc}; set [cluster] name") from None
+    if config.cluster.enabled and not config.cluster.advertise_api and config.api.host in ("0.0.0.0", "::", ""):
+        raise ConfigError(
+            "cluster.advertise_api",
+            f"required when api.listen ({config.api.listen}) is a wildcard address: the other instances "
+            "need a URL they can reach (failsafe confirmations, forwarded commands)",
+        )

@@ -270,6 +270,24 @@ async def _resolve(request: web.Request) -> web.Response:
     return _json(event)
 
 
+async def _failsafe(request: web.Request) -> web.Response:
+    """A peer in a cluster, cut off from etcd, asks this instance to confirm its
+    route (pgroute/cluster/failsafe.py). 200 confirmed, 409 not (with why)."""
+    if not _authorized(request):
+        raise web.HTTPUnauthorized(
+            reason="missing or wrong bearer token", headers={"WWW-Authenticate": 'Bearer realm="pgroute"'}
+        )
+    confirm = getattr(request.app[CONTROL_KEY], "failsafe_confirm", None)
+    if confirm is None:
+        raise web.HTTPNotFound(reason="not a cluster member")
+    try:
+        body = json.loads(await request.read() or b"{}")
+    except ValueError:
+        raise web.HTTPBadRequest(reason="body must be a JSON object") from None
+    status, answer = confirm(body)
+    return _json(answer, status)
+
+
 def make_app(
     control: ControlPlane, router: Router, config: Config, registry: CollectorRegistry | None = None
 ) -> web.Application:
@@ -291,6 +309,7 @@ def make_app(
     for kind in ACTIONS:
         app.router.add_post(f"/api/{kind}", _action(kind))
     app.router.add_post("/api/resolve", _resolve)
+    app.router.add_post("/api/cluster/failsafe", _failsafe)
     return app
 
 

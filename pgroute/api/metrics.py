@@ -30,6 +30,7 @@ from ..model import Event, HealthSample, NodeName
 
 if TYPE_CHECKING:
     from ..proxy.router import Router
+    from .cluster_metrics import ClusterMetrics, ClusterNodeView
 
 log = logging.getLogger(__name__)
 
@@ -211,6 +212,7 @@ class Metrics:
         for channel in ALERT_CHANNELS:
             self.alerts_failed.labels(channel)
         self._counted: deque[int] = deque(maxlen=256)
+        self.cluster: ClusterMetrics | None = None  # set by create_metrics in a cluster
 
     # -- listeners (never raise) ---------------------------------------------------
     def on_sample(self, sample: HealthSample) -> None:
@@ -245,13 +247,21 @@ class Metrics:
             log.exception("metrics: cannot count a failed alert")
 
 
-def create_metrics(control: StatusSource, router: Router) -> tuple[CollectorRegistry, Metrics]:
+def create_metrics(
+    control: StatusSource, router: Router, cluster: ClusterNodeView | None = None
+) -> tuple[CollectorRegistry, Metrics]:
     """Build a private registry, register the scrape-time collector, and subscribe the
     listener-fed metrics to ``control``. Wire ``metrics.alert_failed`` into the
-    Alerter's ``on_failure``."""
+    Alerter's ``on_failure``. In a cluster, pass the `ClusterNode` as ``cluster``:
+    its etcd round trips, member lease and barriers are measured too."""
     registry = CollectorRegistry()
     metrics = Metrics(registry)
     registry.register(_SnapshotCollector(control, router))
     control.add_sample_listener(metrics.on_sample)
     control.add_event_listener(metrics.on_event)
+    if cluster is not None:
+        # Imported here: a single instance never loads the cluster package for this.
+        from .cluster_metrics import add_cluster_metrics
+
+        metrics.cluster = add_cluster_metrics(registry, cluster)
     return registry, metrics

@@ -305,14 +305,17 @@ def resume(api_url: str | None, config_path: str | None) -> None:
 @click.option(
     "--to", "to_version", type=int, metavar="MAJOR", help="--upgrade: new version (default: newest installed)"
 )
-def demo(tour: bool, upgrade: bool, from_version: int | None, to_version: int | None) -> None:
+@click.option("--cluster", is_flag=True, help="three pgroute instances sharing one route through a local etcd")
+def demo(tour: bool, upgrade: bool, from_version: int | None, to_version: int | None, cluster: bool) -> None:
     """Local primary + mirror + pgroute, no Docker needed."""
     if (from_version is not None or to_version is not None) and not upgrade:
         fail("--from and --to go with --upgrade", EXIT_USAGE)
-    if tour and upgrade:
-        fail("--tour and --upgrade are two different demos: choose one", EXIT_USAGE)
+    if sum((tour, upgrade, cluster)) > 1:
+        fail("--tour, --upgrade and --cluster are different demos: choose one", EXIT_USAGE)
     from ..demo import main as demo_main
 
+    if cluster:
+        sys.exit(demo_main(cluster=True) or 0)
     if upgrade:
         sys.exit(demo_main(upgrade=(from_version, to_version)) or 0)
     sys.exit(demo_main(tour=tour) or 0)

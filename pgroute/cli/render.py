@@ -188,6 +188,20 @@ def _cluster_lines(cluster: dict[str, Any]) -> list[str]:
     lines = [_clip(head)]
     if cluster.get("cut_off"):
         lines.append("  CUT OFF from etcd: routing to no node until it answers")
+    failsafe = cluster.get("failsafe")
+    if isinstance(failsafe, dict):
+        lines.append(
+            _clip(
+                f"  FAILSAFE: etcd unreachable for {failsafe.get('since_s', '?')}s; routing on, "
+                f"{failsafe.get('last') or 'confirmed by every peer'}"
+            )
+        )
+    roster = cluster.get("roster")
+    if isinstance(roster, dict):
+        members = roster.get("members") or []
+        waiting = sorted(set(members) - set(roster.get("may_lead") or []))
+        note = f" (not yet eligible to lead: {', '.join(waiting)})" if waiting else ""
+        lines.append(_clip(f"  roster generation {roster.get('gen', '?')}: {', '.join(members)}{note}"))
     for member in cluster.get("members") or []:
         if not isinstance(member, dict):
             continue

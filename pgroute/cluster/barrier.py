@@ -18,6 +18,10 @@ else is awaited, conservatively:
 - a member that acknowledged and then rewrites an older epoch is awaited again.
 The barrier never decides to go on without a member: at the timeout it says who is
 missing and the caller decides.
+
+Listeners (`add_barrier_listener`, the metrics) are told every result of a barrier
+run on their store: per store, so that several instances in one process (tests)
+each count their own; a listener that raises is logged, never breaks the barrier.
 """
 
 from __future__ import annotations
@@ -25,6 +29,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+import weakref
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 
@@ -60,6 +65,24 @@ class BarrierResult:
         if self.missing:
             text += f"; still missing after {self.elapsed:.2f}s: " + ", ".join(self.missing)
         return text
+
+
+BarrierListener = Callable[[BarrierResult], None]
+_listeners: weakref.WeakKeyDictionary[Store, list[BarrierListener]] = weakref.WeakKeyDictionary()
+
+
+def add_barrier_listener(store: Store, listener: BarrierListener) -> None:
+    """Call ``listener`` with the result of every barrier run on ``store`` (the
+    metrics: the barrier runs inside the leader's switch, which knows no metrics)."""
+    _listeners.setdefault(store, []).append(listener)
+
+
+def _tell(store: Store, result: BarrierResult) -> None:
+    for listener in _listeners.get(store, ()):
+        try:
+            listener(result)
+        except Exception:
+            log.exception("barrier listener failed")
 
 
 class BarrierTracker:
@@ -199,4 +222,5 @@ async def barrier(
         pass
     result = tracker.result(clock())
     (log.info if result.complete else log.warning)("%s", result.describe())
+    _tell(store, result)
     return result

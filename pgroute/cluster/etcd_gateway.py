@@ -1,9 +1,12 @@
 """HTTP transport to etcd's v3 JSON gateway, with failover across the members.
 
-Owns: the aiohttp session, which member a request goes to, per-call and per-attempt
-deadlines, the gateway's error answers (gRPC status codes in JSON), and the check
-that every member answering belongs to one etcd cluster. Knows nothing of keys,
-leases or watches (`etcd_store` does); moves JSON objects to and from ``/v3/<rpc>``.
+Owns: the aiohttp session (TLS for https:// members, the auth token in every
+request's header: `etcd_auth`), which member a request goes to, per-call and
+per-attempt deadlines, the gateway's error answers (gRPC status codes in JSON), the
+check that every member answering belongs to one etcd cluster, and telling an
+optional `GatewayObserver` (the metrics) how long each round trip took and why an
+attempt failed. Knows nothing of keys, leases or watches (`etcd_store` does); moves
+JSON objects to and from ``/v3/<rpc>``.
 
 Why the gateway and not a gRPC client library: see the README's "Cluster (in
 progress)" paragraph; in short, the libraries tried either speak to one endpoint or
@@ -18,6 +21,10 @@ Invariants:
   the others are still tried within the call.
 - An answer from a member whose cluster id differs from the first one seen is a
   failure of that member (a misconfigured endpoint list must not mix two clusters).
+- A call whose token etcd no longer knows renews it and is sent once more, within
+  the same deadline; any other authentication refusal is `EtcdAuthError`.
+- The observer is told, never asked: what it raises is logged and dropped, and
+  this module does not import prometheus (the metrics set the observer).
 - etcd 3.4 or later (the ``/v3/`` path; 3.3 only serves ``/v3beta/``).
 """
 
@@ -26,15 +33,17 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import ssl
 import time
 from collections.abc import AsyncIterator, Sequence
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Protocol
 
 import aiohttp
 
 from .endpoints import endpoint_label, endpoint_url
+from .etcd_auth import EtcdAuthError, EtcdSecurity, TokenKeeper, auth_hint, is_auth_problem, is_expired_token
 from .store import StoreRequestError, StoreUnavailable
 
 log = logging.getLogger(__name__)
@@ -64,7 +73,51 @@ class EtcdError(StoreRequestError):
 
 
 class EndpointFailed(Exception):
-    """One member did not serve one attempt; the reason goes into StoreUnavailable."""
+    """One member did not serve one attempt; the text goes into StoreUnavailable,
+    ``reason`` (a metrics label) says which kind of failure it was."""
+
+    def __init__(self, message: str, reason: str = "unavailable") -> None:
+        super().__init__(message)
+        self.reason = reason
+
+
+class EtcdUnavailable(StoreUnavailable):
+    """No member served a call; ``reasons``: the kinds of failure seen (the
+    `EndpointFailed` reasons: {"tls"} means every attempt failed its handshake)."""
+
+    def __init__(self, message: str, reasons: set[str]) -> None:
+        super().__init__(message)
+        self.reasons = frozenset(reasons)
+
+
+class GatewayObserver(Protocol):
+    """Told about every request to a member (the metrics implement it).
+    ``operation``: a short name of the RPC (`operation_of`)."""
+
+    def round_trip(self, operation: str, seconds: float) -> None:
+        """A member answered (also with a refusal) after ``seconds``."""
+
+    def failure(self, operation: str, reason: str) -> None:
+        """An attempt failed: timeout, connection, tls, unavailable, bad_answer,
+        other_cluster (the member did not serve), auth or refused (etcd said no)."""
+
+
+_OPERATIONS = {
+    "kv/range": "range",
+    "kv/txn": "txn",
+    "kv/compaction": "compaction",
+    "lease/grant": "lease_grant",
+    "lease/keepalive": "lease_keepalive",
+    "lease/revoke": "lease_revoke",
+    "lease/timetolive": "lease_timetolive",
+    "watch": "watch_open",
+    "auth/authenticate": "authenticate",
+}
+
+
+def operation_of(rpc: str) -> str:
+    """The metrics' name of an RPC: a handful of fixed values (low cardinality)."""
+    return _OPERATIONS.get(rpc) or rpc.replace("/", "_")
 
 
 @dataclass(frozen=True, slots=True)
@@ -79,7 +132,7 @@ class Answer:
 class EtcdGateway:
     """Requests to the members of one etcd cluster, with failover. One event loop."""
 
-    def __init__(self, endpoints: Sequence[str], timeout: float = 3.0) -> None:
+    def __init__(self, endpoints: Sequence[str], timeout: float = 3.0, security: EtcdSecurity | None = None) -> None:
         urls = [endpoint_url(e) for e in endpoints]
         if not urls:
             raise ValueError("no etcd endpoint given")
@@ -93,6 +146,13 @@ class EtcdGateway:
         self._cluster_id: str | None = None
         self._session: aiohttp.ClientSession | None = None
         self._closed = False
+        self.security = security or EtcdSecurity()
+        # Built now: a CA or certificate file that does not load is a configuration
+        # error to report at start, not at the first request.
+        https = any(u.startswith("https://") for u in urls)
+        self._ssl = self.security.ssl_context() if https else None
+        self.auth = TokenKeeper(self.security.user, self.security.password) if self.security.authenticates else None
+        self.observer: GatewayObserver | None = None
 
     @property
     def endpoint(self) -> str:
@@ -124,7 +184,8 @@ class EtcdGateway:
             raise StoreUnavailable("the etcd store is closed")
         if self._session is None:
             # No aiohttp timeout: every request runs under our own deadline.
-            self._session = aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=None))
+            connector = aiohttp.TCPConnector(ssl=self._ssl) if self._ssl is not None else None
+            self._session = aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=None), connector=connector)
         return self._session
 
     async def close(self) -> None:
@@ -137,10 +198,46 @@ class EtcdGateway:
 
     async def call(self, rpc: str, body: dict[str, Any], timeout: float | None = None) -> Answer:
         """POST ``body`` to ``/v3/<rpc>`` on the current member, failing over until
-        one answers or ``timeout`` (default: the gateway's) runs out."""
+        one answers or ``timeout`` (default: the gateway's) runs out. With a user,
+        authenticates first and renews a token etcd no longer knows (once)."""
         total = self.timeout if timeout is None else timeout
         deadline = time.monotonic() + total
+        if self.auth is None:
+            return await self._call(rpc, body, deadline, total)
+        token = await self.auth.ensure(lambda b: self._authenticate(b, deadline, total))
+        try:
+            return await self._call(rpc, body, deadline, total)
+        except EtcdError as exc:
+            if not is_expired_token(exc.code, exc.message):
+                raise
+            log.info("etcd: auth token refused (%s); authenticating again", exc.message)
+        await self.renew_token(token, deadline, total)
+        return await self._call(rpc, body, deadline, total)
+
+    async def ensure_token(self, timeout: float) -> str | None:
+        """The token requests send now, authenticating first if there is none yet
+        (None without a user)."""
+        if self.auth is None:
+            return None
+        return await self.auth.ensure(lambda b: self._authenticate(b, time.monotonic() + timeout, timeout))
+
+    async def renew_token(self, stale: str | None, deadline: float, total: float) -> None:
+        """Authenticate again unless another request did since ``stale`` was sent."""
+        if self.auth is not None:
+            await self.auth.renew(stale, lambda b: self._authenticate(b, deadline, total))
+
+    async def _authenticate(self, body: dict[str, Any], deadline: float, total: float) -> dict[str, Any]:
+        try:
+            return (await self._call("auth/authenticate", body, deadline, total, auth=False)).body
+        except EtcdError as exc:
+            user = self.auth.user if self.auth is not None else ""
+            raise EtcdAuthError(f"etcd: cannot authenticate as {user!r}: {exc.message}") from None
+
+    async def _call(
+        self, rpc: str, body: dict[str, Any], deadline: float, total: float, *, auth: bool = True
+    ) -> Answer:
         errors: dict[str, str] = {}
+        reasons: set[str] = set()
         backoff = 0.05
         tried_in_round = 0
         while True:
@@ -149,9 +246,10 @@ class EtcdGateway:
                 break
             index = self._current
             try:
-                return await self.attempt(index, rpc, body, self.attempt_timeout(remaining))
+                return await self.attempt(index, rpc, body, self.attempt_timeout(remaining), auth=auth)
             except EndpointFailed as exc:
                 errors[endpoint_label(self.urls[index])] = str(exc)
+                reasons.add(exc.reason)
                 self.failed(index, exc)
             tried_in_round += 1
             if tried_in_round >= len(self.urls):
@@ -161,34 +259,69 @@ class EtcdGateway:
                 await asyncio.sleep(max(min(backoff, deadline - time.monotonic()), 0))
                 backoff = min(backoff * 2, 0.5)
         detail = "; ".join(f"{ep}: {err}" for ep, err in errors.items()) or "no attempt"
-        raise StoreUnavailable(f"etcd: no member answered {rpc} within {total:g}s ({detail})")
+        raise EtcdUnavailable(f"etcd: no member answered {rpc} within {total:g}s ({detail})", reasons)
 
-    async def attempt(self, index: int, rpc: str, body: dict[str, Any], timeout: float) -> Answer:
-        """One request to member ``index``; EndpointFailed unless it answers in time."""
+    async def attempt(self, index: int, rpc: str, body: dict[str, Any], timeout: float, *, auth: bool = True) -> Answer:
+        """One request to member ``index``; EndpointFailed unless it answers in time.
+        ``auth``: send the current token (the authenticate request does not)."""
         url = f"{self.urls[index]}/v3/{rpc}"
         session = self._session_now()
+        headers = self.auth.headers() if auth and self.auth is not None else None
+        operation = operation_of(rpc)
         sent_at = time.monotonic()
         try:
-            async with asyncio.timeout(timeout):
-                async with session.post(url, json=body) as response:
-                    raw = await response.read()
-                    status = response.status
-        except TimeoutError:
-            raise EndpointFailed(f"no answer within {timeout:.2f}s") from None
-        except (aiohttp.ClientError, OSError) as exc:
-            raise EndpointFailed(_describe(exc)) from None
-        data = self._decode(index, raw, status)
+            try:
+                async with asyncio.timeout(timeout):
+                    async with session.post(url, json=body, headers=headers) as response:
+                        raw = await response.read()
+                        status = response.status
+            except TimeoutError:
+                raise EndpointFailed(f"no answer within {timeout:.2f}s", "timeout") from None
+            except (aiohttp.ClientError, OSError) as exc:
+                raise _connection_failed(exc) from None
+            self._observe(operation, time.monotonic() - sent_at)
+            data = self._decode(index, raw, status)
+        except EndpointFailed as exc:
+            self._failed(operation, exc.reason)
+            raise
+        except StoreRequestError as exc:  # EtcdError, EtcdAuthError
+            expired = isinstance(exc, EtcdError) and is_expired_token(exc.code, exc.message)
+            self._failed(operation, "auth" if expired or isinstance(exc, EtcdAuthError) else "refused")
+            raise
         return Answer(data, sent_at, endpoint_label(self.urls[index]))
 
+    def _observe(self, operation: str, seconds: float) -> None:
+        if self.observer is not None:
+            try:
+                self.observer.round_trip(operation, seconds)
+            except Exception:
+                log.exception("etcd gateway observer failed")
+
+    def _failed(self, operation: str, reason: str) -> None:
+        if self.observer is not None:
+            try:
+                self.observer.failure(operation, reason)
+            except Exception:
+                log.exception("etcd gateway observer failed")
+
     def _decode(self, index: int, raw: bytes, status: int) -> dict[str, Any]:
+        if status == 400 and raw.startswith(b"CommonName of client"):
+            # etcd (3.4.10+) with authentication on: its JSON gateway cannot pass a
+            # certificate's CN on as the user, so it refuses the request. Every member
+            # will: not a member failure.
+            raise EtcdAuthError(
+                "etcd refuses a client certificate with a Common Name on its JSON gateway while "
+                "authentication is on: issue [cluster] etcd_cert without a CN (subjectAltName only) "
+                "and authenticate with etcd_user/etcd_password"
+            )
         try:
             data = json.loads(raw)
         except ValueError:
-            raise EndpointFailed(f"HTTP {status}, not a JSON answer: {raw[:120]!r}") from None
+            raise EndpointFailed(f"HTTP {status}, not a JSON answer: {raw[:120]!r}", "bad_answer") from None
         if not isinstance(data, dict):
-            raise EndpointFailed(f"HTTP {status}, unexpected answer: {raw[:120]!r}")
+            raise EndpointFailed(f"HTTP {status}, unexpected answer: {raw[:120]!r}", "bad_answer")
         if status >= 400 or "error" in data:
-            raise_for_error(data, status)
+            raise_for_error(data, status, self.auth.user if self.auth is not None else "")
         self.check_cluster(index, data.get("header") or data.get("result", {}).get("header"))
         return data
 
@@ -202,7 +335,8 @@ class EtcdGateway:
         elif cluster_id != self._cluster_id:
             raise EndpointFailed(
                 f"{endpoint_label(self.urls[index])} belongs to another etcd cluster "
-                f"(id {cluster_id}, the others: {self._cluster_id})"
+                f"(id {cluster_id}, the others: {self._cluster_id})",
+                "other_cluster",
             )
 
     # ----------------------------------------------------------------- streams
@@ -213,13 +347,22 @@ class EtcdGateway:
         arrive within ``timeout``; the messages are read from the yielded `Stream`."""
         url = f"{self.urls[index]}/v3/{rpc}"
         session = self._session_now()
+        operation = operation_of(rpc)
+        await self.ensure_token(timeout)
+        headers = self.auth.headers() if self.auth is not None else None
+        sent_at = time.monotonic()
         try:
-            async with asyncio.timeout(timeout):
-                response = await session.post(url, json=body)
-        except TimeoutError:
-            raise EndpointFailed(f"no answer within {timeout:.2f}s") from None
-        except (aiohttp.ClientError, OSError) as exc:
-            raise EndpointFailed(_describe(exc)) from None
+            try:
+                async with asyncio.timeout(timeout):
+                    response = await session.post(url, json=body, headers=headers)
+            except TimeoutError:
+                raise EndpointFailed(f"no answer within {timeout:.2f}s", "timeout") from None
+            except (aiohttp.ClientError, OSError) as exc:
+                raise _connection_failed(exc) from None
+        except EndpointFailed as exc:
+            self._failed(operation, exc.reason)
+            raise
+        self._observe(operation, time.monotonic() - sent_at)
         try:
             if response.status >= 400:
                 raw = await _read_some(response, timeout)
@@ -270,7 +413,8 @@ class Stream:
         if not isinstance(data, dict):
             raise EndpointFailed(f"watch stream: unexpected message: {line[:120]!r}")
         if "error" in data:
-            raise_for_error(data, 200)
+            auth = self._gateway.auth
+            raise_for_error(data, 200, auth.user if auth is not None else "")
         result = data.get("result")
         if isinstance(result, dict):
             self._gateway.check_cluster(self._index, result.get("header"))
@@ -285,9 +429,10 @@ async def _read_some(response: aiohttp.ClientResponse, timeout: float) -> bytes:
         return b""
 
 
-def raise_for_error(data: dict[str, Any], status: int) -> None:
+def raise_for_error(data: dict[str, Any], status: int, user: str = "") -> None:
     """Raise for an error answer: EndpointFailed when another member may serve it,
-    EtcdError when etcd refused the request itself."""
+    EtcdError when etcd refused the request itself (EtcdAuthError for credentials or
+    rights, except an unknown token, which the caller renews)."""
     error = data.get("error")
     if isinstance(error, dict):  # a streaming answer's error: {"grpc_code", "http_code", "message"}
         code = error.get("grpc_code", error.get("code", UNKNOWN))
@@ -299,7 +444,26 @@ def raise_for_error(data: dict[str, Any], status: int) -> None:
         code = UNKNOWN
     if code in _RETRY_CODES or message in _RETRY_MESSAGES or (code == UNKNOWN and status >= 500):
         raise EndpointFailed(f"{message} (code {code})")
+    if is_auth_problem(code, message) and not is_expired_token(code, message):
+        raise EtcdAuthError(f"etcd: {message} (code {code}): {auth_hint(message, user)}")
     raise EtcdError(code, message)
+
+
+def _connection_failed(exc: BaseException) -> EndpointFailed:
+    """A failed connection; ``tls`` when the handshake or the certificate check failed."""
+    return EndpointFailed(_describe(exc), "tls" if _is_tls(exc) else "connection")
+
+
+def _is_tls(exc: BaseException | None) -> bool:
+    # aiohttp re-raises a TLS alert from the server (a refused client certificate)
+    # as a plain ClientOSError whose cause is the ssl.SSLError.
+    for _ in range(4):
+        if exc is None:
+            return False
+        if isinstance(exc, aiohttp.ClientSSLError | ssl.SSLError):
+            return True
+        exc = exc.__cause__ or exc.__context__
+    return False
 
 
 def _describe(exc: BaseException) -> str:

@@ -27,7 +27,8 @@ from collections.abc import AsyncIterator, Sequence
 from typing import TYPE_CHECKING, Any
 
 from .endpoints import endpoint_label
-from .etcd_gateway import NOT_FOUND, EndpointFailed, EtcdError, EtcdGateway
+from .etcd_auth import UNAUTHENTICATED, EtcdAuthError, EtcdSecurity, is_expired_token
+from .etcd_gateway import NOT_FOUND, EndpointFailed, EtcdError, EtcdGateway, GatewayObserver
 from .store import (
     Compacted,
     Compare,
@@ -131,8 +132,17 @@ class EtcdStore:
     """The Store on an etcd v3 cluster (3.4 or later). Use from one event loop;
     `close()` when done (or ``async with``)."""
 
-    def __init__(self, endpoints: Sequence[str], timeout: float = 3.0) -> None:
-        self._gateway = EtcdGateway(endpoints, timeout)
+    def __init__(self, endpoints: Sequence[str], timeout: float = 3.0, security: EtcdSecurity | None = None) -> None:
+        self._gateway = EtcdGateway(endpoints, timeout, security)
+
+    @property
+    def observer(self) -> GatewayObserver | None:
+        """Told about every round trip to etcd and every failed attempt (the metrics)."""
+        return self._gateway.observer
+
+    @observer.setter
+    def observer(self, observer: GatewayObserver | None) -> None:
+        self._gateway.observer = observer
 
     @property
     def timeout(self) -> float:
@@ -285,8 +295,12 @@ class EtcdStore:
         next_revision = start_revision
         failing_since: float | None = None  # when the watch lost its member
         errors: dict[str, str] = {}
+        renewed = False  # the auth token was renewed for this (re)connection
         while True:
             index = gateway.current
+            # The token this stream sends (authenticating first; StoreUnavailable when
+            # no member answers that within the store's timeout, as a watch gives up).
+            token = await gateway.ensure_token(gateway.timeout)
             body = {
                 "create_request": {
                     "key": _b64(raw),
@@ -311,12 +325,27 @@ class EtcdStore:
                             compact = _int(result.get("compact_revision"))
                             if compact:
                                 raise Compacted(next_revision, compact)
-                            raise EndpointFailed(f"watch canceled: {result.get('cancel_reason') or 'no reason given'}")
+                            why = result.get("cancel_reason") or "no reason given"
+                            if gateway.auth is not None and ("permission denied" in why or is_expired_token(0, why)):
+                                # etcd cancels a watch whose token it does not know this way
+                                # (3.4: "invalid auth token"; older: "permission denied").
+                                raise EtcdError(UNAUTHENTICATED, f"watch canceled: {why}")
+                            raise EndpointFailed(f"watch canceled: {why}")
+                        renewed = False
                         for event in result.get("events", ()):
                             kind = EventKind.DELETE if event.get("type") == "DELETE" else EventKind.PUT
                             watched = WatchEvent(kind, key_value(event.get("kv", {})))
                             next_revision = watched.revision + 1
                             yield watched
+            except EtcdError as exc:
+                if renewed or gateway.auth is None or not is_expired_token(exc.code, exc.message):
+                    if "permission denied" in exc.message:
+                        raise EtcdAuthError(f"etcd: {exc.message}: check the rights of [cluster] etcd_user") from None
+                    raise
+                log.info("watch %s: auth token refused (%s); authenticating again", prefix, exc.message)
+                renewed = True
+                await gateway.renew_token(token, time.monotonic() + gateway.timeout, gateway.timeout)
+                continue
             except EndpointFailed as exc:
                 log.info("watch %s on %s failed: %s", prefix, endpoint_label(gateway.urls[index]), exc)
                 if failing_since is None:  # a new outage: earlier errors are history

@@ -6,6 +6,8 @@ Owns the key layout, so that every module (and an operator reading etcd with
     <prefix>/leader            the leader key (bound to the leader's lease)
     <prefix>/route             the route record (written by the leader only)
     <prefix>/members/<name>    one record per instance (bound to its lease)
+    <prefix>/roster            the instances that make up the cluster (leader only)
+    <prefix>/departed/<name>   the incarnation of <name> that last stopped cleanly
 
 Pure. Invariants: a prefix starts with "/" and does not end with one; a member name
 is one path segment (no "/"), so ``Keys.member_name(Keys.member(n)) == n`` and a
@@ -70,6 +72,13 @@ class Keys:
     @property
     def route(self) -> str:
         return f"{self.prefix}/route"
+
+    @property
+    def roster(self) -> str:
+        return f"{self.prefix}/roster"
+
+    def departed(self, name: str) -> str:
+        return f"{self.prefix}/departed/{check_name(name)}"
 
     @property
     def members(self) -> str:

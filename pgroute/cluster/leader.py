@@ -39,7 +39,7 @@ import asyncio
 import datetime
 import json
 import logging
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 
 from pgroute.errors import PgRouteError
@@ -141,6 +141,7 @@ class LeaderElection:
         margin: float | None = None,
         on_elected: OnElected | None = None,
         on_lost: OnLost | None = None,
+        may_campaign: Callable[[], Awaitable[str | None]] | None = None,
         clock: Clock = MONOTONIC,
     ) -> None:
         self.ttl = float(ttl)
@@ -164,6 +165,10 @@ class LeaderElection:
         self._clock = clock
         self._on_elected = on_elected
         self._on_lost = on_lost
+        # Asked before each attempt to take a vacant key: a reason not to (this
+        # instance may not lead yet, pgroute/cluster/roster.py), or None.
+        self._may_campaign = may_campaign
+        self._barred: str | None = None
         self._pause = min(0.5, self.loop_wait / 4)  # between attempts after a store error
 
         self._term: Term | None = None
@@ -294,6 +299,15 @@ class LeaderElection:
         if read.first is not None:
             await self._wait_vacant(read.revision, self.loop_wait)
             return None
+        if self._may_campaign is not None:
+            barred = await self._may_campaign()
+            if barred is not None:
+                if barred != self._barred:
+                    log.warning("leader election %s: not campaigning: %s", self.name, barred)
+                self._barred = barred
+                await self._clock.sleep(self.loop_wait)
+                return None
+            self._barred = None
         try:
             lease = await self._store.grant(self.ttl, timeout=self.retry_timeout)
         except StoreError as exc:

@@ -44,7 +44,8 @@ class MemberRecord:
     """One instance as it reports itself. ``epoch``: the route epoch it has applied
     (and closed the older epoch's sessions for); ``proxy``/``api``: ``host:port``;
     ``started_at``/``updated_at``: wall time; ``health``: passive signals, free-form
-    JSON (read-only)."""
+    JSON (read-only); ``id``: this process's incarnation (new at each start);
+    ``gen``: the roster generation it has acknowledged (see pgroute/cluster/roster.py)."""
 
     name: str
     epoch: int
@@ -54,11 +55,15 @@ class MemberRecord:
     started_at: float = 0.0
     updated_at: float = 0.0
     health: Mapping[str, Any] = field(default_factory=dict)
+    id: str = ""
+    gen: int = 0
 
     def __post_init__(self) -> None:
         check_name(self.name)
         if not is_int(self.epoch, MAX_EPOCH):
             raise ValueError(f"epoch {self.epoch!r} is not an integer 0..{MAX_EPOCH}")
+        if not is_int(self.gen, MAX_EPOCH):
+            raise ValueError(f"gen {self.gen!r} is not an integer 0..{MAX_EPOCH}")
         for name in ("started_at", "updated_at"):
             if not is_time(getattr(self, name)):
                 raise ValueError(f"{name} {getattr(self, name)!r} is not a time")
@@ -76,6 +81,8 @@ def encode_member(record: MemberRecord) -> bytes:
             "started_at": record.started_at,
             "updated_at": record.updated_at,
             "health": dict(record.health),
+            "id": record.id,
+            "gen": record.gen,
         }
     )
 
@@ -98,8 +105,12 @@ def decode_member(key: str, value: bytes, name: str | None = None) -> MemberReco
     started_at = record_field(key, data, "started_at", is_time, "a time", 0.0)
     updated_at = record_field(key, data, "updated_at", is_time, "a time", 0.0)
     health = record_field(key, data, "health", lambda v: isinstance(v, dict), "an object", {})
+    ident = record_field(key, data, "id", _is_str, "a string", "")
+    gen = record_field(key, data, "gen", lambda v: is_int(v, MAX_EPOCH), f"an integer 0..{MAX_EPOCH}", 0)
     try:
-        return MemberRecord(stored_name, epoch, paused, proxy, api, float(started_at), float(updated_at), health)
+        return MemberRecord(
+            stored_name, epoch, paused, proxy, api, float(started_at), float(updated_at), health, ident, gen
+        )
     except ValueError as exc:  # a name that is not a valid instance name
         raise CorruptRecord(key, str(exc)) from None
 
@@ -198,6 +209,7 @@ class Membership:
         proxy: str = "",
         api: str = "",
         epoch: int = 0,
+        instance_id: str = "",
         on_lost: Callable[[str], None] | None = None,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
@@ -205,7 +217,7 @@ class Membership:
         self._keys = keys
         self.key = keys.member(name)
         self.ttl = ttl
-        self._record = MemberRecord(name, epoch, proxy=proxy, api=api)
+        self._record = MemberRecord(name, epoch, proxy=proxy, api=api, id=instance_id)
         self._on_lost = on_lost
         self._clock = clock
         self._lease: Lease | None = None
@@ -255,6 +267,7 @@ class Membership:
         epoch: int | None = None,
         paused: bool | None = None,
         health: Mapping[str, Any] | None = None,
+        gen: int | None = None,
         timeout: float | None = None,
     ) -> MemberRecord:
         """Rewrite the record with the fields given. Raises MembershipLost when the
@@ -271,6 +284,8 @@ class Membership:
                 changes["paused"] = paused
             if health is not None:
                 changes["health"] = health
+            if gen is not None:
+                changes["gen"] = gen
             record = replace(self._record, **changes)
             payload = encode_member(record)
             for _ in range(2):

@@ -59,7 +59,9 @@ class Route:
     """Where the cluster routes. ``active`` None: to no node (failed closed or
     mid-switch); ``paused``: new connections wait. ``updated_at`` is wall time
     (for people; no decision reads it), ``leader`` the name of the instance that
-    wrote it."""
+    wrote it. A switch's hold ("paused, no node") keeps the route it holds in
+    ``held_active``/``held_epoch``: what a single instance's state file still says
+    at that moment, and what a successor's start-up resolution starts from."""
 
     epoch: int
     active: NodeName | None
@@ -68,6 +70,8 @@ class Route:
     active_lsn: int | None = None
     updated_at: float = 0.0
     leader: str = ""
+    held_active: NodeName | None = None
+    held_epoch: int = 0
 
     def __post_init__(self) -> None:
         if not is_int(self.epoch, MAX_EPOCH):
@@ -76,20 +80,36 @@ class Route:
             raise ValueError(f"active_lsn {self.active_lsn!r} is not a WAL position")
         if not is_time(self.updated_at):
             raise ValueError(f"updated_at {self.updated_at!r} is not a time")
+        if not is_int(self.held_epoch, MAX_EPOCH):
+            raise ValueError(f"held_epoch {self.held_epoch!r} is not an integer 0..{MAX_EPOCH}")
+
+    @property
+    def is_hold(self) -> bool:
+        """A switch's "paused, no node" while it waits at the barrier."""
+        return self.active is None and self.paused
+
+    def holding(self) -> tuple[NodeName, int] | None:
+        """The route a hold (or this route itself, when it routes) stands for."""
+        if self.active is not None:
+            return self.active, self.epoch
+        if self.held_active is not None:
+            return self.held_active, self.held_epoch
+        return None
 
 
 def encode_route(route: Route) -> bytes:
-    return dump_object(
-        {
-            "epoch": route.epoch,
-            "active": route.active.value if route.active else None,
-            "paused": route.paused,
-            "reason": route.reason,
-            "active_lsn": route.active_lsn,
-            "updated_at": route.updated_at,
-            "leader": route.leader,
-        }
-    )
+    data = {
+        "epoch": route.epoch,
+        "active": route.active.value if route.active else None,
+        "paused": route.paused,
+        "reason": route.reason,
+        "active_lsn": route.active_lsn,
+        "updated_at": route.updated_at,
+        "leader": route.leader,
+    }
+    if route.held_active is not None:
+        data |= {"held_active": route.held_active.value, "held_epoch": route.held_epoch}
+    return dump_object(data)
 
 
 def decode_route(key: str, value: bytes) -> Route:
@@ -103,6 +123,8 @@ def decode_route(key: str, value: bytes) -> Route:
     lsn = field(key, data, "active_lsn", lambda v: v is None or is_int(v, MAX_LSN), "a WAL position", None)
     updated_at = field(key, data, "updated_at", is_time, "a time", 0.0)
     leader = field(key, data, "leader", lambda v: isinstance(v, str), "a string", "")
+    held = field(key, data, "held_active", lambda v: v is None or v in _NODES, "a node or null", None)
+    held_epoch = field(key, data, "held_epoch", lambda v: is_int(v, MAX_EPOCH), f"an integer 0..{MAX_EPOCH}", 0)
     return Route(
         epoch=epoch,
         active=NodeName(active) if active else None,
@@ -111,6 +133,8 @@ def decode_route(key: str, value: bytes) -> Route:
         active_lsn=lsn,
         updated_at=float(updated_at),
         leader=leader,
+        held_active=NodeName(held) if held else None,
+        held_epoch=held_epoch,
     )
 
 
@@ -136,6 +160,10 @@ def route_seen(key: str, kv: KeyValue | None, revision: int) -> RouteSeen:
         return RouteSeen(decode_route(key, kv.value), kv.mod_revision, revision)
     except CorruptRecord as exc:
         return RouteSeen(None, kv.mod_revision, revision, str(exc))
+
+
+class RouteChanged(ValueError):
+    """`RouteWriter.write_if` found another route than the one expected."""
 
 
 class EpochRegression(ValueError):
@@ -183,8 +211,24 @@ class RouteWriter:
         EpochRegression (nothing sent), CompareFailed (nothing written: the route
         moved, ``key`` is the route's; or a guard failed, ``key`` is the guard's),
         StoreUnavailable (outcome unknown: `read()` tells)."""
+        return await self.write_if(None, route, guards=guards, timeout=timeout)
+
+    async def write_if(
+        self,
+        expected: Route | None,
+        route: Route,
+        *,
+        guards: Sequence[Compare] | None = None,
+        timeout: float | None = None,
+    ) -> RouteSeen:
+        """`write`, but only while the route this writer last read or wrote is
+        ``expected`` (None: any), checked under the writer's lock; RouteChanged (nothing
+        sent) otherwise. For a write derived from the current route (a new WAL
+        position) that must not undo a write made meanwhile (a pause)."""
         async with self._lock:
             seen = self._seen
+            if expected is not None and (seen is None or seen.route != expected):
+                raise RouteChanged("the route changed since it was read: not written")
             if seen is None:
                 raise RuntimeError("RouteWriter.write before read(): the route's revision is unknown")
             if seen.route is not None and route.epoch < seen.route.epoch:
@@ -199,6 +243,8 @@ class RouteWriter:
                 active_lsn=route.active_lsn,
                 updated_at=time.time(),
                 leader=self.leader,
+                held_active=route.held_active,
+                held_epoch=route.held_epoch,
             )
             payload = encode_route(stamped)
             checks = (

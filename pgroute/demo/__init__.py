@@ -23,7 +23,8 @@ Invariants:
 
 Modules: `setup` (directory, servers, configuration: what the modes share),
 `interactive` (the default mode), `tour` (``--tour``), `upgrade` (``--upgrade``: a
-major-version upgrade by switchover). This module owns `main`:
+major-version upgrade by switchover), `cluster` (``--cluster``: three instances on a
+local etcd). This module owns `main`:
 setting up, choosing the mode, and the clean-up that must run however it ends.
 """
 
@@ -41,6 +42,7 @@ from typing import Any
 from pgroute import local
 from pgroute.errors import LocalClusterError, PgRouteError
 
+from .cluster import cluster_main, etcd_missing
 from .interactive import interactive
 from .setup import (
     DEMO_DIR,
@@ -70,10 +72,13 @@ __all__ = [
 ]
 
 
-def main(tour: bool = False, upgrade: tuple[int | None, int | None] | None = None) -> int:
+def main(tour: bool = False, upgrade: tuple[int | None, int | None] | None = None, cluster: bool = False) -> int:
     """Run the demo; returns the exit status (0 ok, 1 failed or lost writes, 130 interrupted).
     ``upgrade=(from, to)`` runs the upgrade story (`upgrade`); None versions: the oldest
-    and newest installed."""
+    and newest installed. ``cluster``: three instances on a local etcd (`cluster`;
+    2 when etcd is not installed)."""
+    if cluster:
+        return _cluster()
     previous = _stop_signals_as_interrupt()
     base: Path | None = None
     demo: Demo | None = None
@@ -130,6 +135,39 @@ def main(tour: bool = False, upgrade: tuple[int | None, int | None] | None = Non
             ignore_stop_signals()
         try:
             _clean_up(base, demo, tour or versions is not None)
+        finally:
+            for sig, handler in previous.items():
+                signal.signal(sig, handler)
+
+
+def _cluster() -> int:
+    """`pgroute demo --cluster`: what is missing first (etcd: 2, PostgreSQL: 1), then
+    the run (`cluster.cluster_main`, which stops what it started) and the directory."""
+    why = etcd_missing()
+    if why is not None:
+        say(f"pgroute demo --cluster: {why}", err=True)
+        return 2
+    previous = _stop_signals_as_interrupt()
+    base: Path | None = None
+    try:
+        try:
+            local.find_binaries()
+            base = make_demo_dir()
+        except LocalClusterError as exc:
+            say(f"pgroute demo: {exc}", err=True)
+            return 1
+        return cluster_main(base)
+    except KeyboardInterrupt:
+        say("pgroute demo: interrupted", err=True)
+        return 130
+    finally:
+        if threading.current_thread() is threading.main_thread():
+            ignore_stop_signals()
+        try:
+            if base is not None:
+                _clean_up(base, None, False)
+                if not base.exists():
+                    say(f"pgroute demo: {base} removed")
         finally:
             for sig, handler in previous.items():
                 signal.signal(sig, handler)

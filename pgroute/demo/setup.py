@@ -89,7 +89,7 @@ def ignore_stop_signals() -> None:
         signal.signal(sig, signal.SIG_IGN)
 
 
-def _pgroute_command() -> str:
+def pgroute_command() -> str:
     """How the user invokes this pgroute, to print commands they can paste."""
     argv0 = sys.argv[0] if sys.argv else ""
     if Path(argv0).name == "pgroute":
@@ -119,7 +119,7 @@ def _port_free(port: int) -> bool:
     return True
 
 
-def _pick_port(preferred: int, avoid: set[int]) -> int:
+def pick_port(preferred: int, avoid: set[int]) -> int:
     """`preferred` when free, else any free port not in `avoid`."""
     if preferred not in avoid and _port_free(preferred):
         return preferred
@@ -230,7 +230,7 @@ class Demo:
     pair: local.LocalPair
     config_path: Path
     config: Config
-    pgroute: str = field(default_factory=_pgroute_command)
+    pgroute: str = field(default_factory=pgroute_command)
 
     @property
     def api_url(self) -> str:
@@ -243,10 +243,14 @@ class Demo:
         return f"postgresql://postgres@{self.config.proxy.listen}/{DBNAME}"
 
 
+def create_demo_pair(base: Path) -> local.LocalPair:
+    """Both servers with the seed and replication (the plain and the cluster demo)."""
+    return local.create_pair(base, dbname=DBNAME, publication=PUBLICATION, subscription=SUBSCRIPTION, seed_sql=SEED_SQL)
+
+
 def prepare(base: Path) -> Demo:
     """Both servers with the seed and replication, and the configuration to run pgroute with."""
-    pair = local.create_pair(base, dbname=DBNAME, publication=PUBLICATION, subscription=SUBSCRIPTION, seed_sql=SEED_SQL)
-    return configure(base, pair)
+    return configure(base, create_demo_pair(base))
 
 
 def configure(base: Path, pair: local.LocalPair) -> Demo:
@@ -254,8 +258,8 @@ def configure(base: Path, pair: local.LocalPair) -> Demo:
     from pgroute.config import load_config
 
     avoid = {pair.primary.port, pair.mirror.port}
-    proxy_port = _pick_port(PROXY_PORT, avoid)
-    api_port = _pick_port(API_PORT, avoid | {proxy_port})
+    proxy_port = pick_port(PROXY_PORT, avoid)
+    api_port = pick_port(API_PORT, avoid | {proxy_port})
     config_path = base / "pgroute.toml"
     write_config(config_path, pair, proxy_port, api_port, base)
     # environ={}: the shell's DATABASE_URL & co. must not redirect the demo.

@@ -3,7 +3,9 @@
 Owns finding the ``etcd`` binary (and saying what to install when it is absent),
 starting a member on free loopback ports with its data in a temporary directory,
 and stopping, crashing (SIGKILL), hanging (SIGSTOP) and resuming it; and
-`LocalEtcdCluster`, the members of one cluster started together.
+`LocalEtcdCluster`, the members of one cluster started together, optionally
+serving clients over TLS (`etcd_tls`) and with authentication enabled
+(`LocalEtcdCluster.enable_auth`).
 
 Invariants (as for PostgreSQL in `cluster` and `processes`):
 - A member this process starts is its direct child and is reaped when it stops or
@@ -32,10 +34,12 @@ import time
 import urllib.error
 import urllib.request
 from pathlib import Path
+from typing import Any
 
 from pgroute.errors import LocalClusterError
 
 from .directories import make_base_dir, scratch_parent
+from .etcd_tls import EtcdTls
 from .processes import free_port, port_open
 
 log = logging.getLogger(__name__)
@@ -70,8 +74,19 @@ class LocalEtcd:
 
     host = "127.0.0.1"
 
-    def __init__(self, name: str, datadir: Path, client_port: int, peer_port: int, binary: Path | None = None) -> None:
+    def __init__(
+        self,
+        name: str,
+        datadir: Path,
+        client_port: int,
+        peer_port: int,
+        binary: Path | None = None,
+        tls: EtcdTls | None = None,
+        flags: tuple[str, ...] = (),
+    ) -> None:
         self.name = name
+        self.tls = tls  # clients over https (peers stay on http)
+        self.flags = flags  # more etcd options (e.g. --auth-token-ttl)
         self.datadir = Path(datadir).absolute()
         self.client_port = client_port
         self.peer_port = peer_port
@@ -86,12 +101,33 @@ class LocalEtcd:
 
     @property
     def endpoint(self) -> str:
-        """``host:port`` of the client port, as pgroute's configuration writes it."""
-        return f"{self.host}:{self.client_port}"
+        """``host:port`` of the client port, as pgroute's configuration writes it
+        (``https://host:port`` when the member serves TLS)."""
+        return self.client_url if self.tls is not None else f"{self.host}:{self.client_port}"
 
     @property
     def client_url(self) -> str:
-        return f"http://{self.endpoint}"
+        return f"{'https' if self.tls is not None else 'http'}://{self.host}:{self.client_port}"
+
+    def post(self, path: str, body: dict[str, Any], token: str | None = None) -> dict[str, Any] | None:
+        """POST to the member's JSON gateway (with its TLS client pair); None when it
+        does not answer with a JSON object."""
+        context = self.tls.client_context() if self.tls is not None else None
+        headers = {"Authorization": token} if token else {}
+        request = urllib.request.Request(
+            f"{self.client_url}{path}", data=json.dumps(body).encode(), headers=headers, method="POST"
+        )
+        try:
+            with urllib.request.urlopen(request, timeout=2, context=context) as response:
+                data = json.loads(response.read())
+        except urllib.error.HTTPError as exc:
+            try:
+                data = json.loads(exc.read())
+            except ValueError:
+                return None
+        except (OSError, ValueError, urllib.error.URLError):
+            return None
+        return data if isinstance(data, dict) else None
 
     @property
     def peer_url(self) -> str:
@@ -133,6 +169,8 @@ class LocalEtcd:
             f"--initial-cluster-state={'new' if new else 'existing'}",
             f"--initial-cluster-token=pgroute-{os.getpid()}-{self.datadir.parent.name}",
             *_FLAGS,
+            *(self.tls.server_flags() if self.tls is not None else ()),
+            *self.flags,
         ]
         with open(self.logfile, "ab") as logf:
             self._proc = subprocess.Popen(
@@ -163,8 +201,9 @@ class LocalEtcd:
 
     def healthy(self) -> bool:
         """True when the member answers /health with ``"health": "true"``."""
+        context = self.tls.client_context() if self.tls is not None else None
         try:
-            with urllib.request.urlopen(f"{self.client_url}/health", timeout=1) as response:
+            with urllib.request.urlopen(f"{self.client_url}/health", timeout=1, context=context) as response:
                 return bool(json.loads(response.read()).get("health") == "true")
         except (OSError, ValueError, urllib.error.URLError):
             return False
@@ -237,10 +276,19 @@ class LocalEtcd:
 class LocalEtcdCluster:
     """The members of one local etcd cluster (3 by default) under one base directory."""
 
-    def __init__(self, base: Path | str | None = None, size: int = 3, binary: Path | None = None) -> None:
+    def __init__(
+        self,
+        base: Path | str | None = None,
+        size: int = 3,
+        binary: Path | None = None,
+        tls: EtcdTls | None = None,
+        flags: tuple[str, ...] = (),
+    ) -> None:
         if size < 1:
             raise ValueError("an etcd cluster has at least one member")
         self._binary = binary or find_etcd()  # fail early, naming the package
+        self.tls = tls
+        self.flags = flags
         self._own_base = base is None
         self.base = Path(base) if base is not None else make_base_dir("pgroute-etcd-", scratch_parent())
         self.members = [self._member(i) for i in range(1, size + 1)]
@@ -248,7 +296,9 @@ class LocalEtcdCluster:
         self._link()
 
     def _member(self, i: int) -> LocalEtcd:
-        return LocalEtcd(f"etcd{i}", self.base / f"etcd{i}", free_port(), free_port(), self._binary)
+        return LocalEtcd(
+            f"etcd{i}", self.base / f"etcd{i}", free_port(), free_port(), self._binary, self.tls, self.flags
+        )
 
     def _link(self) -> None:
         initial = ",".join(f"{m.name}={m.peer_url}" for m in self.members)
@@ -308,7 +358,7 @@ class LocalEtcdCluster:
             statuses = {}
             for member in self.members:
                 if member.is_running() and not member.paused:
-                    status = _post(member, "/v3/maintenance/status")
+                    status = member.post("/v3/maintenance/status", {})
                     if status is not None:
                         statuses[member.name] = status
             leader_ids = {s.get("leader") for s in statuses.values()} - {None, "0"}
@@ -319,6 +369,21 @@ class LocalEtcdCluster:
             if time.monotonic() > deadline:
                 raise LocalClusterError(f"no running etcd member became the leader within {timeout}s")
             time.sleep(0.1)
+
+    def enable_auth(self, password: str, user: str = "root") -> None:
+        """Turn etcd's authentication on with ``user`` (granted the root role), as
+        ``etcdctl user add`` and ``auth enable`` would (over the JSON gateway: etcdctl
+        is not always installed)."""
+        member = self.leader()
+        for path, body in (
+            ("/v3/auth/role/add", {"name": "root"}),
+            ("/v3/auth/user/add", {"name": user, "password": password}),
+            ("/v3/auth/user/grant", {"user": user, "role": "root"}),
+            ("/v3/auth/enable", {}),
+        ):
+            answer = member.post(path, body)
+            if answer is None or "error" in answer:
+                raise LocalClusterError(f"etcd {member.name}: {path} failed: {answer}")
 
     def followers(self) -> list[LocalEtcd]:
         """The running members that are not the leader."""
@@ -360,16 +425,6 @@ def create_etcd_cluster(size: int = 3, base: Path | str | None = None, timeout: 
         cluster.destroy()
         raise
     return cluster
-
-
-def _post(member: LocalEtcd, path: str) -> dict[str, object] | None:
-    request = urllib.request.Request(f"{member.client_url}{path}", data=b"{}", method="POST")
-    try:
-        with urllib.request.urlopen(request, timeout=2) as response:
-            data = json.loads(response.read())
-    except (OSError, ValueError, urllib.error.URLError):
-        return None
-    return data if isinstance(data, dict) else None
 
 
 def _die_with_parent() -> None:

@@ -11,6 +11,7 @@ import pytest
 from pgroute.cluster.etcd_store import EtcdStore
 from pgroute.cluster.keys import Keys
 from pgroute.cluster.members import Membership
+from pgroute.cluster.roster import Roster, RosterEntry, encode_roster
 from pgroute.cluster.route import Route, RouteWriter
 from pgroute.model import NodeName
 
@@ -61,6 +62,12 @@ async def test_check_reports_etcd_name_route_and_that_cluster_mode_is_not_wired(
         await writer.write(Route(epoch=3, active=NodeName.MIRROR))
         try:
             code, out = await _check(cfg)
+            assert f"✓ roster: {PREFIX}/roster is absent: the first leader writes it" in out, out
+            roster = Roster(4, (RosterEntry("a", "1", "http://h1:5000"), RosterEntry("b", "2", "")), frozenset({"a"}))
+            await store.put(keys.roster, encode_roster(roster))
+            code, out = await _check(cfg)
+            assert "! roster: generation 4: a, b (not yet eligible to lead: b); without an API address: b" in out, out
+            assert "    fix: set [cluster] advertise_api on those instances" in out
             assert "! cluster name: " in out and "proxy h1:6432" in out, out
             assert "    fix: give every instance its own [cluster] name" in out
             assert "✓ route: epoch 3, active mirror, written by a" in out

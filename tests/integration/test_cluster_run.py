@@ -36,8 +36,11 @@ from pgroute.cluster.etcd_store import EtcdStore
 from pgroute.cluster.keys import Keys
 from pgroute.cluster.leader import parse_leader
 from pgroute.cluster.members import Member, Members, Membership
-from pgroute.cluster.route import decode_route
+from pgroute.cluster.route import Route as SharedRoute
+from pgroute.cluster.route import RouteWriter, decode_route
 from pgroute.cluster_node import ClusterNode
+from pgroute.local.processes import free_port
+from pgroute.local.relay import Relay
 from pgroute.local.workload import wait_until
 from pgroute.model import NodeName
 
@@ -50,18 +53,32 @@ REPO = Path(__file__).resolve().parents[2]
 
 
 @contextlib.asynccontextmanager
-async def three_instances(pair, etcd, tmp_path, endpoints: dict[str, list[str]] | None = None):
+async def three_instances(
+    pair,
+    etcd,
+    tmp_path,
+    endpoints: dict[str, list[str]] | None = None,
+    relays: dict[str, Relay] | None = None,
+    prefix: str | None = None,
+):
     """Instances a, b, c; ``endpoints``: the etcd members an instance is given
-    (default: all three). a starts first and, in practice, leads."""
-    prefix = f"/pgroute/test-{uuid.uuid4().hex[:6]}"
+    (default: all three). a starts first and, in practice, leads. With ``relays``
+    (an empty dict, filled here), each instance advertises its API through a relay
+    (``[cluster] advertise_api``): freezing one cuts the others off from it."""
+    prefix = prefix or f"/pgroute/test-{uuid.uuid4().hex[:6]}"
     runs: list[app.Running] = []
     try:
         for name in ("a", "b", "c"):
             state = tmp_path / name
-            state.mkdir()
+            state.mkdir(exist_ok=True)
             given = (endpoints or {}).get(name, etcd.endpoints)
-            cfg = make_config(pair, state, cluster={"etcd": given, "name": name, "prefix": prefix, "ttl": TTL})
-            runs.append(await app.start(cfg))
+            cluster: dict[str, Any] = {"etcd": given, "name": name, "prefix": prefix, "ttl": TTL}
+            if relays is not None:
+                relays[name] = relay = await Relay().start()
+                cluster["advertise_api"] = f"http://{relay.address}"
+            runs.append(await app.start(make_config(pair, state, cluster=cluster)))
+            if relays is not None:
+                relays[name].target = ("127.0.0.1", runs[-1].api_port)
             if name == "a":
                 await wait_until(lambda: member(runs[0]).leading, 30, what="a leads")
         yield runs
@@ -69,6 +86,8 @@ async def three_instances(pair, etcd, tmp_path, endpoints: dict[str, list[str]] 
         for running in runs:
             with contextlib.suppress(Exception):
                 await running.stop()
+        for relay in (relays or {}).values():
+            await relay.close()
 
 
 def forwarded_post(running: app.Running, path: str) -> tuple[int, Any]:
@@ -147,9 +166,10 @@ async def test_three_instances_one_leader_then_failover_through_the_barrier(pair
 
 
 @pytest.mark.parametrize("cut", ["c", "a"], ids=["follower", "leader"])
-async def test_instance_cut_off_from_etcd_fails_closed_then_resyncs(pair, etcd, tmp_path, cut):
+async def test_instance_cut_off_from_etcd_and_peers_fails_closed_then_resyncs(pair, etcd, tmp_path, cut):
     only = etcd.members[2]
-    async with three_instances(pair, etcd, tmp_path, endpoints={cut: [only.endpoint]}) as runs:
+    relays: dict[str, Relay] = {}
+    async with three_instances(pair, etcd, tmp_path, endpoints={cut: [only.endpoint]}, relays=relays) as runs:
         a, b, c = runs
         victim = {"a": a, "c": c}[cut]
         await wait_until(lambda: all(routed(r)[0] == "primary" for r in runs), 30, what="all route to primary")
@@ -168,7 +188,7 @@ async def test_instance_cut_off_from_etcd_fails_closed_then_resyncs(pair, etcd, 
             assert code == 200, body
             await wait_until(lambda: not any(r.router.route.paused for r in runs), 10, what="all resumed")
             code, body = await asyncio.to_thread(forwarded_post, b, "/api/pause")
-            assert code == 409 and body["error"] == f"not the leader: use http://127.0.0.1:{a.api_port}", body
+            assert code == 409 and body["error"] == f"not the leader: use http://{relays['a'].address}", body
         code, _ = await api_async(victim, "/api/health")
         assert code == 200
 
@@ -177,6 +197,10 @@ async def test_instance_cut_off_from_etcd_fails_closed_then_resyncs(pair, etcd, 
         try:
             await writer.wait_acked(10)
             t_pause = time.monotonic()
+            # Cut off from etcd and from its peers (every API relay frozen: the others
+            # keep etcd and need no peer), so that the failsafe cannot keep it routing.
+            for relay in relays.values():
+                relay.freeze()
             only.pause()
             try:
                 await wait_until(lambda: routed(victim)[0] is None, TTL + 5, what=f"{cut} fails closed")
@@ -213,6 +237,8 @@ async def test_instance_cut_off_from_etcd_fails_closed_then_resyncs(pair, etcd, 
                 assert all(routed(r)[0] == "primary" for r in runs if r is not victim)
             finally:
                 only.resume()
+                for relay in relays.values():
+                    relay.thaw()
             t_resume = time.monotonic()
             await wait_until(lambda: routed(victim)[0] == "primary", 30, what=f"{cut} routes again")
             print(f"{cut} routes again {time.monotonic() - t_resume:.2f}s after etcd answers")
@@ -231,7 +257,7 @@ async def test_instance_cut_off_from_etcd_fails_closed_then_resyncs(pair, etcd, 
                 held.terminate()
 
 
-async def test_switchover_waits_for_every_member_and_aborts_without_one(pair, etcd, tmp_path):
+async def test_switchover_waits_for_every_member_and_aborts_without_one(pair, etcd, tmp_path, caplog):
     async with three_instances(pair, etcd, tmp_path) as runs:
         a = runs[0]
         await wait_until(lambda: all(routed(r)[0] == "primary" for r in runs), 30, what="all route to primary")
@@ -250,6 +276,8 @@ async def test_switchover_waits_for_every_member_and_aborts_without_one(pair, et
             await wait_until(
                 lambda: all(routed(r) == ("primary", epoch0 + 2) for r in runs), 30, what="back on the primary"
             )
+            # Its log says which operation was aborted (it said FAILOVER before).
+            assert "SWITCHOVER aborted" in caplog.text and "FAILOVER aborted" not in caplog.text
         finally:
             await stuck.close()
         # Without it, the switchover goes through the barrier.
@@ -268,29 +296,35 @@ async def test_leader_process_killed_new_leader_traffic_through_survivor_continu
     prefix = f"/pgroute/test-{uuid.uuid4().hex[:6]}"
     keys = Keys(prefix)
     procs: dict[str, subprocess.Popen[bytes]] = {}
+    configs: dict[str, Path] = {}
     store = EtcdStore(etcd.endpoints, timeout=2.0)
+
+    def launch(name: str) -> None:
+        with open(tmp_path / name / "pgroute.log", "ab") as out:
+            procs[name] = subprocess.Popen(
+                [sys.executable, "-m", "pgroute.cli", "run", "--config", str(configs[name])],
+                stdout=out,
+                stderr=subprocess.STDOUT,
+                cwd=str(REPO),
+            )
+
     try:
         for name in ("a", "b", "c"):
             state = tmp_path / name
             state.mkdir()
-            cfg = write_config_file(
+            # Fixed ports: the killed instance is started again on the same ones.
+            configs[name] = write_config_file(
                 state / "pgroute.toml",
                 pair.primary_dsn(),
                 pair.mirror_dsn(),
-                proxy={"listen": "127.0.0.1:0", "connect_timeout": 2.0, "pause_timeout": 15.0},
+                proxy={"listen": f"127.0.0.1:{free_port()}", "connect_timeout": 2.0, "pause_timeout": 15.0},
                 replication={"publication": pair.publication, "subscription": pair.subscription},
                 health=dict(FAST_HEALTH),
-                api={"listen": "127.0.0.1:0"},
+                api={"listen": f"127.0.0.1:{free_port()}"},
                 state={"path": str(state / "state.json"), "recovery_dir": str(state / "recovery")},
                 cluster={"etcd": etcd.endpoints, "name": name, "prefix": prefix, "ttl": TTL},
             )
-            with open(state / "pgroute.log", "ab") as out:
-                procs[name] = subprocess.Popen(
-                    [sys.executable, "-m", "pgroute.cli", "run", "--config", str(cfg)],
-                    stdout=out,
-                    stderr=subprocess.STDOUT,
-                    cwd=str(REPO),
-                )
+            launch(name)
 
         async def settled() -> dict[str, Member] | None:
             for name, proc in procs.items():
@@ -326,8 +360,7 @@ async def test_leader_process_killed_new_leader_traffic_through_survivor_continu
             took = time.monotonic() - t_kill
             print(f"leader {old} killed (SIGKILL); new leader {leader} after {took:.2f}s (ttl {TTL}s)")
             assert took < TTL + 5  # generous: the target is ttl + 1 s
-            before = len(writer.acks)
-            await writer.wait_acked(before + 20)
+            await writer.wait_acked(20)
             gap = writer.max_gap(t_kill, time.monotonic())
             print(f"writer through {survivor}: max gap {gap[0]:.3f}s, errors {writer.error_count}")
             assert writer.error_count == 0, list(writer.error_log)
@@ -335,6 +368,26 @@ async def test_leader_process_killed_new_leader_traffic_through_survivor_continu
             await writer.stop()
         route_kv = (await store.get(keys.route)).first
         assert route_kv is not None and decode_route(keys.route, route_kv.value).active is NodeName.PRIMARY
+
+        # Killed and started again at once on the same addresses (systemd's Restart=):
+        # its killed run's record is still held; it waits for that lease to expire
+        # instead of exiting 1 with "name in use".
+        x = survivor
+        dead = members[x].record
+        procs[x].kill()
+        procs[x].wait()
+        held = await Members(store, keys).get(x)
+        assert held is not None and held.record.id == dead.id  # still there
+        launch(x)
+
+        async def back() -> Member | None:
+            assert procs[x].poll() is None, (tmp_path / x / "pgroute.log").read_text()[-3000:]
+            m = await Members(store, keys).get(x)
+            return m if m is not None and m.record.id != dead.id else None
+
+        again = await wait_until(back, TTL + 15, what=f"{x} registered again")
+        assert (again.record.proxy, again.record.api) == (dead.proxy, dead.api)
+        assert "waiting for it to expire" in (tmp_path / x / "pgroute.log").read_text()
     finally:
         for proc in procs.values():
             if proc.poll() is None:
@@ -346,3 +399,101 @@ async def test_leader_process_killed_new_leader_traffic_through_survivor_continu
                 proc.kill()
                 proc.wait()
         await store.close()
+
+
+async def test_losing_one_etcd_member_changes_nothing(pair, etcd, tmp_path):
+    async with three_instances(pair, etcd, tmp_path) as runs:
+        await wait_until(lambda: all(routed(r)[0] == "primary" for r in runs), 30, what="all route to primary")
+        before = [routed(r) for r in runs]
+        leader = next(r for r in runs if member(r).leading)
+        writer = Writer(proxy_dsn(runs[2])).start()
+        try:
+            await writer.wait_acked(10)
+            # etcd's raft leader, the worst member to lose; then well past every lease.
+            lost = await asyncio.to_thread(etcd.leader)
+            lost.kill()
+            await asyncio.sleep(2 * TTL)
+            await writer.wait_acked(20)
+            assert [routed(r) for r in runs] == before
+            assert all(member(r).cut_off is None and member(r).failsafe.state is None for r in runs)
+            assert member(leader).leading and sum(member(r).leading for r in runs) == 1
+            assert writer.error_count == 0, list(writer.error_log)
+            # The leader still switches: a switchover goes through the barrier.
+            await wait_following(leader)
+            code, body = await api_async(leader, "/api/switchover", "POST")
+            assert code == 200, body
+            await wait_until(lambda: all(routed(r)[0] == "mirror" for r in runs), 30, what="all on the mirror")
+        finally:
+            await writer.stop()
+        assert await missing(pair.mirror_dsn(), writer.acks) == []
+
+
+async def test_leader_died_after_the_barrier_with_the_primary_down_successor_fails_over(pair, etcd, tmp_path):
+    """What a leader killed between its barrier and the promotion leaves behind (the
+    route "paused, no node, epoch N+1", the primary dead, the mirror not promoted):
+    the next leader starts from the route the hold stood for, as a single
+    instance's state file would, and fails over by itself (no `resolve`)."""
+    prefix = f"/pgroute/test-{uuid.uuid4().hex[:6]}"
+    async with three_instances(pair, etcd, tmp_path, prefix=prefix) as runs:
+        await wait_until(lambda: all(routed(r)[0] == "primary" for r in runs), 30, what="all route to primary")
+        await wait_following(runs[0])
+        epoch = routed(runs[0])[1]
+        keys = Keys(prefix)
+        store = member(runs[0]).store
+        # A commit the mirror applies, and the primary's WAL position after it: the
+        # successor measures the mirror's lag against the recorded position.
+        conn = await asyncpg.connect(proxy_dsn(runs[1]))
+        try:
+            await conn.execute("INSERT INTO empleados (nombre) VALUES ('before-the-hold')")
+        finally:
+            await conn.close()
+        primary = await asyncpg.connect(pair.primary_dsn())
+        try:
+            after = int(await primary.fetchval("SELECT pg_current_wal_lsn() - '0/0'"))
+        finally:
+            await primary.close()
+
+        async def on_mirror() -> bool:
+            mirror = await asyncpg.connect(pair.mirror_dsn())
+            try:
+                return bool(await mirror.fetchval("SELECT count(*) FROM empleados WHERE nombre = 'before-the-hold'"))
+            finally:
+                await mirror.close()
+
+        await wait_until(on_mirror, 20, what="the commit on the mirror")
+
+        async def lsn_recorded() -> bool:
+            kv = (await store.get(keys.route)).first
+            lsn = decode_route(keys.route, kv.value).active_lsn if kv is not None else None
+            return lsn is not None and lsn >= after
+
+        # The leader keeps the primary's WAL position in the route record (every 5 s),
+        # as a single instance keeps it in its state file.
+        await wait_until(lsn_recorded, 20, what="the primary's WAL position in the route record")
+    async with EtcdStore(etcd.endpoints) as store:
+        writer = RouteWriter(store, keys, "dead-leader")
+        seen = await writer.read()
+        assert seen.route is not None and seen.route.active is NodeName.PRIMARY
+        await writer.write(
+            SharedRoute(
+                epoch=epoch + 1,
+                active=None,
+                paused=True,
+                reason="FAILOVER to mirror: barrier",
+                active_lsn=seen.route.active_lsn,
+                held_active=NodeName.PRIMARY,
+                held_epoch=epoch,
+            )
+        )
+    pair.primary.kill()
+    async with three_instances(pair, etcd, tmp_path, prefix=prefix) as runs:
+        await wait_until(
+            lambda: all(routed(r)[0] == "mirror" for r in runs), 60, what="the successor fails over to the mirror"
+        )
+        assert all(routed(r)[1] > epoch + 1 for r in runs)
+        conn = await asyncpg.connect(proxy_dsn(runs[1]))
+        try:
+            assert await conn.fetchval("SELECT pg_is_in_recovery()") is False
+            await conn.execute("INSERT INTO empleados (nombre) VALUES ('after-successor')")
+        finally:
+            await conn.close()

@@ -180,6 +180,14 @@ def test_render_status_shows_the_cluster_and_each_members_epoch():
     assert "cluster: this instance b (follower), leader none elected" in text
     assert "  CUT OFF from etcd: routing to no node until it answers" in text
     assert max(len(line) for line in text.splitlines()) <= 80
+    st["cluster"].update(
+        cut_off=None,
+        failsafe={"since_s": 4.2, "last": "confirmed by a"},
+        roster={"gen": 3, "members": ["a", "b", "c"], "may_lead": ["a", "b"]},
+    )
+    text = render_status(st)
+    assert "  FAILSAFE: etcd unreachable for 4.2s; routing on, confirmed by a" in text
+    assert "  roster generation 3: a, b, c (not yet eligible to lead: c)" in text
 
 
 def test_failover_asks_and_aborts(daemon):

@@ -110,3 +110,45 @@ def test_a_host_name_unusable_as_instance_name_needs_an_explicit_name(tmp_path, 
     assert caught.value.key == "cluster.name"
     # Alone (no etcd), the host name is never used: no error.
     validate_runtime(load(tmp_path))
+
+
+def test_etcd_tls_and_auth_keys(tmp_path):
+    config = load(
+        tmp_path,
+        '[cluster]\netcd = ["https://etcd1.example:2379"]\netcd_ca = "/etc/pgroute/etcd-ca.pem"\n'
+        'etcd_cert = "/etc/pgroute/client.pem"\netcd_key = "/etc/pgroute/client-key.pem"\netcd_user = "pgroute"\n',
+        {"PGROUTE_CLUSTER_ETCD_PASSWORD": "hunter2-secret"},
+    )
+    c = config.cluster
+    assert (c.etcd_ca, c.etcd_cert, c.etcd_key, c.etcd_user) == (
+        "/etc/pgroute/etcd-ca.pem",
+        "/etc/pgroute/client.pem",
+        "/etc/pgroute/client-key.pem",
+        "pgroute",
+    )
+    assert c.etcd_password == "hunter2-secret"
+    security = c.etcd_security
+    assert (security.ca, security.cert, security.key, security.user) == (c.etcd_ca, c.etcd_cert, c.etcd_key, "pgroute")
+    assert security.password == "hunter2-secret"
+    # The password is in no repr (tracebacks, debug logs).
+    assert "hunter2" not in repr(c) and "hunter2" not in repr(config) and "hunter2" not in repr(security)
+
+
+@pytest.mark.parametrize(
+    "toml, env, message",
+    [
+        ('etcd_key = "/k.pem"\n', {}, "etcd_key is set without etcd_cert"),
+        ('etcd_password = "hunter2-secret"\n', {}, "etcd_password is set without etcd_user"),
+        ("", {"PGROUTE_CLUSTER_ETCD_PASSWORD": "hunter2-secret"}, "etcd_password is set without etcd_user"),
+        ('etcd_user = "root"\n', {}, "etcd_user is set without etcd_password"),
+    ],
+)
+def test_etcd_security_settings_that_cannot_work(tmp_path, toml, env, message):
+    found = problems(tmp_path, '[cluster]\netcd = ["https://127.0.0.1:2379"]\n' + toml, env)
+    assert message in found["cluster"], found
+    assert "hunter2" not in str(found)
+
+
+def test_tls_files_with_only_plain_http_endpoints_are_an_error(tmp_path):
+    found = problems(tmp_path, '[cluster]\netcd = ["127.0.0.1:2379"]\netcd_ca = "/ca.pem"\n')
+    assert "no etcd endpoint is https://" in found["cluster"], found

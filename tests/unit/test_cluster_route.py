@@ -144,3 +144,37 @@ async def test_a_failed_write_names_the_key_whose_compare_failed():
     # A retried attempt that finds its own bytes: the first attempt was applied.
     mine = KeyValue(KEY, b"mine", 1, 46, 3)
     assert await _put_guarded(OneTxn(mine, None), KEY, b"mine", checks, None) == 46  # type: ignore[arg-type]
+
+
+def test_a_hold_keeps_the_route_it_holds_and_a_successor_starts_from_it(tmp_path):
+    from pgroute.cluster_control import ClusterStateFile
+    from pgroute.control.state_store import Stored
+
+    hold = Route(epoch=8, active=None, paused=True, active_lsn=1234, held_active=NodeName.PRIMARY, held_epoch=7)
+    assert decode_route(KEY, encode_route(hold)) == hold
+    assert hold.is_hold and hold.holding() == (NodeName.PRIMARY, 7)
+    assert "held_active" not in json.loads(encode_route(Route(epoch=1, active=NodeName.MIRROR)))
+    with pytest.raises(CorruptRecord, match="held_active"):
+        decode_route(KEY, raw(held_active="elsewhere"))
+    path = str(tmp_path / "state.json")
+    # A hold claims the route it held, at that route's epoch, with its WAL position.
+    assert ClusterStateFile(path, RouteSeen(hold, 5, 5)).load() == Stored(7, NodeName.PRIMARY, 1234)
+    # A hold that holds nothing (a first switch) is no claim; a route is its own.
+    bare = Route(epoch=8, active=None, paused=True)
+    assert ClusterStateFile(path, RouteSeen(bare, 5, 5)).load() is None
+    routed = Route(epoch=8, active=NodeName.MIRROR, active_lsn=9)
+    assert ClusterStateFile(path, RouteSeen(routed, 5, 5)).load() == Stored(8, NodeName.MIRROR, 9)
+    saved: list[Stored] = []
+    state = ClusterStateFile(path, RouteSeen(routed, 5, 5), on_save=saved.append)
+    state.save(Stored(8, NodeName.MIRROR, 10))
+    assert saved == [Stored(8, NodeName.MIRROR, 10)]
+
+
+async def test_write_if_refuses_when_the_route_moved_meanwhile():
+    from pgroute.cluster.route import RouteChanged
+
+    writer = RouteWriter(NoStore(), KEYS, "pg-a")
+    paused = Route(epoch=5, active=NodeName.MIRROR, paused=True)
+    writer._seen = RouteSeen(paused, 40, 41)
+    with pytest.raises(RouteChanged):
+        await writer.write_if(Route(epoch=5, active=NodeName.MIRROR), Route(epoch=5, active=NodeName.MIRROR))

@@ -161,22 +161,25 @@ async def promote_node(
         await close(conn)
 
 
-async def abort_to(ctx: Context, node: NodeName, conn: asyncpg.Connection, epoch: int, why: str) -> int:
+async def abort_to(
+    ctx: Context, node: NodeName, conn: asyncpg.Connection, epoch: int, why: str, *, kind: str = "FAILOVER"
+) -> int:
     """Undo the fence of a node that stays active and route back to it.
 
     The target may already carry the new epoch's stamp: the abort is a decision of
     its own, with a higher epoch stamped on ``node`` and persisted, so that a restart
     can never prefer the half-promoted target over the node that kept taking writes.
-    Returns the epoch now in force."""
-    log.warning("FAILOVER aborted: %s; routing back to %s", why, node.value)
+    Returns the epoch now in force. ``kind`` starts the log lines (the operation's
+    word: FAILOVER, SWITCHOVER)."""
+    log.warning("%s aborted: %s; routing back to %s", kind, why, node.value)
     abort_epoch = epoch + 2
     try:
         await catalog.write_stamp(conn, abort_epoch, node.value)
         ctx.persist(abort_epoch, node)
         await fencing.unfence(conn)
     except DB_ERRORS as exc:
-        log.error("FAILOVER abort could not restore %s: %s", node.value, describe(exc))
-        await ctx.route_to(None, epoch, f"failover aborted and {node.value} could not be unfenced")
+        log.error("%s abort could not restore %s: %s", kind, node.value, describe(exc))
+        await ctx.route_to(None, epoch, f"{kind.lower()} aborted and {node.value} could not be unfenced")
         return epoch
     await ctx.route_to(node, abort_epoch)
     return abort_epoch

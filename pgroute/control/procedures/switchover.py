@@ -67,19 +67,23 @@ async def switchover(ctx: Context, op: Op, target: NodeName, epoch: int) -> OpRe
             try:
                 await repl.wait_caught_up(old_conn, ctx.sub(target), lsn, timeout=10.0)
             except DB_ERRORS as exc:
-                epoch = await abort_to(ctx, old, old_conn, epoch, f"{target.value} did not catch up: {describe(exc)}")
+                epoch = await abort_to(
+                    ctx, old, old_conn, epoch, f"{target.value} did not catch up: {describe(exc)}", kind="SWITCHOVER"
+                )
                 return OpResult(
                     False, old, epoch, f"{target.value} did not catch up ({describe(exc)}); {old.value} still active"
                 )
         if not await ctx.barrier(op, new_epoch, f"{op.tag} to {target.value}: waiting for every instance"):
             why = f"not every instance applied epoch {new_epoch} ({op.details.get('barrier', '')})"
-            epoch = await abort_to(ctx, old, old_conn, epoch, why)
+            epoch = await abort_to(ctx, old, old_conn, epoch, why, kind="SWITCHOVER")
             return OpResult(False, old, epoch, f"{why}; {old.value} still active")
         with op.phase("promote"):
             try:
                 op.details.update(await promote_node(ctx, target, new_epoch, old_conn))
             except DB_ERRORS as exc:
-                epoch = await abort_to(ctx, old, old_conn, epoch, f"promotion failed: {describe(exc)}")
+                epoch = await abort_to(
+                    ctx, old, old_conn, epoch, f"promotion failed: {describe(exc)}", kind="SWITCHOVER"
+                )
                 return OpResult(
                     False, old, epoch, f"promotion of {target.value} failed ({describe(exc)}); {old.value} still active"
                 )
@@ -124,7 +128,7 @@ async def switchover(ctx: Context, op: Op, target: NodeName, epoch: int) -> OpRe
     except DB_ERRORS as exc:
         # Before the route phase: old is still the one with every commit.
         if old_conn is not None and not old_conn.is_closed():
-            epoch = await abort_to(ctx, old, old_conn, epoch, describe(exc))
+            epoch = await abort_to(ctx, old, old_conn, epoch, describe(exc), kind="SWITCHOVER")
             return OpResult(False, old, epoch, f"{op.phase_name}: {describe(exc)}; {old.value} still active")
         await ctx.route_to(old, epoch)
         return OpResult(False, old, epoch, f"{op.phase_name}: {describe(exc)}; routing to {old.value}")
