@@ -1,44 +1,48 @@
 """Randomized partitions of a pgroute cluster (issue 14 item 9): many trials, bounded
-in time, each cutting instances off from etcd (and, when ``[cluster] advertise_api``
-exists, from their peers' APIs) while a writer through every instance commits.
+in time, each cutting instances off from etcd, from their peers' APIs and from the
+active PostgreSQL node while a writer through every instance commits.
 
-Setup: a real pair, a real 3-member etcd, three in-process instances a, b, c (short
-TTL, fast health). Each instance reaches each etcd member only through its own relay
-(tests/integration/relay.py), so the test can cut it off entirely or partly; a
-frozen relay holds its sockets and forwards nothing, as dropped packets would. A
-writer through each instance inserts rows whose server-side defaults record the node
-that took them (``inet_server_port()``) and when (``clock_timestamp()``: both
-servers run on this machine, so one clock). The test's own watch on the route key
-(straight to etcd) records every route the leaders wrote.
+Setup: a real pair, a real 3-member etcd, three in-process instances a, b, c (TTL 2 s,
+fast health). Each instance reaches each etcd member, each PostgreSQL node (its proxy,
+its controller, and a subscription its controller creates) and its peers reach its API
+(``[cluster] advertise_api``) only through relays of its own (tests/integration/
+relay.py); a frozen relay holds its sockets and forwards nothing, as dropped packets
+would. A writer through each instance (plain connections, reconnecting on error)
+inserts rows whose server-side defaults record the node that took them
+(``inet_server_port()``) and when (``clock_timestamp()``: both servers run on this
+machine, one clock). The test's own watch on the route key, straight to etcd, records
+every route the leaders wrote.
 
-A trial picks at random: which instances are cut off (none, some, all; per instance
-from every etcd member or from one or two of them), for how long (0 .. 2 TTL),
-whether the leader is among them (reported), an action during the partition
-(nothing; a switchover asked through a random instance's API, forwarded to the
-leader; rarely a kill -9 of the active node, then restarted, rejoined by the leader
-and failed back before the next trial), how the partition heals (held connections
-delivered, or closed) and which instances' API relays are frozen too (once
-``advertise_api`` exists). Then it heals, waits until the cluster is stable (one
-leader, every instance routing to the node and epoch of the route record, none
-paused or cut off) and checks:
+A trial picks at random: which instances are cut off from etcd (none, some, all; each
+from every member or from one or two), for how long (0 .. 2 TTL), whether the leader is
+among them (forced in half of the "some" draws; reported), an action during the
+partition (nothing; a switchover asked through a random instance's API, forwarded to
+the leader; rarely a kill -9 of the active node, then started again, rejoined by the
+leader and failed back before the next trial), which instances lose their path to the
+active node (mostly the leader: it sees the node die while others still reach it),
+which API relays are frozen, and whether the heal delivers the held traffic or closes
+it. Then it heals, waits until the cluster is stable (one leader, every instance
+routing where the route record says at its epoch, none paused, cut off or in
+failsafe) and checks, with and without the failsafe (PGROUTE_PARTITION_FAILSAFE=0):
 
-- one writable node at a time: order every acknowledged write (of the whole run so
-  far) by the server's ``clock_timestamp()`` at its INSERT and merge consecutive
-  writes on the same node into runs. The sequence of the runs' nodes must be a
-  subsequence of the route history's active nodes (the route record at every
-  revision, "no node" left out, consecutive equal nodes merged), matched in order
-  from the first route: every change of node in the writes needs a switch of the
-  route to that node in between, and A..B..A needs two switches, so two nodes
-  taking writes over the same interval (interleaved) is a violation. An
-  acknowledged write committed before the barrier closed its session, and the
-  next node is promoted after the barrier, so interleaving cannot happen when the
-  invariant holds.
-- no acknowledged commit lost: every acknowledged write (of the whole run so far)
-  is on the node active at the end of the trial, after any rejoin and failback.
+- one writable node at a time: order every acknowledged write of the run so far by the
+  server's ``clock_timestamp()`` at its INSERT and merge consecutive writes on the same
+  node into runs. The runs' nodes must be a subsequence of the route history's active
+  nodes (the route record at every revision, "no node" left out, equal neighbours
+  merged), matched in order from the first route: a change of node in the writes needs
+  a switch of the route to that node in between, and A..B..A needs two, so two nodes
+  taking writes over one interval (interleaved) is a violation. It holds when pgroute
+  is right: an acknowledged write committed before the barrier closed its session (or
+  its instance failed closed), and the next node is promoted only after the barrier.
+- no acknowledged commit lost: every acknowledged write of the run so far is on the
+  node active at the end of the trial (after its heal and any rejoin and failback).
 
-A violation names the trial, its random choices and the seed (printed; set it with
-PGROUTE_PARTITION_SEED). PGROUTE_PARTITION_TRIALS sets the count (default 50).
-Liveness (the cluster becoming stable again) is waited for with generous bounds.
+A violation fails the test at once, naming the trial, its random choices and the seed
+(printed; set it with PGROUTE_PARTITION_SEED); PGROUTE_PARTITION_TRIALS sets the count
+(default 50), PGROUTE_PARTITION_LOG a file for every pgroute log line. Liveness is
+waited for with generous bounds; a trial that does not recover by itself (no failover,
+a command with no answer, a standby that does not follow) is recorded, recovered the
+way an operator would, and fails the test at the end.
 """
 
 from __future__ import annotations
@@ -62,7 +66,6 @@ from pgroute.cluster.etcd_store import EtcdStore
 from pgroute.cluster.keys import Keys
 from pgroute.cluster.route import RouteSeen, RouteWatcher
 from pgroute.cluster_node import ClusterNode
-from pgroute.config import ClusterConfig
 from pgroute.local import DEFAULT_SCHEMA
 from pgroute.local.workload import Ack, Row, Workload, check_acks, wait_until
 
@@ -85,7 +88,8 @@ CREATE TABLE {TABLE} (
 """
 )
 NAMES = ("a", "b", "c")
-ADVERTISE = "advertise_api" in ClusterConfig.model_fields
+# 0: every instance fails closed as soon as it is cut off from etcd (no failsafe).
+FAILSAFE = os.environ.get("PGROUTE_PARTITION_FAILSAFE", "1") != "0"
 STABLE_TIMEOUT = 60.0
 TRIALS = int(os.environ.get("PGROUTE_PARTITION_TRIALS") or 50)
 
@@ -121,6 +125,7 @@ class Trial:
     heal: str  # thaw | close
     api_cut: tuple[str, ...]
     pg_cut: tuple[str, ...] = ()  # instances whose path to the node active at the start is frozen
+    cut_at: dict[str, float] = field(default_factory=dict)  # seconds into the trial each etcd cut starts
     leader: str = ""
     t0: float = 0.0
     t1: float = 0.0
@@ -129,7 +134,11 @@ class Trial:
     problems: list[str] = field(default_factory=list)  # liveness: reported, the run goes on
 
     def describe(self, seed: int) -> str:
-        cut = ",".join(f"{n}{'' if len(m) == 3 else ':' + ''.join(map(str, m))}" for n, m in sorted(self.cut.items()))
+        cut = ",".join(
+            f"{n}{'' if len(m) == 3 else ':' + ''.join(map(str, m))}"
+            + (f"@{self.cut_at[n]:.2f}" if self.cut_at.get(n) else "")
+            for n, m in sorted(self.cut.items())
+        )
         text = (
             f"trial {self.number} (seed {seed}): cut [{cut or '-'}] for {self.duration:.2f}s, "
             f"leader {self.leader} {'cut' if self.leader in self.cut else 'not cut'}, action {self.action}"
@@ -186,8 +195,10 @@ class Cluster:
             return None
         if record.active is None or record.active.value != node:
             return None
-        if any(r.router.route.paused or self.node(n).cut_off for n, r in zip(NAMES, self.runs, strict=True)):
-            return None
+        for name, running in zip(NAMES, self.runs, strict=True):
+            node_ = self.node(name)
+            if running.router.route.paused or node_.cut_off or node_.failsafe.state is not None:
+                return None
         return node, epoch, leaders[0]
 
     def leader_status(self) -> dict[str, Any] | None:
@@ -250,18 +261,19 @@ async def partitioned_cluster(pair, etcd, tmp_path):
                 relays.append(relay)
                 cluster.pg_relays[name][node] = relay
                 dsns[node] = {"dsn": server.dsn(pair.dbname).replace(f":{server.port}/", f":{relay.port}/")}
-            if ADVERTISE:
-                # The target (this instance's API port) is known once it has started.
-                api_relay = await Relay("127.0.0.1", 0, f"->{name}.api").start()
-                relays.append(api_relay)
-                cluster.api_relays[name] = api_relay
-                settings["advertise_api"] = f"http://{api_relay.endpoint}"
+            # Its peers reach its API (failsafe confirmations, forwarded commands)
+            # through a relay too; its target, the API's port, is known once started.
+            api_relay = await Relay("127.0.0.1", 0, f"->{name}.api").start()
+            relays.append(api_relay)
+            cluster.api_relays[name] = api_relay
+            settings["advertise_api"] = f"http://{api_relay.endpoint}"
+            if not FAILSAFE:
+                settings["failsafe_max"] = 0
             state = tmp_path / name
             state.mkdir()
             running = await app.start(make_config(pair, state, cluster=settings, **dsns))
             cluster.runs.append(running)
-            if ADVERTISE:
-                cluster.api_relays[name].target = ("127.0.0.1", running.api_port)
+            api_relay.target = ("127.0.0.1", running.api_port)
             if name == "a":
                 await wait_until(lambda: cluster.node("a").leading, 30, what="a leads")
         await cluster.watcher.start(timeout=10)
@@ -293,8 +305,11 @@ def pick_trial(rng: random.Random, number: int, leader: str) -> Trial:
         # Mostly from every etcd member; sometimes from one or two (a quorum stays reachable).
         cut[name] = (0, 1, 2) if rng.random() < 0.75 else tuple(sorted(rng.sample(range(3), rng.choice([1, 2]))))
     duration = rng.uniform(0.0, 2 * TTL)
+    # Half the etcd cuts start later than the rest: an instance that stops hearing
+    # etcd just before a switch is what the barrier must wait for.
+    cut_at = {n: 0.0 if rng.random() < 0.5 else rng.uniform(0.0, duration) for n in cut}
     action = rng.choices(["nothing", "switchover", "kill"], [0.47, 0.45, 0.08])[0]
-    api_cut = tuple(sorted(n for n in NAMES if rng.random() < 0.3)) if ADVERTISE else ()
+    api_cut = tuple(sorted(n for n in NAMES if rng.random() < 0.3))
     pg_cut: tuple[str, ...] = ()
     if rng.random() < 0.35:
         # Mostly the leader's path: it then sees the active node die while others
@@ -312,6 +327,7 @@ def pick_trial(rng: random.Random, number: int, leader: str) -> Trial:
         heal=rng.choice(["thaw", "close"]),
         api_cut=api_cut,
         pg_cut=pg_cut,
+        cut_at=cut_at,
         leader=leader,
     )
 
@@ -367,8 +383,8 @@ async def test_random_partitions_keep_one_writable_node_and_every_ack(pair_facto
     seed = int(os.environ.get("PGROUTE_PARTITION_SEED") or random.randrange(1 << 32))
     count = TRIALS
     rng = random.Random(seed)
-    print(f"\npartition test: seed {seed} (PGROUTE_PARTITION_SEED), {count} trials, ttl {TTL}s, failsafe peers "
-          f"{'on (advertise_api relays)' if ADVERTISE else 'absent (no advertise_api)'}")  # fmt: skip
+    print(f"\npartition test: seed {seed} (PGROUTE_PARTITION_SEED), {count} trials, ttl {TTL}s, failsafe "
+          f"{'on' if FAILSAFE else 'off'} (PGROUTE_PARTITION_FAILSAFE)")  # fmt: skip
     if os.environ.get("PGROUTE_PARTITION_LOG"):  # every pgroute log line of the run, for a post-mortem
         handler = logging.FileHandler(os.environ["PGROUTE_PARTITION_LOG"])
         handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
@@ -418,20 +434,30 @@ async def run_trial(cluster: Cluster, trial: Trial, rng: random.Random, seed: in
     history_at = len(cluster.history)
     active, _, _ = cluster.stable() or (None, 0, "")
     assert active is not None, f"{trial.describe(seed)}: not stable at the start"
-    frozen = [cluster.etcd_relays[n][i] for n, members in trial.cut.items() for i in members]
-    frozen += [cluster.api_relays[n] for n in trial.api_cut]
-    frozen += [cluster.pg_relays[n][active] for n in trial.pg_cut]
+    # (seconds into the trial, what happens then), in order.
+    steps: list[tuple[float, str, list[Relay]]] = [
+        (trial.cut_at.get(n, 0.0), "freeze", [cluster.etcd_relays[n][i] for i in members])
+        for n, members in trial.cut.items()
+    ]
+    steps.append((0.0, "freeze", [cluster.api_relays[n] for n in trial.api_cut]))
+    steps.append((0.0, "freeze", [cluster.pg_relays[n][active] for n in trial.pg_cut]))
+    if trial.action != "nothing":
+        steps.append((trial.at, trial.action, []))
+    steps.sort(key=lambda step: step[0])
+    frozen: list[Relay] = []
     action_task: asyncio.Task[Any] | None = None
-    for relay in frozen:
-        relay.freeze()
     try:
-        await asyncio.sleep(trial.at)
-        if trial.action == "switchover":
-            via = cluster.runs[NAMES.index(trial.via)]
-            action_task = asyncio.create_task(api_async(via, "/api/switchover", "POST"))
-        elif trial.action == "kill":
-            await asyncio.to_thread(cluster.server(active).kill)
-        await asyncio.sleep(trial.duration - trial.at)
+        for at, step, relays in steps:
+            await asyncio.sleep(max(0.0, trial.t0 + at - time.monotonic()))
+            for relay in relays:
+                relay.freeze()
+                frozen.append(relay)
+            if step == "switchover":
+                via = cluster.runs[NAMES.index(trial.via)]
+                action_task = asyncio.create_task(api_async(via, "/api/switchover", "POST"))
+            elif step == "kill":
+                await asyncio.to_thread(cluster.server(active).kill)
+        await asyncio.sleep(max(0.0, trial.t0 + trial.duration - time.monotonic()))
     finally:
         for relay in frozen:
             if trial.heal == "close":
