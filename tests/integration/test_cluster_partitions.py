@@ -5,7 +5,7 @@ active PostgreSQL node while a writer through every instance commits.
 Setup: a real pair, a real 3-member etcd, three in-process instances a, b, c (TTL 2 s,
 fast health). Each instance reaches each etcd member, each PostgreSQL node (its proxy,
 its controller, and a subscription its controller creates) and its peers reach its API
-(``[cluster] advertise_api``) only through relays of its own (tests/integration/
+(``[cluster] advertise_api``) only through relays of its own (pgroute/local/
 relay.py); a frozen relay holds its sockets and forwards nothing, as dropped packets
 would. A writer through each instance (plain connections, reconnecting on error)
 inserts rows whose server-side defaults record the node that took them
@@ -67,10 +67,10 @@ from pgroute.cluster.keys import Keys
 from pgroute.cluster.route import RouteSeen, RouteWatcher
 from pgroute.cluster_node import ClusterNode
 from pgroute.local import DEFAULT_SCHEMA
+from pgroute.local.relay import Relay
 from pgroute.local.workload import Ack, Row, Workload, check_acks, wait_until
 
 from .harness import Writer, api_async, make_config, proxy_dsn
-from .relay import Relay
 
 pytestmark = [pytest.mark.integration]
 
