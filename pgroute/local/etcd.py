@@ -20,7 +20,6 @@ Invariants (as for PostgreSQL in `cluster` and `processes`):
 
 from __future__ import annotations
 
-import atexit
 import ctypes
 import json
 import logging
@@ -40,7 +39,7 @@ from pgroute.errors import LocalClusterError
 
 from .directories import make_base_dir, scratch_parent
 from .etcd_tls import EtcdTls
-from .processes import free_port, port_open
+from .processes import Leftovers, free_port, port_open
 
 log = logging.getLogger(__name__)
 
@@ -182,7 +181,7 @@ class LocalEtcd:
                 start_new_session=True,  # a ^C in the terminal is for us, not for etcd
                 preexec_fn=_die_with_parent if threading.current_thread() is threading.main_thread() else None,
             )
-        _register(self)
+        _left.add(self)
         log.info("etcd %s: started on %s (pid %d)", self.name, self.endpoint, self._proc.pid)
 
     def wait_ready(self, timeout: float = 30) -> None:
@@ -263,7 +262,7 @@ class LocalEtcd:
     def _forget(self) -> None:
         self._proc = None
         self._paused = False
-        _unregister(self)
+        _left.discard(self)
 
     def log_tail(self, lines: int = 30) -> str:
         try:
@@ -438,32 +437,9 @@ def _die_with_parent() -> None:
 
 # --------------------------------------------------------------------------- registry
 
-_registry_lock = threading.Lock()
-_running: set[LocalEtcd] = set()
-_owner_pid = os.getpid()
-
-
-def _register(member: LocalEtcd) -> None:
-    with _registry_lock:
-        _running.add(member)
-
-
-def _unregister(member: LocalEtcd) -> None:
-    with _registry_lock:
-        _running.discard(member)
+_left: Leftovers[LocalEtcd] = Leftovers("etcd member", lambda member: member.kill())
 
 
 def stop_all_etcd() -> None:
     """Kill every etcd member this process started and did not stop (atexit safety net)."""
-    if os.getpid() != _owner_pid:
-        return  # a forked child must not kill its parent's members
-    with _registry_lock:
-        members = list(_running)
-    for member in members:
-        try:
-            member.kill()
-        except Exception:
-            log.exception("could not kill etcd member %s", member.name)
-
-
-atexit.register(stop_all_etcd)
+    _left.finish_all()

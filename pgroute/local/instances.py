@@ -27,7 +27,6 @@ Invariants (as for servers in `processes` and etcd members in `etcd`):
 
 from __future__ import annotations
 
-import atexit
 import contextlib
 import json
 import logging
@@ -49,7 +48,7 @@ from pgroute.errors import LocalClusterError
 
 from .etcd import _die_with_parent
 from .pair import LocalPair
-from .processes import free_port, port_open
+from .processes import Leftovers, free_port, port_open
 
 log = logging.getLogger(__name__)
 
@@ -164,7 +163,7 @@ class LocalInstance:
                 start_new_session=True,
                 preexec_fn=_die_with_parent if threading.current_thread() is threading.main_thread() else None,
             )
-        _register(self)
+        _left.add(self)
         log.info("pgroute %s: started (pid %d, proxy %s, API %s)", self.name, self._proc.pid, self.proxy, self.api_url)
 
     def wait_ready(self, timeout: float = 30.0) -> None:
@@ -248,7 +247,7 @@ class LocalInstance:
         self._forget()
 
     def _forget(self) -> None:
-        _unregister(self)
+        _left.discard(self)
 
     # ----------------------------------------------------------------- API
 
@@ -452,32 +451,9 @@ class LocalInstances:
 
 # --------------------------------------------------------------------------- registry
 
-_registry_lock = threading.Lock()
-_running: set[LocalInstance] = set()
-_owner_pid = os.getpid()
-
-
-def _register(instance: LocalInstance) -> None:
-    with _registry_lock:
-        _running.add(instance)
-
-
-def _unregister(instance: LocalInstance) -> None:
-    with _registry_lock:
-        _running.discard(instance)
+_left: Leftovers[LocalInstance] = Leftovers("pgroute instance", lambda instance: instance.stop(timeout=10))
 
 
 def stop_all_instances() -> None:
     """Stop every instance this process started and did not stop (atexit safety net)."""
-    if os.getpid() != _owner_pid:
-        return
-    with _registry_lock:
-        left = list(_running)
-    for instance in left:
-        try:
-            instance.stop(timeout=10)
-        except Exception:
-            log.exception("could not stop pgroute %s", instance.name)
-
-
-atexit.register(stop_all_instances)
+    _left.finish_all()

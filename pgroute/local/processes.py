@@ -28,9 +28,9 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Generic, TypeVar
 
 from pgroute.errors import LocalClusterError
 
@@ -292,35 +292,56 @@ def port_open(host: str, port: int) -> bool:
 
 # --------------------------------------------------------------------------- registry
 
-# Guarded by a lock: create_pair starts two servers from two threads.
-_registry_lock = threading.Lock()
-_running: set[LocalCluster] = set()
-_owner_pid = os.getpid()
+T = TypeVar("T")
+
+
+class Leftovers(Generic[T]):
+    """What this process started and has not stopped yet (servers, etcd members,
+    pgroute instances): ``finish`` runs on each one left at exit (atexit), never in a
+    forked child (it must not stop its parent's). Guarded by a lock: create_pair
+    starts two servers from two threads."""
+
+    def __init__(self, what: str, finish: Callable[[T], object]) -> None:
+        self._what = what
+        self._finish = finish
+        self._lock = threading.Lock()
+        self._items: set[T] = set()
+        self._owner_pid = os.getpid()
+        atexit.register(self.finish_all)
+
+    def add(self, item: T) -> None:
+        with self._lock:
+            self._items.add(item)
+
+    def discard(self, item: T) -> None:
+        with self._lock:
+            self._items.discard(item)
+
+    def finish_all(self) -> None:
+        if os.getpid() != self._owner_pid:
+            return
+        with self._lock:
+            left = list(self._items)
+        for item in left:
+            try:
+                self._finish(item)
+            except Exception:
+                log.exception("could not stop %s %s", self._what, getattr(item, "name", item))
+
+
+_servers: Leftovers[LocalCluster] = Leftovers("local cluster", lambda cluster: cluster.kill())
 
 
 def stop_all() -> None:
     """Kill every server this process started and did not stop (atexit safety net)."""
-    if os.getpid() != _owner_pid:
-        return  # a forked child must not kill its parent's servers
-    with _registry_lock:
-        clusters = list(_running)
-    for cluster in clusters:
-        try:
-            cluster.kill()
-        except Exception:
-            log.exception("could not kill local cluster %s", cluster.name)
+    _servers.finish_all()
 
 
 def register(cluster: LocalCluster) -> None:
     """Record a server this process started (until `unregister`)."""
-    with _registry_lock:
-        _running.add(cluster)
+    _servers.add(cluster)
 
 
 def unregister(cluster: LocalCluster) -> None:
     """Forget a server that stopped or was killed."""
-    with _registry_lock:
-        _running.discard(cluster)
-
-
-atexit.register(stop_all)
+    _servers.discard(cluster)
